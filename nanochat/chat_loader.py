@@ -1,0 +1,154 @@
+"""
+Batches of conversations for the chat stages.
+
+- MidPacker (mid_train, REFERENCE 7.7): whole conversations packed best-fit into rows of T+1
+  tokens, padding instead of cropping; every token is a target except the padding.
+- SFTBatcher (chat_sft, REFERENCE 7.8): one conversation per row, padded per batch; only the
+  tokens the mask marks (assistant replies) are targets.
+
+Both walk the dataset strided by rank and have a small JSON-able state_dict() so a resumed
+run sees exactly the batches an uninterrupted one would (D5): conversations are re-rendered
+from their indices, which is cheap and deterministic.
+"""
+
+import torch
+
+
+def _world():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class MidPacker:
+    """Iterator of (inputs (B,T) int64, targets (B,T) int64) packing whole conversations."""
+
+    def __init__(self, dataset, tokenizer, B, T, device="cpu", buffer_size=100, rank=None, world_size=None,
+                 state=None):
+        self.dataset, self.tokenizer, self.B, self.T, self.device = dataset, tokenizer, B, T, torch.device(device)
+        r, w = _world()
+        self.rank = r if rank is None else rank
+        self.world_size = w if world_size is None else world_size
+        self.buffer_size = buffer_size
+        self.bos = tokenizer.get_bos_token_id()
+        if len(dataset) == 0:
+            raise ValueError("the training mixture is empty: check the mixture flags")
+        # cursor: next dataset index to read (before the modulo); consumed: conversations used, counted
+        # the way the reference does (starts at rank, +W per conversation) so progress is comparable
+        st = state or {"cursor": self.rank, "consumed": self.rank, "buffer": [], "truncated": 0, "rows": 0}
+        self.cursor, self.consumed, self.truncated = st["cursor"], st["consumed"], st["truncated"]
+        self.rows = st["rows"]
+        self.buffer = [(i, self._render(i)) for i in st["buffer"]]
+
+    @property
+    def epoch(self):
+        return self.cursor // len(self.dataset)
+
+    @property
+    def progress(self):
+        """Fraction of one epoch of the mixture consumed (may exceed 1)."""
+        return self.consumed / len(self.dataset)
+
+    def _render(self, index):
+        # a conversation longer than a whole row keeps its start (it would never fit otherwise)
+        ids, _ = self.tokenizer.render_conversation(self.dataset[index % len(self.dataset)])
+        return ids[:self.T + 1]
+
+    def _refill(self):
+        while len(self.buffer) < self.buffer_size:
+            ids = self._render(self.cursor)
+            self.truncated += len(ids) == self.T + 1 and self._full_length(self.cursor) > self.T + 1
+            self.buffer.append((self.cursor, ids))
+            self.cursor += self.world_size
+
+    def _full_length(self, index):
+        return len(self.tokenizer.render_conversation(self.dataset[index % len(self.dataset)])[0])
+
+    def state_dict(self):
+        return {"cursor": self.cursor, "consumed": self.consumed, "buffer": [i for i, _ in self.buffer],
+                "truncated": self.truncated, "rows": self.rows}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        T = self.T
+        rows = torch.full((self.B, T + 1), self.bos, dtype=torch.long)
+        targets_mask = torch.ones((self.B, T), dtype=torch.bool)
+        for b in range(self.B):
+            self._refill()
+            pos = 0
+            while pos < T + 1:
+                space = T + 1 - pos
+                best = -1
+                for j, (_, ids) in enumerate(self.buffer):  # largest conversation that fits
+                    if len(ids) <= space and (best < 0 or len(ids) > len(self.buffer[best][1])):
+                        best = j
+                if best < 0:
+                    break
+                _, ids = self.buffer.pop(best)
+                rows[b, pos:pos + len(ids)] = torch.tensor(ids, dtype=torch.long)
+                pos += len(ids)
+                self.consumed += self.world_size
+                self._refill()
+            if pos < T + 1:  # padded tail: the prediction of the first pad and all after it are ignored
+                targets_mask[b, max(pos - 1, 0):] = False
+        self.rows += self.B
+        inputs = rows[:, :-1]
+        targets = rows[:, 1:].clone()
+        targets[~targets_mask] = -1
+        return inputs.to(self.device), targets.to(self.device)
+
+
+def collate_sft(rendered, pad_id):
+    """
+    rendered: list of (ids, mask). Returns inputs, targets (B, max_len-1) where targets are -1 on
+    padding and wherever the mask says the token is not trained (REFERENCE 3.5).
+    """
+    ncols = max(len(ids) for ids, _ in rendered) - 1
+    inputs = torch.full((len(rendered), ncols), pad_id, dtype=torch.long)
+    targets = torch.full((len(rendered), ncols), -1, dtype=torch.long)
+    for i, (ids, mask) in enumerate(rendered):
+        n = len(ids)
+        ids_t = torch.tensor(ids, dtype=torch.long)
+        mask_t = torch.tensor(mask, dtype=torch.bool)
+        inputs[i, :n - 1] = ids_t[:-1]
+        row_targets = ids_t[1:].clone()
+        row_targets[~mask_t[1:]] = -1
+        targets[i, :n - 1] = row_targets
+    return inputs, targets
+
+
+class SFTBatcher:
+    """Iterator of (inputs, targets) with `B` conversations per batch, walking indices rank, rank+W, ..."""
+
+    def __init__(self, dataset, tokenizer, B, device="cpu", max_tokens=2048, rank=None, world_size=None, state=None):
+        self.dataset, self.tokenizer, self.B, self.device = dataset, tokenizer, B, torch.device(device)
+        self.max_tokens = max_tokens
+        r, w = _world()
+        self.rank = r if rank is None else rank
+        self.world_size = w if world_size is None else world_size
+        if len(dataset) == 0:
+            raise ValueError("the SFT mixture is empty: check the mixture flags")
+        self.cursor = (state or {"cursor": self.rank})["cursor"]
+        self.pad_id = tokenizer.encode_special("<|assistant_end|>")  # pad positions never matter
+
+    def state_dict(self):
+        return {"cursor": self.cursor}
+
+    @property
+    def epoch(self):
+        return self.cursor // len(self.dataset)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        rendered = []
+        for _ in range(self.B):
+            conv = self.dataset[self.cursor % len(self.dataset)]
+            rendered.append(self.tokenizer.render_conversation(conv, max_tokens=self.max_tokens))
+            self.cursor += self.world_size
+        inputs, targets = collate_sft(rendered, self.pad_id)
+        return inputs.to(self.device), targets.to(self.device)

@@ -1,0 +1,253 @@
+"""
+Runtime helpers shared by every script: paths, device and dtype policy, distributed
+init/cleanup, logging, seeding, peak FLOP/s tables and a locked download helper.
+"""
+
+import os
+import re
+import sys
+import time
+import random
+import logging
+import urllib.request
+
+import torch
+import torch.distributed as dist
+
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+logger = logging.getLogger("nanochat")
+
+# -----------------------------------------------------------------------------
+# Paths
+
+def get_base_dir():
+    """Where artifacts live: $NANOCHAT_BASE_DIR, else ~/.cache/nanochat (created on demand)."""
+    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    os.makedirs(base, exist_ok=True)
+    return base
+
+
+def get_data_dir():
+    """The offline data mirror ($NANOCHAT_DATA_DIR, laid out like shared/data), or None when unset."""
+    d = os.environ.get("NANOCHAT_DATA_DIR")
+    if not d:
+        return None
+    d = os.path.abspath(os.path.expanduser(d))
+    if not os.path.isdir(d):
+        raise FileNotFoundError(f"NANOCHAT_DATA_DIR={d} is not a directory; point it at a data mirror or unset it")
+    return d
+
+# -----------------------------------------------------------------------------
+# Printing and process info
+
+def get_dist_info():
+    """(is_distributed, rank, local_rank, world_size) as torchrun sets them in the environment."""
+    if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def print0(*args, **kwargs):
+    """print() on rank 0 only."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+# -----------------------------------------------------------------------------
+# Device and precision
+
+def autodetect_device_type():
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def get_compute_dtype(device_type, override=None, verbose=True):
+    """
+    The dtype activations run in. Policy: $NANOCHAT_DTYPE (or `override`) if given, else bf16 on
+    CUDA SM80+, fp32 everywhere else (older GPUs lack fast bf16; CPUs/MPS are run in fp32 for
+    exactness and because bf16 speed on CPUs varies wildly).
+    """
+    choice = override or os.environ.get("NANOCHAT_DTYPE")
+    if choice:
+        if choice not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {choice!r} (from --dtype or NANOCHAT_DTYPE)")
+        dtype, reason = _DTYPES[choice], "set by --dtype / NANOCHAT_DTYPE"
+    elif device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 8:
+        dtype, reason = torch.bfloat16, "CUDA compute capability >= 8.0"
+    elif device_type == "cuda":
+        dtype, reason = torch.float32, "CUDA compute capability < 8.0 has no fast bf16"
+    else:
+        dtype, reason = torch.float32, f"default on {device_type}"
+    if verbose:
+        print0(f"compute dtype: {str(dtype).replace('torch.', '')} ({reason})")
+    return dtype
+
+
+def compute_init(device_type="", seed=42):
+    """
+    Set up the device, seeds and (under torchrun) the process group.
+    Returns (is_distributed, rank, local_rank, world_size, device).
+    NCCL on CUDA, gloo on CPU; works across nodes since torchrun supplies MASTER_ADDR/PORT.
+    """
+    device_type = device_type or autodetect_device_type()
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device-type=cuda was asked for but no CUDA GPU is visible")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("--device-type=mps was asked for but MPS is not available")
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(seed)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    is_dist, rank, local_rank, world_size = get_dist_info()
+    if is_dist:
+        if device_type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            device = torch.device(device_type)
+            dist.init_process_group(backend="gloo")
+        dist.barrier()
+    else:
+        device = torch.device(device_type)
+    if rank == 0:
+        logger.info(f"device: {device} | world size: {world_size}")
+    return is_dist, rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def get_max_memory(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    try:  # CPU: peak resident set size of this process
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except Exception:
+        return 0
+
+# -----------------------------------------------------------------------------
+# Experiment logging
+
+class DummyWandb:
+    """Stands in for a wandb run when logging is off (--run=dummy) or on non-zero ranks."""
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
+
+
+def get_wandb(run, project, config, master_process=True):
+    """wandb run (honours WANDB_MODE=offline), or a no-op for --run=dummy and non-master ranks."""
+    if run == "dummy" or not master_process:
+        return DummyWandb()
+    import wandb
+    return wandb.init(project=project, name=run, config=config)
+
+# -----------------------------------------------------------------------------
+# Peak FLOP/s (datasheet, dense bf16, per GPU) and a measured matmul peak
+
+_PEAK_FLOPS = [  # substring of the device name -> bf16 FLOP/s; more specific names first
+    ("GB200", 2.5e15), ("B200", 2.25e15), ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12),
+    ("H200", 989e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12),
+    ("RTX 4090", 165.2e12), ("RTX 3090", 71e12),
+]
+
+
+def get_datasheet_peak_flops(device):
+    """Datasheet bf16 peak of a CUDA device, or inf when unknown (MFU then shows 0)."""
+    if device.type != "cuda":
+        return float("inf")
+    name = torch.cuda.get_device_name(device)
+    for key, flops in _PEAK_FLOPS:
+        if key in name:
+            return flops
+    return float("inf")
+
+
+def measure_matmul_peak(device, dtype=torch.float32, n=None, seconds=1.0):
+    """Achieved FLOP/s of a square matmul on this device: the denominator of 'measured MFU'."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    iters, t0 = 0, time.perf_counter()
+    while True:
+        a @ b
+        iters += 1
+        if iters % 4 == 0:
+            synchronize(device)
+            if time.perf_counter() - t0 > seconds:
+                break
+    dt = time.perf_counter() - t0
+    return 2 * n ** 3 * iters / dt
+
+# -----------------------------------------------------------------------------
+# Downloads
+
+def download_file_with_lock(url, path, postprocess=None, timeout=60):
+    """
+    Fetch `url` to `path` once. A file lock makes concurrent ranks wait instead of racing;
+    the bytes go to a temp file first so a crash never leaves a half file under the real name.
+    `postprocess(path)` (e.g. unzip) runs under the same lock.
+    """
+    from filelock import FileLock
+    if os.path.exists(path):
+        return path
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with FileLock(path + ".lock"):
+        if os.path.exists(path):
+            return path
+        tmp = path + ".tmp"
+        print0(f"downloading {url} -> {path}")
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+        os.replace(tmp, path)
+        if postprocess is not None:
+            postprocess(path)
+    return path
+
+# -----------------------------------------------------------------------------
+# Misc
+
+def set_seed(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def parse_bool(s):
+    """argparse type for flags like --compile=0/1/true/false."""
+    if isinstance(s, bool):
+        return s
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected a boolean (0/1/true/false), got {s!r}")
+
+
+def format_eta(seconds):
+    seconds = max(0, int(seconds))
+    h, m, s = seconds // 3600, seconds % 3600 // 60, seconds % 60
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

@@ -1,0 +1,302 @@
+"""
+The CORE benchmark (DCLM, arXiv 2406.11794; REFERENCE 9.2): in-context evaluation on the eval bundle's
+tasks of three kinds, scored without generation.
+
+* multiple_choice: one prompt per choice, the choice with the lowest mean loss over its answer tokens wins.
+* schema: one prompt per context, same continuation; the context whose continuation has the lowest mean
+  loss wins.
+* language_modeling: greedy exact match of the continuation given the context.
+
+Accuracies are centered by each task's random baseline, CORE is their mean. Tasks whose data file is
+missing from the bundle are reported by name and left out of the mean (D15).
+
+Bundle location: `bundle_dir` argument, else $NANOCHAT_DATA_DIR/eval_bundle, else
+$NANOCHAT_BASE_DIR/eval_bundle (downloaded once from EVAL_BUNDLE_URL under a file lock).
+"""
+
+import os
+import csv
+import json
+import time
+import random
+import shutil
+import zipfile
+
+import torch
+import torch.nn.functional as F
+import torch.distributed as dist
+
+from nanochat.common import get_base_dir, get_data_dir, download_file_with_lock, print0
+
+EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
+
+# -----------------------------------------------------------------------------
+# Prompt construction (REFERENCE 9.2 step 4). Few-shot blocks are each followed by a blank line.
+
+
+def render_prompts_mc(item, delimiter, fewshot):
+    prefix = "".join(f"{ex['query']}{delimiter}{ex['choices'][ex['gold']]}\n\n" for ex in fewshot)
+    return [f"{prefix}{item['query']}{delimiter}{choice}" for choice in item["choices"]]
+
+
+def render_prompts_schema(item, delimiter, fewshot):
+    prefix = "".join(f"{ex['context_options'][ex['gold']]}{delimiter}{ex['continuation']}\n\n" for ex in fewshot)
+    return [f"{prefix}{ctx}{delimiter}{item['continuation']}" for ctx in item["context_options"]]
+
+
+def render_prompts_lm(item, delimiter, fewshot):
+    """[without continuation (stripped), with continuation]."""
+    prefix = "".join(f"{ex['context'].strip()}{delimiter}{ex['continuation']}\n\n" for ex in fewshot)
+    without = f"{prefix}{item['context'].strip()}{delimiter}"
+    return [without.strip(), without + item["continuation"]]
+
+
+def _common_prefix_len(rows):
+    n = min(len(r) for r in rows)
+    for i in range(n):
+        if any(r[i] != rows[0][i] for r in rows):
+            return i
+    return n
+
+
+def _common_suffix_len(rows):
+    n = min(len(r) for r in rows)
+    for i in range(1, n + 1):
+        if any(r[-i] != rows[0][-i] for r in rows):
+            return i - 1
+    return n
+
+
+def prepare_item(idx, data, tokenizer, task_meta, max_seq_len=None):
+    """
+    Token rows and answer spans of item `idx`: (rows, spans, gold) where rows[i] is a list of ids
+    (BOS first) and spans[i] = (start, end) marks the answer tokens of row i.
+    """
+    item = data[idx]
+    task_type, delim = task_meta["task_type"], task_meta["continuation_delimiter"]
+    k = min(task_meta["num_fewshot"], len(data) - 1)
+    fewshot = []
+    if k > 0:
+        # same draw as the reference: sample k of all other indices with a per-item seed
+        population = list(range(idx)) + list(range(idx + 1, len(data)))
+        fewshot = [data[i] for i in random.Random(1234 + idx).sample(population, k)]
+    bos = tokenizer.get_bos_token_id()
+    if task_type == "multiple_choice":
+        rows = tokenizer.encode(render_prompts_mc(item, delim, fewshot), prepend=bos)
+        start = _common_prefix_len(rows)
+        spans = [(start, len(r)) for r in rows]
+        gold = item["gold"]
+    elif task_type == "schema":
+        rows = tokenizer.encode(render_prompts_schema(item, delim, fewshot), prepend=bos)
+        s = _common_suffix_len(rows)
+        spans = [(len(r) - s, len(r)) for r in rows]
+        gold = item["gold"]
+    elif task_type == "language_modeling":
+        without, with_ = tokenizer.encode(render_prompts_lm(item, delim, fewshot), prepend=bos)
+        # the reference asserts `without` is a prefix of `with`; on a rare tokenizer merge across the
+        # boundary we score from the first differing token instead of crashing a long evaluation
+        start = _common_prefix_len([without, with_])
+        rows, spans, gold = [with_], [(start, len(with_))], None
+    else:
+        raise ValueError(f"unknown icl_task_type {task_type!r}; expected one of {TASK_TYPES}")
+    if max_seq_len is not None:
+        # keep the last max_seq_len tokens of long prompts and shift the spans with them
+        cropped_rows, cropped_spans = [], []
+        for r, (s, e) in zip(rows, spans):
+            cut = max(0, len(r) - max_seq_len)
+            cropped_rows.append(r[cut:])
+            cropped_spans.append((s - cut, e - cut))
+        rows, spans = cropped_rows, cropped_spans
+    # position 0 (BOS) has no prediction; a span can only reach it in degenerate cases
+    spans = [(max(s, 1), max(e, 1)) for s, e in spans]
+    return rows, spans, gold
+
+
+def _model_max_seq_len(model):
+    """Longest input the model takes: an explicit max_seq_len, else the rotary table's length."""
+    n = getattr(model, "max_seq_len", None)
+    if n:
+        return int(n)
+    cos = getattr(model, "cos", None)
+    if isinstance(cos, torch.Tensor) and cos.dim() >= 2:
+        return int(cos.size(1))
+    return None
+
+
+@torch.no_grad()
+def _forward_and_score(model, items, bos, device):
+    """
+    items: [(idx, rows, spans, gold, task_type)] -> {idx: correct (bool)}. All rows of all items go
+    into one right-padded (BOS) batch; the model is causal, so padding never changes a scored position.
+    Only the answer positions are scored, with one device->host copy per batch.
+    """
+    all_rows = [r for it in items for r in it[1]]
+    all_spans = [sp for it in items for sp in it[2]]
+    T = max(len(r) for r in all_rows)
+    inputs = torch.full((len(all_rows), T), bos, dtype=torch.long)
+    for i, r in enumerate(all_rows):
+        inputs[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    # logits at position t predict token t+1: answer tokens [s, e) are scored at positions [s-1, e-1)
+    row_idx, pos_idx, seg_idx = [], [], []
+    for i, (s, e) in enumerate(all_spans):
+        row_idx += [i] * (e - s)
+        pos_idx += range(s - 1, e - 1)
+        seg_idx += [i] * (e - s)
+    inputs = inputs.to(device)
+    logits = model(inputs)  # (N, T, V)
+    rows_t = torch.tensor(row_idx, dtype=torch.long, device=device)
+    pos_t = torch.tensor(pos_idx, dtype=torch.long, device=device)
+    seg_t = torch.tensor(seg_idx, dtype=torch.long, device=device)
+    picked = logits[rows_t, pos_t].float()  # (P, V)
+    targets = inputs[rows_t, pos_t + 1]  # (P,)
+    n = len(all_rows)
+    loss_sum = torch.zeros(n, device=device).index_add_(0, seg_t, F.cross_entropy(picked, targets, reduction="none"))
+    misses = torch.zeros(n, device=device).index_add_(0, seg_t, (picked.argmax(dim=-1) != targets).float())
+    counts = torch.bincount(seg_t, minlength=n).float()
+    # an empty answer span (a choice wholly inside the common prefix) can never win: loss +inf
+    mean_loss = torch.where(counts > 0, loss_sum / counts.clamp(min=1), torch.full_like(loss_sum, float("inf")))
+    mean_loss, misses = mean_loss.tolist(), misses.tolist()
+    out, row = {}, 0
+    for idx, rows, spans, gold, task_type in items:
+        if task_type == "language_modeling":
+            out[idx] = misses[row] == 0  # greedy exact match of every answer token
+        else:
+            losses = mean_loss[row:row + len(rows)]
+            out[idx] = min(range(len(losses)), key=losses.__getitem__) == gold
+        row += len(rows)
+    return out
+
+
+def evaluate_task(model, tokenizer, data, device, task_meta, batch_tokens=8192):
+    """
+    Accuracy of `model` on one task. data: the (already shuffled/cropped) list of items; task_meta:
+    {task_type, num_fewshot, continuation_delimiter}. Ranks take items rank, rank+W, ...; several items
+    are packed into one forward until the padded batch would exceed `batch_tokens` tokens.
+    """
+    is_dist = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if is_dist else (0, 1)
+    max_seq_len = _model_max_seq_len(model)
+    bos = tokenizer.get_bos_token_id()
+    correct = torch.zeros(len(data), dtype=torch.float32, device=device)
+    pending, n_rows, max_len = [], 0, 0
+
+    def flush():
+        for idx, ok in _forward_and_score(model, pending, bos, device).items():
+            correct[idx] = float(ok)
+        pending.clear()
+
+    for idx in range(rank, len(data), world):
+        rows, spans, gold = prepare_item(idx, data, tokenizer, task_meta, max_seq_len)
+        longest = max(len(r) for r in rows)
+        if pending and (n_rows + len(rows)) * max(max_len, longest) > batch_tokens:
+            flush()
+            n_rows, max_len = 0, 0
+        pending.append((idx, rows, spans, gold, task_meta["task_type"]))
+        n_rows, max_len = n_rows + len(rows), max(max_len, longest)
+    if pending:
+        flush()
+    if is_dist and world > 1:
+        dist.barrier()
+        dist.all_reduce(correct, op=dist.ReduceOp.SUM)
+    return correct.sum().item() / len(data) if len(data) else float("nan")
+
+# -----------------------------------------------------------------------------
+# The bundle
+
+
+def _unzip_bundle(zip_path):
+    """Unzip eval_bundle.zip next to it as eval_bundle/ (via a temp dir, so a crash leaves no half bundle)."""
+    base = os.path.dirname(zip_path)
+    target = os.path.join(base, "eval_bundle")
+    tmp = os.path.join(base, "eval_bundle.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with zipfile.ZipFile(zip_path) as zf:
+        zf.extractall(tmp)
+    inner = os.path.join(tmp, "eval_bundle")
+    src = inner if os.path.isdir(inner) else tmp
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(src, target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    print0(f"unzipped the eval bundle to {target}")
+
+
+def get_bundle_dir(bundle_dir=None):
+    """Where core.yaml lives: argument, $NANOCHAT_DATA_DIR/eval_bundle, or $BASE/eval_bundle (downloaded)."""
+    if bundle_dir is not None:
+        return bundle_dir
+    data_dir = get_data_dir()
+    if data_dir is not None:
+        d = os.path.join(data_dir, "eval_bundle")
+        if not os.path.exists(os.path.join(d, "core.yaml")):
+            raise FileNotFoundError(f"{d}/core.yaml not found: NANOCHAT_DATA_DIR={data_dir} has no eval bundle; "
+                                    f"unset NANOCHAT_DATA_DIR to download it or add eval_bundle/ to the mirror")
+        return d
+    base = get_base_dir()
+    d = os.path.join(base, "eval_bundle")
+    if not os.path.exists(os.path.join(d, "core.yaml")):
+        zip_path = os.path.join(base, "eval_bundle.zip")
+        if os.path.exists(zip_path):  # downloaded earlier but the unzip did not finish
+            from filelock import FileLock
+            with FileLock(zip_path + ".lock"):
+                if not os.path.exists(os.path.join(d, "core.yaml")):
+                    _unzip_bundle(zip_path)
+        else:
+            download_file_with_lock(EVAL_BUNDLE_URL, zip_path, postprocess=_unzip_bundle)
+    return d
+
+
+def load_bundle(bundle_dir):
+    """[(label, task_meta, data_path, random_baseline_percent)] in core.yaml order."""
+    import yaml
+    with open(os.path.join(bundle_dir, "core.yaml"), encoding="utf-8") as f:
+        config = yaml.safe_load(f)
+    baselines = {}
+    with open(os.path.join(bundle_dir, "eval_meta_data.csv"), encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            baselines[row["Eval Task"].strip()] = float(row["Random baseline"])
+    tasks = []
+    for t in config["icl_tasks"]:
+        label = t["label"]
+        if t["icl_task_type"] not in TASK_TYPES:
+            raise ValueError(f"core.yaml task {label}: unknown icl_task_type {t['icl_task_type']!r}")
+        if label not in baselines:
+            raise ValueError(f"task {label} of core.yaml has no 'Random baseline' row in eval_meta_data.csv")
+        meta = {"task_type": t["icl_task_type"], "num_fewshot": int(t["num_fewshot"][0]),
+                "continuation_delimiter": t.get("continuation_delimiter", " ")}
+        tasks.append((label, meta, os.path.join(bundle_dir, "eval_data", t["dataset_uri"]), baselines[label]))
+    return tasks
+
+
+def load_task_data(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None, batch_tokens=8192):
+    """
+    Run every CORE task of the bundle. Returns {"results": {label: accuracy}, "centered": {label: c},
+    "core": mean of centered over the tasks present, "missing": [labels whose data file is absent]}.
+    """
+    tasks = load_bundle(get_bundle_dir(bundle_dir))
+    results, centered, missing = {}, {}, []
+    for label, task_meta, path, baseline in tasks:
+        if not os.path.exists(path):
+            missing.append(label)
+            print0(f"CORE: task {label} skipped, its data file {path} is missing (left out of the mean)")
+            continue
+        t0 = time.time()
+        data = load_task_data(path)
+        # the files are often ordered; shuffle so --max-per-task takes a fair subset
+        random.Random(1337).shuffle(data)
+        if max_per_task > 0:
+            data = data[:max_per_task]
+        acc = evaluate_task(model, tokenizer, data, device, task_meta, batch_tokens=batch_tokens)
+        results[label] = acc
+        centered[label] = (acc - 0.01 * baseline) / (1.0 - 0.01 * baseline)
+        print0(f"{label:<35} ({len(data):>5} items, {task_meta['num_fewshot']:>2}-shot) "
+               f"accuracy {acc:.4f} | centered {centered[label]:+.4f} | {time.time() - t0:.1f}s")
+    if missing:
+        print0(f"CORE: {len(missing)} task(s) missing and excluded from the mean: {', '.join(missing)}")
+    core = sum(centered.values()) / len(centered) if centered else float("nan")
+    return {"results": results, "centered": centered, "core": core, "missing": missing}

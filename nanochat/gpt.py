@@ -1,0 +1,360 @@
+"""
+The GPT (REFERENCE 5, NEW architecture):
+- rotary position embeddings (base 100k, half-split pairing), no learned positions
+- QK-norm (then x1.2), parameter-free RMS norm everywhere, no biases
+- ReLU^2 MLP, untied lm_head, vocab padded to a multiple of 64, fp32 logits soft-capped at 15
+- GQA, a per-layer sliding-window pattern (last layer always full)
+- value embeddings on alternate layers mixed into v by per-head gates
+- per-layer resid/x0 scalars, smear (bigram mixing of embeddings) and backout (subtract a mid-layer state)
+
+Build: `with torch.device("meta"): model = GPT(cfg)`, then `model.to_empty(device=d)`, `model.init_weights()`.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanochat.common import get_compute_dtype
+from nanochat.attention import flash_attn_func, flash_attn_with_kvcache
+
+ROPE_BASE = 100_000
+SOFTCAP = 15.0
+QK_SCALE = 1.2        # applied to q and k after QK-norm ("sharper attention")
+VE_GATE_CHANNELS = 12  # input channels of the value-embedding gate
+VE_GATE_SCALE = 3.0
+SMEAR_CHANNELS = 24
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 32768
+    n_layer: int = 12
+    n_head: int = 6      # query heads
+    n_kv_head: int = 6   # key/value heads (GQA when < n_head)
+    n_embd: int = 768
+    window_pattern: str = "SSSL"
+    short_window: int = 0  # left window of "S" layers; 0 = the reference rule (T/4 rounded up to 128)
+
+
+def config_from_depth(depth, aspect_ratio=64, head_dim=128, max_seq_len=2048, vocab_size=32768,
+                      window_pattern="SSSL", n_kv_head=None):
+    """The depth dial (REFERENCE 5.1): width = depth*aspect rounded up to a multiple of head_dim."""
+    if depth < 1 or aspect_ratio < 1 or head_dim < 1:
+        raise ValueError(f"depth, aspect_ratio and head_dim must be positive, got {depth}, {aspect_ratio}, {head_dim}")
+    n_embd = -(-depth * aspect_ratio // head_dim) * head_dim
+    n_head = n_embd // head_dim
+    n_kv_head = n_head if n_kv_head is None else n_kv_head
+    if n_head % n_kv_head != 0:
+        raise ValueError(f"n_kv_head={n_kv_head} must divide n_head={n_head}")
+    return GPTConfig(sequence_len=max_seq_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
+                     n_kv_head=n_kv_head, n_embd=n_embd, window_pattern=window_pattern)
+
+
+def padded_vocab_size(vocab_size, multiple=64):
+    return -(-vocab_size // multiple) * multiple
+
+
+def has_value_embed(layer_idx, n_layer):
+    """Alternate layers, the last one always included."""
+    return layer_idx % 2 == (n_layer - 1) % 2
+
+
+def norm(x):
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary(x, cos, sin):
+    """x (B, T, H, hd); cos/sin broadcastable to (B, T, 1, hd/2). Rotates the pairs (i, i + hd/2)."""
+    h = x.size(-1) // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+class Linear(nn.Linear):
+    """Bias-free Linear whose fp32 master weight is cast to the activation dtype on the fly (no autocast)."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        d, hd = config.n_embd, self.head_dim
+        self.c_q = Linear(d, self.n_head * hd)
+        self.c_k = Linear(d, self.n_kv_head * hd)
+        self.c_v = Linear(d, self.n_kv_head * hd)
+        self.c_proj = Linear(d, d)
+        self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head) if has_value_embed(layer_idx, config.n_layer) else None
+
+    def forward(self, x, ve, cos, sin, window, kv_cache):
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:
+            gate = VE_GATE_SCALE * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, Hkv)
+            v = v + gate.unsqueeze(-1) * ve.view_as(v)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = norm(q) * QK_SCALE, norm(k) * QK_SCALE
+        if kv_cache is None:
+            y = flash_attn_func(q, k, v, causal=True, window_size=window)
+        else:
+            k_cache, v_cache = kv_cache.get_layer_cache(self.layer_idx)
+            y = flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=kv_cache.cache_seqlens,
+                                        causal=True, window_size=window)
+            if self.layer_idx == kv_cache.num_layers - 1:
+                kv_cache.advance(T)  # after the last layer, so every layer saw the same positions
+        return self.c_proj(y.reshape(B, T, C))  # (B, T, H, hd) -> (B, T, d)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, ve, cos, sin, window, kv_cache):
+        x = x + self.attn(norm(x), ve, cos, sin, window, kv_cache)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        if config.n_embd % config.n_head or config.n_head % config.n_kv_head:
+            raise ValueError(f"n_embd={config.n_embd} must be divisible by n_head={config.n_head}, "
+                             f"and n_head by n_kv_head={config.n_kv_head}")
+        self.config = config
+        self.head_dim = config.n_embd // config.n_head
+        if self.head_dim % 2 or self.head_dim < 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        self.window_sizes = self._compute_window_sizes(config)
+        V_pad, d, L = padded_vocab_size(config.vocab_size), config.n_embd, config.n_layer
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(V_pad, d),
+            h=nn.ModuleList([Block(config, i) for i in range(L)]),
+        ))
+        self.lm_head = Linear(d, V_pad)
+        kv_dim = config.n_kv_head * self.head_dim
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V_pad, kv_dim) for i in range(L) if has_value_embed(i, L)})
+        self.resid_lambdas = nn.Parameter(torch.ones(L))
+        self.x0_lambdas = nn.Parameter(torch.zeros(L))
+        self.smear_gate = Linear(SMEAR_CHANNELS, 1)
+        self.smear_lambda = nn.Parameter(torch.zeros(1))
+        self.backout_lambda = nn.Parameter(torch.zeros(1))
+        self.rotary_len = 10 * config.sequence_len  # decode may run past the training length
+        self.register_buffer("cos", torch.empty(1, self.rotary_len, 1, self.head_dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(1, self.rotary_len, 1, self.head_dim // 2), persistent=False)
+        self.compute_dtype = None  # decided in init_weights from the device (REFERENCE 5.7)
+
+    @staticmethod
+    def _compute_window_sizes(config):
+        pattern = config.window_pattern.upper()
+        if not pattern or any(c not in "SL" for c in pattern):
+            raise ValueError(f"window_pattern must be a non-empty string of S and L, got {config.window_pattern!r}")
+        T = config.sequence_len
+        short = config.short_window or -(-T // 4 // 128) * 128
+        sizes = [(short if pattern[i % len(pattern)] == "S" else T, 0) for i in range(config.n_layer)]
+        sizes[-1] = (T, 0)  # the last layer always sees the full context
+        return sizes
+
+    def get_device(self):
+        return self.transformer.wte.weight.device
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Initialization of REFERENCE 5.6 (NEW); call after to_empty()."""
+        cfg, d = self.config, self.config.n_embd
+        s = math.sqrt(3) / math.sqrt(d)  # U(-s, s) has std 1/sqrt(d)
+        # embeddings may have been cast to bf16 by an earlier init: back to fp32 masters first
+        self.transformer.wte.float()
+        self.value_embeds.float()
+        self.transformer.wte.weight.normal_(0.0, 0.8)
+        self.lm_head.weight.normal_(0.0, 0.001)
+        for block in self.transformer.h:
+            a, m = block.attn, block.mlp
+            for w in (a.c_q.weight, a.c_k.weight, a.c_v.weight):
+                w.uniform_(-s, s)
+            a.c_proj.weight.zero_()
+            m.c_fc.weight.uniform_(-0.4 * s, 0.4 * s)
+            m.c_proj.weight.zero_()
+            if a.ve_gate is not None:
+                a.ve_gate.weight.uniform_(0.0, 0.02)
+        for ve in self.value_embeds.values():
+            ve.weight.uniform_(-s, s)
+        frac = torch.arange(cfg.n_layer, dtype=torch.float32) / max(cfg.n_layer - 1, 1)
+        self.resid_lambdas.copy_(1.15 - 0.10 * frac)
+        self.x0_lambdas.copy_(0.20 - 0.15 * frac)
+        self.smear_gate.weight.uniform_(0.0, 0.02)
+        self.smear_lambda.zero_()
+        self.backout_lambda.fill_(0.2)
+        device = self.get_device()
+        self.compute_dtype = get_compute_dtype(device.type, verbose=False)
+        # embeddings are lookups, not matmuls: store them in the compute dtype (fp16 keeps fp32 for range)
+        if self.compute_dtype == torch.bfloat16:
+            self.transformer.wte.to(dtype=torch.bfloat16)
+            for ve in self.value_embeds.values():
+                ve.to(dtype=torch.bfloat16)
+        self._init_rotary(device)
+
+    def _init_rotary(self, device):
+        hd = self.head_dim
+        inv_freq = ROPE_BASE ** (-torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd)  # (hd/2,)
+        t = torch.arange(self.rotary_len, dtype=torch.float32, device=device)
+        angle = torch.outer(t, inv_freq)  # (T_max, hd/2)
+        dtype = self.compute_dtype or torch.float32
+        self.cos = angle.cos().to(dtype)[None, :, None, :]
+        self.sin = angle.sin().to(dtype)[None, :, None, :]
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        """idx (B, T) int64 -> fp32 logits (B, T, V), or the loss when targets (B, T) are given (-1 = ignore)."""
+        B, T = idx.shape
+        V = self.config.vocab_size
+        if self.compute_dtype is None:  # weights loaded without init_weights(): decide now, once
+            self.compute_dtype = get_compute_dtype(self.get_device().type, verbose=False)
+            self._init_rotary(self.get_device())
+        dtype = self.compute_dtype
+        if kv_cache is None:
+            if T > self.rotary_len:
+                raise ValueError(f"sequence of {T} tokens exceeds the rotary table ({self.rotary_len})")
+            cos, sin = self.cos[:, :T], self.sin[:, :T]
+        else:
+            if kv_cache.seq_len > self.rotary_len:
+                raise ValueError(f"KV cache of {kv_cache.seq_len} positions exceeds the rotary table ({self.rotary_len})")
+            # per-row positions: row b's tokens sit at cache_seqlens[b] + 0..T-1
+            pos = kv_cache.cache_seqlens.long().unsqueeze(1) + torch.arange(T, device=idx.device)  # (B, T)
+            cos, sin = self.cos[0][pos], self.sin[0][pos]  # (B, T, 1, hd/2)
+
+        x = norm(self.transformer.wte(idx).to(dtype))  # (B, T, d)
+        # smear: mix each position's embedding with the previous one's (gate starts at 0)
+        if kv_cache is not None and kv_cache.prev_embedding is not None:
+            prev = torch.cat([kv_cache.prev_embedding.to(dtype), x[:, :-1]], dim=1)
+            gate = self.smear_lambda.to(dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
+            x_new = x + gate * prev
+        else:  # sequence start: the first position has no predecessor
+            gate = self.smear_lambda.to(dtype) * torch.sigmoid(self.smear_gate(x[:, 1:, :SMEAR_CHANNELS]))
+            x_new = torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
+        if kv_cache is not None:
+            kv_cache.prev_embedding = x[:, -1:].detach().clone()  # pre-smear, (B, 1, d)
+        x = x0 = x_new
+
+        L = self.config.n_layer
+        x_backout = None
+        for i, block in enumerate(self.transformer.h):
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx).to(dtype) if str(i) in self.value_embeds else None
+            x = block(x, ve, cos, sin, self.window_sizes[i], kv_cache)
+            if i == L // 2:
+                x_backout = x
+        if x_backout is not None:
+            x = x - self.backout_lambda.to(dtype) * x_backout
+        x = norm(x)
+
+        # only the first V rows of the padded head are real tokens: skip the padded ones entirely
+        logits = F.linear(x, self.lm_head.weight[:V].to(dtype)).float()  # (B, T, V) fp32
+        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, V), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction)
+
+    # -------------------------------------------------------------------------
+    # accounting
+
+    def _matmul_params(self):
+        return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+
+    def estimate_flops(self):
+        """Training FLOPs per token (forward + backward), REFERENCE 5.8."""
+        T = self.config.sequence_len
+        attn = sum(12 * self.config.n_head * self.head_dim * min(left, T) for left, _ in self.window_sizes)
+        return 6 * self._matmul_params() + attn
+
+    def num_scaling_params(self):
+        """Parameter counts by kind; scaling laws use transformer_matrices + lm_head."""
+        counts = dict(
+            wte=self.transformer.wte.weight.numel(),
+            value_embeds=sum(p.numel() for p in self.value_embeds.parameters()),
+            lm_head=self.lm_head.weight.numel(),
+            transformer_matrices=sum(p.numel() for p in self.transformer.h.parameters()),
+            scalars=sum(p.numel() for p in (self.resid_lambdas, self.x0_lambdas, self.smear_gate.weight,
+                                             self.smear_lambda, self.backout_lambda)),
+        )
+        counts["total"] = sum(counts.values())
+        assert counts["total"] == sum(p.numel() for p in self.parameters()), "a parameter is not accounted for"
+        return counts
+
+    # -------------------------------------------------------------------------
+    # optimizer
+
+    def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
+                         scalar_lr=0.5):
+        """AdamW for embeddings/head/scalars (width-scaled LRs), Muon per matrix shape (REFERENCE 6.1 NEW)."""
+        from nanochat.optim import MuonAdamW
+        s = (self.config.n_embd / 768) ** -0.5
+
+        def adamw(params, lr, betas, wd):
+            return dict(kind="adamw", params=list(params), lr=lr, initial_lr=lr, betas=betas, eps=1e-10,
+                        weight_decay=wd)
+
+        groups = [
+            adamw(self.lm_head.parameters(), unembedding_lr * s, (0.8, 0.96), 0.01),
+            adamw(self.transformer.wte.parameters(), embedding_lr * s, (0.8, 0.995), 0.001),
+            adamw(self.value_embeds.parameters(), embedding_lr * s * 0.5, (0.8, 0.995), 0.01),
+            adamw([self.resid_lambdas], scalar_lr * 0.01, (0.8, 0.95), 0.05),
+            adamw([self.x0_lambdas], scalar_lr, (0.96, 0.95), 0.0),
+            adamw([self.smear_gate.weight, self.smear_lambda, self.backout_lambda], 0.2, (0.8, 0.95), 0.0),
+        ]
+        by_shape = {}
+        for p in self.transformer.h.parameters():
+            by_shape.setdefault(tuple(p.shape), []).append(p)
+        for shape in sorted(by_shape):
+            groups.append(dict(kind="muon", params=by_shape[shape], lr=matrix_lr, initial_lr=matrix_lr,
+                               momentum=0.95, ns_steps=5, beta2=0.9, weight_decay=weight_decay))
+        n_grouped = sum(len(g["params"]) for g in groups)
+        assert n_grouped == len(list(self.parameters())), "every parameter must be in exactly one group"
+        return MuonAdamW(groups)
+
+    # -------------------------------------------------------------------------
+    # naive sampling (the slow reference beside the Engine)
+
+    @torch.inference_mode()
+    def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
+        """Re-runs the full forward for every new token (no cache). Yields token ids (ints)."""
+        if not isinstance(tokens, (list, tuple)) or not tokens:
+            raise ValueError("generate() needs a non-empty list of token ids")
+        device = self.get_device()
+        rng = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+        ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)  # (1, T)
+        for _ in range(max_tokens):
+            logits = self.forward(ids[:, -self.rotary_len:])[:, -1, :]  # (1, V)
+            if top_k is not None and top_k > 0:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+            if temperature > 0:
+                probs = F.softmax(logits / temperature, dim=-1)
+                nxt = torch.multinomial(probs, num_samples=1, generator=rng)
+            else:
+                nxt = torch.argmax(logits, dim=-1, keepdim=True)
+            ids = torch.cat([ids, nxt], dim=1)
+            yield nxt.item()

@@ -1,0 +1,346 @@
+"""
+One optimizer for the whole model (REFERENCE 6): AdamW for embeddings, value embeddings, the head and
+the scalars; Muon (Nesterov momentum -> MuonEq -> Polar Express -> Muon+ -> NorMuon -> cautious weight
+decay) for the matrices inside the blocks, one group per matrix shape, processed as one stacked
+(K, rows, cols) tensor so every Muon operation is a single batched kernel.
+
+Single process: no collectives. Under torch.distributed with world_size > 1 the same class runs a
+ZeRO-2 style step (REFERENCE 6.9): the model is not DDP-wrapped; step() averages the gradients itself
+(reduce-scatter), updates the shard this rank owns (optimizer state exists only for that shard) and
+all-gathers the new weights. So state_dict() is per rank and resuming needs the same world size.
+
+Schedules set group["lr"], group["momentum"] and group["weight_decay"] before each step. On CUDA the
+Muon math is torch.compile'd with those values passed as 0-D CPU tensors, so changing them every step
+never triggers a recompile.
+"""
+
+import os
+import math
+
+import torch
+import torch.distributed as dist
+
+# Polar Express coefficients (REFERENCE 6.4; arXiv 2505.16932, safety factor 2e-2, cushion 2)
+POLAR_EXPRESS_COEFFS = [
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
+SMALL_PARAM_NUMEL = 1024  # AdamW params below this are all-reduced and replicated, not sharded
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+# -----------------------------------------------------------------------------
+# The math, as plain functions on tensors (tests call them directly)
+
+def polar_express(X, ns_steps=5):
+    """Approximate the orthogonal polar factor U V^T of each matrix in X (..., rows, cols).
+    X must already have spectral norm <= 1 (we divide by the Frobenius norm before calling)."""
+    tall = X.size(-2) > X.size(-1)
+    for i in range(ns_steps):
+        a, b, c = POLAR_EXPRESS_COEFFS[min(i, len(POLAR_EXPRESS_COEFFS) - 1)]
+        # The Gram matrix is taken on the small side: (cols, cols) for tall, (rows, rows) for wide
+        A = X.mT @ X if tall else X @ X.mT
+        B = b * A + c * (A @ A)
+        X = a * X + (X @ B if tall else B @ X)
+    return X
+
+
+def muon_math(grad, param, mom_buf, var_buf, lr, wd, momentum, beta2, ns_steps: int, ortho_dtype: torch.dtype):
+    """
+    One Muon step on a stack of K matrices (REFERENCE 6.3-6.6). grad, param: (K, rows, cols) fp32;
+    mom_buf: (K, rows, cols) fp32; var_buf: (K, rows, 1) or (K, 1, cols) fp32, updated in place.
+    lr (already shape-scaled), wd, momentum, beta2: 0-D CPU tensors. Returns the new params (K, rows, cols).
+    """
+    rows, cols = grad.shape[-2], grad.shape[-1]
+    # 1. Nesterov momentum: buf <- mu*buf + (1-mu)*g ; u <- (1-mu)*g + mu*buf
+    # (plain mul/add rather than lerp: lerp refuses a CPU 0-D weight next to CUDA tensors in eager mode)
+    mom_buf.mul_(momentum).add_((1 - momentum) * grad)
+    U = (1 - momentum) * grad + momentum * mom_buf
+    # 3. MuonEq: every row rescaled to the matrix's mean row norm (so the Frobenius norm is kept)
+    fro = U.norm(dim=(-2, -1), keepdim=True)                                   # (K, 1, 1)
+    U = U * ((fro / math.sqrt(rows)) / U.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+    # 4. Frobenius normalize so the spectral norm is < 1 before the polynomial iteration
+    X = U / (U.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)
+    # 5. Polar Express in the orthogonalization dtype (bf16 on GPUs, fp32 on CPUs: D11)
+    X = polar_express(X.to(ortho_dtype), ns_steps).float()
+    # 6. Muon+: renormalize to the Frobenius norm of an exactly orthogonal matrix
+    O = X * (math.sqrt(min(rows, cols)) / X.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6))
+    # 7. NorMuon: factored second moment over the longer side, one statistic per row (or column)
+    red_dim, n = (-1, cols) if rows >= cols else (-2, rows)
+    v_mean = O.square().mean(dim=red_dim, keepdim=True)                        # (K, rows, 1) / (K, 1, cols)
+    norm_before = (v_mean.sum(dim=(-2, -1), keepdim=True) * n).sqrt()           # (K, 1, 1)
+    var_buf.mul_(beta2).add_((1 - beta2) * v_mean)
+    scale = var_buf.clamp_min(1e-10).rsqrt()
+    norm_after = (v_mean * scale.square()).sum(dim=(-2, -1), keepdim=True).mul(n).sqrt()
+    O = O * (scale * (norm_before / norm_after.clamp_min(1e-10)))
+    # 8. cautious weight decay: decay only where the update and the weight agree in sign
+    mask = (O * param >= 0).to(param.dtype)
+    return param - lr * O - (lr * wd) * (param * mask)
+
+
+_compiled_muon_math = None
+
+
+def _muon_fn(device):
+    """Compiled on CUDA (fuses the elementwise chains; 0-D hyper-parameter tensors avoid recompiles),
+    eager elsewhere. NANOCHAT_OPTIM_COMPILE=0 turns compilation off."""
+    global _compiled_muon_math
+    if device.type != "cuda" or os.environ.get("NANOCHAT_OPTIM_COMPILE", "1") == "0":
+        return muon_math
+    if _compiled_muon_math is None:
+        _compiled_muon_math = torch.compile(muon_math, dynamic=False, fullgraph=True)
+    return _compiled_muon_math
+
+
+def adamw_math(p, grad, state, lr, beta1, beta2, eps, wd):
+    """Decoupled-weight-decay AdamW in fp32 on (a slice of) one parameter, the same op order as
+    torch.optim.AdamW. bf16 params are updated through an fp32 copy and written back."""
+    p32, g = p.float(), grad.float()
+    if not state:
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros_like(p32)
+        state["exp_avg_sq"] = torch.zeros_like(p32)
+    state["step"] += 1
+    t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
+    p32.mul_(1 - lr * wd)
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    step_size = lr / (1 - beta1 ** t)
+    denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
+    p32.addcdiv_(m, denom, value=-step_size)
+    if p32 is not p:
+        p.copy_(p32)
+
+# -----------------------------------------------------------------------------
+# Collectives. NCCL has reduce_scatter_tensor / all_gather_into_tensor / AVG; gloo has none of the
+# three, so on gloo a reduce-scatter is all_reduce(SUM) of the full tensor followed by slicing and
+# dividing by W, and an all-gather is dist.all_gather into a list of views of the output.
+
+class _Pending:
+    """An async collective plus what to do once it has finished (gloo post-processing)."""
+    def __init__(self, work, finish=None):
+        self.work, self.finish = work, finish
+
+    def wait(self):
+        self.work.wait()
+        return self.finish() if self.finish is not None else None
+
+
+def _reduce_scatter_avg(full, rank, world):
+    """full: (W*c, ...) -> this rank's averaged chunk (c, ...), returned by .wait()."""
+    c = full.size(0) // world
+    if dist.get_backend() == "nccl":
+        out = full.new_empty((c,) + full.shape[1:])
+        return _Pending(dist.reduce_scatter_tensor(out, full, op=dist.ReduceOp.AVG, async_op=True), lambda: out)
+    work = dist.all_reduce(full, op=dist.ReduceOp.SUM, async_op=True)
+    return _Pending(work, lambda: full[rank * c:(rank + 1) * c].div_(world))
+
+
+def _all_reduce_avg(t, world):
+    if dist.get_backend() == "nccl":
+        return _Pending(dist.all_reduce(t, op=dist.ReduceOp.AVG, async_op=True), lambda: t)
+    return _Pending(dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=True), lambda: t.div_(world))
+
+
+def _all_gather(full, chunk, world):
+    """Gather every rank's chunk (c, ...) into full (W*c, ...)."""
+    if dist.get_backend() == "nccl":
+        return _Pending(dist.all_gather_into_tensor(full, chunk, async_op=True))
+    return _Pending(dist.all_gather(list(full.chunk(world)), chunk.clone(), async_op=True))
+
+# -----------------------------------------------------------------------------
+
+class MuonAdamW(torch.optim.Optimizer):
+    """
+    MuonAdamW(param_groups) with each group a dict:
+      kind="adamw": params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
+      kind="muon":  params (all the same 2-D shape), lr, momentum=0.95, ns_steps=5, beta2=0.9, weight_decay=0.0
+    Every group also gets initial_lr (= lr at construction) for LR schedules.
+    muon_dtype: orthogonalization dtype; default $NANOCHAT_MUON_DTYPE, else bf16 on CUDA (fp32 on GPUs
+    without bf16) and fp32 elsewhere (REFERENCE D11).
+    """
+
+    def __init__(self, param_groups, muon_dtype=None):
+        groups = []
+        for i, g in enumerate(param_groups):
+            g = dict(g)
+            g["params"] = [p for p in g["params"]]
+            kind = g.get("kind")
+            if kind == "adamw":
+                g.setdefault("betas", (0.9, 0.999))
+                g.setdefault("eps", 1e-8)
+            elif kind == "muon":
+                shapes = {tuple(p.shape) for p in g["params"]}
+                if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+                    raise ValueError(f"muon group {i} must hold 2-D params of one shape, got shapes {sorted(shapes)}; "
+                                     "make one group per distinct matrix shape")
+                g.setdefault("momentum", 0.95)
+                g.setdefault("ns_steps", 5)
+                g.setdefault("beta2", 0.9)
+            else:
+                raise ValueError(f"param group {i} needs kind='adamw' or kind='muon', got {kind!r}")
+            if "lr" not in g:
+                raise ValueError(f"param group {i} ({kind}) has no 'lr'")
+            g.setdefault("weight_decay", 0.0)
+            g.setdefault("initial_lr", g["lr"])
+            groups.append(g)
+        super().__init__(groups, defaults={})
+        choice = muon_dtype or os.environ.get("NANOCHAT_MUON_DTYPE")
+        if choice is not None and not isinstance(choice, torch.dtype):
+            if choice not in _DTYPES:
+                raise ValueError(f"NANOCHAT_MUON_DTYPE / muon_dtype must be one of {sorted(_DTYPES)}, got {choice!r}")
+            choice = _DTYPES[choice]
+        self.muon_dtype = choice
+        # 0-D CPU tensors carrying the scheduled values into the (compiled) Muon math
+        self._hp = {k: torch.tensor(0.0, dtype=torch.float32) for k in ("lr", "wd", "momentum", "beta2")}
+
+    def _ortho_dtype(self, device):
+        if self.muon_dtype is not None:
+            return self.muon_dtype
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+
+    @staticmethod
+    def _dist_info():
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def _muon_group(self, group, grads, params):
+        """Run Muon on stacks grads/params (n, rows, cols); state lives on the group's first param."""
+        state = self.state[group["params"][0]]
+        n, rows, cols = grads.shape
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(grads, dtype=torch.float32)
+            vshape = (n, rows, 1) if rows >= cols else (n, 1, cols)
+            state["second_momentum_buffer"] = torch.zeros(vshape, dtype=torch.float32, device=grads.device)
+        hp = self._hp
+        hp["lr"].fill_(group["lr"] * math.sqrt(max(1.0, rows / cols)))  # shape LR scaling (6.3)
+        hp["wd"].fill_(group["weight_decay"])
+        hp["momentum"].fill_(group["momentum"])
+        hp["beta2"].fill_(group["beta2"])
+        fn = _muon_fn(grads.device)
+        return fn(grads.float(), params.float(), state["momentum_buffer"], state["second_momentum_buffer"],
+                  hp["lr"], hp["wd"], hp["momentum"], hp["beta2"], group["ns_steps"], self._ortho_dtype(grads.device))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        rank, world = self._dist_info()
+        if world == 1:
+            self._step_single()
+        else:
+            self._step_distributed(rank, world)
+        return loss
+
+    def _step_single(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if group["kind"] == "adamw":
+                b1, b2 = group["betas"]
+                for p in params:
+                    adamw_math(p, p.grad, self.state[p], group["lr"], b1, b2, group["eps"], group["weight_decay"])
+            else:
+                if len(params) != len(group["params"]):
+                    raise RuntimeError("a muon group has params with and without grads; Muon state is stacked "
+                                       "over the whole group, so all of them need a grad (or none)")
+                new = self._muon_group(group, torch.stack([p.grad for p in params]), torch.stack(params))
+                torch._foreach_copy_(params, list(new.unbind(0)))
+
+    def _step_distributed(self, rank, world):
+        # Phase 1: launch every gradient reduction, group by group, without waiting.
+        reductions = []  # one entry per group: list of (param, pending) or (stack, pending)
+        for group in self.param_groups:
+            if group["kind"] == "adamw":
+                todo = []
+                for p in group["params"]:
+                    if p.grad is None:
+                        # every rank must issue the same collectives: a missing grad counts as zero
+                        p.grad = torch.zeros_like(p)
+                    if p.numel() >= SMALL_PARAM_NUMEL and p.shape[0] % world == 0:
+                        todo.append((p, "shard", _reduce_scatter_avg(p.grad, rank, world)))
+                    else:  # small, or dim 0 not divisible by W: replicated state, full update on every rank
+                        todo.append((p, "full", _all_reduce_avg(p.grad, world)))
+                reductions.append(todo)
+            else:
+                ps = group["params"]
+                K, c = len(ps), -(-len(ps) // world)
+                stack = torch.zeros((c * world,) + ps[0].shape, dtype=torch.float32, device=ps[0].device)
+                for i, p in enumerate(ps):
+                    if p.grad is not None:
+                        stack[i].copy_(p.grad)
+                reductions.append((stack, c, _reduce_scatter_avg(stack, rank, world)))
+        # Phase 2: per group, wait for its reduction, update the owned shard, launch the all-gather.
+        gathers = []
+        for group, red in zip(self.param_groups, reductions):
+            if group["kind"] == "adamw":
+                b1, b2 = group["betas"]
+                for p, how, pending in red:
+                    g = pending.wait()
+                    if how == "full":
+                        adamw_math(p, g, self.state[p], group["lr"], b1, b2, group["eps"], group["weight_decay"])
+                        continue
+                    s = p.shape[0] // world
+                    p_slice = p[rank * s:(rank + 1) * s]
+                    adamw_math(p_slice, g, self.state[p], group["lr"], b1, b2, group["eps"], group["weight_decay"])
+                    gathers.append(_all_gather(p, p_slice, world))
+            else:
+                stack, c, pending = red
+                g = pending.wait()                                    # (c, rows, cols) averaged grads
+                ps = group["params"]
+                lo, n_own = rank * c, max(0, min(c, len(ps) - rank * c))
+                out = torch.zeros_like(g)                             # padding slots stay zero
+                if n_own > 0:
+                    owned = torch.stack(ps[lo:lo + n_own])
+                    out[:n_own] = self._muon_group(group, g[:n_own].contiguous(), owned)
+                # the reduced grad stack is free now: gather the new matrices into it
+                gathers.append(_all_gather(stack, out, world))
+                gathers.append(_Pending(_Done(), lambda ps=ps, stack=stack: torch._foreach_copy_(
+                    ps, [t.to(ps[0].dtype) for t in stack[:len(ps)].unbind(0)])))
+        # Phase 3: wait for every gather (and copy the gathered Muon matrices into their params).
+        for pending in gathers:
+            pending.wait()
+
+    # -------------------------------------------------------------------------
+    # Per-rank state. We do not use torch's default load_state_dict: it would cast our fp32 moments
+    # to the param dtype (bf16 embeddings on CUDA), which loses the exact resume.
+
+    def state_dict(self):
+        index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        state = {index[p]: dict(s) for p, s in self.state.items()}
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[p] for p in g["params"]]}
+                  for g in self.param_groups]
+        rank, world = self._dist_info()
+        return {"state": state, "param_groups": groups, "world_size": world, "rank": rank}
+
+    def load_state_dict(self, state_dict):
+        rank, world = self._dist_info()
+        if state_dict.get("world_size", 1) != world or state_dict.get("rank", 0) != rank:
+            raise ValueError(f"optimizer state was saved by rank {state_dict.get('rank')} of world size "
+                             f"{state_dict.get('world_size')}, but this is rank {rank} of {world}: optimizer "
+                             "state is sharded per rank, resume with the same number of processes")
+        saved = state_dict["param_groups"]
+        if len(saved) != len(self.param_groups) or any(
+                len(s["params"]) != len(g["params"]) or s["kind"] != g["kind"] for s, g in zip(saved, self.param_groups)):
+            raise ValueError("optimizer state does not match this model's param groups (different model or config?)")
+        params = [p for g in self.param_groups for p in g["params"]]
+        self.state.clear()
+        for i, s in state_dict["state"].items():
+            p = params[int(i)]
+            self.state[p] = {k: (v.to(p.device, copy=True) if torch.is_tensor(v) else v) for k, v in s.items()}
+        for g, s in zip(self.param_groups, saved):
+            g.update({k: v for k, v in s.items() if k != "params"})
+
+
+class _Done:
+    """A finished 'work' handle, so local follow-up steps can sit in the same wait list as collectives."""
+    def wait(self):
+        return True

@@ -1,0 +1,384 @@
+"""
+The report card (REFERENCE 11.1, D17): every stage logs a markdown section into
+$NANOCHAT_BASE_DIR/report/, and `generate` stitches them into report.md with a summary table,
+the total wall-clock time, an estimated cost and PNG plots of each stage's curves.
+
+    python -m nanochat.report reset      # start of a run: header.md (date, git, hardware, versions, code size)
+    python -m nanochat.report generate   # end of a run: report/report.md, copied to ./report.md
+
+Hooks for the stage scripts (only rank 0 writes; other ranks get a no-op object):
+
+    from nanochat.report import get_report
+    report = get_report()
+    report.log(section="Base model training", data=[
+        user_config,                                  # dict -> "- key: value" lines
+        {"Minimum validation bpb": min_val_bpb},      # floats print with 4 decimals
+        "any markdown string is written verbatim",
+    ])
+    # curves for the plots: one call per curve, steps and values are plain lists of numbers;
+    # generate() draws report/<section-slug>_<name>.png and links it under the section.
+    report.log_curve("Base model training", "loss", steps, train_losses)
+    report.log_curve("Base model training", "val_bpb", eval_steps, val_bpbs)
+
+A resumed stage should log the whole curve (e.g. keep the history in its checkpoint's meta) since
+log_curve replaces a curve of the same name.
+"""
+
+import os
+import re
+import sys
+import json
+import socket
+import datetime
+import platform
+import subprocess
+
+# (section title, file) in the order generate() writes them
+SECTIONS = [
+    ("Tokenizer training", "tokenizer-training.md"),
+    ("Tokenizer evaluation", "tokenizer-evaluation.md"),
+    ("Base model training", "base-model-training.md"),
+    ("Base model loss", "base-model-loss.md"),
+    ("Base model evaluation", "base-model-evaluation.md"),
+    ("Midtraining", "midtraining.md"),
+    ("Chat evaluation mid", "chat-evaluation-mid.md"),
+    ("Chat SFT", "chat-sft.md"),
+    ("Chat evaluation sft", "chat-evaluation-sft.md"),
+    ("Chat RL", "chat-rl.md"),
+    ("Chat evaluation rl", "chat-evaluation-rl.md"),
+]
+RL_FILES = {"chat-rl.md", "chat-evaluation-rl.md"}  # RL is optional: left out of the wall-clock time
+CHAT_METRICS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"]
+GPU_PRICES = [("H100", 3.00), ("A100", 1.79), ("V100", 0.55)]  # $/GPU/hour by name substring; else 2.00
+BLOAT_EXTENSIONS = {"py", "md", "rs", "html", "toml", "sh"}
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+def slugify(section):
+    return section.lower().replace(" ", "-")
+
+
+def _now():
+    return datetime.datetime.now().strftime(TIME_FORMAT)
+
+
+def _format_value(value):
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, int) and value >= 10000:
+        return f"{value:,}"
+    return str(value)
+
+# -----------------------------------------------------------------------------
+# Header: environment facts
+
+
+def _run(cmd):
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
+    except Exception:
+        return ""
+
+
+def git_info():
+    return {
+        "branch": _run(["git", "rev-parse", "--abbrev-ref", "HEAD"]) or "unknown",
+        "commit": _run(["git", "rev-parse", "--short", "HEAD"]) or "unknown",
+        "dirty": bool(_run(["git", "status", "--porcelain"])),
+        "message": (_run(["git", "log", "-1", "--pretty=%B"]).split("\n") or [""])[0][:80],
+    }
+
+
+def gpu_info():
+    import torch
+    if not torch.cuda.is_available():
+        return {"count": 0}
+    n = torch.cuda.device_count()
+    props = [torch.cuda.get_device_properties(i) for i in range(n)]
+    return {"count": n, "names": [p.name for p in props],
+            "memory_gb": sum(p.total_memory for p in props) / 1024 ** 3, "cuda": torch.version.cuda}
+
+
+def hourly_rate(gpu):
+    """$/hour of the whole node (REFERENCE 11.1 price table), None without GPUs."""
+    if gpu["count"] == 0:
+        return None
+    name = gpu["names"][0]
+    price = next((p for key, p in GPU_PRICES if key in name), 2.00)
+    return price * gpu["count"]
+
+
+def bloat_info(root="."):
+    """Size of the git-tracked code: characters, lines, files, ~tokens, uv.lock lines."""
+    files = [f for f in _run(["git", "-C", root, "ls-files"]).split("\n")
+             if f and f.rsplit(".", 1)[-1] in BLOAT_EXTENSIONS]
+    chars = lines = 0
+    for f in files:
+        try:
+            with open(os.path.join(root, f), encoding="utf-8", errors="replace") as fh:
+                text = fh.read()
+        except OSError:
+            continue
+        chars += len(text)
+        lines += text.count("\n")
+    uv_lines = 0
+    uv_path = os.path.join(root, "uv.lock")
+    if os.path.exists(uv_path):
+        with open(uv_path, encoding="utf-8", errors="replace") as fh:
+            uv_lines = sum(1 for _ in fh)
+    return {"Characters": chars, "Lines": lines, "Files": len(files), "Tokens (approx)": chars // 4,
+            "Dependencies (uv.lock lines)": uv_lines}
+
+
+def generate_header():
+    import torch
+    import psutil
+    now = _now()
+    git, gpu = git_info(), gpu_info()
+    rate = hourly_rate(gpu)
+    out = ["# nanochat training report", "", f"Generated: {now}", "", "## Environment", "",
+           "### Git Information", f"- Branch: {git['branch']}",
+           f"- Commit: {git['commit']} {'(dirty)' if git['dirty'] else '(clean)'}",
+           f"- Message: {git['message']}", "", "### Hardware",
+           f"- Platform: {platform.system()} ({socket.gethostname()})",
+           f"- CPUs: {psutil.cpu_count(logical=False)} cores ({psutil.cpu_count(logical=True)} logical)",
+           f"- Memory: {psutil.virtual_memory().total / 1024 ** 3:.1f} GB"]
+    if gpu["count"]:
+        names = ", ".join(sorted(set(gpu["names"])))
+        out += [f"- GPUs: {gpu['count']}x {names}", f"- GPU Memory: {gpu['memory_gb']:.1f} GB total",
+                f"- CUDA Version: {gpu['cuda']}", f"- Hourly Rate: ${rate:.2f}/hour"]
+    else:
+        out += ["- GPUs: None available", "- Hourly Rate: n/a (no GPU)"]
+    out += ["", "### Software", f"- Python: {sys.version.split()[0]}", f"- PyTorch: {torch.__version__}", "",
+            "### Bloat"]
+    out += [f"- {k}: {_format_value(v)}" for k, v in bloat_info().items()]
+    out += ["", f"Run started: {now}", "", "---", ""]
+    return "\n".join(out)
+
+# -----------------------------------------------------------------------------
+# Summary helpers
+
+
+def extract_metrics(text, keys):
+    """
+    {key: value-string} from lines like "- MMLU: 0.3111" or "CORE metric: 0.22". A line matches a key
+    when the label before the first ':' (minus a leading '- ') is the key or starts with "key ".
+    """
+    out = {}
+    for line in text.split("\n"):
+        if ":" not in line:
+            continue
+        label, value = line.split(":", 1)
+        label = label.strip().removeprefix("- ").strip()
+        for key in keys:
+            if label == key or label.startswith(key + " "):
+                out[key] = value.strip()
+    return out
+
+
+def _parse_time(text, prefix):
+    """First 'prefix<timestamp>' in text as a datetime, or None."""
+    m = re.search(re.escape(prefix) + r"\s*(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2})", text)
+    return datetime.datetime.strptime(m.group(1), TIME_FORMAT) if m else None
+
+
+def plot_curves(curves, path_prefix):
+    """One PNG per curve: <path_prefix>_<name>.png. Returns [(name, path)]."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+    out = []
+    for name, curve in curves.items():
+        steps, values = curve["steps"], curve["values"]
+        if not values:
+            continue
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+        path = f"{path_prefix}_{safe}.png"
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+        ax.plot(steps, values, marker="o" if len(values) < 30 else None, markersize=3)
+        ax.set_xlabel("step")
+        ax.set_ylabel(name)
+        ax.set_title(f"{os.path.basename(path_prefix)}: {name}")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        out.append((name, path))
+    return out
+
+# -----------------------------------------------------------------------------
+
+
+class Report:
+    def __init__(self, report_dir):
+        os.makedirs(report_dir, exist_ok=True)
+        self.report_dir = report_dir
+
+    def log(self, section, data):
+        """Write report/<slug>.md: '## section', a timestamp, then each truthy item of `data`."""
+        path = os.path.join(self.report_dir, f"{slugify(section)}.md")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(f"## {section}\n")
+            f.write(f"timestamp: {_now()}\n\n")
+            for item in data:
+                if not item:
+                    continue
+                if isinstance(item, str):
+                    f.write(item if item.endswith("\n") else item + "\n")
+                else:
+                    for k, v in item.items():
+                        f.write(f"- {k}: {_format_value(v)}\n")
+            f.write("\n")
+        return path
+
+    def log_curve(self, section, name, steps, values):
+        """Store one curve of a stage in report/<slug>_curves.json (plotted by generate)."""
+        steps, values = [float(s) for s in steps], [float(v) for v in values]
+        if len(steps) != len(values):
+            raise ValueError(f"curve {name!r}: {len(steps)} steps but {len(values)} values")
+        path = os.path.join(self.report_dir, f"{slugify(section)}_curves.json")
+        curves = {}
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                curves = json.load(f)
+        curves[name] = {"steps": steps, "values": values}
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(curves, f)
+        os.replace(tmp, path)
+        return path
+
+    def reset(self):
+        """Forget the previous run's sections, curves and plots; write a fresh header.md."""
+        for _, file in SECTIONS:
+            slug = file[:-3]
+            for name in os.listdir(self.report_dir):
+                if name == file or name.startswith(slug + "_"):  # section, its curves json and PNGs
+                    os.remove(os.path.join(self.report_dir, name))
+        report_md = os.path.join(self.report_dir, "report.md")
+        if os.path.exists(report_md):
+            os.remove(report_md)
+        with open(os.path.join(self.report_dir, "header.md"), "w", encoding="utf-8") as f:
+            f.write(generate_header())
+        print(f"Reset report and wrote header to {self.report_dir}/header.md")
+
+    def generate(self, copy_to_cwd=True):
+        """report/report.md = header + sections (+ plots) + summary; copied to ./report.md."""
+        header_path = os.path.join(self.report_dir, "header.md")
+        if os.path.exists(header_path):
+            with open(header_path, encoding="utf-8") as f:
+                header = f.read()
+        else:
+            print(f"Warning: {header_path} missing (run `python -m nanochat.report reset` at the start)")
+            header = "# nanochat training report\n\n"
+        start_time = _parse_time(header, "Run started:")
+        rate_match = re.search(r"Hourly Rate: \$([\d.]+)/hour", header)
+        bloat = re.search(r"### Bloat\n(.*?)\n\n", header, re.DOTALL)
+
+        parts, metrics, end_time = [header], {}, None
+        for section, file in SECTIONS:
+            path = os.path.join(self.report_dir, file)
+            if not os.path.exists(path):
+                print(f"Warning: {path} does not exist, skipping")
+                continue
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            parts.append(text)
+            # plots of this stage's curves, linked relative to report.md (same directory)
+            curves_path = os.path.join(self.report_dir, f"{file[:-3]}_curves.json")
+            if os.path.exists(curves_path):
+                with open(curves_path, encoding="utf-8") as f:
+                    curves = json.load(f)
+                for name, png in plot_curves(curves, os.path.join(self.report_dir, file[:-3])):
+                    parts.append(f"![{section}: {name}]({os.path.basename(png)})\n\n")
+            if file == "base-model-evaluation.md":
+                metrics["BASE"] = extract_metrics(text, ["CORE"])
+            elif file in ("chat-evaluation-mid.md", "chat-evaluation-sft.md"):
+                metrics[file[len("chat-evaluation-"):-3].upper()] = extract_metrics(text, CHAT_METRICS)
+            elif file == "chat-evaluation-rl.md":
+                metrics["RL"] = extract_metrics(text, ["GSM8K"])
+            if file not in RL_FILES:
+                end_time = _parse_time(text, "timestamp:") or end_time
+
+        # summary: bloat, metric table, wall clock and cost
+        names = sorted({k for m in metrics.values() for k in m})
+        names = ([n for n in names if n == "CORE"] + [n for n in names if n not in ("CORE", "ChatCORE")]
+                 + [n for n in names if n == "ChatCORE"])
+        stages = ["BASE", "MID", "SFT", "RL"]
+        summary = ["## Summary", ""]
+        if bloat:
+            summary += [bloat.group(1), ""]
+        summary.append(f"| {'Metric':<15} | " + " | ".join(f"{s:<8}" for s in stages) + " |")
+        summary.append(f"|{'-' * 17}|" + "|".join("-" * 10 for _ in stages) + "|")
+        for n in names:
+            summary.append(f"| {n:<15} | " + " | ".join(f"{metrics.get(s, {}).get(n, '-'):<8}" for s in stages) + " |")
+        summary.append("")
+        if start_time and end_time:
+            seconds = (end_time - start_time).total_seconds()
+            summary.append(f"Total wall clock time: {int(seconds // 3600)}h{int(seconds % 3600 // 60)}m")
+            if rate_match:
+                rate = float(rate_match.group(1))
+                summary.append(f"Estimated cost: ${rate * seconds / 3600:.2f} (${rate:.2f}/hour)")
+        else:
+            summary.append("Total wall clock time: unknown")
+        summary.append("")
+        parts.append("\n".join(summary))
+
+        report_md = os.path.join(self.report_dir, "report.md")
+        with open(report_md, "w", encoding="utf-8") as f:
+            f.write("".join(p if p.endswith("\n") else p + "\n" for p in parts))
+        print(f"Generated report at {report_md}")
+        if copy_to_cwd:
+            self._copy_to_cwd(report_md)
+        return report_md
+
+    def _copy_to_cwd(self, report_md):
+        """./report.md with image links rewritten relative to the CWD, so the plots still show."""
+        with open(report_md, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            rel = os.path.relpath(self.report_dir, os.getcwd())
+        except ValueError:  # different drive on Windows
+            rel = self.report_dir
+        text = re.sub(r"!\[([^\]]*)\]\(([^)/]+\.png)\)", lambda m: f"![{m.group(1)}]({rel}/{m.group(2)})", text)
+        dest = os.path.join(os.getcwd(), "report.md")
+        if os.path.abspath(dest) != os.path.abspath(report_md):
+            with open(dest, "w", encoding="utf-8") as f:
+                f.write(text)
+            print(f"Copied report to {dest}")
+
+
+class DummyReport:
+    """What non-zero ranks get: every call is a no-op."""
+    def log(self, *args, **kwargs):
+        pass
+
+    def log_curve(self, *args, **kwargs):
+        pass
+
+    def reset(self, *args, **kwargs):
+        pass
+
+    def generate(self, *args, **kwargs):
+        pass
+
+
+def get_report():
+    from nanochat.common import get_base_dir, get_dist_info
+    _, rank, _, _ = get_dist_info()
+    if rank != 0:
+        return DummyReport()
+    return Report(os.path.join(get_base_dir(), "report"))
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="Reset or generate the nanochat report card")
+    parser.add_argument("command", nargs="?", default="generate", choices=["generate", "reset"])
+    args = parser.parse_args()
+    if args.command == "reset":
+        get_report().reset()
+    else:
+        get_report().generate()

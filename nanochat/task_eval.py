@@ -1,0 +1,86 @@
+"""
+Accuracy of a chat model on a task (REFERENCE 9.3, 9.4), shared by chat_eval, chat_sft and chat_rl.
+A task is anything with len(), [i] -> conversation and evaluate(conversation, answer).
+
+- categorical (ARC, MMLU): one forward per batch; the answer is the argmax of the logits at the
+  first assistant position restricted to the problem's letters. No sampling.
+- generative (GSM8K, HumanEval, SpellingBee): sample completions with the Engine; a problem passes
+  if any of its samples passes (pass@num_samples).
+Problems are split across ranks and the counts all-reduced.
+"""
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import get_dist_info
+
+
+def _all_reduce_counts(passed, total, device):
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor([passed, total], dtype=torch.long, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        passed, total = t.tolist()
+    return passed, total
+
+
+def letter_token_ids(tokenizer, letters, cache):
+    ids = []
+    for letter in letters:
+        if letter not in cache:
+            enc = tokenizer.encode(letter)
+            if len(enc) != 1:
+                raise ValueError(f"answer letter {letter!r} is not a single token ({enc})")
+            cache[letter] = enc[0]
+        ids.append(cache[letter])
+    return ids
+
+
+@torch.no_grad()
+def run_categorical_eval(task, tokenizer, model, batch_size=8, max_problems=None, device=None):
+    """Accuracy in [0, 1] of the letter the model puts most mass on (REFERENCE 9.3)."""
+    device = device or next(model.parameters()).device
+    _, rank, _, world_size = get_dist_info()
+    n = len(task) if max_problems is None else min(len(task), max_problems)
+    bos = tokenizer.get_bos_token_id()
+    cache, passed, total = {}, 0, 0
+    batch_starts = list(range(0, n, batch_size))
+    for b in batch_starts[rank::world_size]:
+        convs = [task[i] for i in range(b, min(b + batch_size, n))]
+        prompts = [tokenizer.render_for_completion(c) for c in convs]
+        width = max(len(p) for p in prompts)
+        x = torch.full((len(prompts), width), bos, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            x[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+        logits = model(x.to(device))  # (B, T, V)
+        for i, (conv, p) in enumerate(zip(convs, prompts)):
+            ids = letter_token_ids(tokenizer, conv["letters"], cache)
+            scores = logits[i, len(p) - 1, ids]
+            answer = conv["letters"][int(scores.argmax())]
+            passed += int(task.evaluate(conv, answer))
+            total += 1
+    passed, total = _all_reduce_counts(passed, total, device)
+    return passed / max(total, 1)
+
+
+@torch.no_grad()
+def run_generative_eval(task, tokenizer, engine, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50,
+                        max_problems=None, device="cpu", verbose=False):
+    """pass@num_samples in [0, 1] over the first max_problems problems (REFERENCE 9.4)."""
+    _, rank, _, world_size = get_dist_info()
+    n = len(task) if max_problems is None else min(len(task), max_problems)
+    passed, total = 0, 0
+    for i in range(rank, n, world_size):
+        conv = task[i]
+        prompt = tokenizer.render_for_completion(conv)
+        results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
+                                           temperature=temperature, top_k=top_k, seed=i)
+        completions = [tokenizer.decode(r[len(prompt):]) for r in results]
+        ok = any(task.evaluate(conv, c) for c in completions)
+        passed += int(ok)
+        total += 1
+        if verbose:
+            print(f"\r[rank {rank}] {passed}/{total} ({100 * passed / total:.1f}%)", end="", flush=True)
+    if verbose:
+        print()
+    passed, total = _all_reduce_counts(passed, total, torch.device(device) if isinstance(device, str) else device)
+    return passed / max(total, 1)

@@ -1,0 +1,333 @@
+"""
+GPT-4 style byte-level BPE tokenizer (REFERENCE 2) and chat rendering with a training mask (REFERENCE 3).
+
+Training uses `rustbpe`; encoding/decoding uses a `tiktoken.Encoding` built from the learned merges.
+On disk (D1) a tokenizer is plain data, never a pickle:
+    tokenizer.json            {"format", "name", "pattern", "special_tokens": {token: id}}
+    mergeable_ranks.tiktoken  one "<base64 token bytes> <rank>" line per mergeable token (tiktoken's format)
+"""
+
+import os
+import copy
+import json
+import base64
+import threading
+
+import torch
+import tiktoken
+import rustbpe
+
+from nanochat.common import get_base_dir
+
+# GPT-4's pattern, except digit runs are split into chunks of at most 2 (better bpb at a 32K vocab).
+SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+
+# Order matters: the specials get ids V-9 .. V-1 in this order.
+SPECIAL_TOKENS = [
+    "<|bos|>",            # begins every document / conversation
+    "<|user_start|>",
+    "<|user_end|>",
+    "<|assistant_start|>",
+    "<|assistant_end|>",
+    "<|python_start|>",   # assistant opens a tool call
+    "<|python_end|>",
+    "<|output_start|>",   # tool output, injected by the runtime
+    "<|output_end|>",
+]
+
+CONFIG_FILE = "tokenizer.json"
+RANKS_FILE = "mergeable_ranks.tiktoken"
+FORMAT = "nanochat-tokenizer-v1"
+
+
+class RustBPETokenizer:
+    """A tiktoken.Encoding plus the nanochat conventions (BOS, chat specials, rendering)."""
+
+    def __init__(self, enc, bos_token):
+        self.enc = enc
+        self.bos_token_id = enc.encode_single_token(bos_token)
+
+    # ---------------------------------------------------------------- construction
+
+    @classmethod
+    def train_from_iterator(cls, text_iterator, vocab_size):
+        """Train BPE on an iterator of strings; vocab_size includes the 9 special tokens."""
+        num_mergeable = vocab_size - len(SPECIAL_TOKENS)
+        if num_mergeable < 256:
+            raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (256 bytes + "
+                             f"{len(SPECIAL_TOKENS)} specials), got {vocab_size}")
+        bpe = rustbpe.Tokenizer()
+        # rustbpe splits and counts in parallel with rayon (all cores unless RAYON_NUM_THREADS is set)
+        bpe.train_from_iterator(text_iterator, num_mergeable, pattern=SPLIT_PATTERN)
+        ranks = {bytes(token): rank for token, rank in bpe.get_mergeable_ranks()}
+        if len(ranks) != num_mergeable:
+            # rustbpe stops early when no pair is left to merge; the model needs the exact vocab size
+            raise ValueError(f"training text too small: learned {len(ranks)} mergeable tokens, "
+                             f"need {num_mergeable} for vocab_size={vocab_size}; give more text or a smaller vocab")
+        return cls._from_ranks(ranks, SPLIT_PATTERN)
+
+    @classmethod
+    def _from_ranks(cls, ranks, pattern, special_tokens=None):
+        if special_tokens is None:
+            special_tokens = {tok: len(ranks) + i for i, tok in enumerate(SPECIAL_TOKENS)}
+        enc = tiktoken.Encoding(name="rustbpe", pat_str=pattern, mergeable_ranks=ranks,
+                                special_tokens=special_tokens)
+        return cls(enc, "<|bos|>")
+
+    @classmethod
+    def from_pretrained(cls, name, timeout=None):
+        """Wrap a tiktoken encoding ("gpt2", "cl100k_base"); needs network on first use (or tiktoken's cache)."""
+        if timeout is None:
+            return cls(tiktoken.get_encoding(name), "<|endoftext|>")
+        # tiktoken's download has no timeout of its own and can hang offline: fetch in a daemon thread
+        # (a hung fetch then can't keep the process alive) and give up after `timeout` seconds
+        result = {}
+
+        def fetch():
+            try:
+                result["enc"] = tiktoken.get_encoding(name)
+            except Exception as e:
+                result["error"] = e
+
+        thread = threading.Thread(target=fetch, daemon=True)
+        thread.start()
+        thread.join(timeout)
+        if "error" in result:
+            raise result["error"]
+        if "enc" not in result:
+            raise TimeoutError(f"fetching tiktoken encoding {name!r} took over {timeout}s (offline?)")
+        enc = result["enc"]
+        return cls(enc, "<|endoftext|>")
+
+    @classmethod
+    def from_directory(cls, tokenizer_dir):
+        """Load a tokenizer written by save(). Only parses JSON and base64 text: never executes code."""
+        config_path = os.path.join(tokenizer_dir, CONFIG_FILE)
+        ranks_path = os.path.join(tokenizer_dir, RANKS_FILE)
+        for path in (config_path, ranks_path):
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"tokenizer file {path} not found; run python -m scripts.tok_train first")
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+        if config.get("format") != FORMAT:
+            raise ValueError(f"{config_path}: unknown format {config.get('format')!r}, expected {FORMAT!r}")
+        ranks = {}
+        with open(ranks_path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    token_b64, rank = line.split()
+                    ranks[base64.b64decode(token_b64, validate=True)] = int(rank)
+                except ValueError as e:
+                    raise ValueError(f"{ranks_path}:{lineno}: expected '<base64> <rank>' ({e})") from None
+        if sorted(ranks.values()) != list(range(len(ranks))):
+            raise ValueError(f"{ranks_path}: ranks must be unique and cover 0..{len(ranks) - 1}")
+        return cls._from_ranks(ranks, config["pattern"], {k: int(v) for k, v in config["special_tokens"].items()})
+
+    def save(self, tokenizer_dir):
+        os.makedirs(tokenizer_dir, exist_ok=True)
+        ranks = self.enc._mergeable_ranks
+        with open(os.path.join(tokenizer_dir, RANKS_FILE), "w", encoding="ascii") as f:
+            for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+                f.write(f"{base64.b64encode(token).decode('ascii')} {rank}\n")
+        config = {"format": FORMAT, "name": self.enc.name, "pattern": self.enc._pat_str,
+                  "special_tokens": self.enc._special_tokens}
+        with open(os.path.join(tokenizer_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+        print(f"Saved tokenizer to {tokenizer_dir}")
+
+    # ---------------------------------------------------------------- basic API
+
+    def get_vocab_size(self):
+        return self.enc.n_vocab
+
+    def get_bos_token_id(self):
+        return self.bos_token_id
+
+    def get_special_tokens(self):
+        return self.enc.special_tokens_set
+
+    def encode_special(self, text):
+        if text not in self.enc.special_tokens_set:
+            raise ValueError(f"{text!r} is not a special token of this tokenizer")
+        return self.enc.encode_single_token(text)
+
+    def id_to_token(self, id):
+        return self.enc.decode([id])
+
+    def _to_id(self, token):
+        return token if isinstance(token, int) else self.encode_special(token)
+
+    def encode(self, text, prepend=None, append=None, num_threads=8):
+        """
+        Ordinary encoding: special-token strings inside the text stay plain text. A list of strings is
+        encoded in parallel threads (tiktoken releases the GIL). prepend/append: special string or id.
+        """
+        head = [] if prepend is None else [self._to_id(prepend)]
+        tail = [] if append is None else [self._to_id(append)]
+        if isinstance(text, str):
+            return head + self.enc.encode_ordinary(text) + tail
+        if isinstance(text, list):
+            rows = self.enc.encode_ordinary_batch(text, num_threads=num_threads)
+            return [head + row + tail for row in rows]
+        raise TypeError(f"encode expects a str or a list of str, got {type(text).__name__}")
+
+    def __call__(self, *args, **kwargs):
+        return self.encode(*args, **kwargs)
+
+    def decode(self, ids):
+        return self.enc.decode(ids)
+
+    # ---------------------------------------------------------------- chat rendering
+
+    def _validate(self, conversation):
+        """Check REFERENCE 3.1/3.2; errors name the message index (in the caller's list)."""
+        messages = conversation.get("messages") if isinstance(conversation, dict) else None
+        if not isinstance(messages, list):
+            raise ValueError("conversation must be a dict with a 'messages' list")
+        if not messages:
+            raise ValueError("conversation is empty: it needs at least one user message")
+        offset = 1 if isinstance(messages[0], dict) and messages[0].get("role") == "system" else 0
+        if offset and len(messages) == 1:
+            raise ValueError("message 0: a system message must be followed by a user message")
+        for i, msg in enumerate(messages):
+            if not isinstance(msg, dict):
+                raise ValueError(f"message {i}: must be a dict with 'role' and 'content', got {type(msg).__name__}")
+            role = msg.get("role")
+            if role not in ("system", "user", "assistant"):
+                raise ValueError(f"message {i}: unknown role {role!r} (expected 'system', 'user' or 'assistant')")
+            if role == "system" and i != 0:
+                raise ValueError(f"message {i}: a system message is only allowed as the first message")
+            if role != "system":
+                expected = "user" if (i - offset) % 2 == 0 else "assistant"
+                if role != expected:
+                    raise ValueError(f"message {i}: roles out of order, expected {expected!r} but got {role!r} "
+                                     f"(user and assistant must alternate, starting with user)")
+            if "content" not in msg:
+                raise ValueError(f"message {i} ({role}): missing 'content'")
+            content = msg["content"]
+            if role in ("system", "user") or isinstance(content, str):
+                if not isinstance(content, str):
+                    raise ValueError(f"message {i} ({role}): content must be a string, got {type(content).__name__}")
+                if not content:
+                    raise ValueError(f"message {i} ({role}): empty content")
+                continue
+            if not isinstance(content, list):
+                raise ValueError(f"message {i} (assistant): content must be a string or a list of parts, "
+                                 f"got {type(content).__name__}")
+            if not content:
+                raise ValueError(f"message {i} (assistant): empty content (no parts)")
+            for j, part in enumerate(content):
+                ptype = part.get("type") if isinstance(part, dict) else None
+                if ptype not in ("text", "python", "python_output"):
+                    raise ValueError(f"message {i} (assistant): part {j} has unknown type {ptype!r} "
+                                     f"(expected 'text', 'python' or 'python_output')")
+                if not isinstance(part.get("text"), str):
+                    raise ValueError(f"message {i} (assistant): part {j} ({ptype}) needs a string 'text'")
+        return messages
+
+    def render_conversation(self, conversation, max_tokens=2048):
+        """
+        Tokenize a chat conversation -> (ids, mask), mask 1 where the model is trained to predict the
+        token (assistant content, tool calls, <|assistant_end|>), 0 elsewhere (REFERENCE 3.3).
+        """
+        messages = self._validate(conversation)
+        if messages[0]["role"] == "system":
+            # the system prompt is folded into the first user turn (there is no system token)
+            messages = copy.deepcopy(messages)
+            messages[1]["content"] = messages[0]["content"] + "\n\n" + messages[1]["content"]
+            messages = messages[1:]
+
+        ids, mask = [], []
+
+        def add(tokens, m):
+            tokens = [tokens] if isinstance(tokens, int) else tokens
+            ids.extend(tokens)
+            mask.extend([m] * len(tokens))
+
+        sp = {name: self.encode_special(name) for name in SPECIAL_TOKENS}
+        add(sp["<|bos|>"], 0)
+        for msg in messages:
+            content = msg["content"]
+            if msg["role"] == "user":
+                add(sp["<|user_start|>"], 0)
+                add(self.encode(content), 0)
+                add(sp["<|user_end|>"], 0)
+                continue
+            add(sp["<|assistant_start|>"], 0)
+            if isinstance(content, str):
+                add(self.encode(content), 1)
+            else:
+                # each part is encoded on its own, so token boundaries fall on part boundaries
+                for part in content:
+                    part_ids = self.encode(part["text"])
+                    if part["type"] == "text":
+                        add(part_ids, 1)
+                    elif part["type"] == "python":
+                        add(sp["<|python_start|>"], 1)
+                        add(part_ids, 1)
+                        add(sp["<|python_end|>"], 1)
+                    else:  # python_output: written by the runtime at inference, never a target
+                        add(sp["<|output_start|>"], 0)
+                        add(part_ids, 0)
+                        add(sp["<|output_end|>"], 0)
+            add(sp["<|assistant_end|>"], 1)
+        return ids[:max_tokens], mask[:max_tokens]
+
+    def render_for_completion(self, conversation):
+        """Prompt ids for sampling the final assistant reply: render all but it, then <|assistant_start|>."""
+        messages = conversation.get("messages") if isinstance(conversation, dict) else None
+        if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
+            raise ValueError("render_for_completion: the last message must be an assistant message (it is replaced "
+                             "by the model's completion)")
+        conversation = copy.deepcopy(conversation)
+        conversation["messages"] = conversation["messages"][:-1]
+        ids, _ = self.render_conversation(conversation)
+        return ids + [self.encode_special("<|assistant_start|>")]
+
+    def visualize_tokenization(self, ids, mask, color=True):
+        """One string of tokens separated by '|': supervised (mask 1) green, others grey; specials bold.
+        With color=False, supervised tokens are wrapped in [[...]] instead."""
+        GREEN, GREY, BOLD, RESET = "\033[92m", "\033[90m", "\033[1m", "\033[0m"
+        specials = set(self.enc._special_tokens.values())
+        out = []
+        for token_id, m in zip(ids, mask):
+            text = self.id_to_token(token_id).replace("\n", "\\n")
+            if not color:
+                out.append(f"[[{text}]]" if m else text)
+                continue
+            style = (GREEN if m else GREY) + (BOLD if token_id in specials else "")
+            out.append(f"{style}{text}{RESET}")
+        return "|".join(out)
+
+
+# -------------------------------------------------------------------- module helpers
+
+def get_tokenizer_dir():
+    return os.path.join(get_base_dir(), "tokenizer")
+
+
+def get_tokenizer():
+    """The trained tokenizer in $NANOCHAT_BASE_DIR/tokenizer."""
+    tokenizer_dir = get_tokenizer_dir()
+    if not os.path.exists(os.path.join(tokenizer_dir, CONFIG_FILE)):
+        raise FileNotFoundError(f"no tokenizer in {tokenizer_dir}; run python -m scripts.tok_train first "
+                                f"(or set NANOCHAT_BASE_DIR to the directory that holds tokenizer/)")
+    return RustBPETokenizer.from_directory(tokenizer_dir)
+
+
+def compute_token_bytes(tokenizer):
+    """(V,) int32: raw byte length of each token, 0 for specials (they count no bytes in bits-per-byte)."""
+    enc = tokenizer.enc
+    specials = set(enc._special_tokens.values())
+    lengths = [0 if i in specials else len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)]
+    return torch.tensor(lengths, dtype=torch.int32)
+
+
+def get_token_bytes(device="cpu"):
+    path = os.path.join(get_tokenizer_dir(), "token_bytes.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found; run python -m scripts.tok_train first")
+    with open(path, "rb") as f:
+        return torch.load(f, map_location=device, weights_only=True)

@@ -1,0 +1,163 @@
+"""
+Inference benchmark: prefill tok/s, KV-cache decode tok/s at batch 1 and batch N (through the Engine,
+so sampling and the tool state machine are included), naive generate() tok/s (full recompute per token),
+the KV-cache speed-up over naive, and peak memory.
+
+Random-init model (the default) or a trained checkpoint (--source). Stop tokens are disabled (the
+Engine gets special-token ids the model never emits) so every run decodes exactly --gen-tokens steps.
+
+CPU (the reference figures: depth 4, head dim 64, seq 512, vocab 8192, fp32):
+    OMP_NUM_THREADS=2 python -m scripts.bench_infer --depth=4 --head-dim=64 --max-seq-len=512 --vocab-size=8192
+One GPU:
+    python -m scripts.bench_infer --depth=20 --batch=32 --prompt-len=512 --gen-tokens=256
+A checkpoint:
+    python -m scripts.bench_infer --source=sft
+"""
+
+import argparse
+import time
+
+import torch
+
+from nanochat.common import autodetect_device_type, get_max_memory, synchronize, print0
+from nanochat.engine import Engine
+from nanochat.gpt import GPT, config_from_depth
+
+parser = argparse.ArgumentParser(description="benchmark KV-cache inference against naive generation")
+parser.add_argument("--depth", type=int, default=4, help="model depth (random init)")
+parser.add_argument("--head-dim", type=int, default=64, help="attention head dimension (random init)")
+parser.add_argument("--aspect-ratio", type=int, default=64, help="width = depth * aspect ratio (random init)")
+parser.add_argument("--max-seq-len", type=int, default=512, help="model sequence length (random init)")
+parser.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size (random init)")
+parser.add_argument("--window-pattern", type=str, default="L", help="sliding window pattern (random init)")
+parser.add_argument("--source", type=str, default="", help="base|mid|sft|rl: load a checkpoint instead")
+parser.add_argument("--model-tag", type=str, default=None, help="checkpoint model tag (with --source)")
+parser.add_argument("--step", type=int, default=None, help="checkpoint step (with --source)")
+parser.add_argument("--device-type", type=str, default="", help="cpu|cuda|mps (empty = autodetect)")
+parser.add_argument("--prompt-len", type=int, default=128, help="prompt tokens")
+parser.add_argument("--gen-tokens", type=int, default=128, help="tokens generated per row")
+parser.add_argument("--batch", type=int, default=8, help="rows for the batched decode measurement")
+parser.add_argument("--naive-tokens", type=int, default=64, help="tokens for the naive generate() measurement")
+parser.add_argument("--repeats", type=int, default=3, help="timed repeats (the best is reported)")
+parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+parser.add_argument("--top-k", type=int, default=50, help="top-k for sampling (0 = off)")
+parser.add_argument("--seed", type=int, default=42, help="seed for weights, prompt and sampling")
+args = parser.parse_args()
+
+# -----------------------------------------------------------------------------
+device_type = args.device_type or autodetect_device_type()
+device = torch.device(device_type)
+torch.manual_seed(args.seed)
+if args.source:
+    from nanochat.checkpoint_manager import load_model
+    model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+else:
+    cfg = config_from_depth(args.depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
+                            max_seq_len=args.max_seq_len, vocab_size=args.vocab_size,
+                            window_pattern=args.window_pattern)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device=device)
+    model.init_weights()
+    model.eval()
+cfg = model.config
+V = cfg.vocab_size
+if args.prompt_len + max(args.gen_tokens, args.naive_tokens) > 10 * cfg.sequence_len:
+    raise SystemExit(f"--prompt-len + --gen-tokens must fit the rotary table ({10 * cfg.sequence_len} positions)")
+n_params = sum(p.numel() for p in model.parameters())
+dtype = model.compute_dtype
+print0(f"model: depth {cfg.n_layer}, d {cfg.n_embd}, heads {cfg.n_head}/{cfg.n_kv_head}, seq {cfg.sequence_len}, "
+       f"vocab {V}, window {cfg.window_pattern}, {n_params / 1e6:.1f}M params, {str(dtype).replace('torch.', '')}, "
+       f"device {device}, torch threads {torch.get_num_threads()}")
+
+
+class NoStopTokenizer:
+    """Special ids no model emits: the Engine never stops a row or calls the tool during the benchmark."""
+    def encode_special(self, name):
+        return -1 - ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+                     "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"].index(name)
+
+    def get_bos_token_id(self):
+        return -1
+
+
+engine = Engine(model, NoStopTokenizer())
+g = torch.Generator().manual_seed(args.seed)
+prompt = torch.randint(0, V, (args.prompt_len,), generator=g).tolist()
+
+
+def timed(fn):
+    """Best wall time of --repeats runs (after one warm-up), and fn's return value."""
+    fn()
+    best, out = float("inf"), None
+    for _ in range(args.repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        out = fn()
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+# prefill: one batch-1 forward of the prompt into a cache
+def run_prefill():
+    cache = engine._new_cache(1, args.prompt_len, device, dtype)
+    with torch.inference_mode():
+        model(torch.tensor([prompt], device=device), kv_cache=cache)
+
+
+t_prefill, _ = timed(run_prefill)
+
+
+# decode through the Engine: time from the first column (prefill + first sample) to the last
+def run_decode(batch):
+    stream = engine.generate(prompt, num_samples=batch, max_tokens=args.gen_tokens,
+                             temperature=args.temperature, top_k=args.top_k or None, seed=args.seed)
+    t0 = time.perf_counter()
+    next(stream)
+    synchronize(device)
+    t1 = time.perf_counter()
+    n = 1 + sum(1 for _ in stream)
+    synchronize(device)
+    assert n == args.gen_tokens
+    return t0, t1, time.perf_counter()
+
+
+def decode_rate(batch):
+    best_decode, best_total = float("inf"), float("inf")
+    run_decode(batch)  # warm-up
+    for _ in range(args.repeats):
+        t0, t1, t2 = run_decode(batch)
+        best_decode, best_total = min(best_decode, t2 - t1), min(best_total, t2 - t0)
+    return batch * (args.gen_tokens - 1) / best_decode, best_total
+
+
+dec1, total1 = decode_rate(1)
+decB, totalB = decode_rate(args.batch)
+
+
+# naive: the model's generate() recomputes the whole sequence for every token
+def run_naive():
+    return sum(1 for _ in model.generate(prompt, max_tokens=args.naive_tokens, temperature=args.temperature,
+                                          top_k=args.top_k or None, seed=args.seed))
+
+
+t_naive, _ = timed(run_naive)
+naive_rate = args.naive_tokens / t_naive
+# the engine doing the naive run's exact work (same prompt, same number of tokens, batch 1), end to end
+t_engine_same, _ = timed(lambda: sum(1 for _ in engine.generate(prompt, max_tokens=args.naive_tokens,
+                                                                temperature=args.temperature,
+                                                                top_k=args.top_k or None, seed=args.seed)))
+kv_bytes = 2 * cfg.n_layer * args.batch * (args.prompt_len + args.gen_tokens) * cfg.n_kv_head * \
+    (cfg.n_embd // cfg.n_head) * torch.tensor([], dtype=dtype).element_size()
+
+print0(f"prompt {args.prompt_len} tokens, {args.gen_tokens} generated per row, best of {args.repeats}")
+print0(f"prefill (batch 1):          {args.prompt_len / t_prefill:10.0f} tok/s  ({t_prefill * 1e3:.1f} ms)")
+print0(f"decode batch 1:             {dec1:10.0f} tok/s  ({1e3 / dec1:.2f} ms/token)")
+print0(f"decode batch {args.batch:<3d}:           {decB:10.0f} tok/s  ({1e3 * args.batch / decB:.2f} ms/step)")
+print0(f"naive generate (batch 1):   {naive_rate:10.0f} tok/s  ({args.naive_tokens} tokens)")
+print0(f"KV-cache speed-up, same {args.naive_tokens}-token job end to end: {t_naive / t_engine_same:.1f}x; "
+       f"decode tok/s over naive tok/s: {dec1 / naive_rate:.1f}x")
+print0(f"KV cache at batch {args.batch}: {kv_bytes / 2**20:.1f} MiB; "
+       f"peak memory: {get_max_memory(device) / 2**20:.0f} MiB "
+       f"({'max allocated' if device.type == 'cuda' else 'process peak RSS'})")

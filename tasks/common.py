@@ -1,0 +1,259 @@
+"""
+Shared pieces of every task (REFERENCE 8.1, 8.2): the Task view with logical slicing, TaskMixture and
+TaskSequence, the multiple-choice renderer, and row loading from the Hugging Face Hub or from the
+offline mirror ($NANOCHAT_DATA_DIR/hub/<repo_id>/<config>/<split>.jsonl, decision D4).
+"""
+
+import os
+import json
+import random
+
+import numpy as np
+
+from nanochat.common import get_data_dir
+
+# -----------------------------------------------------------------------------
+# Task views
+
+class Task:
+    """
+    A lightweight view over a dataset: `task[i]` is example `start + i*step` of the underlying rows.
+    Subclasses implement num_examples(), get_example(physical_index) and, where they apply,
+    eval_type, evaluate(conversation, response) and reward(conversation, response).
+    """
+
+    def __init__(self, start=0, stop=None, step=1):
+        if start < 0 or (stop is not None and stop < start) or step < 1:
+            raise ValueError(f"bad task slice start={start} stop={stop} step={step} "
+                             "(need start >= 0, stop >= start, step >= 1)")
+        self.start, self.stop, self.step = start, stop, step
+
+    @property
+    def eval_type(self):
+        raise NotImplementedError(f"{type(self).__name__} is a training-only task (no eval_type)")
+
+    def num_examples(self):
+        raise NotImplementedError
+
+    def get_example(self, index):
+        raise NotImplementedError
+
+    def evaluate(self, conversation, response):
+        raise NotImplementedError(f"{type(self).__name__} has no evaluate()")
+
+    def reward(self, conversation, response):
+        return float(self.evaluate(conversation, response))
+
+    def __len__(self):
+        # a stop past the end is clamped, so "--cap smoltalk=10000" works on a 3K-row stand-in
+        n = self.num_examples()
+        stop = n if self.stop is None else min(self.stop, n)
+        return max(0, -(-(stop - self.start) // self.step))  # ceil division
+
+    def __getitem__(self, index):
+        if not isinstance(index, (int, np.integer)):
+            raise TypeError(f"{type(self).__name__} indices must be ints, got {type(index).__name__}")
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {type(self).__name__} of length {len(self)}")
+        return self.get_example(self.start + int(index) * self.step)
+
+
+class TaskMixture(Task):
+    """All (task, local index) pairs, shuffled once with random.Random(42). Listing a task twice oversamples it."""
+
+    def __init__(self, tasks, **kwargs):
+        super().__init__(**kwargs)
+        self.tasks = list(tasks)
+        lengths = [len(t) for t in self.tasks]
+        # shuffling the flat positions gives the same permutation as shuffling the list of pairs
+        # (random.shuffle only depends on the length), at a fraction of the memory
+        order = list(range(sum(lengths)))
+        random.Random(42).shuffle(order)
+        task_of = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)  # (N,)
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        order = np.asarray(order, dtype=np.int64)
+        self._task_idx = task_of[order]
+        self._local_idx = order - offsets[self._task_idx]
+
+    def num_examples(self):
+        return len(self._task_idx)
+
+    def get_example(self, index):
+        return self.tasks[int(self._task_idx[index])][int(self._local_idx[index])]
+
+
+class TaskSequence(Task):
+    """Plain concatenation in order (a curriculum)."""
+
+    def __init__(self, tasks, **kwargs):
+        super().__init__(**kwargs)
+        self.tasks = list(tasks)
+
+    def num_examples(self):
+        return sum(len(t) for t in self.tasks)
+
+    def get_example(self, index):
+        for t in self.tasks:
+            if index < len(t):
+                return t[index]
+            index -= len(t)
+        raise IndexError(index)
+
+# -----------------------------------------------------------------------------
+# Rendering and validation helpers
+
+def render_mc(question, letters, choices):
+    """The multiple-choice user message (REFERENCE 8.2): the letter follows its choice, no space after '='."""
+    query = f"Multiple Choice question: {question}\n"
+    query += "".join(f"- {choice}={letter}\n" for letter, choice in zip(letters, choices))
+    query += "\nRespond only with the letter of the correct answer."
+    return query
+
+
+def mc_conversation(question, letters, choices, answer_letter, **extra):
+    return {
+        "messages": [
+            {"role": "user", "content": render_mc(question, letters, choices)},
+            {"role": "assistant", "content": answer_letter},
+        ],
+        "letters": list(letters),
+        **extra,
+    }
+
+
+def evaluate_letter(conversation, letter):
+    """Categorical evaluation shared by ARC and MMLU: 1 iff the chosen letter is the reference letter."""
+    if letter not in conversation["letters"]:
+        raise ValueError(f"answer {letter!r} is not one of the choices {conversation['letters']}")
+    return int(letter == conversation["messages"][-1]["content"])
+
+
+PART_TYPES = ("text", "python", "python_output")
+
+
+def validate_messages(messages):
+    """
+    Raise ValueError unless `messages` is a trainable conversation: an optional leading system message,
+    then at least 2 messages alternating user/assistant starting with user. User/system contents are
+    strings; assistant contents are strings or lists of {"type": text|python|python_output, "text": str}.
+    """
+    if not isinstance(messages, list):
+        raise ValueError(f"expected a list of messages, got {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"message {i} must be an object with 'role' and 'content'")
+    first = 1 if messages and messages[0]["role"] == "system" else 0
+    if len(messages) - first < 2:
+        raise ValueError(f"need at least 2 user/assistant messages, got {len(messages) - first}")
+    for i, m in enumerate(messages):
+        want = "system" if i < first else ("user" if (i - first) % 2 == 0 else "assistant")
+        if m["role"] != want:
+            raise ValueError(f"message {i} has role {m['role']!r}, expected {want!r} (roles must alternate "
+                             "user/assistant, starting with user, after an optional system message)")
+        content = m["content"]
+        if isinstance(content, str):
+            continue
+        if want != "assistant" or not isinstance(content, list):
+            raise ValueError(f"message {i} ({want}) content must be a string, got {type(content).__name__}")
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") not in PART_TYPES or not isinstance(part.get("text"), str):
+                raise ValueError(f"message {i} part {j} must be {{'type': one of {PART_TYPES}, 'text': str}}")
+
+# -----------------------------------------------------------------------------
+# Row loading
+
+def read_jsonl(path, parse=None):
+    """
+    Rows of a JSONL file (blank lines skipped). `parse(obj)` validates/transforms one row and raises
+    ValueError when it is malformed; every error names the file and the line.
+    """
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                rows.append(parse(obj) if parse else obj)
+            except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+                raise ValueError(f"{path}:{lineno}: malformed row: {_msg(e)}") from None
+    return rows
+
+
+def _msg(e):
+    return f"missing field {e}" if isinstance(e, KeyError) else str(e)
+
+
+class _LazyRows:
+    """A Hugging Face Dataset whose rows are validated as they are read (validating 460K rows upfront is slow)."""
+
+    def __init__(self, ds, where, parse):
+        self.ds, self.where, self.parse = ds, where, parse
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        row = self.ds[int(i)]
+        if self.parse is None:
+            return row
+        try:
+            return self.parse(row)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{self.where} row {i}: malformed row: {_msg(e)}") from None
+
+
+def hub_path(repo_id, config, split):
+    """Where the offline mirror keeps a Hub split (D4)."""
+    return os.path.join(get_data_dir(), "hub", repo_id, config or "default", f"{split}.jsonl")
+
+
+def load_hub_rows(repo_id, config, split, parse=None):
+    """
+    Rows of a Hub dataset split: from $NANOCHAT_DATA_DIR/hub/<repo_id>/<config>/<split>.jsonl when
+    NANOCHAT_DATA_DIR is set, else `datasets.load_dataset(repo_id, config, split=split)`.
+    Supports len() and integer indexing. `parse` as in read_jsonl.
+    """
+    if get_data_dir():
+        path = hub_path(repo_id, config, split)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"{path} not found: the offline mirror (NANOCHAT_DATA_DIR) has no {repo_id} {config}/{split}. "
+                f"Write the Hub rows there as JSONL (one row per line), or unset NANOCHAT_DATA_DIR to download "
+                f"{repo_id} from Hugging Face.")
+        return read_jsonl(path, parse)
+    import datasets
+    try:
+        ds = datasets.load_dataset(repo_id, config, split=split)
+    except Exception as e:
+        raise RuntimeError(
+            f"could not load {repo_id} ({config}, split {split}) from Hugging Face: {type(e).__name__}: {e}. "
+            "Check the network, or set NANOCHAT_DATA_DIR to an offline mirror "
+            "(hub/<repo_id>/<config>/<split>.jsonl).") from e
+    return _LazyRows(ds, f"{repo_id}/{config}/{split}", parse)
+
+
+def shuffled_order(n, seed=42):
+    """The order datasets.Dataset.shuffle(seed=42) produces (REFERENCE 8.1)."""
+    return np.random.default_rng(seed).permutation(n)
+
+
+class HubTask(Task):
+    """A task over one Hub split, shuffled with seed 42 at construction."""
+
+    def __init__(self, repo_id, config, split, parse=None, **kwargs):
+        super().__init__(**kwargs)
+        self.rows = load_hub_rows(repo_id, config, split, parse)
+        self.order = shuffled_order(len(self.rows))
+
+    def num_examples(self):
+        return len(self.rows)
+
+    def row(self, index):
+        return self.rows[int(self.order[index])]
+
+
+def require(cond, msg):
+    """Row validation shorthand: raise ValueError(msg) unless cond."""
+    if not cond:
+        raise ValueError(msg)

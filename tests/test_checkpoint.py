@@ -1,0 +1,231 @@
+"""Checkpoint save/load: round trip, atomic writes, weights_only, config/tokenizer checks, dtypes."""
+
+import os
+import json
+import pickle
+import random
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from nanochat import checkpoint_manager as cm
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import RustBPETokenizer
+
+VOCAB = 300
+
+
+def make_tokenizer(seed):
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 6))) for _ in range(300)]
+    texts = [" ".join(rng.choice(words) for _ in range(50)) for _ in range(200)]
+    return RustBPETokenizer.train_from_iterator(iter(texts), VOCAB)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer(0)
+
+
+def tiny_config(**kw):
+    cfg = dict(sequence_len=32, vocab_size=VOCAB, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, window_pattern="SL")
+    cfg.update(kw)
+    return GPTConfig(**cfg)
+
+
+def make_model(config, seed=0):
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    with torch.no_grad():  # init zeroes some projections: give every weight a value so outputs depend on all
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def meta_for(config, tokenizer, step):
+    return {"step": step, "model_config": asdict(config), "tokenizer": cm.tokenizer_info(tokenizer)}
+
+
+def save(ckpt_dir, step, model, tokenizer, optim_state=None, config=None):
+    config = config or model.config
+    cm.save_checkpoint(str(ckpt_dir), step, model.state_dict(), optim_state, meta_for(config, tokenizer, step))
+
+
+class Evil:  # a custom class: unpickling it would run arbitrary code paths, weights_only must refuse it
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def test_round_trip_identical_outputs(tmp_path, tokenizer):
+    model = make_model(tiny_config())
+    rng_state = {"torch": torch.get_rng_state(), "python": random.getstate(), "loader": {"pq_idx": 3, "rg_idx": 1}}
+    save(tmp_path, 5, model, tokenizer, optim_state=rng_state)
+    assert sorted(os.listdir(tmp_path)) == ["meta_000005.json", "model_000005.pt", "optim_000005_rank0.pt"]
+    loaded, tok, meta = cm.build_model(str(tmp_path), 5, "cpu", "eval", tokenizer=tokenizer)
+    assert meta["step"] == 5 and not loaded.training and tok is tokenizer
+    x = torch.randint(0, VOCAB, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    # the per-rank dict comes back intact (RNG states included)
+    _, optim, _ = cm.load_checkpoint(str(tmp_path), 5, "cpu", load_optimizer=True)
+    assert torch.equal(optim["torch"], rng_state["torch"]) and optim["loader"] == {"pq_idx": 3, "rg_idx": 1}
+    random.setstate(optim["python"])  # a plain tuple again
+    # train phase
+    trained, _, _ = cm.build_model(str(tmp_path), 5, "cpu", "train", tokenizer=tokenizer)
+    assert trained.training
+
+
+def test_killed_model_write_keeps_previous_step(tmp_path, tokenizer, monkeypatch):
+    model = make_model(tiny_config())
+    save(tmp_path, 1, model, tokenizer)
+    real_save = torch.save
+
+    def dying_save(obj, f, *args, **kwargs):  # write half a file, then "get killed"
+        real_save(obj, f, *args, **kwargs)
+        f.truncate(100)
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        save(tmp_path, 2, model, tokenizer)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert not os.path.exists(tmp_path / "model_000002.pt")  # only a temp file was left behind
+    assert cm.find_last_step(str(tmp_path)) == 1
+    loaded, _, _ = cm.build_model(str(tmp_path), 1, "cpu", "eval", tokenizer=tokenizer)
+    x = torch.randint(0, VOCAB, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        cm.load_checkpoint(str(tmp_path), 2, "cpu")
+
+
+def test_killed_meta_write_and_resave_of_same_step(tmp_path, tokenizer, monkeypatch):
+    model = make_model(tiny_config())
+    save(tmp_path, 1, model, tokenizer)
+    save(tmp_path, 2, model, tokenizer)
+    real_dump = json.dump
+
+    def dying_dump(obj, f, *args, **kwargs):
+        f.write('{"step": ')
+        raise KeyboardInterrupt("killed while writing meta")
+
+    monkeypatch.setattr(json, "dump", dying_dump)
+    # model written, meta not: step 3 must not count
+    with pytest.raises(KeyboardInterrupt):
+        save(tmp_path, 3, model, tokenizer)
+    assert os.path.exists(tmp_path / "model_000003.pt")
+    assert cm.find_last_step(str(tmp_path)) == 2
+    # re-saving an existing step that dies: that step is no longer complete, the one before is latest
+    with pytest.raises(KeyboardInterrupt):
+        save(tmp_path, 2, model, tokenizer)
+    monkeypatch.setattr(json, "dump", real_dump)
+    assert cm.find_last_step(str(tmp_path)) == 1
+    cm.load_checkpoint(str(tmp_path), 1, "cpu")
+
+
+def test_find_last_step_needs_complete_steps(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        cm.find_last_step(str(tmp_path))
+    (tmp_path / "model_000010.pt").write_bytes(b"")  # no meta -> not a step
+    (tmp_path / "meta_000007.json").write_text("{}")  # no model -> not a step
+    with pytest.raises(FileNotFoundError):
+        cm.find_last_step(str(tmp_path))
+
+
+def test_weights_only_refuses_custom_classes(tmp_path, tokenizer):
+    model = make_model(tiny_config())
+    save(tmp_path, 1, model, tokenizer)
+    state = dict(model.state_dict())
+    state["evil"] = Evil()
+    torch.save(state, tmp_path / "model_000001.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        cm.load_checkpoint(str(tmp_path), 1, "cpu")
+    cm.save_checkpoint(str(tmp_path), 2, model.state_dict(), {"x": Evil()}, meta_for(model.config, tokenizer, 2))
+    cm.load_checkpoint(str(tmp_path), 2, "cpu")  # model fine
+    with pytest.raises(pickle.UnpicklingError):
+        cm.load_checkpoint(str(tmp_path), 2, "cpu", load_optimizer=True)
+
+
+def test_config_mismatch_names_keys(tmp_path, tokenizer):
+    model = make_model(tiny_config())
+    save(tmp_path, 1, model, tokenizer, config=tiny_config(n_embd=64))  # meta claims a wider model
+    with pytest.raises(ValueError) as e:
+        cm.build_model(str(tmp_path), 1, "cpu", "eval", tokenizer=tokenizer)
+    msg = str(e.value)
+    assert "shape mismatch" in msg and "transformer.wte.weight" in msg and "(320, 32)" in msg and "(320, 64)" in msg
+    # a deeper config: the checkpoint lacks the extra layer
+    save(tmp_path, 2, model, tokenizer, config=tiny_config(n_layer=3))
+    with pytest.raises(ValueError, match=r"missing from the checkpoint: .*transformer\.h\.2\."):
+        cm.build_model(str(tmp_path), 2, "cpu", "eval", tokenizer=tokenizer)
+
+
+def test_tokenizer_mismatch(tmp_path, tokenizer):
+    model = make_model(tiny_config())
+    save(tmp_path, 1, model, tokenizer)
+    other = make_tokenizer(1)  # same vocab size, different merges
+    assert other.get_vocab_size() == VOCAB
+    with pytest.raises(ValueError, match="tokenizer mismatch.*fingerprint"):
+        cm.build_model(str(tmp_path), 1, "cpu", "eval", tokenizer=other)
+    small = RustBPETokenizer.train_from_iterator(iter(["abc abd abe " * 50]), 266)
+    with pytest.raises(ValueError, match="vocab_size=300.*has 266"):
+        cm.build_model(str(tmp_path), 1, "cpu", "eval", tokenizer=small)
+
+
+def test_bf16_compiled_old_checkpoint_loads_on_cpu_fp32(tmp_path, tokenizer):
+    """A GPU-style checkpoint (bf16 embeddings, _orig_mod. keys, no smear/backout, no window_pattern)."""
+    config = tiny_config(window_pattern="L")
+    model = make_model(config)
+    state = {}
+    for k, v in model.state_dict().items():
+        if k in ("smear_lambda", "backout_lambda", "smear_gate.weight"):
+            continue  # an older model without these
+        state["_orig_mod." + k] = v.to(torch.bfloat16) if "wte" in k or "value_embeds" in k else v
+    meta = meta_for(config, tokenizer, 4)
+    del meta["model_config"]["window_pattern"]
+    cm.save_checkpoint(str(tmp_path), 4, state, None, meta)
+    loaded, _, _ = cm.build_model(str(tmp_path), 4, "cpu", "eval", tokenizer=tokenizer)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    assert loaded.config.window_pattern == "L"
+    assert loaded.smear_lambda.item() == 0 and loaded.backout_lambda.item() == 0
+    assert torch.count_nonzero(loaded.smear_gate.weight) == 0
+    # reference: the original model with the bf16-rounded embeddings and inert smear/backout
+    with torch.no_grad():
+        model.transformer.wte.weight.copy_(model.transformer.wte.weight.bfloat16().float())
+        for ve in model.value_embeds.values():
+            ve.weight.copy_(ve.weight.bfloat16().float())
+        model.smear_lambda.zero_()
+        model.backout_lambda.zero_()
+        model.smear_gate.weight.zero_()
+        x = torch.randint(0, VOCAB, (2, 12))
+        torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_load_model_picks_largest_tag_and_last_step(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    tokenizer.save(str(tmp_path / "tokenizer"))
+    small, big = make_model(tiny_config(n_layer=1)), make_model(tiny_config(n_layer=2))
+    root = tmp_path / "mid_checkpoints"
+    save(root / "d1", 3, small, tokenizer)
+    save(root / "d2", 1, big, tokenizer)
+    save(root / "d2", 7, big, tokenizer)
+    (root / "d2" / "model_000009.pt").write_bytes(b"partial")  # an unfinished save is ignored
+    assert cm.find_largest_model(str(root)) == "d2"
+    model, tok, meta = cm.load_model("mid", "cpu", "eval")
+    assert meta["step"] == 7 and model.config.n_layer == 2 and tok.get_vocab_size() == VOCAB
+    model, _, meta = cm.load_model("mid", "cpu", "eval", model_tag="d1")
+    assert meta["step"] == 3 and model.config.n_layer == 1
+    with pytest.raises(FileNotFoundError):
+        cm.load_model("sft", "cpu", "eval")
+    with pytest.raises(ValueError, match="source"):
+        cm.load_model("pretrain", "cpu", "eval")
+
+
+def test_largest_model_falls_back_to_newest_dir(tmp_path):
+    for i, name in enumerate(["alpha", "beta", "gamma"]):
+        (tmp_path / name).mkdir()
+        os.utime(tmp_path / name, (1000 + i * (1 if name != "beta" else 100), 1000 + i * (1 if name != "beta" else 100)))
+    assert cm.find_largest_model(str(tmp_path)) == "beta"
