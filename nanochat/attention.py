@@ -156,6 +156,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     B, Tq = q.shape[:2]
     left = _window_left(window_size)
     pos = cache_seqlens.tolist()  # one host sync; SDPA needs python ints to slice anyway
+    if max(pos) + Tq > k_cache.size(1):
+        raise ValueError(f"KV cache overflow: {max(pos)} + {Tq} new tokens > capacity {k_cache.size(1)}; "
+                         "make the cache longer (seq_len) or stop generating earlier")
     if all(p == pos[0] for p in pos):
         p = pos[0]
         if k is not None:

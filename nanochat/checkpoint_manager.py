@@ -98,6 +98,22 @@ def tokenizer_fingerprint(tokenizer):
     return h.hexdigest()
 
 
+def config_to_dict(config):
+    """The full GPTConfig as a plain dict, which meta["model_config"] always stores (D6)."""
+    return {f.name: getattr(config, f.name) for f in fields(config)}
+
+
+def check_resume_config(meta, config, tokenizer, checkpoint_dir=""):
+    """A resumed run must rebuild exactly the model and tokenizer that were saved; say what differs."""
+    saved, now = meta["model_config"], config_to_dict(config)
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+             if saved.get(k) != now.get(k)]
+    if diffs:
+        raise ValueError(f"cannot resume {checkpoint_dir}: the model config differs ({'; '.join(diffs)}); "
+                         f"rerun with the flags of the original run")
+    _check_tokenizer(tokenizer, meta, checkpoint_dir)
+
+
 def tokenizer_info(tokenizer):
     """What training scripts store as meta["tokenizer"] so loading can check it is the same tokenizer."""
     return {"vocab_size": tokenizer.get_vocab_size(), "fingerprint": tokenizer_fingerprint(tokenizer)}

@@ -77,6 +77,7 @@ def get_compute_dtype(device_type, override=None, verbose=True):
         if choice not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {choice!r} (from --dtype or NANOCHAT_DTYPE)")
         dtype, reason = _DTYPES[choice], "set by --dtype / NANOCHAT_DTYPE"
+        os.environ["NANOCHAT_DTYPE"] = choice  # the model reads the same policy when it initialises
     elif device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 8:
         dtype, reason = torch.bfloat16, "CUDA compute capability >= 8.0"
     elif device_type == "cuda":

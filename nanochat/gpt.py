@@ -6,6 +6,7 @@ The GPT (REFERENCE 5, NEW architecture):
 - GQA, a per-layer sliding-window pattern (last layer always full)
 - value embeddings on alternate layers mixed into v by per-head gates
 - per-layer resid/x0 scalars, smear (bigram mixing of embeddings) and backout (subtract a mid-layer state)
+On CPU in fp32, training uses HeadSoftcapCE (head matmul + soft-cap + CE fused; same math, fewer passes).
 
 Build: `with torch.device("meta"): model = GPT(cfg)`, then `model.to_empty(device=d)`, `model.init_weights()`.
 """
@@ -18,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.common import get_compute_dtype
-from nanochat.attention import flash_attn_func, flash_attn_with_kvcache
+from nanochat.attention import flash_attn_func, flash_attn_with_kvcache, get_backend
 
 ROPE_BASE = 100_000
 SOFTCAP = 15.0
@@ -26,6 +27,7 @@ QK_SCALE = 1.2        # applied to q and k after QK-norm ("sharper attention")
 VE_GATE_CHANNELS = 12  # input channels of the value-embedding gate
 VE_GATE_SCALE = 3.0
 SMEAR_CHANNELS = 24
+CE_CHUNK_ELEMS = 1 << 20  # fused loss: logits per chunk (4 MB fp32)
 
 
 @dataclass
@@ -72,6 +74,56 @@ def apply_rotary(x, cos, sin):
     h = x.size(-1) // 2
     x1, x2 = x[..., :h], x[..., h:]
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+class HeadSoftcapCE(torch.autograd.Function):
+    """
+    lm_head matmul + soft-cap + cross-entropy in one op, for CPU training. The unfused chain makes ~15
+    full passes over the (N, V) logits (div, tanh, mul, log_softmax, nll and their backwards, a zeros
+    fill), which on a CPU costs as much time as the head matmul itself. Here the elementwise work runs
+    on cache-sized row chunks, in place in the single (N, V) buffer that later becomes the gradient.
+    Same math as `cap * tanh(x @ w.T / cap)` -> F.cross_entropy(ignore_index=-1); single backward only.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, targets, cap, reduction):
+        # x (N, d), w (V, d), targets (N,) with -1 = ignored
+        z = x @ w.t()  # (N, V) raw logits
+        N, V = z.shape
+        step = max(1, CE_CHUNK_ELEMS // V)  # rows per chunk: elementwise work stays in L2/L3
+        lse = torch.empty(N, dtype=z.dtype, device=z.device)
+        for i in range(0, N, step):
+            zc = z[i:i + step]
+            zc.div_(cap).tanh_()  # z holds tanh(l / cap) from here on
+            torch.logsumexp(zc * cap, dim=1, out=lse[i:i + step])
+        valid = targets != -1
+        tgt = targets.clamp(min=0)
+        nll = (lse - cap * z.gather(1, tgt.unsqueeze(1)).squeeze(1)) * valid
+        n_valid = valid.sum()
+        ctx.save_for_backward(x, w, z, lse, tgt, valid, n_valid)
+        ctx.cap, ctx.reduction, ctx.step = cap, reduction, step
+        if reduction == "none":
+            return nll
+        return nll.sum() if reduction == "sum" else nll.sum() / n_valid
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, z, lse, tgt, valid, n_valid = ctx.saved_tensors
+        cap, step = ctx.cap, ctx.step
+        if ctx.reduction == "mean":
+            grad = grad / n_valid
+        scale = grad * valid  # (N,): 0 on ignored rows
+        rows = torch.arange(step, device=z.device)
+        for i in range(0, z.size(0), step):
+            zc = z[i:i + step]  # (n, V) tanh values -> overwritten by d loss / d raw logits
+            n = zc.size(0)
+            dcap = 1 - zc.square()  # d(cap * tanh(l / cap)) / dl
+            zc.mul_(cap).sub_(lse[i:i + step, None]).exp_()  # softmax of the capped logits
+            zc[rows[:n], tgt[i:i + step]] -= 1
+            zc.mul_(dcap).mul_(scale[i:i + step, None])
+        gx = z @ w if ctx.needs_input_grad[0] else None
+        gw = z.t() @ x if ctx.needs_input_grad[1] else None
+        return gx, gw, None, None, None
 
 
 class Linear(nn.Linear):
@@ -167,6 +219,8 @@ class GPT(nn.Module):
         self.register_buffer("cos", torch.empty(1, self.rotary_len, 1, self.head_dim // 2), persistent=False)
         self.register_buffer("sin", torch.empty(1, self.rotary_len, 1, self.head_dim // 2), persistent=False)
         self.compute_dtype = None  # decided in init_weights from the device (REFERENCE 5.7)
+        get_backend()  # pick (and log) the attention backend now, outside any torch.compile trace
+        self.fused_loss = True  # CPU fp32 training uses HeadSoftcapCE (tests compare it to the plain path)
 
     @staticmethod
     def _compute_window_sizes(config):
@@ -272,7 +326,10 @@ class GPT(nn.Module):
         x = norm(x)
 
         # only the first V rows of the padded head are real tokens: skip the padded ones entirely
-        logits = F.linear(x, self.lm_head.weight[:V].to(dtype)).float()  # (B, T, V) fp32
+        w_head = self.lm_head.weight[:V].to(dtype)
+        if targets is not None and self.fused_loss and x.device.type == "cpu" and dtype == torch.float32:
+            return HeadSoftcapCE.apply(x.view(B * T, -1), w_head, targets.reshape(-1), SOFTCAP, loss_reduction)
+        logits = F.linear(x, w_head).float()  # (B, T, V) fp32
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         if targets is None:
             return logits

@@ -19,6 +19,9 @@ Hooks for the stage scripts (only rank 0 writes; other ranks get a no-op object)
     # generate() draws report/<section-slug>_<name>.png and links it under the section.
     report.log_curve("Base model training", "loss", steps, train_losses)
     report.log_curve("Base model training", "val_bpb", eval_steps, val_bpbs)
+    # or all at once: names starting with "val" pair with "val_step", the others with "step"
+    report.log_curves("Base model training", {"step": steps, "loss": train_losses,
+                                              "val_step": eval_steps, "val_bpb": val_bpbs})
 
 A resumed stage should log the whole curve (e.g. keep the history in its checkpoint's meta) since
 log_curve replaces a curve of the same name.
@@ -28,7 +31,6 @@ import os
 import re
 import sys
 import json
-import socket
 import datetime
 import platform
 import subprocess
@@ -142,7 +144,7 @@ def generate_header():
            "### Git Information", f"- Branch: {git['branch']}",
            f"- Commit: {git['commit']} {'(dirty)' if git['dirty'] else '(clean)'}",
            f"- Message: {git['message']}", "", "### Hardware",
-           f"- Platform: {platform.system()} ({socket.gethostname()})",
+           f"- Platform: {platform.system()}",
            f"- CPUs: {psutil.cpu_count(logical=False)} cores ({psutil.cpu_count(logical=True)} logical)",
            f"- Memory: {psutil.virtual_memory().total / 1024 ** 3:.1f} GB"]
     if gpu["count"]:
@@ -250,6 +252,23 @@ class Report:
         os.replace(tmp, path)
         return path
 
+    def log_curves(self, section, curves):
+        """
+        Several curves at once, as the training scripts keep them: {"step": [...], "loss": [...],
+        "val_step": [...], "val_bpb": [...]}. A name starting with "val" is plotted against "val_step",
+        any other against "step"; a value of the form (steps, values) carries its own x-axis.
+        """
+        for name, values in curves.items():
+            if name in ("step", "val_step"):
+                continue
+            if isinstance(values, (tuple, list)) and len(values) == 2 and all(isinstance(v, (list, tuple)) for v in values):
+                steps, values = values
+            else:
+                steps = curves.get("val_step" if name.startswith("val") else "step")
+                if steps is None:
+                    raise ValueError(f"curve {name!r} of {section!r} has no step list to plot against")
+            self.log_curve(section, name, steps, values)
+
     def reset(self):
         """Forget the previous run's sections, curves and plots; write a fresh header.md."""
         for _, file in SECTIONS:
@@ -356,6 +375,9 @@ class DummyReport:
         pass
 
     def log_curve(self, *args, **kwargs):
+        pass
+
+    def log_curves(self, *args, **kwargs):
         pass
 
     def reset(self, *args, **kwargs):

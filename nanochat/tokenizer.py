@@ -45,7 +45,8 @@ class RustBPETokenizer:
 
     def __init__(self, enc, bos_token):
         self.enc = enc
-        self.bos_token_id = enc.encode_single_token(bos_token)
+        self.special_ids = dict(enc._special_tokens)  # token string -> id (looked up on every render)
+        self.bos_token_id = self.special_ids[bos_token]
 
     # ---------------------------------------------------------------- construction
 
@@ -149,15 +150,15 @@ class RustBPETokenizer:
         return self.enc.special_tokens_set
 
     def encode_special(self, text):
-        if text not in self.enc.special_tokens_set:
+        if text not in self.special_ids:
             raise ValueError(f"{text!r} is not a special token of this tokenizer")
-        return self.enc.encode_single_token(text)
+        return self.special_ids[text]
 
     def id_to_token(self, id):
         return self.enc.decode([id])
 
     def _to_id(self, token):
-        return token if isinstance(token, int) else self.encode_special(token)
+        return self.encode_special(token) if isinstance(token, str) else int(token)
 
     def encode(self, text, prepend=None, append=None, num_threads=8):
         """
@@ -246,7 +247,7 @@ class RustBPETokenizer:
             ids.extend(tokens)
             mask.extend([m] * len(tokens))
 
-        sp = {name: self.encode_special(name) for name in SPECIAL_TOKENS}
+        sp = self.special_ids
         add(sp["<|bos|>"], 0)
         for msg in messages:
             content = msg["content"]
@@ -290,7 +291,7 @@ class RustBPETokenizer:
         """One string of tokens separated by '|': supervised (mask 1) green, others grey; specials bold.
         With color=False, supervised tokens are wrapped in [[...]] instead."""
         GREEN, GREY, BOLD, RESET = "\033[92m", "\033[90m", "\033[1m", "\033[0m"
-        specials = set(self.enc._special_tokens.values())
+        specials = set(self.special_ids.values())
         out = []
         for token_id, m in zip(ids, mask):
             text = self.id_to_token(token_id).replace("\n", "\\n")

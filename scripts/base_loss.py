@@ -62,7 +62,7 @@ if rank == 0:
         print0(f"unconditional {i}: {samples[-1]!r}")
 
 get_report().log("Base model loss", [
-    {"Model": f"base {meta.get('model_tag', '')} step {meta['step']}", "train bpb": bpb["train"], "val bpb": bpb["val"]},
+    {"Model": f"base step {meta['step']}", "train bpb": bpb["train"], "val bpb": bpb["val"]},
     "Samples:\n\n" + "\n".join(f"- {s!r}" for s in samples),
 ])
 compute_cleanup()

@@ -153,13 +153,13 @@ warmdown_iters = round(args.warmdown_ratio * num_iterations)
 model_tag = args.model_tag or f"d{args.depth}"
 checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
 step, val_bpb, min_val_bpb, smooth_loss = 0, None, float("inf"), 0.0
-timer = StepTimer(device)
+timer = StepTimer(device, skip=10 if use_compile else 0)
 loader_state = None
 report_curves = {"step": [], "loss": [], "val_step": [], "val_bpb": []}
 if args.resume_from_step >= 0:
     model_state, optim_state, meta = ckpt.load_checkpoint(checkpoint_dir, args.resume_from_step, device,
                                                           load_optimizer=True, rank=rank)
-    ckpt.check_resume_config(meta, config, tokenizer)
+    ckpt.check_resume_config(meta, config, tokenizer, checkpoint_dir)
     orig_model.load_state_dict(model_state, strict=True)
     if optim_state is None:
         raise SystemExit(f"step {args.resume_from_step} in {checkpoint_dir} has no optimizer state for rank {rank}; "
@@ -170,7 +170,8 @@ if args.resume_from_step >= 0:
     loop = meta["loop_state"]
     step, val_bpb = meta["step"], meta.get("val_bpb")
     min_val_bpb, smooth_loss = loop["min_val_bpb"], loop["smooth_train_loss"]
-    timer = StepTimer(device, total_time=loop["total_training_time"], timed_steps=loop["timed_steps"])
+    timer = StepTimer(device, skip=10 if use_compile else 0, total_time=loop["total_training_time"],
+                      timed_steps=loop["timed_steps"])
     report_curves = loop.get("curves", report_curves)
     del model_state, optim_state
     print0(f"resumed from step {step} of {checkpoint_dir}")
@@ -228,7 +229,6 @@ def save(step):
     }
     optim_state = {"optimizer": optimizer.state_dict(), "loader": train_loader.state_dict(), "rng": get_rng_state()}
     ckpt.save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), optim_state, meta, rank=rank)
-    print0(f"saved checkpoint step {step} to {checkpoint_dir}")
 
 
 def evaluate_and_log(step, last_step):

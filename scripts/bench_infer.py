@@ -8,6 +8,8 @@ Engine gets special-token ids the model never emits) so every run decodes exactl
 
 CPU (the reference figures: depth 4, head dim 64, seq 512, vocab 8192, fp32):
     OMP_NUM_THREADS=2 python -m scripts.bench_infer --depth=4 --head-dim=64 --max-seq-len=512 --vocab-size=8192
+On a shared, oversubscribed CPU add OMP_WAIT_POLICY=PASSIVE (or use OMP_NUM_THREADS=1): spinning OpenMP
+threads that lose their core to other processes made decode ~10x slower in our runs.
 One GPU:
     python -m scripts.bench_infer --depth=20 --batch=32 --prompt-len=512 --gen-tokens=256
 A checkpoint:

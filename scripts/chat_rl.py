@@ -156,10 +156,10 @@ for step in range(num_steps):
     print0(f"step {step:05d}/{num_steps:05d} | reward {mean_reward:.4f} | seq len {mean_len:.1f} | lrm {lrm:.3f}")
     wandb_run.log({"step": step, "reward": mean_reward, "sequence_length": mean_len})
 
-    if master and ((step > 0 and step % args.save_every == 0) or step == num_steps - 1):
+    if (step > 0 and step % args.save_every == 0) or step == num_steps - 1:  # every rank calls (barrier inside)
         ckpt.save_checkpoint(output_dir, step, model.state_dict(), None,
                              {"step": step, "model_config": ckpt.config_to_dict(model.config),
-                              "user_config": user_config, "tokenizer": ckpt.tokenizer_info(tokenizer)})
+                              "user_config": user_config, "tokenizer": ckpt.tokenizer_info(tokenizer)}, rank=rank)
         print0(f"saved checkpoint step {step} to {output_dir}")
 
 get_report().log("Chat RL", [user_config])

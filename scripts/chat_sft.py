@@ -158,7 +158,6 @@ def save(step):
             "tokenizer": ckpt.tokenizer_info(tokenizer)}
     optim_state = {"optimizer": optimizer.state_dict(), "loader": train_loader.state_dict(), "rng": get_rng_state()}
     ckpt.save_checkpoint(output_dir, step, model.state_dict(), optim_state, meta, rank=rank)
-    print0(f"saved checkpoint step {step} to {output_dir}")
 
 
 def evaluate(step, last_step):

@@ -274,6 +274,9 @@ class Reply:
         def run():
             finish = "length"
             try:
+                if worker.device.startswith("cuda"):
+                    import torch
+                    torch.cuda.set_device(worker.device)  # a new thread starts on cuda:0; replica i lives on cuda:i
                 n = 0
                 for column, _ in worker.engine.generate(prompt, num_samples=1, max_tokens=max_tokens,
                                                         temperature=self.request.temperature,
@@ -295,9 +298,13 @@ class Reply:
                 send(_END)
                 done_with_worker()
 
-        threading.Thread(target=run, daemon=True, name=f"generate-gpu{worker.gpu_id}").start()
         ids, emitted = [], ""
         try:
+            try:
+                threading.Thread(target=run, daemon=True, name=f"generate-gpu{worker.gpu_id}").start()
+            except BaseException:
+                done_with_worker()  # the thread's share: it never ran
+                raise
             while (item := await queue.get()) is not _END:
                 if isinstance(item, BaseException):
                     raise item

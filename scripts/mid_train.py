@@ -96,7 +96,7 @@ for group in optimizer.param_groups:
 
 output_dir = os.path.join(get_base_dir(), "mid_checkpoints", args.output_tag or f"d{config.n_layer}")
 step, progress, min_val_bpb, val_bpb, smooth_loss = 0, 0.0, float("inf"), None, 0.0
-timer = StepTimer(device)
+timer = StepTimer(device, skip=10 if use_compile else 0)
 loader_state = None
 curves = {"step": [], "loss": [], "val_step": [], "val_bpb": []}
 if args.resume_from_step >= 0:
@@ -111,7 +111,8 @@ if args.resume_from_step >= 0:
     loop = meta["loop_state"]
     step, progress, min_val_bpb = meta["step"], loop["progress"], loop["min_val_bpb"]
     smooth_loss, val_bpb, curves = loop["smooth_train_loss"], meta.get("val_bpb"), loop.get("curves", curves)
-    timer = StepTimer(device, total_time=loop["total_training_time"], timed_steps=loop["timed_steps"])
+    timer = StepTimer(device, skip=10 if use_compile else 0, total_time=loop["total_training_time"],
+                      timed_steps=loop["timed_steps"])
     print0(f"resumed from step {step} of {output_dir}")
 
 train_loader = MidPacker(train_ds, tokenizer, args.device_batch_size, args.max_seq_len, device=device,
@@ -140,7 +141,6 @@ def save(step):
             "tokenizer": ckpt.tokenizer_info(tokenizer)}
     optim_state = {"optimizer": optimizer.state_dict(), "loader": train_loader.state_dict(), "rng": get_rng_state()}
     ckpt.save_checkpoint(output_dir, step, orig_model.state_dict(), optim_state, meta, rank=rank)
-    print0(f"saved checkpoint step {step} to {output_dir}")
 
 
 def evaluate(step):

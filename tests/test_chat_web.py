@@ -311,25 +311,33 @@ def test_accepted_openai_extras(client):
 # Live server: the official openai client, concurrency and the worker queue
 
 
-@pytest.fixture(scope="module")
-def live_server(tiny):
-    """uvicorn on 127.0.0.1, a free port, two workers (two replicas of the tiny model)."""
+def serve(app):
+    """Run `app` with uvicorn on 127.0.0.1 and a free port in a thread: (url, stop function)."""
     import uvicorn
-    tok, model = tiny
-    workers = [make_worker(0, "cpu", model, tok), make_worker(1, "cpu", copy.deepcopy(model), tok)]
-    app = create_app(workers, ServeConfig(model_name="nanochat-test"))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    for _ in range(500):
+    for _ in range(1500):
         if server.started:
             break
         thread.join(0.02)
     assert server.started, "uvicorn did not start"
     port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+
+    def stop():
+        server.should_exit = True
+        thread.join(10)
+    return f"http://127.0.0.1:{port}", stop
+
+
+@pytest.fixture(scope="module")
+def live_server(tiny):
+    """Two workers (two replicas of the tiny model) behind a live server."""
+    tok, model = tiny
+    workers = [make_worker(0, "cpu", model, tok), make_worker(1, "cpu", copy.deepcopy(model), tok)]
+    url, stop = serve(create_app(workers, ServeConfig(model_name="nanochat-test")))
+    yield url
+    stop()
 
 
 def test_openai_client(live_server, tiny):
@@ -357,14 +365,14 @@ def test_openai_client(live_server, tiny):
 def test_concurrent_requests_do_not_interleave(live_server, tiny):
     import httpx
     tok, model = tiny
-    seeds = [1, 2, 3, 4, 5, 6]
+    seeds = [1, 2, 3, 4]
     messages = [{"role": "user", "content": "brown fox"}]
     results, errors = {}, []
 
     def ask(seed):
         try:
             with httpx.stream("POST", live_server + "/chat/completions", timeout=60,
-                              json={"messages": messages, "temperature": 1.0, "max_tokens": 30, "seed": seed}) as r:
+                              json={"messages": messages, "temperature": 1.0, "max_tokens": 20, "seed": seed}) as r:
                 events = sse_events(r.iter_lines())
             results[seed] = ("".join(e["token"] for e in events[:-1]), {e["gpu"] for e in events[:-1]})
         except Exception as e:  # pragma: no cover - reported below
@@ -379,7 +387,7 @@ def test_concurrent_requests_do_not_interleave(live_server, tiny):
     prompt = prompt_for(tok, messages)
     for seed in seeds:
         text, gpus = results[seed]
-        assert text == tok.decode(oracle(tok, model, prompt, 30, 1.0, 50, seed)[0]), seed
+        assert text == tok.decode(oracle(tok, model, prompt, 20, 1.0, 50, seed)[0]), seed
         assert len(gpus) <= 1  # one worker served the whole reply
     stats = httpx.get(live_server + "/stats").json()
     assert stats["available_workers"] == 2 and stats["busy_workers"] == 0  # every worker came back
@@ -420,3 +428,82 @@ def test_worker_held_for_whole_stream(live_server, tiny):
     assert stats["busy_workers"] == 1 and stats["available_workers"] == 1
     assert health["available_workers"] == 1
     assert sse_events(rest)[-1] == {"done": True}
+
+
+def test_client_disconnect_frees_worker(tiny):
+    """A client that hangs up mid-reply stops generation, and the worker comes back to the pool."""
+    import time
+    import httpx
+    tok, _ = tiny
+
+    class Endless(ScriptedEngine):
+        def generate(self, *args, **kwargs):
+            self.calls.append(kwargs)
+            for _ in range(kwargs["max_tokens"]):
+                time.sleep(0.01)
+                self.emitted = getattr(self, "emitted", 0) + 1
+                yield [tok.encode("a")[0]], [1]
+
+    engine = Endless([])
+    url, stop = serve(create_app([Worker(0, "cpu", engine, tok, 10**6)]))
+    try:
+        with httpx.stream("POST", url + "/chat/completions", timeout=30,
+                          json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4096}) as r:
+            next(line for line in r.iter_lines() if line.startswith("data: "))
+        deadline = time.time() + 20
+        while httpx.get(url + "/health").json()["available_workers"] != 1:
+            assert time.time() < deadline, "the worker never came back after the client left"
+            time.sleep(0.05)
+        assert engine.emitted < 4096  # generation stopped early instead of running to max_tokens
+    finally:
+        stop()
+
+
+@pytest.mark.slow
+def test_server_script_from_checkpoint(tiny, tmp_path):
+    """python -m scripts.chat_web loads the sft checkpoint and answers the openai client."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    from dataclasses import asdict
+    import httpx
+    from openai import OpenAI
+    from nanochat.checkpoint_manager import save_checkpoint, tokenizer_info
+    tok, model = tiny
+    tok.save(str(tmp_path / "tokenizer"))
+    save_checkpoint(str(tmp_path / "chatsft_checkpoints" / "d2"), 5, model.state_dict(), None,
+                    {"model_config": asdict(model.config), "tokenizer": tokenizer_info(tok), "step": 5})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", "--host", "127.0.0.1", "-p", str(port),
+                             "--device-type", "cpu"], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(base + "/health", timeout=2).json()["ready"]:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline, "server did not become ready"
+            time.sleep(0.2)
+        client = OpenAI(base_url=base + "/v1", api_key="unused")
+        assert [m.id for m in client.models.list()] == ["nanochat-sft"]
+        messages = [{"role": "user", "content": "fox"}]
+        expected, finish = oracle(tok, model, prompt_for(tok, messages), 8, 0.0, 50, 0)
+        r = client.chat.completions.create(model="nanochat-sft", messages=messages, max_tokens=8, temperature=0)
+        assert r.choices[0].message.content == tok.decode(expected) and r.choices[0].finish_reason == finish
+        text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="nanochat-sft", messages=messages, max_tokens=8, temperature=0, stream=True))
+        assert text == tok.decode(expected)
+    finally:
+        proc.terminate()
+        proc.wait(20)

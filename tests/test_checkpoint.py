@@ -229,3 +229,23 @@ def test_largest_model_falls_back_to_newest_dir(tmp_path):
         (tmp_path / name).mkdir()
         os.utime(tmp_path / name, (1000 + i * (1 if name != "beta" else 100), 1000 + i * (1 if name != "beta" else 100)))
     assert cm.find_largest_model(str(tmp_path)) == "beta"
+
+
+def _save_worker(rank, world, store, ckpt_dir):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    cm.save_checkpoint(ckpt_dir, 3, {"w": torch.ones(2)}, {"shard": torch.full((2,), float(rank))},
+                       {"step": 3, "model_config": {}}, rank=rank)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_save_per_rank_shards(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_save_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "ckpt")), nprocs=2, join=True)
+    ckpt = str(tmp_path / "ckpt")
+    assert cm.find_last_step(ckpt) == 3
+    for rank in range(2):
+        _, optim, meta = cm.load_checkpoint(ckpt, 3, "cpu", load_optimizer=True, rank=rank)
+        assert torch.equal(optim["shard"], torch.full((2,), float(rank))) and meta["step"] == 3
+    assert not [f for f in os.listdir(ckpt) if f.endswith(".tmp")]

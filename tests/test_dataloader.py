@@ -1,7 +1,6 @@
 """Tests for nanochat.dataloader: BOS-aligned best-fit packing against a naive packer, rank sharding, exact resume."""
 
 import json
-import os
 import random
 
 import pyarrow as pa
@@ -44,8 +43,7 @@ def data(tmp_path, monkeypatch):
 
 
 def take(loader, n):
-    out = [next(loader) for _ in range(n)]
-    return out
+    return [next(loader) for _ in range(n)]
 
 
 def naive_pack(docs, B, T, buffer_size, n_batches):
@@ -95,7 +93,7 @@ def test_buffer_of_one_is_plain_sequential_packing(data):
     # hand check: with no choice, rows are docs in stream order, the last one cropped to fill the row
     T = 30
     x, y = next(PretrainLoader(ByteTokenizer(), 1, T, "train", rank=0, world_size=1, buffer_size=1))
-    stream, row = [], []
+    row = []
     for d in data:
         row += [BOS] + list(d.encode())
         if len(row) >= T + 1:

@@ -104,8 +104,8 @@ def test_interrupted_download_leaves_no_corrupt_shard(tmp_path, shards):
     assert pq.ParquetFile(tmp_path / name).metadata.num_rows == 5
 
 
-def test_truncated_body_without_content_length_is_rejected(tmp_path, shards, monkeypatch):
-    # a body cut short with no Content-Length to compare against must still fail the parquet check
+def test_truncated_shard_served_whole_is_rejected(tmp_path, shards):
+    # the HTTP transfer is complete but the file itself is cut short (no parquet footer): never kept
     name = dataset.shard_name(0)
     shards[name] = shards[name][:-100]
     with ShardServer(shards) as srv:

@@ -186,6 +186,15 @@ def test_sample_next_token():
     draws = torch.cat([sample_next_token(logits, g, 1.0) for _ in range(4000)], dim=1)
     freq = torch.bincount(draws[0], minlength=4).float() / draws.size(1)
     torch.testing.assert_close(freq, torch.softmax(logits[0], -1), atol=0.03, rtol=0)
+    # top-k frequencies follow the softmax of the kept logits
+    draws = torch.cat([sample_next_token(logits[:1], g, 0.5, top_k=3) for _ in range(4000)], dim=1)
+    freq = torch.bincount(draws[0], minlength=4).float() / draws.size(1)
+    want = torch.softmax(torch.tensor([-float("inf"), 3.0, 1.0, 2.0]) / 0.5, -1)
+    torch.testing.assert_close(freq, want, atol=0.03, rtol=0)
+    # an impossible token (probability exactly 0) is never drawn
+    masked = torch.tensor([[0.0, -float("inf"), 0.0, -float("inf")]])
+    draws = torch.cat([sample_next_token(masked, g, 1.0) for _ in range(500)], dim=1)
+    assert set(draws[0].tolist()) == {0, 2}
     # top_k larger than V is clamped
     assert sample_next_token(logits, g, 1.0, top_k=100).shape == (2, 1)
     with pytest.raises(ValueError):

@@ -2,6 +2,7 @@
 
 import os
 import re
+import json
 
 from nanochat import report as report_mod
 from nanochat.report import Report, DummyReport, get_report, extract_metrics
@@ -34,8 +35,10 @@ def test_report_end_to_end(tmp_path, monkeypatch):
 
     rep.log("Base model training", [{"depth": 4, "tokens": 1234567, "lr": 0.02, "flag": True}, "", None,
                                     "free text line"])
-    rep.log_curve("Base model training", "loss", [0, 1, 2, 3], [5.0, 4.0, 3.5, 3.2])
-    rep.log_curve("Base model training", "val_bpb", [0, 2], [2.5, 2.1])
+    rep.log_curves("Base model training", {"step": [0, 1, 2, 3], "loss": [5.0, 4.0, 3.5, 3.2],
+                                           "val_step": [0, 2], "val_bpb": [2.5, 2.1]})
+    rep.log_curve("Chat SFT", "loss", [0, 1], [2.0, 1.5])
+    rep.log("Chat SFT", [{"steps": 2}])
     rep.log("Base model evaluation", [{"Model": "base_model (step 100)", "CORE metric": 0.22191,
                                        "Missing tasks (excluded from CORE)": "squad, coqa"},
                                       {"hellaswag": 0.25, "arc_easy": 0.5}])
@@ -73,7 +76,9 @@ def test_report_end_to_end(tmp_path, monkeypatch):
     assert "Total wall clock time: 3h25m" in md
     assert "Estimated cost: $82.00" in md  # 24 $/h * 3.4167 h
     # plots exist, are PNGs and are linked
-    for name in ["base-model-training_loss.png", "base-model-training_val_bpb.png"]:
+    curves = json.loads((report_dir / "base-model-training_curves.json").read_text())
+    assert curves["val_bpb"] == {"steps": [0.0, 2.0], "values": [2.5, 2.1]}
+    for name in ["base-model-training_loss.png", "base-model-training_val_bpb.png", "chat-sft_loss.png"]:
         assert (report_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({name})" in md
     # the CWD copy links to the same PNG files
@@ -94,6 +99,7 @@ def test_other_ranks_get_a_noop(monkeypatch, tmp_path):
     assert isinstance(rep, DummyReport)
     rep.log("Base model training", [{"a": 1}])
     rep.log_curve("Base model training", "loss", [0], [1.0])
+    rep.log_curves("Base model training", {"step": [0], "loss": [1.0]})
     rep.generate()
     assert not (tmp_path / "report").exists()
 

@@ -275,6 +275,7 @@ def test_token_bytes(tok, tmp_path, monkeypatch):
 # scripts.tok_train end to end on two tiny parquet shards
 
 
+@pytest.mark.slow  # a subprocess that imports torch: a few seconds
 def test_tok_train_script(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The whole pipeline on one 8xH100 node: tokenizer, d20 base model, midtraining, SFT, evals and the
+# report card, in about 4 hours (~$100 at $24/h). Every stage's command is printed before it runs and
+# a failing stage stops the script with its name.
+#   bash speedrun.sh
+#   WANDB_RUN=speedrun bash speedrun.sh                       # with wandb logging (after `wandb login`)
+#   screen -L -Logfile speedrun.log -S speedrun bash speedrun.sh
+set -euo pipefail
+cd "$(dirname "$0")"
+export OMP_NUM_THREADS=1
+export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+mkdir -p "$NANOCHAT_BASE_DIR"
+WANDB_RUN="${WANDB_RUN:-dummy}"
+
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+    echo "speedrun.sh needs NVIDIA GPUs and none were found."
+    echo "On a CPU (or a Mac) run the toy-scale recipe instead:  bash runs/runcpu.sh"
+    exit 1
+fi
+NPROC_PER_NODE="${NPROC_PER_NODE:-$(nvidia-smi -L | wc -l)}"
+
+stage() {  # stage NAME CMD...: print, run, and stop with the stage's name on failure
+    local name="$1"; shift
+    echo; echo "=== [$name] $*"
+    "$@" || { echo "*** stage '$name' failed (exit $?): $*"; exit 1; }
+}
+TORCHRUN="torchrun --standalone --nproc_per_node=$NPROC_PER_NODE"
+
+stage setup bash runs/setup_env.sh
+source .venv/bin/activate
+stage report-reset python -m nanochat.report reset
+
+# data: 8 shards (~2B chars) for the tokenizer now, the rest in the background while it trains
+stage data python -m nanochat.dataset -n 8
+python -m nanochat.dataset -n 370 &
+DATASET_DOWNLOAD_PID=$!
+stage tok_train python -m scripts.tok_train --max-chars=2000000000 --vocab-size=32768
+stage tok_eval python -m scripts.tok_eval
+echo "waiting for the background data download..."
+wait $DATASET_DOWNLOAD_PID || { echo "*** stage 'data (background)' failed"; exit 1; }
+
+# base model: d20 at 20 tokens per scaling parameter
+stage base_train $TORCHRUN -m scripts.base_train -- --depth=20 --target-param-data-ratio=20 --run=$WANDB_RUN
+stage base_loss $TORCHRUN -m scripts.base_loss
+stage base_eval $TORCHRUN -m scripts.base_eval
+
+# chat stages
+stage identity-data curl -fsSL -o "$NANOCHAT_BASE_DIR/identity_conversations.jsonl" \
+    https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl
+stage mid_train $TORCHRUN -m scripts.mid_train -- --run=$WANDB_RUN
+stage chat_eval-mid $TORCHRUN -m scripts.chat_eval -- -i mid
+stage chat_sft $TORCHRUN -m scripts.chat_sft -- --run=$WANDB_RUN
+stage chat_eval-sft $TORCHRUN -m scripts.chat_eval -- -i sft
+# optional RL on GSM8K:
+# stage chat_rl $TORCHRUN -m scripts.chat_rl -- --run=$WANDB_RUN
+# stage chat_eval-rl $TORCHRUN -m scripts.chat_eval -- -i rl -a GSM8K
+
+stage report python -m nanochat.report generate
+stage chat python -m scripts.chat_cli -p "Why is the sky blue?"
+echo "done: see report.md; chat with 'python -m scripts.chat_web'"

@@ -1,0 +1,149 @@
+"""SDPA attention paths vs a slow explicit-softmax reference; KV cache bookkeeping."""
+
+import pytest
+import torch
+
+import nanochat.attention as attn
+from nanochat.attention import KVCache, flash_attn_func, flash_attn_with_kvcache, reference_attention
+
+
+@pytest.fixture(autouse=True)
+def sdpa_backend():
+    attn.set_backend("sdpa")
+    yield
+    attn._backend = None
+
+
+def rand_qkv(B=2, T=24, H=4, Hkv=2, D=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, D, generator=g)
+    k = torch.randn(B, T, Hkv, D, generator=g)
+    v = torch.randn(B, T, Hkv, D, generator=g)
+    return q, k, v
+
+
+@pytest.mark.parametrize("Hkv", [4, 2, 1])
+@pytest.mark.parametrize("left", [-1, 0, 3, 10, 23, 100])
+def test_training_path_matches_reference(Hkv, left):
+    q, k, v = rand_qkv(Hkv=Hkv)
+    y = flash_attn_func(q, k, v, causal=True, window_size=(left, 0))
+    ref = reference_attention(q, k, v, torch.arange(q.size(1)), window_left=left)
+    assert y.shape == q.shape
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_window_by_hand():
+    # one head, D=1, q=k=0 -> uniform attention over exactly the visible keys: output = their mean
+    T = 6
+    q = torch.zeros(1, T, 1, 1)
+    k = torch.zeros(1, T, 1, 1)
+    v = torch.arange(T, dtype=torch.float32).view(1, T, 1, 1)
+    y = reference_attention(q, k, v, torch.arange(T), window_left=2).flatten()
+    expected = torch.tensor([0.0, 0.5, 1.0, 2.0, 3.0, 4.0])  # mean of v[t-2..t]
+    torch.testing.assert_close(y, expected)
+    y2 = flash_attn_func(q, k, v, causal=True, window_size=(2, 0)).flatten()
+    torch.testing.assert_close(y2, expected)
+
+
+def test_full_window_training_path_builds_no_mask(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("mask built on the full-window training path")
+    monkeypatch.setattr(attn, "_build_mask", boom)
+    q, k, v = rand_qkv()
+    flash_attn_func(q, k, v, causal=True, window_size=(-1, 0))
+    flash_attn_func(q, k, v, causal=True, window_size=(q.size(1), 0))  # window >= T is also full
+
+
+def test_non_causal_is_full_attention():
+    q, k, v = rand_qkv(Hkv=4)
+    y = flash_attn_func(q, k, v, causal=False)
+    ref = reference_attention(q, k, v, torch.arange(q.size(1)), causal=False)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("Hkv,left", [(4, -1), (2, -1), (2, 5), (1, 3), (4, 0)])
+@pytest.mark.parametrize("chunks", [[24], [10, 1, 1, 1, 11], [1] * 24, [7, 5, 12]])
+def test_kvcache_decode_matches_reference(Hkv, left, chunks):
+    B, T, H, D = 2, 24, 4, 8
+    q, k, v = rand_qkv(B=B, T=T, H=H, Hkv=Hkv, D=D)
+    ref = reference_attention(q, k, v, torch.arange(T), window_left=left)
+    k_cache = torch.zeros(B, T + 4, Hkv, D)
+    v_cache = torch.zeros(B, T + 4, Hkv, D)
+    seqlens = torch.zeros(B, dtype=torch.int32)
+    outs, t = [], 0
+    for n in chunks:
+        sl = slice(t, t + n)
+        outs.append(flash_attn_with_kvcache(q[:, sl], k_cache, v_cache, k=k[:, sl], v=v[:, sl],
+                                            cache_seqlens=seqlens, causal=True, window_size=(left, 0)))
+        seqlens += n
+        t += n
+    torch.testing.assert_close(torch.cat(outs, dim=1), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k_cache[:, :T], k)  # the cache holds exactly what was written
+    assert torch.all(k_cache[:, T:] == 0)
+
+
+@pytest.mark.parametrize("left", [-1, 2])
+def test_kvcache_ragged_rows(left):
+    # rows at different positions (FA3 semantics): each row must match its own reference
+    B, H, Hkv, D, Tn = 3, 4, 2, 8, 2
+    lens = [5, 0, 9]
+    q, k, v = rand_qkv(B=B, T=12, H=H, Hkv=Hkv, D=D, seed=1)
+    k_cache = torch.zeros(B, 16, Hkv, D)
+    v_cache = torch.zeros(B, 16, Hkv, D)
+    for b, n in enumerate(lens):
+        k_cache[b, :n], v_cache[b, :n] = k[b, :n], v[b, :n]
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    qn = torch.stack([q[b, n:n + Tn] for b, n in enumerate(lens)])
+    kn = torch.stack([k[b, n:n + Tn] for b, n in enumerate(lens)])
+    vn = torch.stack([v[b, n:n + Tn] for b, n in enumerate(lens)])
+    y = flash_attn_with_kvcache(qn, k_cache, v_cache, k=kn, v=vn, cache_seqlens=seqlens, window_size=(left, 0))
+    for b, n in enumerate(lens):
+        ref = reference_attention(q[b:b + 1, :n + Tn], k[b:b + 1, :n + Tn], v[b:b + 1, :n + Tn],
+                                  torch.arange(n + Tn), window_left=left)[:, n:]
+        torch.testing.assert_close(y[b:b + 1], ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(k_cache[b, n:n + Tn], kn[b])
+
+
+def test_kvcache_overflow_is_an_error():
+    q, k, v = rand_qkv(B=1, T=4)
+    k_cache, v_cache = torch.zeros(1, 6, 2, 8), torch.zeros(1, 6, 2, 8)
+    with pytest.raises(ValueError, match="overflow"):
+        flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=torch.tensor([3], dtype=torch.int32))
+
+
+def test_kvcache_prefill_replicates_and_resets():
+    src = KVCache(1, num_heads=2, seq_len=8, head_dim=4, num_layers=3, device="cpu")
+    src.k_cache.normal_()
+    src.v_cache.normal_()
+    src.advance(5)
+    src.prev_embedding = torch.randn(1, 1, 16)
+    dst = KVCache(4, num_heads=2, seq_len=12, head_dim=4, num_layers=3, device="cpu")
+    dst.prefill(src)
+    assert dst.get_pos() == 5 and dst.cache_seqlens.tolist() == [5] * 4
+    for b in range(4):
+        torch.testing.assert_close(dst.k_cache[:, b, :5], src.k_cache[:, 0, :5])
+        torch.testing.assert_close(dst.v_cache[:, b, :5], src.v_cache[:, 0, :5])
+        torch.testing.assert_close(dst.prev_embedding[b], src.prev_embedding[0])
+    assert torch.all(dst.k_cache[:, :, 5:] == 0)
+    with pytest.raises(ValueError, match="empty cache"):
+        dst.prefill(src)
+    dst.reset()
+    assert dst.get_pos() == 0 and dst.prev_embedding is None
+    bad = KVCache(4, num_heads=3, seq_len=12, head_dim=4, num_layers=3, device="cpu")
+    with pytest.raises(ValueError, match="cache shapes differ"):
+        bad.prefill(src)
+    small = KVCache(2, num_heads=2, seq_len=4, head_dim=4, num_layers=3, device="cpu")
+    with pytest.raises(ValueError, match="room"):
+        small.prefill(src)
+
+
+def test_backend_override(monkeypatch):
+    with pytest.raises(ValueError, match="sdpa"):
+        attn.set_backend("xformers")
+    monkeypatch.setenv("NANOCHAT_ATTN", "sdpa")
+    assert attn.set_backend(None) == "sdpa"
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="fa3"):
+            attn.set_backend("fa3")
+        monkeypatch.delenv("NANOCHAT_ATTN")
+        assert attn.set_backend(None) == "sdpa"  # auto-detection falls back quietly

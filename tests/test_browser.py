@@ -1,0 +1,241 @@
+"""
+A real browser against scripts/chat_web.py: headless Chromium (Debian's `chromium`) loads the UI served on
+localhost, sends a message by typing it, and sees the reply stream in token by token. Driven over the
+Chrome DevTools Protocol with a tiny stdlib websocket client (no extra dependency).
+
+Skipped only when no Chromium binary is installed (`apt-get install -y chromium`).
+"""
+
+import os
+import json
+import time
+import base64
+import shutil
+import socket
+import struct
+import threading
+import subprocess
+import urllib.parse
+import urllib.request
+
+import pytest
+import torch
+
+from nanochat.engine import Engine
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import RustBPETokenizer
+from scripts.chat_web import ServeConfig, Worker, create_app
+
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(CHROMIUM is None, reason="no Chromium binary on PATH (apt-get install -y chromium)")]
+CONTEXT = 64
+
+
+class CDP:
+    """Just enough of RFC 6455 (client side, text frames) to send DevTools commands and read replies."""
+
+    def __init__(self, ws_url, timeout=30):
+        u = urllib.parse.urlparse(ws_url)
+        self.sock = socket.create_connection((u.hostname, u.port), timeout=timeout)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET {u.path} HTTP/1.1\r\nHost: {u.hostname}:{u.port}\r\nUpgrade: websocket\r\n"
+                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.sock.recv(1)
+            if not chunk:
+                raise ConnectionError("DevTools closed the connection during the handshake")
+            head += chunk
+        if b" 101 " not in head.split(b"\r\n", 1)[0]:
+            raise ConnectionError(f"websocket handshake refused: {head[:200]!r}")
+        self.next_id = 0
+
+    def _send(self, payload, opcode=0x1):
+        n = len(payload)
+        header = bytes([0x80 | opcode])
+        if n < 126:
+            header += bytes([0x80 | n])
+        elif n < 65536:
+            header += bytes([0x80 | 126]) + struct.pack(">H", n)
+        else:
+            header += bytes([0x80 | 127]) + struct.pack(">Q", n)
+        mask = os.urandom(4)  # clients must mask every frame
+        self.sock.sendall(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+
+    def _read_exact(self, n):
+        buf = b""
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("DevTools connection closed")
+            buf += chunk
+        return buf
+
+    def _recv(self):
+        message = b""
+        while True:
+            b0, b1 = self._read_exact(2)
+            n = b1 & 0x7F
+            if n == 126:
+                n = struct.unpack(">H", self._read_exact(2))[0]
+            elif n == 127:
+                n = struct.unpack(">Q", self._read_exact(8))[0]
+            payload = self._read_exact(n)  # server frames are not masked
+            opcode = b0 & 0x0F
+            if opcode == 0x9:  # ping
+                self._send(payload, opcode=0xA)
+                continue
+            if opcode == 0x8:
+                raise ConnectionError("DevTools closed the websocket")
+            message += payload
+            if b0 & 0x80:  # FIN
+                return json.loads(message)
+
+    def call(self, method, **params):
+        self.next_id += 1
+        self._send(json.dumps({"id": self.next_id, "method": method, "params": params}).encode())
+        while True:
+            msg = self._recv()
+            if msg.get("id") == self.next_id:  # events and other replies are skipped
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg.get("result", {})
+
+    def js(self, expression):
+        r = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in r:
+            raise RuntimeError(f"page error in {expression!r}: {r['exceptionDetails']}")
+        return r["result"].get("value")
+
+    def type_line(self, text):
+        """Type into the focused textarea and press Enter, as a person would."""
+        self.call("Input.insertText", text=text)
+        for kind in ("keyDown", "keyUp"):
+            self.call("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter", windowsVirtualKeyCode=13,
+                      nativeVirtualKeyCode=13, **({"text": "\r"} if kind == "keyDown" else {}))
+
+
+class SlowEngine:
+    """The real Engine, slowed down per token so that the stream is visibly incremental in the page."""
+
+    def __init__(self, engine, delay=0.03):
+        self.engine, self.delay = engine, delay
+
+    def generate(self, *args, **kwargs):
+        for item in self.engine.generate(*args, **kwargs):
+            time.sleep(self.delay)
+            yield item
+
+
+def wait_for(predicate, what, timeout=60, interval=0.02):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    import uvicorn
+    texts = [f"The quick brown fox {i} jumps over the lazy dog. Héllo wörld, naïve café € {i * 7}!" for i in range(200)]
+    tok = RustBPETokenizer.train_from_iterator(iter(texts), vocab_size=256 + 9 + 40)
+    torch.manual_seed(0)
+    config = GPTConfig(sequence_len=CONTEXT, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
+                       n_embd=32)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    model.eval()
+    app = create_app([Worker(0, "cpu", SlowEngine(Engine(model, tok)), tok, CONTEXT)], ServeConfig())
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, "uvicorn to start", timeout=30)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield tok, model, f"http://127.0.0.1:{port}/"
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture()
+def page(tmp_path):
+    proc = subprocess.Popen([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                             "--disable-extensions", "--no-first-run", "--remote-debugging-port=0",
+                             f"--user-data-dir={tmp_path}", "about:blank"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        active = tmp_path / "DevToolsActivePort"  # Chromium writes the port it picked here
+        wait_for(lambda: active.exists() and len(active.read_text().split()) >= 2, "Chromium's DevTools port",
+                 timeout=60, interval=0.1)
+        port = int(active.read_text().split()[0])
+        targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10))
+        ws_url = next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page")
+        cdp = CDP(ws_url)
+        cdp.call("Emulation.setFocusEmulationEnabled", enabled=True)  # headless pages have no window focus
+        yield cdp
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_page_streams_a_reply(setup, page):
+    tok, model, url = setup
+    page.call("Page.navigate", url=url)
+    # the page pings /health on load and shows the result
+    wait_for(lambda: page.js("document.readyState === 'complete' && document.getElementById('status').textContent")
+             in ("ready · 1 worker",), "the /health ping to report ready", timeout=30)
+    page.js("document.getElementById('input').focus()")
+    page.type_line("/temperature 0")  # slash command: greedy decoding makes the reply predictable
+    assert "temperature set to 0" in page.js("document.querySelector('.note').textContent")
+
+    # the reply the server must produce: greedy decoding of the rendered prompt, clamped to the context
+    prompt = tok.render_for_completion({"messages": [{"role": "user", "content": "hello fox"},
+                                                     {"role": "assistant", "content": "x"}]})
+    stops = {tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()}
+    expected = []
+    for column, _ in Engine(model, tok).generate(prompt, max_tokens=CONTEXT - len(prompt), temperature=0.0):
+        if column[0] in stops:
+            break
+        expected.append(column[0])
+    expected_text = tok.decode(expected)
+    assert len(expected) > 3, "the tiny model's greedy reply is too short to observe streaming"
+
+    page.type_line("hello fox")
+    snapshot = """JSON.stringify({
+        state: document.body.dataset.state,
+        streaming: (document.querySelector('.assistant.streaming') || {}).textContent ?? null,
+        users: [...document.querySelectorAll('.message.user')].map(e => e.textContent),
+        replies: [...document.querySelectorAll('.message.assistant:not(.streaming)')].map(e => e.textContent),
+        errors: [...document.querySelectorAll('.error')].map(e => e.textContent)})"""
+    partials = set()
+
+    def finished():
+        s = json.loads(page.js(snapshot))
+        assert not s["errors"], s["errors"]
+        if s["streaming"]:
+            partials.add(s["streaming"])
+        return s if s["state"] == "idle" and s["replies"] else None
+
+    final = wait_for(finished, "the streamed reply")
+    assert final["users"] == ["hello fox"]
+    assert final["replies"] == [expected_text]
+    # seen mid-stream: partial texts that are proper prefixes of the final reply
+    assert any(p != expected_text and expected_text.startswith(p) for p in partials), partials
+
+    # click the reply: it is regenerated (same text at temperature 0)
+    page.js("document.querySelector('.message.assistant').click()")
+    final = wait_for(lambda: (s := json.loads(page.js(snapshot)))["state"] == "idle" and s["replies"] and s,
+                     "the regenerated reply")
+    assert final["replies"] == [expected_text] and final["users"] == ["hello fox"]
+    # click the user message: it goes back into the input box and the conversation is cut there
+    page.js("document.querySelector('.message.user').click()")
+    assert page.js("document.getElementById('input').value") == "hello fox"
+    assert page.js("document.querySelectorAll('.message.user, .message.assistant').length") == 0

@@ -1,0 +1,154 @@
+"""
+scripts/chat_cli.py: the chat loop with scripted input, a tiny random GPT and a tokenizer trained here.
+Replies are checked against Engine.generate run directly on prompts from the tokenizer's renderer.
+"""
+
+import pytest
+import torch
+
+from nanochat.engine import Engine
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import RustBPETokenizer
+from scripts.chat_cli import ReplyPrinter, chat_loop
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    texts = [f"The quick brown fox {i} jumps over the lazy dog. Héllo wörld, naïve café € {i * 7}!" for i in range(200)]
+    tok = RustBPETokenizer.train_from_iterator(iter(texts), vocab_size=256 + 9 + 40)
+    torch.manual_seed(0)
+    config = GPTConfig(sequence_len=128, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    model.eval()
+    return tok, model
+
+
+def greedy_reply(tok, model, prompt, max_tokens):
+    stops = {tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()}
+    out = []
+    for column, _ in Engine(model, tok).generate(prompt, max_tokens=max_tokens, temperature=0.0):
+        if column[0] in stops:
+            break
+        out.append(column[0])
+    return out
+
+
+def scripted(lines):
+    """An input() stand-in: returns the lines, then raises EOFError like Ctrl-D."""
+    it = iter(lines)
+
+    def read(prompt_text):
+        try:
+            return next(it)
+        except StopIteration:
+            raise EOFError
+    return read
+
+
+def test_multi_turn_with_commands(tiny):
+    tok, model = tiny
+    out = []
+    tokens = chat_loop(Engine(model, tok), tok, read=scripted(["hi fox", "clear", "", "   ", "lazy dog", "café"]),
+                       write=out.append, temperature=0.0, max_tokens=12)
+    printed = "".join(out)
+    end = tok.encode_special("<|assistant_end|>")
+    # turn 1 and, after `clear`, a fresh turn 2 start from [<|bos|>]; turn 3 continues turn 2's conversation
+    p1 = tok.render_for_completion({"messages": [{"role": "user", "content": "hi fox"},
+                                                 {"role": "assistant", "content": "x"}]})
+    r1 = greedy_reply(tok, model, p1, 12)
+    p2 = tok.render_for_completion({"messages": [{"role": "user", "content": "lazy dog"},
+                                                 {"role": "assistant", "content": "x"}]})
+    r2 = greedy_reply(tok, model, p2, 12)
+    p3 = p2 + r2 + [end] + tok.encode("café", prepend="<|user_start|>", append="<|user_end|>") + \
+        [tok.encode_special("<|assistant_start|>")]
+    r3 = greedy_reply(tok, model, p3, 12)
+    assert tokens == p3 + r3 + [end]  # every stored reply ends with <|assistant_end|>
+    assert printed.count("Assistant: ") == 3 and "(new conversation)" in printed
+    for reply in (r1, r2, r3):
+        assert "Assistant: " + tok.decode(reply) + "\n" in printed
+
+
+def test_one_shot_prompt_and_quit(tiny):
+    tok, model = tiny
+    out = []
+    tokens = chat_loop(Engine(model, tok), tok, read=None, write=out.append, prompt="brown fox", temperature=0.0,
+                       max_tokens=10)
+    prompt = tok.render_for_completion({"messages": [{"role": "user", "content": "brown fox"},
+                                                     {"role": "assistant", "content": "x"}]})
+    reply = greedy_reply(tok, model, prompt, 10)
+    assert "".join(out) == tok.decode(reply) + "\n"  # just the answer: easy to use from scripts
+    assert tokens[:len(prompt)] == prompt
+    for word in ("quit", "EXIT"):
+        out = []
+        tokens = chat_loop(Engine(model, tok), tok, read=scripted([word, "never read"]), write=out.append)
+        assert tokens == [tok.get_bos_token_id()] and "Assistant" not in "".join(out)
+
+
+def test_context_full_is_reported(tiny):
+    tok, model = tiny
+    out = []
+    chat_loop(Engine(model, tok), tok, read=scripted(["fox " * 200]), write=out.append, context_len=128)
+    assert "fills the model's context" in "".join(out)
+
+
+def test_tool_calls_and_utf8_render_readably(tiny):
+    tok, _ = tiny
+    s = tok.encode_special
+    byte_tokens = [tok.enc.encode_single_token(bytes([b])) for b in "€ ok".encode("utf-8")]
+    tokens = tok.encode("so ") + [s("<|python_start|>")] + tok.encode("12*3") + [s("<|python_end|>"),
+             s("<|output_start|>")] + tok.encode("36") + [s("<|output_end|>")] + tok.encode(" then ") + byte_tokens
+    pieces = []
+    printer = ReplyPrinter(tok, pieces.append)
+    for t in tokens:
+        printer.add(t)
+    printer.flush()
+    assert "".join(pieces) == "so [calc: 12*3] = 36 then € ok"
+    assert not any("\ufffd" in p for p in pieces)  # the 3-byte € is printed once, whole
+
+
+def test_streams_through_engine_with_tools(tiny):
+    """A scripted engine emitting a tool call: the loop prints it readably and stores the raw tokens."""
+    tok, _ = tiny
+    s = tok.encode_special
+    reply = [s("<|python_start|>")] + tok.encode("2+2") + [s("<|python_end|>"), s("<|output_start|>")] + \
+        tok.encode("4") + [s("<|output_end|>")]
+
+    class ScriptedEngine:
+        def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
+            for t in reply + [s("<|assistant_end|>"), 0, 0]:
+                yield [t], [1]
+
+    out = []
+    tokens = chat_loop(ScriptedEngine(), tok, read=scripted(["2+2?"]), write=out.append)
+    assert "Assistant: [calc: 2+2] = 4\n" in "".join(out)
+    assert tokens[-len(reply) - 1:] == reply + [s("<|assistant_end|>")]
+
+
+def save_tiny_checkpoint(base_dir, tok, model, source_dir="chatsft_checkpoints", tag="d2"):
+    """A tokenizer and one checkpoint laid out as training writes them, for the script-level tests."""
+    from dataclasses import asdict
+    from nanochat.checkpoint_manager import save_checkpoint, tokenizer_info
+    tok.save(str(base_dir / "tokenizer"))
+    meta = {"model_config": asdict(model.config), "tokenizer": tokenizer_info(tok), "step": 5}
+    save_checkpoint(str(base_dir / source_dir / tag), 5, model.state_dict(), None, meta)
+
+
+@pytest.mark.slow
+def test_script_one_shot_from_checkpoint(tiny, tmp_path):
+    """python -m scripts.chat_cli -p ... loads the sft checkpoint and prints the (greedy) answer."""
+    import os
+    import subprocess
+    import sys
+    tok, model = tiny
+    save_tiny_checkpoint(tmp_path, tok, model)
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "scripts.chat_cli", "-p", "brown fox", "-t", "0", "-m", "10",
+                        "--device-type", "cpu"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    prompt = tok.render_for_completion({"messages": [{"role": "user", "content": "brown fox"},
+                                                     {"role": "assistant", "content": "x"}]})
+    assert r.stdout.endswith(tok.decode(greedy_reply(tok, model, prompt, 10)) + "\n")
