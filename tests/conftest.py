@@ -1,0 +1,155 @@
+"""
+Shared test fixtures: a tiny offline workspace that looks like a real one.
+
+`tiny_data_dir` is a NANOCHAT_DATA_DIR laid out like shared/data, with generated text and a few
+hand-made rows per task; `tiny_base_dir` adds a trained tiny tokenizer under NANOCHAT_BASE_DIR.
+`run_module` runs `python -m <module>` with that environment (scripts are tested as users run them).
+"""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SUBJECTS = ["the cat", "a dog", "my friend", "the teacher", "our team", "the bird", "a farmer", "the king"]
+VERBS = ["sees", "likes", "finds", "builds", "paints", "follows", "reads", "visits"]
+OBJECTS = ["the house", "a river", "the old tree", "a red ball", "the city", "a small boat", "the garden"]
+ENDINGS = ["today", "at night", "in the morning", "with joy", "again", "slowly", "every day"]
+
+
+def make_text(rng, n_sentences):
+    """Simple, learnable English-like text (a tiny model's loss falls on it within a few steps)."""
+    return " ".join(f"{rng.choice(SUBJECTS).capitalize()} {rng.choice(VERBS)} {rng.choice(OBJECTS)} "
+                    f"{rng.choice(ENDINGS)}." for _ in range(n_sentences))
+
+
+def write_jsonl(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def chat_rows(rng, n):
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        rows.append({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                                  {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]})
+    return rows
+
+
+def build_data_dir(root, seed=0):
+    """A NANOCHAT_DATA_DIR with every source the pipeline reads, a few rows each."""
+    rng = random.Random(seed)
+    # pretraining: 3 train shards + 1 val shard (the last file), small row groups
+    os.makedirs(os.path.join(root, "pretrain"))
+    for i in range(4):
+        docs = [make_text(rng, rng.randint(3, 30)) for _ in range(120)]
+        pq.write_table(pa.table({"text": docs}), os.path.join(root, "pretrain", f"shard_{i:05d}.parquet"),
+                       row_group_size=40)
+    # chat stand-in and identity conversations
+    write_jsonl(os.path.join(root, "chat", "train.jsonl"), chat_rows(rng, 200))
+    write_jsonl(os.path.join(root, "chat", "test.jsonl"), chat_rows(rng, 40))
+    write_jsonl(os.path.join(root, "identity_conversations.jsonl"),
+                [[{"role": "user", "content": "Who are you?"},
+                  {"role": "assistant", "content": "I am nanochat, a small language model."}]] * 10)
+    # multiple choice (ARC schema and MMLU schema)
+    arc = [{"id": f"q{i}", "question": f"Which one is number {i % 4 + 1}?",
+            "choices": {"text": ["one", "two", "three", "four"], "label": ["A", "B", "C", "D"]},
+            "answerKey": "ABCD"[i % 4]} for i in range(24)]
+    for subset in ("ARC-Easy", "ARC-Challenge"):
+        for split in ("train", "validation", "test"):
+            write_jsonl(os.path.join(root, "hub", "allenai", "ai2_arc", subset, f"{split}.jsonl"), arc)
+    mmlu = [{"question": f"What is {i} + 1?", "subject": "math", "choices": [str(i), str(i + 1), str(i + 2), str(i + 3)],
+             "answer": 1} for i in range(24)]
+    for split in ("test", "dev", "validation", "auxiliary_train"):
+        write_jsonl(os.path.join(root, "hub", "cais", "mmlu", "all", f"{split}.jsonl"), mmlu)
+    gsm = [{"question": f"Tom has {a} apples and buys {b} more. How many does he have?",
+            "answer": f"He has {a}+{b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"}
+           for a, b in [(rng.randint(1, 20), rng.randint(1, 20)) for _ in range(30)]]
+    for split in ("train", "test"):
+        write_jsonl(os.path.join(root, "hub", "openai", "gsm8k", "main", f"{split}.jsonl"), gsm)
+    he = [{"task_id": f"HumanEval/{i}", "prompt": f"def add{i}(a, b):\n    \"\"\"Add two numbers.\"\"\"\n",
+           "canonical_solution": "    return a + b\n", "test": f"def check(f):\n    assert f(1, 2) == 3\n",
+           "entry_point": f"add{i}"} for i in range(4)]
+    write_jsonl(os.path.join(root, "hub", "openai", "openai_humaneval", "openai_humaneval", "test.jsonl"), he)
+    with open(os.path.join(root, "words_alpha.txt"), "w") as f:
+        f.write("\n".join(["apple", "banana", "cherry", "strawberry", "river", "garden", "boat", "house"]) + "\n")
+    # a two-task CORE bundle (one multiple choice, one language modeling)
+    bundle = os.path.join(root, "eval_bundle")
+    write_jsonl(os.path.join(bundle, "eval_data", "toy", "mc.jsonl"),
+                [{"query": f"The cat sees the {w}", "choices": [" house.", " river."], "gold": i % 2}
+                 for i, w in enumerate(["dog", "bird", "king", "tree", "boat", "city"])])
+    write_jsonl(os.path.join(bundle, "eval_data", "toy", "lm.jsonl"),
+                [{"context": "The dog likes the", "continuation": " garden"} for _ in range(6)])
+    with open(os.path.join(bundle, "core.yaml"), "w") as f:
+        f.write("icl_tasks:\n"
+                "- label: toy_mc\n  dataset_uri: toy/mc.jsonl\n  num_fewshot: [1]\n  icl_task_type: multiple_choice\n"
+                "- label: toy_lm\n  dataset_uri: toy/lm.jsonl\n  num_fewshot: [0]\n  icl_task_type: language_modeling\n")
+    with open(os.path.join(bundle, "eval_meta_data.csv"), "w") as f:
+        f.write("Eval Task,Task Category,Task Type,#shots,#datapoints,Random baseline,Centered Metric?,Description\n"
+                "toy_mc,toy,multiple_choice,1,6,50,,toy\ntoy_lm,toy,language_modeling,0,6,0,,toy\n")
+    return root
+
+
+def train_tiny_tokenizer(base_dir, data_dir, vocab_size=384):
+    """Tokenizer + token_bytes under base_dir/tokenizer, trained in-process on the data dir's text."""
+    import torch
+    from nanochat.tokenizer import RustBPETokenizer, compute_token_bytes
+    texts = []
+    for name in sorted(os.listdir(os.path.join(data_dir, "pretrain"))):
+        texts += pq.read_table(os.path.join(data_dir, "pretrain", name)).column("text").to_pylist()
+    texts.append("What is plus ? Who are you? I am nanochat, a small language model. 0123456789 #### ABCD")
+    tok = RustBPETokenizer.train_from_iterator(iter(texts), vocab_size)
+    out = os.path.join(base_dir, "tokenizer")
+    tok.save(out)
+    torch.save(compute_token_bytes(tok), os.path.join(out, "token_bytes.pt"))
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory):
+    return build_data_dir(str(tmp_path_factory.mktemp("data")))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory, tiny_data_dir):
+    """A base dir holding only a trained tiny tokenizer (copy it per test with `fresh_base_dir`)."""
+    base = str(tmp_path_factory.mktemp("tokbase"))
+    train_tiny_tokenizer(base, tiny_data_dir)
+    return base
+
+
+@pytest.fixture
+def fresh_base_dir(tmp_path, tiny_tokenizer_dir):
+    """A new NANOCHAT_BASE_DIR with the tiny tokenizer in it."""
+    import shutil
+    base = str(tmp_path / "base")
+    shutil.copytree(tiny_tokenizer_dir, base)
+    return base
+
+
+def script_env(base_dir, data_dir, **extra):
+    env = dict(os.environ)
+    env.update({"NANOCHAT_BASE_DIR": base_dir, "NANOCHAT_DATA_DIR": data_dir, "OMP_NUM_THREADS": "1",
+                "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"})
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None)
+    env.update(extra)
+    return env
+
+
+def run_module(module, args, base_dir, data_dir, timeout=300, check=True, **extra_env):
+    """Run `python -m module args` from the repo root; returns the CompletedProcess (stdout+stderr merged)."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=script_env(base_dir, data_dir, **extra_env),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"python -m {module} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}")
+    return proc
