@@ -39,7 +39,7 @@ class MidPacker:
         st = state or {"cursor": self.rank, "consumed": self.rank, "buffer": [], "truncated": 0, "rows": 0}
         self.cursor, self.consumed, self.truncated = st["cursor"], st["consumed"], st["truncated"]
         self.rows = st["rows"]
-        self.buffer = [(i, self._render(i)) for i in st["buffer"]]
+        self.buffer = [(i, self._render(i)[0]) for i in st["buffer"]]
 
     @property
     def epoch(self):
@@ -51,19 +51,19 @@ class MidPacker:
         return self.consumed / len(self.dataset)
 
     def _render(self, index):
+        """(first T+1 ids, whether the conversation was longer than a row). Rendered without the
+        renderer's own 2048 cut so the count of truncated conversations is exact for any T."""
+        conv = self.dataset[index % len(self.dataset)]
+        ids, _ = self.tokenizer.render_conversation(conv, max_tokens=1 << 62)
         # a conversation longer than a whole row keeps its start (it would never fit otherwise)
-        ids, _ = self.tokenizer.render_conversation(self.dataset[index % len(self.dataset)])
-        return ids[:self.T + 1]
+        return ids[:self.T + 1], len(ids) > self.T + 1
 
     def _refill(self):
         while len(self.buffer) < self.buffer_size:
-            ids = self._render(self.cursor)
-            self.truncated += len(ids) == self.T + 1 and self._full_length(self.cursor) > self.T + 1
+            ids, cut = self._render(self.cursor)
+            self.truncated += cut
             self.buffer.append((self.cursor, ids))
             self.cursor += self.world_size
-
-    def _full_length(self, index):
-        return len(self.tokenizer.render_conversation(self.dataset[index % len(self.dataset)])[0])
 
     def state_dict(self):
         return {"cursor": self.cursor, "consumed": self.consumed, "buffer": [i for i, _ in self.buffer],

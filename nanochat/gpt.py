@@ -65,6 +65,12 @@ def has_value_embed(layer_idx, n_layer):
     return layer_idx % 2 == (n_layer - 1) % 2
 
 
+def embedding(num, dim):
+    """nn.Embedding without its default init (init_weights does it): skipping normal_ here also
+    avoids a ~1.5 s lazy import of torch._dynamo in every process that builds a model."""
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+
+
 def norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
@@ -204,12 +210,12 @@ class GPT(nn.Module):
         self.window_sizes = self._compute_window_sizes(config)
         V_pad, d, L = padded_vocab_size(config.vocab_size), config.n_embd, config.n_layer
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(V_pad, d),
+            wte=embedding(V_pad, d),
             h=nn.ModuleList([Block(config, i) for i in range(L)]),
         ))
         self.lm_head = Linear(d, V_pad)
         kv_dim = config.n_kv_head * self.head_dim
-        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V_pad, kv_dim) for i in range(L) if has_value_embed(i, L)})
+        self.value_embeds = nn.ModuleDict({str(i): embedding(V_pad, kv_dim) for i in range(L) if has_value_embed(i, L)})
         self.resid_lambdas = nn.Parameter(torch.ones(L))
         self.x0_lambdas = nn.Parameter(torch.zeros(L))
         self.smear_gate = Linear(SMEAR_CHANNELS, 1)

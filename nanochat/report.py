@@ -54,6 +54,8 @@ CHAT_METRICS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "Spel
 GPU_PRICES = [("H100", 3.00), ("A100", 1.79), ("V100", 0.55)]  # $/GPU/hour by name substring; else 2.00
 BLOAT_EXTENSIONS = {"py", "md", "rs", "html", "toml", "sh"}
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+# git facts and code size are about this checkout, wherever the command is run from
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def slugify(section):
@@ -68,6 +70,12 @@ def _format_value(value):
     if isinstance(value, bool):
         return str(value)
     if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            return str(value)
+        if abs(value) >= 10000:  # throughputs, token counts: 2,216,187 rather than 2216187.1735
+            return f"{value:,.0f}"
+        if 0 < abs(value) < 0.001:  # small learning rates would print as 0.0000
+            return f"{value:.4g}"
         return f"{value:.4f}"
     if isinstance(value, int) and value >= 10000:
         return f"{value:,}"
@@ -77,9 +85,9 @@ def _format_value(value):
 # Header: environment facts
 
 
-def _run(cmd):
+def _run(cmd, cwd=REPO_ROOT):
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=cwd).stdout.strip()
     except Exception:
         return ""
 
@@ -112,7 +120,7 @@ def hourly_rate(gpu):
     return price * gpu["count"]
 
 
-def bloat_info(root="."):
+def bloat_info(root=REPO_ROOT):
     """Size of the git-tracked code: characters, lines, files, ~tokens, uv.lock lines."""
     files = [f for f in _run(["git", "-C", root, "ls-files"]).split("\n")
              if f and f.rsplit(".", 1)[-1] in BLOAT_EXTENSIONS]
@@ -125,7 +133,7 @@ def bloat_info(root="."):
             continue
         chars += len(text)
         lines += text.count("\n")
-    uv_lines = 0
+    uv_lines = "n/a (no uv.lock)"
     uv_path = os.path.join(root, "uv.lock")
     if os.path.exists(uv_path):
         with open(uv_path, encoding="utf-8", errors="replace") as fh:
@@ -186,11 +194,13 @@ def _parse_time(text, prefix):
     return datetime.datetime.strptime(m.group(1), TIME_FORMAT) if m else None
 
 
-def plot_curves(curves, path_prefix):
-    """One PNG per curve: <path_prefix>_<name>.png. Returns [(name, path)]."""
+def plot_curves(curves, path_prefix, title=None):
+    """One PNG per curve: <path_prefix>_<name>.png, titled '<title>: <name>'. Returns [(name, path)]."""
     import matplotlib
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+    title = title or os.path.basename(path_prefix)
     out = []
     for name, curve in curves.items():
         steps, values = curve["steps"], curve["values"]
@@ -201,8 +211,9 @@ def plot_curves(curves, path_prefix):
         fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
         ax.plot(steps, values, marker="o" if len(values) < 30 else None, markersize=3)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers (no "2.5")
         ax.set_ylabel(name)
-        ax.set_title(f"{os.path.basename(path_prefix)}: {name}")
+        ax.set_title(f"{title}: {name}")
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(path)
@@ -224,14 +235,19 @@ class Report:
         with open(path, "w", encoding="utf-8") as f:
             f.write(f"## {section}\n")
             f.write(f"timestamp: {_now()}\n\n")
+            after_list = False
             for item in data:
                 if not item:
                     continue
                 if isinstance(item, str):
+                    if after_list and not item.startswith("\n"):
+                        f.write("\n")  # else markdown joins the text to the last "- key: value" item
                     f.write(item if item.endswith("\n") else item + "\n")
+                    after_list = False
                 else:
                     for k, v in item.items():
                         f.write(f"- {k}: {_format_value(v)}\n")
+                    after_list = True
             f.write("\n")
         return path
 
@@ -292,6 +308,8 @@ class Report:
         else:
             print(f"Warning: {header_path} missing (run `python -m nanochat.report reset` at the start)")
             header = "# nanochat training report\n\n"
+        # header.md was written at reset; the report itself is generated now
+        header = re.sub(r"^Generated: .*$", f"Generated: {_now()}", header, count=1, flags=re.MULTILINE)
         start_time = _parse_time(header, "Run started:")
         rate_match = re.search(r"Hourly Rate: \$([\d.]+)/hour", header)
         bloat = re.search(r"### Bloat\n(.*?)\n\n", header, re.DOTALL)
@@ -310,7 +328,7 @@ class Report:
             if os.path.exists(curves_path):
                 with open(curves_path, encoding="utf-8") as f:
                     curves = json.load(f)
-                for name, png in plot_curves(curves, os.path.join(self.report_dir, file[:-3])):
+                for name, png in plot_curves(curves, os.path.join(self.report_dir, file[:-3]), title=section):
                     parts.append(f"![{section}: {name}]({os.path.basename(png)})\n\n")
             if file == "base-model-evaluation.md":
                 metrics["BASE"] = extract_metrics(text, ["CORE"])

@@ -7,12 +7,29 @@ A task is anything with len(), [i] -> conversation and evaluate(conversation, an
 - generative (GSM8K, HumanEval, SpellingBee): sample completions with the Engine; a problem passes
   if any of its samples passes (pass@num_samples).
 Problems are split across ranks and the counts all-reduced.
+ChatCORE (REFERENCE 9.5) averages the accuracies after centering each on its random-guess baseline.
 """
 
 import torch
 import torch.distributed as dist
 
 from nanochat.common import get_dist_info
+
+
+# random-guess accuracy of each chat benchmark: 4-way multiple choice, 0 for open-ended generation
+CHAT_BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0,
+                  "SpellingBee": 0.0}
+
+
+def chatcore(accuracies, baselines=CHAT_BASELINES):
+    """
+    Mean over the benchmarks of (acc - baseline) / (1 - baseline): 0 = guessing, 1 = perfect.
+    None unless every benchmark of `baselines` is in `accuracies` (a partial mean is not comparable).
+    """
+    if not all(name in accuracies for name in baselines):
+        return None
+    centered = [(accuracies[name] - b) / (1.0 - b) for name, b in baselines.items()]
+    return sum(centered) / len(centered)
 
 
 def _all_reduce_counts(passed, total, device):
@@ -64,8 +81,10 @@ def run_categorical_eval(task, tokenizer, model, batch_size=8, max_problems=None
 
 @torch.no_grad()
 def run_generative_eval(task, tokenizer, engine, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50,
-                        max_problems=None, device="cpu", verbose=False):
+                        max_problems=None, device=None, verbose=False):
     """pass@num_samples in [0, 1] over the first max_problems problems (REFERENCE 9.4)."""
+    # the all-reduce needs a tensor on the backend's device (NCCL: the GPU the model sits on)
+    device = torch.device(device) if device is not None else next(engine.model.parameters()).device
     _, rank, _, world_size = get_dist_info()
     n = len(task) if max_problems is None else min(len(task), max_problems)
     passed, total = 0, 0
@@ -82,5 +101,5 @@ def run_generative_eval(task, tokenizer, engine, num_samples=1, max_new_tokens=5
             print(f"\r[rank {rank}] {passed}/{total} ({100 * passed / total:.1f}%)", end="", flush=True)
     if verbose:
         print()
-    passed, total = _all_reduce_counts(passed, total, torch.device(device) if isinstance(device, str) else device)
+    passed, total = _all_reduce_counts(passed, total, device)
     return passed / max(total, 1)

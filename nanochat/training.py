@@ -30,12 +30,18 @@ def lr_multiplier_base(it, num_iterations, warmup_iters, warmdown_iters, final_l
 
 
 def muon_momentum_base(it, num_iterations, warmdown_iters):
-    """REFERENCE 6.8 (NEW): 0.85 -> 0.97 over 400 steps, flat, then 0.97 -> 0.90 during warm-down."""
+    """
+    REFERENCE 6.8 (NEW): 0.85 -> 0.97 over the first 400 steps, flat 0.97, then 0.97 -> 0.90 during the
+    LR warm-down. Where the two overlap (runs shorter than ~400 + warm-down steps) the warm-up wins, as in
+    the NEW source, so short runs keep the reference's momentum trace.
+    """
     warmdown_start = num_iterations - warmdown_iters
-    if warmdown_iters > 0 and it > warmdown_start:
+    if it < 400:
+        return 0.85 + (0.97 - 0.85) * it / 400
+    if warmdown_iters > 0 and it >= warmdown_start:
         p = (it - warmdown_start) / warmdown_iters
         return 0.97 + (0.90 - 0.97) * p
-    return 0.85 + (0.97 - 0.85) * min(it / 400, 1.0)
+    return 0.97
 
 
 def muon_momentum_mid(it):
@@ -82,6 +88,21 @@ def check_finite(loss_value, step, device, model=None):
             f"with --resume-from-step=<last saved step>.")
 
 
+def check_finite_params(model, step, device):
+    """
+    Before a save: refuse to checkpoint non-finite weights. The loss/gradient guard runs before each
+    update, but an update itself can overflow (a huge LR), and the loop saves step S before computing
+    step S's loss, so without this the poisoned weights of step S would reach disk.
+    """
+    norms = [p.detach().float().norm() for p in model.parameters()]
+    bad = any_rank(bool(norms) and not math.isfinite(torch.stack(norms).norm().item()), device)
+    if bad:
+        raise NonFiniteLossError(
+            f"non-finite weights at step {step} (the update of step {step - 1} overflowed); not saving step {step}. "
+            f"The last good checkpoint is untouched: lower the learning rate, then resume with "
+            f"--resume-from-step=<last saved step>.")
+
+
 def get_rng_state():
     """RNG states as tensors/ints only, so they load with torch.load(weights_only=True)."""
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
@@ -104,9 +125,13 @@ def set_rng_state(state):
 
 def get_peak_flops(device, dtype):
     """
-    Denominator for MFU: the datasheet bf16 peak on known GPUs, otherwise the matmul peak
-    measured right now in the compute dtype (CPUs and unknown GPUs have no useful datasheet).
+    Denominator for MFU: $NANOCHAT_PEAK_FLOPS if set, else the datasheet bf16 peak on known GPUs, otherwise
+    the matmul peak measured right now in the compute dtype (CPUs and unknown GPUs have no useful datasheet).
     """
+    if os.environ.get("NANOCHAT_PEAK_FLOPS"):  # pin the denominator (comparable MFU across runs; no 1 s probe)
+        peak = float(os.environ["NANOCHAT_PEAK_FLOPS"])
+        print0(f"peak FLOP/s from NANOCHAT_PEAK_FLOPS: {peak:e} (used for MFU)")
+        return peak
     peak = get_datasheet_peak_flops(device)
     if math.isinf(peak):
         peak = measure_matmul_peak(device, dtype)

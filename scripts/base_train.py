@@ -27,13 +27,14 @@ from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir
                              get_wandb, get_max_memory, parse_bool, autodetect_device_type)
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.dataloader import PretrainLoader
+from nanochat.dataset import get_split_files
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat import checkpoint_manager as ckpt
 from nanochat.report import get_report
 from nanochat.training import (lr_multiplier_base, muon_momentum_base, muon_weight_decay_cosine, set_schedule,
-                               check_finite, NonFiniteLossError, get_rng_state, set_rng_state, get_peak_flops,
-                               StepTimer, format_step, all_reduce_mean)
+                               check_finite, check_finite_params, NonFiniteLossError, get_rng_state, set_rng_state,
+                               get_peak_flops, StepTimer, format_step, all_reduce_mean)
 
 parser = argparse.ArgumentParser(description="Pretrain the base model")
 # logging and runtime
@@ -83,9 +84,11 @@ is_dist, rank, local_rank, world_size, device = compute_init(args.device_type)
 master = rank == 0
 dtype = get_compute_dtype(device.type, args.dtype or None)
 use_compile = args.compile if args.compile is not None else device.type == "cuda"
+user_config.update(device_type=device.type, dtype=str(dtype).removeprefix("torch."), compile=use_compile)  # as resolved
 wandb_run = get_wandb(args.run, "nanochat", user_config, master)
 
 tokenizer = get_tokenizer()
+get_split_files("train"), get_split_files("val")  # fail fast (clear message) before building the model
 token_bytes = get_token_bytes(device)
 vocab_size = tokenizer.get_vocab_size()
 print0(f"vocab size: {vocab_size:,}")
@@ -149,6 +152,9 @@ optimizer = orig_model.setup_optimizers(unembedding_lr=args.unembedding_lr * bat
 warmup_iters = max(args.warmup_steps, round(args.warmup_ratio * num_iterations))
 warmdown_iters = round(args.warmdown_ratio * num_iterations)
 
+# measured before the resume below: on CPU this runs randn, which must not shift the restored RNG
+peak_flops = get_peak_flops(device, dtype)
+
 # Checkpoint directory and resume
 model_tag = args.model_tag or f"d{args.depth}"
 checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
@@ -170,6 +176,7 @@ if args.resume_from_step >= 0:
     loop = meta["loop_state"]
     step, val_bpb = meta["step"], meta.get("val_bpb")
     min_val_bpb, smooth_loss = loop["min_val_bpb"], loop["smooth_train_loss"]
+    min_val_bpb = float("inf") if min_val_bpb is None else min_val_bpb
     timer = StepTimer(device, skip=10 if use_compile else 0, total_time=loop["total_training_time"],
                       timed_steps=loop["timed_steps"])
     report_curves = loop.get("curves", report_curves)
@@ -179,7 +186,6 @@ if args.resume_from_step >= 0:
 train_loader = PretrainLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", device=device,
                               state=loader_state)
 eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * world_size))
-peak_flops = get_peak_flops(device, dtype)
 
 
 def run_val_bpb():
@@ -217,12 +223,14 @@ def run_samples():
 
 
 def save(step):
+    check_finite_params(orig_model, step, device)  # never write poisoned weights (D7)
     meta = {
         "step": step, "val_bpb": val_bpb, "model_config": ckpt.config_to_dict(config), "user_config": user_config,
         "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
         "total_batch_size": total_batch_size, "world_size": world_size,
         "dataloader_state_dict": train_loader.state_dict(),
-        "loop_state": {"min_val_bpb": min_val_bpb, "smooth_train_loss": smooth_loss,
+        # min_val_bpb is inf before the first eval: stored as null to keep the meta strict JSON
+        "loop_state": {"min_val_bpb": min_val_bpb if math.isfinite(min_val_bpb) else None, "smooth_train_loss": smooth_loss,
                        "total_training_time": timer.total_time, "timed_steps": timer.timed_steps,
                        "curves": report_curves},
         "tokenizer": ckpt.tokenizer_info(tokenizer),
@@ -285,7 +293,7 @@ try:
         debiased = smooth_loss / (1 - 0.9 ** (step + 1))
         line, last_tok_per_sec, last_mfu = format_step(step, num_iterations, debiased, lrm, dt, total_batch_size,
                                                        flops_per_token, peak_flops, world_size, timer,
-                                                       extra=f"epoch {train_loader.epoch}")
+                                                       extra=f"epoch {train_loader.epoch} | raw loss {loss_value:.17g}")
         print0(line)
         report_curves["step"].append(step)
         report_curves["loss"].append(loss_value)
@@ -301,8 +309,9 @@ except NonFiniteLossError as e:
 # -----------------------------------------------------------------------------
 # Wrap up
 
+min_val_str = f"{min_val_bpb:.4f}" if math.isfinite(min_val_bpb) else "n/a (no eval)"
 print0(f"peak memory: {get_max_memory(device) / 2**20:.0f} MiB | training time: {timer.total_time / 60:.2f} min | "
-       f"min val bpb: {min_val_bpb:.4f}")
+       f"min val bpb: {min_val_str}")
 get_report().log("Base model training", [
     user_config,
     {"Number of parameters": param_counts["total"], "Scaling parameters": scaling_params,
@@ -313,7 +322,7 @@ get_report().log("Base model training", [
      "Warmdown iterations": warmdown_iters, "Final LR fraction": args.final_lr_frac},
     {"Minimum validation bpb": min_val_bpb if min_val_bpb < float("inf") else None, "Final validation bpb": val_bpb,
      "CORE metric estimate": core_result["core"] if core_result else None,
-     "Tokens per second": last_tok_per_sec, "MFU %": f"{last_mfu:.2f}%",
+     "Tokens per second": last_tok_per_sec, "MFU": f"{last_mfu:.2f}%",
      "Total training FLOPs": f"{flops_per_token * total_batch_size * num_iterations:e}",
      "Total training time": f"{timer.total_time / 60:.2f}m",
      "Peak memory usage": f"{get_max_memory(device) / 2**20:.0f} MiB"},

@@ -15,7 +15,7 @@ import torch
 from nanochat.common import compute_init, compute_cleanup, print0, get_compute_dtype
 from nanochat.checkpoint_manager import load_model
 from nanochat.engine import Engine
-from nanochat.task_eval import run_categorical_eval, run_generative_eval
+from nanochat.task_eval import run_categorical_eval, run_generative_eval, chatcore, CHAT_BASELINES
 from nanochat.report import get_report
 from tasks.arc import ARC
 from tasks.mmlu import MMLU
@@ -23,15 +23,16 @@ from tasks.gsm8k import GSM8K
 from tasks.humaneval import HumanEval
 from tasks.spellingbee import SpellingBee
 
-# name -> (builder, random-guess baseline); built lazily so an unused task needs no data
+# name -> builder; built lazily so an unused task needs no data (baselines: nanochat.task_eval.CHAT_BASELINES)
 TASKS = {
-    "ARC-Easy": (lambda: ARC("ARC-Easy", "test"), 0.25),
-    "ARC-Challenge": (lambda: ARC("ARC-Challenge", "test"), 0.25),
-    "MMLU": (lambda: MMLU("all", "test"), 0.25),
-    "GSM8K": (lambda: GSM8K("main", "test"), 0.0),
-    "HumanEval": (lambda: HumanEval(), 0.0),
-    "SpellingBee": (lambda: SpellingBee(size=256, split="test"), 0.0),
+    "ARC-Easy": lambda: ARC("ARC-Easy", "test"),
+    "ARC-Challenge": lambda: ARC("ARC-Challenge", "test"),
+    "MMLU": lambda: MMLU("all", "test"),
+    "GSM8K": lambda: GSM8K("main", "test"),
+    "HumanEval": lambda: HumanEval(),
+    "SpellingBee": lambda: SpellingBee(size=256, split="test"),
 }
+assert set(TASKS) == set(CHAT_BASELINES)
 
 parser = argparse.ArgumentParser(description="Evaluate a chat model")
 parser.add_argument("-i", "--source", type=str, required=True, choices=["mid", "sft", "rl", "base"], help="checkpoint family")
@@ -53,6 +54,10 @@ if unknown:
     parser.error(f"unknown task(s) {unknown}; choose from {list(TASKS)}")
 if args.temperature < 0:
     parser.error("--temperature must be >= 0")
+for flag, value in [("--num-samples", args.num_samples), ("--batch-size", args.batch_size),
+                    ("--max-new-tokens", args.max_new_tokens), ("--max-problems", args.max_problems)]:
+    if value is not None and value < 1:
+        parser.error(f"{flag} must be >= 1, got {value}")
 
 is_dist, rank, local_rank, world_size, device = compute_init(args.device_type)
 get_compute_dtype(device.type, args.dtype or None)
@@ -61,7 +66,7 @@ engine = Engine(model, tokenizer)
 
 results = {}
 for name in names:
-    task = TASKS[name][0]()
+    task = TASKS[name]()
     t0 = time.time()
     if task.eval_type == "categorical":
         acc = run_categorical_eval(task, tokenizer, model, batch_size=args.batch_size, max_problems=args.max_problems,
@@ -73,13 +78,11 @@ for name in names:
     results[name] = acc
     print0(f"{name}: {100 * acc:.2f}% ({time.time() - t0:.1f}s)")
 
-chatcore = None
-if all(name in results for name in TASKS):
-    centered = [(results[n] - TASKS[n][1]) / (1 - TASKS[n][1]) for n in TASKS]
-    chatcore = sum(centered) / len(centered)
-    print0(f"ChatCORE metric: {chatcore:.4f}")
+chatcore_metric = chatcore(results)  # None unless all six tasks ran
+if chatcore_metric is not None:
+    print0(f"ChatCORE metric: {chatcore_metric:.4f}")
 
 get_report().log(f"Chat evaluation {args.source}", [
     vars(args), {name: acc for name, acc in results.items()},
-    {"ChatCORE metric": chatcore} if chatcore is not None else None])
+    {"ChatCORE metric": chatcore_metric} if chatcore_metric is not None else None])
 compute_cleanup()

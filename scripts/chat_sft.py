@@ -25,10 +25,10 @@ from nanochat import checkpoint_manager as ckpt
 from nanochat.chat_loader import SFTBatcher
 from nanochat.task_eval import run_categorical_eval
 from nanochat.report import get_report
-from nanochat.training import (set_schedule, check_finite, NonFiniteLossError, get_rng_state, set_rng_state,
-                               get_peak_flops, StepTimer, format_step, all_reduce_sum, supervised_loss)
-from tasks.mixtures import add_mixture_args, specs_from_args, build_mixture, default_sft_sources, \
-    default_sft_val_sources
+from nanochat.training import (set_schedule, check_finite, check_finite_params, NonFiniteLossError, get_rng_state,
+                               set_rng_state, get_peak_flops, StepTimer, format_step, all_reduce_sum, supervised_loss)
+from tasks.mixtures import (add_mixture_args, specs_from_args, build_mixture, SourceUnavailable, default_sft_sources,
+                            default_sft_val_sources)
 from tasks.arc import ARC
 from tasks.mmlu import MMLU
 
@@ -70,10 +70,14 @@ master = rank == 0
 dtype = get_compute_dtype(device.type, args.dtype or None)
 wandb_run = get_wandb(args.run, "nanochat-sft", user_config, master)
 
-train_spec, val_spec = specs_from_args(args)
-print0(f"train mixture: {train_spec}\nval mixture: {val_spec}")
-train_ds = build_mixture(train_spec, "train")
-val_ds = build_mixture(val_spec, "test")
+try:
+    train_spec, val_spec = specs_from_args(args)
+    print0(f"train mixture: {train_spec}\nval mixture: {val_spec}")
+    train_ds = build_mixture(train_spec, "train")
+    val_ds = build_mixture(val_spec, "test")
+except (ValueError, SourceUnavailable) as e:  # a bad flag or a missing source: a message, not a traceback
+    compute_cleanup()
+    raise SystemExit(f"ERROR: {e}")
 print0(f"train conversations: {len(train_ds):,} | val conversations: {len(val_ds):,}")
 
 model, tokenizer, src_meta = load_model(args.source, device, phase="train", model_tag=args.model_tag,
@@ -151,13 +155,23 @@ def run_metrics():
     return out
 
 
-def save(step):
-    meta = {"step": step, "val_loss": val_loss, **metrics, "model_config": ckpt.config_to_dict(config),
+def make_meta(step):
+    return {"step": step, "val_loss": val_loss, **metrics, "model_config": ckpt.config_to_dict(config),
             "user_config": user_config, "world_size": world_size, "source": args.source,
             "loop_state": {"curves": curves, "total_training_time": timer.total_time, "timed_steps": timer.timed_steps},
             "tokenizer": ckpt.tokenizer_info(tokenizer)}
+
+
+def save(step):
+    check_finite_params(model, step, device)  # never write poisoned weights (D7)
     optim_state = {"optimizer": optimizer.state_dict(), "loader": train_loader.state_dict(), "rng": get_rng_state()}
-    ckpt.save_checkpoint(output_dir, step, model.state_dict(), optim_state, meta, rank=rank)
+    ckpt.save_checkpoint(output_dir, step, model.state_dict(), optim_state, make_meta(step), rank=rank)
+
+
+def record_final_eval(step):
+    """The last step is saved before its evaluation; put that evaluation's results into the step's meta."""
+    if master:
+        ckpt._atomic_json_save(make_meta(step), os.path.join(output_dir, f"meta_{step:06d}.json"))
 
 
 def evaluate(step, last_step):
@@ -181,6 +195,7 @@ try:
         if last_step:
             save(step)  # the finished model is on disk before the (interruptible) final evaluation
             evaluate(step, last_step)
+            record_final_eval(step)
             break
         evaluate(step, last_step)
         if step > 0 and step != args.resume_from_step and args.save_every > 0 and step % args.save_every == 0:

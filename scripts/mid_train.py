@@ -26,10 +26,11 @@ from nanochat.tokenizer import get_token_bytes
 from nanochat.chat_loader import MidPacker
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
-from nanochat.training import (muon_momentum_mid, set_schedule, check_finite, NonFiniteLossError, get_rng_state,
-                               set_rng_state, get_peak_flops, StepTimer, format_step, all_reduce_mean, any_rank)
-from tasks.mixtures import add_mixture_args, specs_from_args, build_mixture, default_mid_sources, \
-    default_mid_val_sources
+from nanochat.training import (muon_momentum_mid, set_schedule, check_finite, check_finite_params, NonFiniteLossError,
+                               get_rng_state, set_rng_state, get_peak_flops, StepTimer, format_step, all_reduce_mean,
+                               any_rank)
+from tasks.mixtures import (add_mixture_args, specs_from_args, build_mixture, SourceUnavailable, default_mid_sources,
+                            default_mid_val_sources)
 
 parser = argparse.ArgumentParser(description="Midtrain a base model on a conversation mixture")
 parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
@@ -61,19 +62,28 @@ is_dist, rank, local_rank, world_size, device = compute_init(args.device_type)
 master = rank == 0
 dtype = get_compute_dtype(device.type, args.dtype or None)
 use_compile = args.compile if args.compile is not None else device.type == "cuda"
+user_config.update(device_type=device.type, dtype=str(dtype).removeprefix("torch."), compile=use_compile)  # as resolved
 wandb_run = get_wandb(args.run, "nanochat-mid", user_config, master)
 
 # Data first: a missing source must stop us before any model is loaded
-train_spec, val_spec = specs_from_args(args)
-print0(f"train mixture: {train_spec}\nval mixture: {val_spec}")
-train_ds = build_mixture(train_spec, "train")
-val_ds = build_mixture(val_spec, "test")
+try:
+    train_spec, val_spec = specs_from_args(args)
+    print0(f"train mixture: {train_spec}\nval mixture: {val_spec}")
+    train_ds = build_mixture(train_spec, "train")
+    val_ds = build_mixture(val_spec, "test")
+except (ValueError, SourceUnavailable) as e:  # a bad flag or a missing source: a message, not a traceback
+    compute_cleanup()
+    raise SystemExit(f"ERROR: {e}")
 print0(f"train conversations: {len(train_ds):,} | val conversations: {len(val_ds):,}")
 
 model, tokenizer, base_meta = load_model("base", device, phase="train", model_tag=args.model_tag, step=args.model_step)
 config = model.config
 if args.max_seq_len > config.sequence_len:
     raise SystemExit(f"--max-seq-len={args.max_seq_len} exceeds the base model's context {config.sequence_len}")
+base_batch = base_meta.get("device_batch_size")
+if base_batch is not None and args.device_batch_size > base_batch:
+    print0(f"WARNING: --device-batch-size={args.device_batch_size} is larger than the base run's {base_batch}: "
+           f"it may not fit in memory (lower it; gradient accumulation keeps --total-batch-size)")
 orig_model = model
 if use_compile:
     model = torch.compile(model, dynamic=False)
@@ -130,17 +140,27 @@ def run_val_bpb():
     return bpb
 
 
-def save(step):
-    if args.dry_run:
-        return
-    meta = {"step": step, "val_bpb": val_bpb, "model_config": ckpt.config_to_dict(config), "user_config": user_config,
+def make_meta(step):
+    return {"step": step, "val_bpb": val_bpb, "model_config": ckpt.config_to_dict(config), "user_config": user_config,
             "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len, "world_size": world_size,
             "dataloader_state_dict": train_loader.state_dict(),
             "loop_state": {"progress": progress, "min_val_bpb": min_val_bpb, "smooth_train_loss": smooth_loss,
                            "total_training_time": timer.total_time, "timed_steps": timer.timed_steps, "curves": curves},
             "tokenizer": ckpt.tokenizer_info(tokenizer)}
+
+
+def save(step):
+    if args.dry_run:
+        return
+    check_finite_params(orig_model, step, device)  # never write poisoned weights (D7)
     optim_state = {"optimizer": optimizer.state_dict(), "loader": train_loader.state_dict(), "rng": get_rng_state()}
-    ckpt.save_checkpoint(output_dir, step, orig_model.state_dict(), optim_state, meta, rank=rank)
+    ckpt.save_checkpoint(output_dir, step, orig_model.state_dict(), optim_state, make_meta(step), rank=rank)
+
+
+def record_final_eval(step):
+    """The last step is saved before its evaluation; put that evaluation's result into the step's meta."""
+    if not args.dry_run and master:
+        ckpt._atomic_json_save(make_meta(step), os.path.join(output_dir, f"meta_{step:06d}.json"))
 
 
 def evaluate(step):
@@ -161,6 +181,7 @@ try:
         if last_step:
             save(step)  # the finished model is on disk before the (interruptible) final evaluation
             evaluate(step)
+            record_final_eval(step)
             break
         if args.eval_every > 0 and step % args.eval_every == 0:
             evaluate(step)
@@ -186,7 +207,9 @@ try:
 
         smooth_loss = 0.9 * smooth_loss + 0.1 * loss_value
         debiased = smooth_loss / (1 - 0.9 ** (step + 1))
-        total_est = args.num_iterations if args.num_iterations > 0 else max(step + 1, round(step / max(progress, 1e-9)))
+        # progress already counts this step's batches: steps so far / progress estimates the epoch's length
+        total_est = args.num_iterations if args.num_iterations > 0 else \
+            max(step + 1, round((step + 1) / max(progress, 1e-9)))
         line, tok_per_sec, mfu = format_step(step, total_est, debiased, lrm, dt, args.total_batch_size, flops_per_token,
                                              peak_flops, world_size, timer,
                                              extra=f"progress {100 * progress:.1f}% | epoch {train_loader.epoch}")

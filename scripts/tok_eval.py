@@ -148,6 +148,7 @@ if len(results) == 1:
         o = results["ours"][label]
         print(f"{label:<10} {o['bytes']:<8} {o['tokens']:<8} {o['ratio']:<7.2f}")
         report_lines.append(f"| {label} | {o['bytes']} | {o['tokens']} | {o['ratio']:.2f} |")
+    report_lines.append("")  # a blank line ends the markdown table (else the next line becomes a row)
 
 # -----------------------------------------------------------------------------
 # Encode throughput: batch-encode every document of the first train row groups (up to ~20M chars)

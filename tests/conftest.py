@@ -153,3 +153,66 @@ def run_module(module, args, base_dir, data_dir, timeout=300, check=True, **extr
     if check and proc.returncode != 0:
         raise AssertionError(f"python -m {module} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}")
     return proc
+
+
+def save_tiny_chat_checkpoints(base_dir, sources=("mid", "sft"), step=3, seed=0):
+    """
+    A randomly initialised tiny GPT (depth 2, head dim 32, context 64) saved under base_dir as tag d2 of each
+    source, in the training scripts' format; the tokenizer must already be in base_dir/tokenizer.
+    Enough for scripts that load a chat model (chat_eval, chat_rl, ...) to run end to end in seconds.
+    """
+    import torch
+    from nanochat.checkpoint_manager import SOURCE_DIRS, save_checkpoint, tokenizer_info, config_to_dict
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.tokenizer import RustBPETokenizer
+    tok = RustBPETokenizer.from_directory(os.path.join(base_dir, "tokenizer"))
+    config = GPTConfig(sequence_len=64, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
+                       window_pattern="L")
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    meta = {"step": step, "model_config": config_to_dict(config), "tokenizer": tokenizer_info(tok)}
+    for source in sources:
+        save_checkpoint(os.path.join(base_dir, SOURCE_DIRS[source], "d2"), step, model.state_dict(), None, meta)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_template_dir(tmp_path_factory, tiny_tokenizer_dir):
+    """Tokenizer plus mid and sft checkpoints d2 (copy it per test with `chat_base_dir`)."""
+    import shutil
+    base = str(tmp_path_factory.mktemp("chatbase") / "base")
+    shutil.copytree(tiny_tokenizer_dir, base)
+    save_tiny_chat_checkpoints(base)
+    return base
+
+
+@pytest.fixture
+def chat_base_dir(tmp_path, tiny_chat_template_dir):
+    """A new NANOCHAT_BASE_DIR with the tiny tokenizer and tiny mid/sft checkpoints in it."""
+    import shutil
+    base = str(tmp_path / "chatbase")
+    shutil.copytree(tiny_chat_template_dir, base)
+    return base
+
+
+@pytest.fixture(scope="session")
+def tiny_base_checkpoint_dir(tmp_path_factory, tiny_tokenizer_dir):
+    """A base dir with the tiny tokenizer and a tiny freshly initialised base model in base_checkpoints/d2
+    (step 3, see save_tiny_chat_checkpoints). Copy it per test with `fresh_model_base_dir`."""
+    import shutil
+    base = str(tmp_path_factory.mktemp("modelbase") / "base")
+    shutil.copytree(tiny_tokenizer_dir, base)
+    save_tiny_chat_checkpoints(base, sources=("base",))
+    return base
+
+
+@pytest.fixture
+def fresh_model_base_dir(tmp_path, tiny_base_checkpoint_dir):
+    """A new NANOCHAT_BASE_DIR holding the tiny tokenizer and the tiny base checkpoint."""
+    import shutil
+    base = str(tmp_path / "base")
+    shutil.copytree(tiny_base_checkpoint_dir, base)
+    return base

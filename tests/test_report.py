@@ -50,7 +50,7 @@ def test_report_end_to_end(tmp_path, monkeypatch):
 
     section = (report_dir / "base-model-training.md").read_text()
     assert section.startswith("## Base model training\ntimestamp: ")
-    assert "- depth: 4\n- tokens: 1,234,567\n- lr: 0.0200\n- flag: True\nfree text line\n" in section
+    assert "- depth: 4\n- tokens: 1,234,567\n- lr: 0.0200\n- flag: True\n\nfree text line\n" in section
 
     # fix the clock: run started 10:00, last non-RL section at 13:25 (RL later, not counted)
     _set_time(report_dir / "header.md", "Run started:", "2025-01-01 10:00:00")
@@ -108,3 +108,18 @@ def test_extract_metrics_is_not_fooled_by_substrings():
     text = "- task_name: GSM8K\n- GSM8K: 0.05\n- ChatCORE metric: 0.1\n- Missing tasks (excluded from CORE): x\n"
     assert extract_metrics(text, ["GSM8K", "CORE", "ChatCORE"]) == {"GSM8K": "0.05", "ChatCORE": "0.1"}
     assert report_mod.slugify("Chat evaluation mid") == "chat-evaluation-mid"
+
+
+def test_value_formatting_reads_well():
+    fmt = report_mod._format_value
+    assert [fmt(v) for v in [0.02, 2216187.1735, 4e-05, 0.0, 12345, 999, True, float("nan")]] == \
+        ["0.0200", "2,216,187", "4e-05", "0.0000", "12,345", "999", "True", "nan"]
+
+
+def test_git_facts_come_from_the_repo_not_the_cwd(tmp_path, monkeypatch):
+    if not os.path.exists(os.path.join(report_mod.REPO_ROOT, ".git")):
+        import pytest
+        pytest.skip("not running from a git checkout")
+    monkeypatch.chdir(tmp_path)  # not a git checkout
+    assert report_mod.git_info()["commit"] != "unknown"
+    assert report_mod.bloat_info()["Files"] > 0
