@@ -98,6 +98,20 @@ def tokenizer_fingerprint(tokenizer):
     return h.hexdigest()
 
 
+def load_meta(checkpoint_dir, step):
+    path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no complete checkpoint of step {step} in {checkpoint_dir} (missing {path})")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def update_meta(checkpoint_dir, step, meta, rank=0):
+    """Rewrite the meta of a complete step (e.g. to add the final evaluation run after saving it)."""
+    if rank == 0:
+        _atomic_json_save(meta, os.path.join(checkpoint_dir, f"meta_{step:06d}.json"))
+
+
 def config_to_dict(config):
     """The full GPTConfig as a plain dict, which meta["model_config"] always stores (D6)."""
     return {f.name: getattr(config, f.name) for f in fields(config)}

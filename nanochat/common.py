@@ -4,8 +4,6 @@ init/cleanup, logging, seeding, peak FLOP/s tables and a locked download helper.
 """
 
 import os
-import re
-import sys
 import time
 import random
 import logging

@@ -246,6 +246,13 @@ def get_bundle_dir(bundle_dir=None):
     return d
 
 
+# the 22 tasks of the standard CORE bundle (REFERENCE 9.2), in core.yaml order
+CORE_TASKS = ["hellaswag_zeroshot", "jeopardy", "bigbench_qa_wikidata", "arc_easy", "arc_challenge", "copa",
+              "commonsense_qa", "piqa", "openbook_qa", "lambada_openai", "hellaswag", "winograd", "winogrande",
+              "bigbench_dyck_languages", "agi_eval_lsat_ar", "bigbench_cs_algorithms", "bigbench_operators",
+              "bigbench_repeat_copy_logic", "squad", "coqa", "boolq", "bigbench_language_identification"]
+
+
 def load_bundle(bundle_dir):
     """[(label, task_meta, data_path, random_baseline_percent)] in core.yaml order."""
     import yaml
@@ -280,6 +287,12 @@ def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None, ba
     """
     tasks = load_bundle(get_bundle_dir(bundle_dir))
     results, centered, missing = {}, {}, []
+    labels = {label for label, *_ in tasks}
+    if labels & set(CORE_TASKS):  # a (partial) standard bundle: name the standard tasks it lacks (D15)
+        for label in CORE_TASKS:
+            if label not in labels:
+                missing.append(label)
+                print0(f"CORE: task {label} is not in this bundle's core.yaml (left out of the mean)")
     for label, task_meta, path, baseline in tasks:
         if not os.path.exists(path):
             missing.append(label)

@@ -71,8 +71,54 @@ def embedding(num, dim):
     return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
 
 
+class RMSNormCPU(torch.autograd.Function):
+    """
+    Parameter-free RMS norm with a hand-written backward. On CPU the stock rms_norm is a chain of
+    elementwise ops (pow, mean, rsqrt, mul) whose autograd makes several extra passes over the
+    activations; this one keeps y and 1/rms and does the backward in three passes:
+    dx = rstd * (g - y * mean(g * y)).
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        rstd = torch.rsqrt(x.square().mean(-1, keepdim=True) + torch.finfo(x.dtype).eps)
+        y = x * rstd
+        ctx.save_for_backward(y, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        y, rstd = ctx.saved_tensors
+        dot = (g * y).mean(-1, keepdim=True)
+        return torch.addcmul(g, y, dot, value=-1).mul_(rstd)
+
+
+class ReluSquareCPU(torch.autograd.Function):
+    """relu(x)^2 whose backward is one multiply: d/dx = 2*relu(x), kept from the forward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        r = torch.relu(x)
+        y = r * r
+        ctx.save_for_backward(r.mul_(2))
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (two_r,) = ctx.saved_tensors
+        return g * two_r
+
+
 def norm(x):
+    if x.device.type == "cpu" and x.requires_grad:
+        return RMSNormCPU.apply(x)
     return F.rms_norm(x, (x.size(-1),))
+
+
+def relu_square(x):
+    if x.device.type == "cpu" and x.requires_grad:
+        return ReluSquareCPU.apply(x)
+    return F.relu(x).square()
 
 
 def apply_rotary(x, cos, sin):
@@ -183,7 +229,7 @@ class MLP(nn.Module):
         self.c_proj = Linear(4 * config.n_embd, config.n_embd)
 
     def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+        return self.c_proj(relu_square(self.c_fc(x)))
 
 
 class Block(nn.Module):

@@ -272,7 +272,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 reductions.append(todo)
             else:
                 ps = group["params"]
-                K, c = len(ps), -(-len(ps) // world)
+                c = -(-len(ps) // world)  # matrices owned per rank (the stack is zero-padded to c*world)
                 stack = torch.zeros((c * world,) + ps[0].shape, dtype=torch.float32, device=ps[0].device)
                 for i, p in enumerate(ps):
                     if p.grad is not None:

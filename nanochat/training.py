@@ -226,3 +226,38 @@ def supervised_loss(model, x, y, num_tokens_step, world_size, dft_alpha=0.0):
     # ranks' gradients are averaged by the optimizer, so scale by world_size to get a plain sum
     loss = weighted * world_size / max(num_tokens_step, 1)
     return loss, p.sum().item()
+
+# -----------------------------------------------------------------------------
+# Checkpoints of a training run: what every training script saves and restores
+
+def scale_lrs(optimizer, frac):
+    """Multiply every group's LR by `frac`, and make that the new initial_lr schedules start from."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * frac
+        group["initial_lr"] = group["lr"]
+
+
+def save_training_checkpoint(checkpoint_dir, step, model, optimizer, loader, meta, rank, device):
+    """
+    Save model + this rank's optimizer shard + loader position + RNG (exact resume, D5), refusing to
+    write non-finite weights (D7). Every rank must call it (save_checkpoint has a barrier).
+    """
+    from nanochat import checkpoint_manager as ckpt
+    check_finite_params(model, step, device)
+    state = {"optimizer": optimizer.state_dict(), "loader": loader.state_dict(), "rng": get_rng_state()}
+    ckpt.save_checkpoint(checkpoint_dir, step, model.state_dict(), state, meta, rank=rank)
+
+
+def resume_training(checkpoint_dir, step, model, optimizer, device, rank):
+    """
+    Restore a saved step into `model` and `optimizer` (this rank's shard) and restore the RNG.
+    Returns (loader_state, meta). Call it last before the loop: anything drawing random numbers
+    afterwards (e.g. measuring the matmul peak) would shift the restored RNG.
+    """
+    from nanochat import checkpoint_manager as ckpt
+    model_state, state, meta = ckpt.load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
+    model.load_state_dict(model_state, strict=True)
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state.get("rng"))
+    print0(f"resumed from step {meta['step']} of {checkpoint_dir}")
+    return state["loader"], meta

@@ -28,8 +28,13 @@ stage report-reset python -m nanochat.report reset
 MID_FLAGS=()
 if [ -n "${NANOCHAT_DATA_DIR:-}" ]; then
     echo "offline: reading every dataset from NANOCHAT_DATA_DIR=$NANOCHAT_DATA_DIR"
-    # mirrors may lack the 100K-row MMLU auxiliary_train set of the default mid mixture
-    [ -f "$NANOCHAT_DATA_DIR/hub/cais/mmlu/all/auxiliary_train.jsonl" ] || MID_FLAGS+=(--drop mmlu_aux)
+    # mirrors may lack the 100K-row MMLU auxiliary_train set of the default mid mixture: teach the
+    # multiple-choice format with ARC's train splits instead
+    [ -f "$NANOCHAT_DATA_DIR/hub/cais/mmlu/all/auxiliary_train.jsonl" ] || \
+        MID_FLAGS+=(--drop mmlu_aux --add-data arc_easy --add-data arc_challenge)
+    # a small SmolTalk stand-in would be drowned by the 280K synthetic spelling rows: cap them
+    [ -d "$NANOCHAT_DATA_DIR/hub/HuggingFaceTB/smol-smoltalk" ] || \
+        MID_FLAGS+=(--cap simplespelling=3000 --cap spellingbee=2000)
 else
     stage data python -m nanochat.dataset -n 2
     [ -f "$NANOCHAT_BASE_DIR/identity_conversations.jsonl" ] || stage identity-data curl -fsSL \
@@ -50,11 +55,11 @@ stage base_eval python -m scripts.base_eval --max-per-task=16
 
 # chat stages
 stage mid_train python -m scripts.mid_train --max-seq-len=512 --device-batch-size=16 --total-batch-size=8192 \
-    --num-iterations=100 --eval-every=50 --eval-tokens=65536 --save-every=50 "${MID_FLAGS[@]}" --run=$WANDB_RUN
+    --num-iterations=150 --eval-every=50 --eval-tokens=65536 --save-every=50 "${MID_FLAGS[@]}" --run=$WANDB_RUN
 stage chat_eval-mid python -m scripts.chat_eval -i mid -x 32 -m 128
 stage chat_sft python -m scripts.chat_sft --device-batch-size=8 --target-examples-per-step=16 \
-    --num-iterations=60 --max-seq-len=512 --eval-every=30 --eval-steps=8 --eval-metrics-every=-1 \
-    --eval-metrics-max-problems=64 --save-every=30 --run=$WANDB_RUN
+    --num-iterations=100 --max-seq-len=512 --eval-every=50 --eval-steps=8 --eval-metrics-every=-1 \
+    --eval-metrics-max-problems=64 --save-every=50 --run=$WANDB_RUN
 stage chat_eval-sft python -m scripts.chat_eval -i sft -x 32 -m 128
 
 stage report python -m nanochat.report generate

@@ -19,12 +19,11 @@ import os
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 import argparse
 import math
-import time
 
 import torch
 
 from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, get_compute_dtype,
-                             get_wandb, get_max_memory, parse_bool, autodetect_device_type)
+                             get_wandb, get_max_memory, parse_bool)
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.dataloader import PretrainLoader
 from nanochat.dataset import get_split_files
@@ -33,8 +32,8 @@ from nanochat.loss_eval import evaluate_bpb
 from nanochat import checkpoint_manager as ckpt
 from nanochat.report import get_report
 from nanochat.training import (lr_multiplier_base, muon_momentum_base, muon_weight_decay_cosine, set_schedule,
-                               check_finite, check_finite_params, NonFiniteLossError, get_rng_state, set_rng_state,
-                               get_peak_flops, StepTimer, format_step, all_reduce_mean)
+                               check_finite, NonFiniteLossError, get_peak_flops, StepTimer, format_step,
+                               all_reduce_mean, save_training_checkpoint, resume_training)
 
 parser = argparse.ArgumentParser(description="Pretrain the base model")
 # logging and runtime
@@ -163,16 +162,8 @@ timer = StepTimer(device, skip=10 if use_compile else 0)
 loader_state = None
 report_curves = {"step": [], "loss": [], "val_step": [], "val_bpb": []}
 if args.resume_from_step >= 0:
-    model_state, optim_state, meta = ckpt.load_checkpoint(checkpoint_dir, args.resume_from_step, device,
-                                                          load_optimizer=True, rank=rank)
-    ckpt.check_resume_config(meta, config, tokenizer, checkpoint_dir)
-    orig_model.load_state_dict(model_state, strict=True)
-    if optim_state is None:
-        raise SystemExit(f"step {args.resume_from_step} in {checkpoint_dir} has no optimizer state for rank {rank}; "
-                         f"resume needs the same world size as the run that saved it")
-    optimizer.load_state_dict(optim_state["optimizer"])
-    loader_state = optim_state["loader"]
-    set_rng_state(optim_state.get("rng"))
+    ckpt.check_resume_config(ckpt.load_meta(checkpoint_dir, args.resume_from_step), config, tokenizer, checkpoint_dir)
+    loader_state, meta = resume_training(checkpoint_dir, args.resume_from_step, orig_model, optimizer, device, rank)
     loop = meta["loop_state"]
     step, val_bpb = meta["step"], meta.get("val_bpb")
     min_val_bpb, smooth_loss = loop["min_val_bpb"], loop["smooth_train_loss"]
@@ -180,8 +171,6 @@ if args.resume_from_step >= 0:
     timer = StepTimer(device, skip=10 if use_compile else 0, total_time=loop["total_training_time"],
                       timed_steps=loop["timed_steps"])
     report_curves = loop.get("curves", report_curves)
-    del model_state, optim_state
-    print0(f"resumed from step {step} of {checkpoint_dir}")
 
 train_loader = PretrainLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", device=device,
                               state=loader_state)
@@ -223,7 +212,6 @@ def run_samples():
 
 
 def save(step):
-    check_finite_params(orig_model, step, device)  # never write poisoned weights (D7)
     meta = {
         "step": step, "val_bpb": val_bpb, "model_config": ckpt.config_to_dict(config), "user_config": user_config,
         "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
@@ -235,8 +223,7 @@ def save(step):
                        "curves": report_curves},
         "tokenizer": ckpt.tokenizer_info(tokenizer),
     }
-    optim_state = {"optimizer": optimizer.state_dict(), "loader": train_loader.state_dict(), "rng": get_rng_state()}
-    ckpt.save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), optim_state, meta, rank=rank)
+    save_training_checkpoint(checkpoint_dir, step, orig_model, optimizer, train_loader, meta, rank, device)
 
 
 def evaluate_and_log(step, last_step):

@@ -19,7 +19,7 @@ from nanochat.checkpoint_manager import load_model
 from nanochat import checkpoint_manager as ckpt
 from nanochat.engine import Engine
 from nanochat.report import get_report
-from nanochat.training import set_schedule, check_finite, all_reduce_mean
+from nanochat.training import set_schedule, check_finite, all_reduce_mean, scale_lrs
 from tasks.gsm8k import GSM8K
 
 parser = argparse.ArgumentParser(description="RL on GSM8K")
@@ -107,9 +107,7 @@ def main():
 
     optimizer = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
-    for group in optimizer.param_groups:
-        group["lr"] = group["lr"] * args.init_lr_frac
-        group["initial_lr"] = group["lr"]
+    scale_lrs(optimizer, args.init_lr_frac)
     output_dir = os.path.join(get_base_dir(), "chatrl_checkpoints", args.output_tag or f"d{model.config.n_layer}")
 
     @torch.no_grad()

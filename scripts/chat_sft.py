@@ -25,8 +25,8 @@ from nanochat import checkpoint_manager as ckpt
 from nanochat.chat_loader import SFTBatcher
 from nanochat.task_eval import run_categorical_eval
 from nanochat.report import get_report
-from nanochat.training import (set_schedule, check_finite, check_finite_params, NonFiniteLossError, get_rng_state,
-                               set_rng_state, get_peak_flops, StepTimer, format_step, all_reduce_sum, supervised_loss)
+from nanochat.training import (set_schedule, check_finite, NonFiniteLossError, get_peak_flops, StepTimer, format_step,
+                               all_reduce_sum, supervised_loss, scale_lrs, save_training_checkpoint, resume_training)
 from tasks.mixtures import (add_mixture_args, specs_from_args, build_mixture, SourceUnavailable, default_sft_sources,
                             default_sft_val_sources)
 from tasks.arc import ARC
@@ -99,33 +99,23 @@ print0(f"grad accum: {grad_accum_steps} | iterations: {num_iterations} | loss: {
 
 optimizer = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                    matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
-for group in optimizer.param_groups:
-    group["lr"] = group["lr"] * args.init_lr_frac
-    group["initial_lr"] = group["lr"]
+scale_lrs(optimizer, args.init_lr_frac)
 
 output_dir = os.path.join(get_base_dir(), "chatsft_checkpoints", args.output_tag or f"d{config.n_layer}")
 step, val_loss, metrics = 0, None, {}
 timer = StepTimer(device, skip=0)
 loader_state = None
 curves = {"step": [], "loss": [], "val_step": [], "val_loss": []}
+peak_flops = get_peak_flops(device, dtype)  # before resuming: measuring it draws random numbers
 if args.resume_from_step >= 0:
-    model_state, optim_state, meta = ckpt.load_checkpoint(output_dir, args.resume_from_step, device,
-                                                          load_optimizer=True, rank=rank)
-    model.load_state_dict(model_state, strict=True)
-    if optim_state is None:
-        raise SystemExit(f"no optimizer state for rank {rank} at step {args.resume_from_step} in {output_dir}")
-    optimizer.load_state_dict(optim_state["optimizer"])
-    loader_state = optim_state["loader"]
-    set_rng_state(optim_state.get("rng"))
+    loader_state, meta = resume_training(output_dir, args.resume_from_step, model, optimizer, device, rank)
     step, val_loss = meta["step"], meta.get("val_loss")
     curves = meta["loop_state"]["curves"]
     timer = StepTimer(device, skip=0, total_time=meta["loop_state"]["total_training_time"],
                       timed_steps=meta["loop_state"]["timed_steps"])
-    print0(f"resumed from step {step} of {output_dir}")
 
 train_loader = SFTBatcher(train_ds, tokenizer, args.device_batch_size, device=device, max_tokens=args.max_seq_len,
                           state=loader_state)
-peak_flops = get_peak_flops(device, dtype)
 
 
 def run_val_loss():
@@ -163,15 +153,13 @@ def make_meta(step):
 
 
 def save(step):
-    check_finite_params(model, step, device)  # never write poisoned weights (D7)
-    optim_state = {"optimizer": optimizer.state_dict(), "loader": train_loader.state_dict(), "rng": get_rng_state()}
-    ckpt.save_checkpoint(output_dir, step, model.state_dict(), optim_state, make_meta(step), rank=rank)
+    save_training_checkpoint(output_dir, step, model, optimizer, train_loader, make_meta(step), rank, device)
 
 
 def record_final_eval(step):
     """The last step is saved before its evaluation; put that evaluation's results into the step's meta."""
     if master:
-        ckpt._atomic_json_save(make_meta(step), os.path.join(output_dir, f"meta_{step:06d}.json"))
+        ckpt.update_meta(output_dir, step, make_meta(step))
 
 
 def evaluate(step, last_step):

@@ -26,9 +26,9 @@ from nanochat.tokenizer import get_token_bytes
 from nanochat.chat_loader import MidPacker
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
-from nanochat.training import (muon_momentum_mid, set_schedule, check_finite, check_finite_params, NonFiniteLossError,
-                               get_rng_state, set_rng_state, get_peak_flops, StepTimer, format_step, all_reduce_mean,
-                               any_rank)
+from nanochat.training import (muon_momentum_mid, set_schedule, check_finite, NonFiniteLossError, get_peak_flops,
+                               StepTimer, format_step, all_reduce_mean, any_rank, scale_lrs, save_training_checkpoint,
+                               resume_training)
 from tasks.mixtures import (add_mixture_args, specs_from_args, build_mixture, SourceUnavailable, default_mid_sources,
                             default_mid_val_sources)
 
@@ -100,35 +100,25 @@ print0(f"total batch: {args.total_batch_size:,} tokens | grad accum: {grad_accum
 
 optimizer = orig_model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                         matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
-for group in optimizer.param_groups:
-    group["lr"] = group["lr"] * args.init_lr_frac
-    group["initial_lr"] = group["lr"]
+scale_lrs(optimizer, args.init_lr_frac)
 
 output_dir = os.path.join(get_base_dir(), "mid_checkpoints", args.output_tag or f"d{config.n_layer}")
 step, progress, min_val_bpb, val_bpb, smooth_loss = 0, 0.0, float("inf"), None, 0.0
 timer = StepTimer(device, skip=10 if use_compile else 0)
 loader_state = None
 curves = {"step": [], "loss": [], "val_step": [], "val_bpb": []}
+peak_flops = get_peak_flops(device, dtype)  # before resuming: measuring it draws random numbers
 if args.resume_from_step >= 0:
-    model_state, optim_state, meta = ckpt.load_checkpoint(output_dir, args.resume_from_step, device,
-                                                          load_optimizer=True, rank=rank)
-    orig_model.load_state_dict(model_state, strict=True)
-    if optim_state is None:
-        raise SystemExit(f"no optimizer state for rank {rank} at step {args.resume_from_step} in {output_dir}")
-    optimizer.load_state_dict(optim_state["optimizer"])
-    loader_state = optim_state["loader"]
-    set_rng_state(optim_state.get("rng"))
+    loader_state, meta = resume_training(output_dir, args.resume_from_step, orig_model, optimizer, device, rank)
     loop = meta["loop_state"]
     step, progress, min_val_bpb = meta["step"], loop["progress"], loop["min_val_bpb"]
     smooth_loss, val_bpb, curves = loop["smooth_train_loss"], meta.get("val_bpb"), loop.get("curves", curves)
     timer = StepTimer(device, skip=10 if use_compile else 0, total_time=loop["total_training_time"],
                       timed_steps=loop["timed_steps"])
-    print0(f"resumed from step {step} of {output_dir}")
 
 train_loader = MidPacker(train_ds, tokenizer, args.device_batch_size, args.max_seq_len, device=device,
                          state=loader_state)
 eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * world_size))
-peak_flops = get_peak_flops(device, dtype)
 
 
 def run_val_bpb():
@@ -152,15 +142,13 @@ def make_meta(step):
 def save(step):
     if args.dry_run:
         return
-    check_finite_params(orig_model, step, device)  # never write poisoned weights (D7)
-    optim_state = {"optimizer": optimizer.state_dict(), "loader": train_loader.state_dict(), "rng": get_rng_state()}
-    ckpt.save_checkpoint(output_dir, step, orig_model.state_dict(), optim_state, make_meta(step), rank=rank)
+    save_training_checkpoint(output_dir, step, orig_model, optimizer, train_loader, make_meta(step), rank, device)
 
 
 def record_final_eval(step):
     """The last step is saved before its evaluation; put that evaluation's result into the step's meta."""
     if not args.dry_run and master:
-        ckpt._atomic_json_save(make_meta(step), os.path.join(output_dir, f"meta_{step:06d}.json"))
+        ckpt.update_meta(output_dir, step, make_meta(step))
 
 
 def evaluate(step):
