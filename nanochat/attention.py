@@ -182,6 +182,24 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     return y.transpose(1, 2)
 
 
+def flash_attn_decode(q, k_cache, v_cache, k, v, pos, cache_seqlens, window_size=(-1, -1)):
+    """
+    flash_attn_with_kvcache (causal) for the common case where every row sits at the same position `pos`
+    (a python int the caller already has, so no host sync here). Writes k, v (B, Tn, Hkv, D) at pos..pos+Tn-1
+    and returns (B, Tn, H, D). cache_seqlens is only read by the FA3 kernel.
+    """
+    if _use_fa3(q):
+        return _first(_fa3.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
+                                                   causal=True, window_size=tuple(window_size)))
+    Tq = q.size(1)
+    if pos + Tq > k_cache.size(1):
+        raise ValueError(f"KV cache overflow: {pos} + {Tq} new tokens > capacity {k_cache.size(1)}; "
+                         "make the cache longer (seq_len) or stop generating earlier")
+    k_cache[:, pos:pos + Tq] = k
+    v_cache[:, pos:pos + Tq] = v
+    return _sdpa(q, k_cache[:, :pos + Tq], v_cache[:, :pos + Tq], pos, _window_left(window_size), True)
+
+
 def reference_attention(q, k, v, q_pos, window_left=-1, causal=True):
     """
     Slow, explicit attention for tests. q (B, Tq, H, D); k, v (B, Tk, Hkv, D) at positions 0..Tk-1;

@@ -18,6 +18,7 @@ a deadline is still checked while walking the tree. Neither needs signals, so it
 """
 
 import ast
+import inspect
 import math
 import time
 
@@ -196,6 +197,12 @@ class Engine:
         self.output_end = special("<|output_end|>")
         self.assistant_end = special("<|assistant_end|>")
         self.bos = tokenizer.get_bos_token_id()
+        # models that can return only the last position's logits skip the (T, V) head matmul of the prefill
+        try:
+            params = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            params = {}
+        self._fwd_kwargs = {"last_only": True} if "last_only" in params else {}
 
     def _new_cache(self, batch_size, seq_len, device, dtype):
         cfg = self.model.config
@@ -248,7 +255,7 @@ class Engine:
         T = len(tokens)
         prefill_cache = self._new_cache(1, T, device, dtype)
         ids = torch.tensor([tokens], dtype=torch.long, device=device)  # (1, T)
-        logits = self.model(ids, kv_cache=prefill_cache)[:, -1, :]  # (1, V)
+        logits = self.model(ids, kv_cache=prefill_cache, **self._fwd_kwargs)[:, -1, :]  # (1, V)
         # 2) replicate it into the decode cache: room for the prompt plus every token we may forward
         cache = self._new_cache(num_samples, T + max_tokens, device, dtype)
         cache.prefill(prefill_cache)
@@ -291,7 +298,7 @@ class Engine:
                 return
             # 3) one decode step for the whole column; reuse the sampled tensor unless a row was forced
             ids = torch.tensor(token_column, dtype=torch.long, device=device).view(B, 1) if any_forced else sampled
-            logits = self.model(ids, kv_cache=cache)[:, -1, :]  # (B, V)
+            logits = self.model(ids, kv_cache=cache, **self._fwd_kwargs)[:, -1, :]  # (B, V)
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):
         """

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.common import get_compute_dtype
-from nanochat.attention import flash_attn_func, flash_attn_with_kvcache, get_backend
+from nanochat.attention import flash_attn_func, flash_attn_with_kvcache, flash_attn_decode, get_backend
 
 ROPE_BASE = 100_000
 SOFTCAP = 15.0
@@ -201,6 +201,17 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = Linear(d, d)
         self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head) if has_value_embed(layer_idx, config.n_layer) else None
 
+    def _decode_qkv_weight(self, dtype):
+        """[W_q; W_k; W_v] in `dtype`, for the inference path's single q/k/v matmul. Rebuilt whenever any of
+        the three weights is modified in place (optimizer step, load_state_dict) or replaced."""
+        ws = (self.c_q.weight, self.c_k.weight, self.c_v.weight)
+        key = tuple((w.data_ptr(), w._version) for w in ws) + (dtype,)
+        cached = getattr(self, "_qkv_cache", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = self._qkv_cache = (key, torch.cat([w.to(dtype) for w in ws], dim=0))
+        return cached[1]
+
     def forward(self, x, ve, cos, sin, window, kv_cache):
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
@@ -333,14 +344,19 @@ class GPT(nn.Module):
         self.cos = angle.cos().to(dtype)[None, :, None, :]
         self.sin = angle.sin().to(dtype)[None, :, None, :]
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
-        """idx (B, T) int64 -> fp32 logits (B, T, V), or the loss when targets (B, T) are given (-1 = ignore)."""
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False):
+        """
+        idx (B, T) int64 -> fp32 logits (B, T, V), or the loss when targets (B, T) are given (-1 = ignore).
+        last_only: return only the last position's logits, (B, 1, V) (inference; the engine's prefill).
+        """
         B, T = idx.shape
         V = self.config.vocab_size
         if self.compute_dtype is None:  # weights loaded without init_weights(): decide now, once
             self.compute_dtype = get_compute_dtype(self.get_device().type, verbose=False)
             self._init_rotary(self.get_device())
         dtype = self.compute_dtype
+        if kv_cache is not None and targets is None and not torch.is_grad_enabled():
+            return self._forward_cached(idx, kv_cache, last_only)
         if kv_cache is None:
             if T > self.rotary_len:
                 raise ValueError(f"sequence of {T} tokens exceeds the rotary table ({self.rotary_len})")
@@ -376,6 +392,9 @@ class GPT(nn.Module):
         if x_backout is not None:
             x = x - self.backout_lambda.to(dtype) * x_backout
         x = norm(x)
+        if last_only and targets is None:
+            x = x[:, -1:]
+            T = 1
 
         # only the first V rows of the padded head are real tokens: skip the padded ones entirely
         w_head = self.lm_head.weight[:V].to(dtype)
@@ -386,6 +405,90 @@ class GPT(nn.Module):
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, V), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction)
+
+    # -------------------------------------------------------------------------
+    # inference with a KV cache (no autograd): the same math as the path above, with less per-step overhead
+
+    def _forward_cached(self, idx, kv_cache, last_only):
+        """
+        forward() with a KV cache under no_grad/inference_mode. Same computation as the general path, but
+        built for many tiny decode steps: rotary tables sliced (not gathered) when rows share a position,
+        q/k/v in one matmul, rotary + QK-norm applied to q and k together, module calls bypassed,
+        elementwise work in place, and optionally only the last position's logits.
+        """
+        B, T = idx.shape
+        cfg, dtype = self.config, self.compute_dtype
+        V, H, Hkv, hd = cfg.vocab_size, cfg.n_head, cfg.n_kv_head, self.head_dim
+        if kv_cache.seq_len > self.rotary_len:
+            raise ValueError(f"KV cache of {kv_cache.seq_len} positions exceeds the rotary table ({self.rotary_len})")
+        pos = kv_cache.cache_seqlens.tolist()  # one host sync per step (free on CPU); attention reuses it
+        p0 = pos[0]
+        uniform = all(p == p0 for p in pos)
+        if max(pos) + T > kv_cache.seq_len:
+            raise ValueError(f"KV cache overflow: {max(pos)} + {T} new tokens > capacity {kv_cache.seq_len}; "
+                             "make the cache longer (seq_len) or stop generating earlier")
+        if uniform:
+            cos, sin = self.cos[:, p0:p0 + T], self.sin[:, p0:p0 + T]  # (1, T, 1, hd/2) views, no copy
+        else:
+            p = kv_cache.cache_seqlens.long().unsqueeze(1) + torch.arange(T, device=idx.device)  # (B, T)
+            cos, sin = self.cos[0][p], self.sin[0][p]  # (B, T, 1, hd/2)
+
+        def cast(t):
+            return t if t.dtype == dtype else t.to(dtype)
+
+        x = norm(cast(F.embedding(idx, self.transformer.wte.weight)))  # (B, T, d)
+        # smear (see forward)
+        smear_lambda = cast(self.smear_lambda)
+        w_smear = cast(self.smear_gate.weight)
+        prev_emb = kv_cache.prev_embedding
+        if prev_emb is not None:
+            prev = cast(prev_emb) if T == 1 else torch.cat([cast(prev_emb), x[:, :-1]], dim=1)
+            gate = torch.sigmoid(F.linear(x[..., :SMEAR_CHANNELS], w_smear)).mul_(smear_lambda)
+            x_new = torch.addcmul(x, gate, prev)
+        else:
+            gate = torch.sigmoid(F.linear(x[:, 1:, :SMEAR_CHANNELS], w_smear)).mul_(smear_lambda)
+            x_new = torch.cat([x[:, :1], torch.addcmul(x[:, 1:], gate, x[:, :-1])], dim=1)
+        kv_cache.prev_embedding = x if T == 1 else x[:, -1:].clone()  # pre-smear, (B, 1, d); x is not reused
+        x = x0 = x_new
+
+        L = cfg.n_layer
+        resid, x0_l = self.resid_lambdas.tolist(), self.x0_lambdas.tolist()
+        x_backout = None
+        for i, block in enumerate(self.transformer.h):
+            x = torch.add(x * resid[i], x0, alpha=x0_l[i])
+            attn, mlp = block.attn, block.mlp
+            # attention
+            xn = norm(x)
+            qkv = F.linear(xn, attn._decode_qkv_weight(dtype))  # (B, T, (H + 2 Hkv) hd)
+            qk = qkv[..., :(H + Hkv) * hd].view(B, T, H + Hkv, hd)
+            v = qkv[..., (H + Hkv) * hd:].view(B, T, Hkv, hd)
+            if attn.ve_gate is not None:
+                ve = cast(F.embedding(idx, self.value_embeds[str(i)].weight)).view(B, T, Hkv, hd)
+                gate = torch.sigmoid(F.linear(xn[..., :VE_GATE_CHANNELS], cast(attn.ve_gate.weight)))
+                v = torch.addcmul(v, gate.mul_(VE_GATE_SCALE).unsqueeze(-1), ve)
+            qk = norm(apply_rotary(qk, cos, sin)).mul_(QK_SCALE)
+            q, k = qk[:, :, :H], qk[:, :, H:]
+            k_cache, v_cache = kv_cache.get_layer_cache(i)
+            if uniform:
+                y = flash_attn_decode(q, k_cache, v_cache, k, v, p0, kv_cache.cache_seqlens, self.window_sizes[i])
+            else:
+                y = flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=kv_cache.cache_seqlens,
+                                            causal=True, window_size=self.window_sizes[i])
+            x = x.add_(F.linear(y.reshape(B, T, H * hd), cast(attn.c_proj.weight)))
+            # MLP
+            h = F.linear(norm(x), cast(mlp.c_fc.weight)).relu_().square_()
+            x = x.add_(F.linear(h, cast(mlp.c_proj.weight)))
+            if i == L // 2:
+                x_backout = x
+        kv_cache.advance(T)  # after the last layer, so every layer saw the same positions
+        if x_backout is not None:
+            x = x - cast(self.backout_lambda) * x_backout
+        if last_only:
+            x = x[:, -1:]
+        x = norm(x)
+        logits = F.linear(x, cast(self.lm_head.weight[:V]))
+        logits = logits.float() if logits.dtype != torch.float32 else logits
+        return logits.div_(SOFTCAP).tanh_().mul_(SOFTCAP)  # == SOFTCAP * tanh(logits / SOFTCAP), in place
 
     # -------------------------------------------------------------------------
     # accounting
