@@ -14,6 +14,7 @@ and tokenized again, so resuming costs one buffer's worth of tokenization, not a
 
 import bisect
 import queue
+import atexit
 import threading
 from collections import deque
 
@@ -55,6 +56,20 @@ def _put(q, stop, item):
             return q.put(item, timeout=0.1)
         except queue.Full:
             pass
+
+
+# Every producer thread ever started, as (stop event, thread). At interpreter exit they are stopped
+# and joined: a daemon thread killed inside pyarrow/tokenizer C++ code during finalization aborts
+# the process ("terminate called without an active exception").
+_PRODUCERS = []
+
+
+@atexit.register
+def _stop_producers():
+    for stop, _ in _PRODUCERS:
+        stop.set()
+    for _, thread in _PRODUCERS:
+        thread.join(timeout=30)
 
 
 def _produce(files, plan, tokenizer, bos, cursor, q, stop, rank, split):
@@ -114,6 +129,8 @@ class PretrainLoader:
         # the thread gets no reference to self, so a dropped loader is collected and its __del__ stops it
         args = (self.files, self.plan, tokenizer, self.bos, self.cursor, self._queue, self._stop, self.rank, split)
         self._thread = threading.Thread(target=_produce, args=args, daemon=True)
+        _PRODUCERS[:] = [(e, t) for e, t in _PRODUCERS if t.is_alive()]
+        _PRODUCERS.append((self._stop, self._thread))
         self._thread.start()
 
     def _encode(self, texts):

@@ -41,6 +41,7 @@ for split in ("train", "val"):
     loader = PretrainLoader(tokenizer, args.device_batch_size, T, split, device=device)
     with torch.no_grad():
         bpb[split] = evaluate_bpb(model, loader, steps, token_bytes)
+    loader.close()
     print0(f"{split} bpb: {bpb[split]:.4f}")
 
 samples = []

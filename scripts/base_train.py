@@ -183,6 +183,7 @@ def run_val_bpb():
     with torch.no_grad():
         bpb = evaluate_bpb(orig_model, val_loader, eval_steps, token_bytes)
     orig_model.train()
+    val_loader.close()
     return bpb
 
 
@@ -316,4 +317,5 @@ get_report().log("Base model training", [
 ])
 get_report().log_curves("Base model training", report_curves)
 wandb_run.finish()
+train_loader.close()
 compute_cleanup()
