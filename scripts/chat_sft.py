@@ -27,7 +27,7 @@ from nanochat.task_eval import run_categorical_eval
 from nanochat.report import get_report
 from nanochat.training import (set_schedule, check_finite, NonFiniteLossError, get_peak_flops, StepTimer, format_step,
                                all_reduce_sum, supervised_loss, scale_lrs, save_training_checkpoint, resume_training)
-from tasks.mixtures import (add_mixture_args, specs_from_args, build_mixture, SourceUnavailable, default_sft_sources,
+from tasks.mixtures import (add_mixture_args, mixtures_from_args, default_sft_sources,
                             default_sft_val_sources)
 from tasks.arc import ARC
 from tasks.mmlu import MMLU
@@ -70,15 +70,7 @@ master = rank == 0
 dtype = get_compute_dtype(device.type, args.dtype or None)
 wandb_run = get_wandb(args.run, "nanochat-sft", user_config, master)
 
-try:
-    train_spec, val_spec = specs_from_args(args)
-    print0(f"train mixture: {train_spec}\nval mixture: {val_spec}")
-    train_ds = build_mixture(train_spec, "train")
-    val_ds = build_mixture(val_spec, "test")
-except (ValueError, SourceUnavailable) as e:  # a bad flag or a missing source: a message, not a traceback
-    compute_cleanup()
-    raise SystemExit(f"ERROR: {e}")
-print0(f"train conversations: {len(train_ds):,} | val conversations: {len(val_ds):,}")
+train_ds, val_ds = mixtures_from_args(args)
 
 model, tokenizer, src_meta = load_model(args.source, device, phase="train", model_tag=args.model_tag,
                                         step=args.model_step)

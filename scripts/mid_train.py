@@ -29,7 +29,7 @@ from nanochat.report import get_report
 from nanochat.training import (muon_momentum_mid, set_schedule, check_finite, NonFiniteLossError, get_peak_flops,
                                StepTimer, format_step, all_reduce_mean, any_rank, scale_lrs, save_training_checkpoint,
                                resume_training)
-from tasks.mixtures import (add_mixture_args, specs_from_args, build_mixture, SourceUnavailable, default_mid_sources,
+from tasks.mixtures import (add_mixture_args, mixtures_from_args, default_mid_sources,
                             default_mid_val_sources)
 
 parser = argparse.ArgumentParser(description="Midtrain a base model on a conversation mixture")
@@ -65,16 +65,7 @@ use_compile = args.compile if args.compile is not None else device.type == "cuda
 user_config.update(device_type=device.type, dtype=str(dtype).removeprefix("torch."), compile=use_compile)  # as resolved
 wandb_run = get_wandb(args.run, "nanochat-mid", user_config, master)
 
-# Data first: a missing source must stop us before any model is loaded
-try:
-    train_spec, val_spec = specs_from_args(args)
-    print0(f"train mixture: {train_spec}\nval mixture: {val_spec}")
-    train_ds = build_mixture(train_spec, "train")
-    val_ds = build_mixture(val_spec, "test")
-except (ValueError, SourceUnavailable) as e:  # a bad flag or a missing source: a message, not a traceback
-    compute_cleanup()
-    raise SystemExit(f"ERROR: {e}")
-print0(f"train conversations: {len(train_ds):,} | val conversations: {len(val_ds):,}")
+train_ds, val_ds = mixtures_from_args(args)
 
 model, tokenizer, base_meta = load_model("base", device, phase="train", model_tag=args.model_tag, step=args.model_step)
 config = model.config

@@ -152,3 +152,19 @@ def specs_from_args(args):
                  for n, r, rep in map(parse_entry, train)]
     val = [format_entry(*parse_entry(e)) for e in _split_list(args.val_mix)]
     return train, val
+
+
+def mixtures_from_args(args):
+    """
+    (train mixture, val mixture) built from the parsed flags, printed as they are resolved. A bad flag or
+    a source that cannot be loaded exits with a message (not a traceback) before any model is loaded.
+    """
+    from nanochat.common import print0
+    try:
+        train_spec, val_spec = specs_from_args(args)
+        print0(f"train mixture: {train_spec}\nval mixture: {val_spec}")
+        train_ds, val_ds = build_mixture(train_spec, "train"), build_mixture(val_spec, "test")
+    except (ValueError, SourceUnavailable) as e:
+        raise SystemExit(f"ERROR: {e}")
+    print0(f"train conversations: {len(train_ds):,} | val conversations: {len(val_ds):,}")
+    return train_ds, val_ds

@@ -115,6 +115,24 @@ def train_tiny_tokenizer(base_dir, data_dir, vocab_size=384):
     return tok
 
 
+def make_tiny_chat_model(sequence_len):
+    """(tokenizer, eval-mode GPT) small enough for serving tests: a byte-ish BPE with unicode, random weights."""
+    import torch
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.tokenizer import RustBPETokenizer
+    texts = [f"The quick brown fox {i} jumps over the lazy dog. Héllo wörld, naïve café € {i * 7}!" for i in range(200)]
+    tok = RustBPETokenizer.train_from_iterator(iter(texts), vocab_size=256 + 9 + 40)
+    torch.manual_seed(0)
+    config = GPTConfig(sequence_len=sequence_len, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
+                       n_embd=32)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    model.eval()
+    return tok, model
+
+
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory):
     return build_data_dir(str(tmp_path_factory.mktemp("data")))

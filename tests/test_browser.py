@@ -19,11 +19,10 @@ import urllib.parse
 import urllib.request
 
 import pytest
-import torch
+
+from conftest import make_tiny_chat_model
 
 from nanochat.engine import Engine
-from nanochat.gpt import GPT, GPTConfig
-from nanochat.tokenizer import RustBPETokenizer
 from scripts.chat_web import ServeConfig, Worker, create_app
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
@@ -141,16 +140,7 @@ def wait_for(predicate, what, timeout=60, interval=0.02):
 @pytest.fixture(scope="module")
 def setup():
     import uvicorn
-    texts = [f"The quick brown fox {i} jumps over the lazy dog. Héllo wörld, naïve café € {i * 7}!" for i in range(200)]
-    tok = RustBPETokenizer.train_from_iterator(iter(texts), vocab_size=256 + 9 + 40)
-    torch.manual_seed(0)
-    config = GPTConfig(sequence_len=CONTEXT, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
-                       n_embd=32)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    model.eval()
+    tok, model = make_tiny_chat_model(CONTEXT)
     app = create_app([Worker(0, "cpu", SlowEngine(Engine(model, tok)), tok, CONTEXT)], ServeConfig())
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -4,26 +4,16 @@ Replies are checked against Engine.generate run directly on prompts from the tok
 """
 
 import pytest
-import torch
+
+from conftest import make_tiny_chat_model
 
 from nanochat.engine import Engine
-from nanochat.gpt import GPT, GPTConfig
-from nanochat.tokenizer import RustBPETokenizer
 from scripts.chat_cli import ReplyPrinter, chat_loop
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    texts = [f"The quick brown fox {i} jumps over the lazy dog. Héllo wörld, naïve café € {i * 7}!" for i in range(200)]
-    tok = RustBPETokenizer.train_from_iterator(iter(texts), vocab_size=256 + 9 + 40)
-    torch.manual_seed(0)
-    config = GPTConfig(sequence_len=128, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    model.eval()
-    return tok, model
+    return make_tiny_chat_model(128)
 
 
 def greedy_reply(tok, model, prompt, max_tokens):

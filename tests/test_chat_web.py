@@ -10,11 +10,10 @@ import json
 import threading
 
 import pytest
-import torch
+
+from conftest import make_tiny_chat_model
 
 from nanochat.engine import Engine
-from nanochat.gpt import GPT, GPTConfig
-from nanochat.tokenizer import RustBPETokenizer
 from scripts import chat_web
 from scripts.chat_web import ServeConfig, Worker, create_app, make_worker
 
@@ -23,16 +22,7 @@ CONTEXT = 64  # the tiny model's sequence_len: replies are clamped to what is le
 
 @pytest.fixture(scope="module")
 def tiny():
-    texts = [f"The quick brown fox {i} jumps over the lazy dog. Héllo wörld, naïve café € {i * 7}!" for i in range(200)]
-    tok = RustBPETokenizer.train_from_iterator(iter(texts), vocab_size=256 + 9 + 40)
-    torch.manual_seed(0)
-    config = GPTConfig(sequence_len=CONTEXT, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
-                       n_embd=32)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    model.eval()
+    tok, model = make_tiny_chat_model(CONTEXT)
     return tok, model
 
 
