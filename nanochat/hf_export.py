@@ -1,0 +1,344 @@
+"""
+Export a nanochat model to a Hugging Face directory, and load such a directory back.
+
+An exported directory holds
+    model.safetensors        the GPT's state_dict under its own parameter names (safetensors: no pickle)
+    config.json              the architecture, every constant spelled out, auto_map -> modeling_nanochat.py
+    modeling_nanochat.py     nanochat/hf_modeling.py: the model written for transformers (torch + transformers only)
+    tokenizer.json, tokenizer_config.json, chat_template.jinja   our BPE for the `tokenizers` library
+    generation_config.json   stops on <|assistant_end|> (and <|bos|>, like the Engine)
+    README.md                the model card
+so that `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` and `AutoTokenizer.from_pretrained(DIR)`
+work with transformers alone. `load_exported(DIR)` rebuilds nanochat's own GPT and tokenizer from it (the
+round trip behind `--source=hf:DIR`), needing only `safetensors`.
+
+transformers, tokenizers, safetensors and huggingface_hub come with the `export` extra:
+    pip install -e '.[export]'
+"""
+
+import os
+import json
+import shutil
+from dataclasses import fields
+
+import torch
+
+from nanochat.gpt import GPT, GPTConfig, padded_vocab_size, has_value_embed, ROPE_BASE, SOFTCAP, QK_SCALE, \
+    VE_GATE_CHANNELS, VE_GATE_SCALE, SMEAR_CHANNELS
+from nanochat.tokenizer import RustBPETokenizer
+
+MODELING_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_modeling.py")
+MODELING_FILE = "modeling_nanochat.py"
+WEIGHTS_FILE = "model.safetensors"
+MODEL_TYPE = "nanochat_gpt"
+
+# Renders a conversation exactly like RustBPETokenizer.render_conversation (ids, not the mask); with
+# add_generation_prompt it ends in <|assistant_start|>, like render_for_completion. The system prompt is
+# folded into the first user turn. Special-token strings typed inside message text become special tokens
+# here (transformers matches them in the rendered text); our renderer keeps them as plain text.
+CHAT_TEMPLATE = """\
+{%- set ns = namespace(system='') -%}
+{{- '<|bos|>' -}}
+{%- for message in messages -%}
+    {%- if message['role'] == 'system' -%}
+        {%- if not loop.first -%}{{- raise_exception('a system message is only allowed as the first message') -}}{%- endif -%}
+        {%- set ns.system = message['content'] + '\\n\\n' -%}
+    {%- elif message['role'] == 'user' -%}
+        {{- '<|user_start|>' + ns.system + message['content'] + '<|user_end|>' -}}
+        {%- set ns.system = '' -%}
+    {%- elif message['role'] == 'assistant' -%}
+        {{- '<|assistant_start|>' -}}
+        {%- if message['content'] is string -%}
+            {{- message['content'] -}}
+        {%- else -%}
+            {%- for part in message['content'] -%}
+                {%- if part['type'] == 'text' -%}
+                    {{- part['text'] -}}
+                {%- elif part['type'] == 'python' -%}
+                    {{- '<|python_start|>' + part['text'] + '<|python_end|>' -}}
+                {%- elif part['type'] == 'python_output' -%}
+                    {{- '<|output_start|>' + part['text'] + '<|output_end|>' -}}
+                {%- else -%}
+                    {{- raise_exception('unknown content part type ' + part['type']) -}}
+                {%- endif -%}
+            {%- endfor -%}
+        {%- endif -%}
+        {{- '<|assistant_end|>' -}}
+    {%- else -%}
+        {{- raise_exception('unknown role ' + message['role']) -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|assistant_start|>' -}}{%- endif -%}"""
+
+
+def _require(module):
+    try:
+        return __import__(module)
+    except ImportError:
+        raise ImportError(f"exporting/loading Hugging Face directories needs {module!r}: "
+                          "pip install -e '.[export]'") from None
+
+# -----------------------------------------------------------------------------
+# Tokenizer: tiktoken ranks <-> a byte-level BPE for the `tokenizers` library
+
+
+def bytes_to_unicode():
+    """
+    The byte -> printable character map of byte-level BPE (GPT-2's): printable latin-1 bytes map to
+    themselves, the other 68 to chr(256 + n) in byte order. `tokenizers`' ByteLevel pre-tokenizer uses it,
+    so vocabulary strings must be written with it.
+    """
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + n)
+            n += 1
+    return table
+
+
+def bpe_merges(ranks):
+    """
+    Merges that make the `tokenizers` BPE pick the same tokens as tiktoken's rank-based BPE: every split
+    of a token into two tokens is a merge, ordered by the rank of the merged token (tiktoken merges the
+    pair whose concatenation has the lowest rank), ties by the ranks of the parts.
+    """
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
+        merges += sorted(splits, key=lambda p: (ranks[p[0]], ranks[p[1]]))
+    return merges
+
+
+def build_hf_tokenizer(tokenizer, model_max_length, chat_template=CHAT_TEMPLATE):
+    """A transformers PreTrainedTokenizerFast that encodes like `tokenizer` (a RustBPETokenizer)."""
+    _require("transformers")
+    from tokenizers import Tokenizer, Regex, AddedToken, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+    enc = tokenizer.enc
+    ranks = enc._mergeable_ranks
+    byte_map = bytes_to_unicode()
+
+    def to_str(b):
+        return "".join(byte_map[x] for x in b)
+
+    vocab = {to_str(token): rank for token, rank in ranks.items()}
+    merges = [(to_str(a), to_str(b)) for a, b in bpe_merges(ranks)]
+    # ignore_merges: a whole pre-token found in the vocabulary is one token, as in tiktoken
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True, fuse_unk=False, byte_fallback=False))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(enc._pat_str), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tk.decoder = decoders.ByteLevel()
+    specials = sorted(enc._special_tokens.items(), key=lambda kv: kv[1])
+    tk.add_special_tokens([AddedToken(name, special=True, normalized=False) for name, _ in specials])
+    for name, idx in specials:
+        if tk.token_to_id(name) != idx:
+            raise ValueError(f"special token {name} got id {tk.token_to_id(name)} in the exported tokenizer, "
+                             f"expected {idx}: the specials must follow the mergeable tokens")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<|bos|>", eos_token="<|assistant_end|>",
+        # padding with an eos id keeps generate() from inferring a padding mask from the prompt's tokens
+        pad_token="<|assistant_end|>", model_max_length=model_max_length, clean_up_tokenization_spaces=False,
+        chat_template=chat_template)
+
+
+def tokenizer_from_hf_json(path):
+    """A RustBPETokenizer from a tokenizer.json written by build_hf_tokenizer (vocabulary ids are the ranks)."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    try:
+        vocab = data["model"]["vocab"]
+        pretok = data["pre_tokenizer"]["pretokenizers"][0]
+        pattern = pretok["pattern"]["Regex"]
+        added = {t["content"]: t["id"] for t in data["added_tokens"] if t.get("special")}
+    except (KeyError, IndexError, TypeError) as e:
+        raise ValueError(f"{path}: not a byte-level BPE written by nanochat's exporter (missing {e})") from None
+    inverse = {ch: b for b, ch in bytes_to_unicode().items()}
+    ranks = {bytes(inverse[ch] for ch in token): idx for token, idx in vocab.items()}
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError(f"{path}: vocabulary ids must cover 0..{len(ranks) - 1}")
+    return RustBPETokenizer._from_ranks(ranks, pattern, added)
+
+# -----------------------------------------------------------------------------
+# Export
+
+
+def hf_config(model, tokenizer, torch_dtype):
+    """config.json's content: the transformers-side architecture, plus nanochat's GPTConfig to rebuild it here."""
+    cfg = model.config
+    special = tokenizer.encode_special
+    return {
+        "architectures": ["NanoChatForCausalLM"],
+        "auto_map": {"AutoConfig": f"{MODELING_FILE[:-3]}.NanoChatConfig",
+                     "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.NanoChatForCausalLM"},
+        "model_type": MODEL_TYPE,
+        "vocab_size": cfg.vocab_size,
+        "padded_vocab_size": padded_vocab_size(cfg.vocab_size),
+        "sequence_len": cfg.sequence_len,
+        "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_kv_head": cfg.n_kv_head, "n_embd": cfg.n_embd,
+        "window_sizes": [left for left, _ in model.window_sizes],
+        "value_embed_layers": [i for i in range(cfg.n_layer) if has_value_embed(i, cfg.n_layer)],
+        "backout_layer": cfg.n_layer // 2,
+        "rope_base": float(ROPE_BASE), "softcap": SOFTCAP, "qk_scale": QK_SCALE,
+        "ve_gate_channels": VE_GATE_CHANNELS, "ve_gate_scale": VE_GATE_SCALE, "smear_channels": SMEAR_CHANNELS,
+        "bos_token_id": tokenizer.get_bos_token_id(),
+        "eos_token_id": [special("<|assistant_end|>"), tokenizer.get_bos_token_id()],
+        "pad_token_id": special("<|assistant_end|>"),
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "torch_dtype": str(torch_dtype).removeprefix("torch."),
+        "nanochat_config": {f.name: getattr(cfg, f.name) for f in fields(cfg)},
+    }
+
+
+def generation_config(tokenizer):
+    end, bos = tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()
+    # greedy by default; stop where the Engine stops (end of the reply, or a new document)
+    return {"bos_token_id": bos, "eos_token_id": [end, bos], "pad_token_id": end, "do_sample": False}
+
+
+def report_summary(report_path):
+    """The '## Summary' section of a report card, or None when there is no report."""
+    if not report_path or not os.path.exists(report_path):
+        return None
+    with open(report_path, encoding="utf-8") as f:
+        text = f.read()
+    start = text.find("## Summary")
+    if start < 0:
+        return None
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end >= 0 else len(text)].strip()
+
+
+def model_card(model, meta, repo_name, summary, license_id):
+    cfg = model.config
+    n_params = sum(p.numel() for p in model.parameters())
+    summary = summary or ("No report card was found for this run (`python -m nanochat.report generate` writes "
+                          "one), so there is no summary table.")
+    user_config = meta.get("user_config")
+    details = f"\n<details><summary>training flags</summary>\n\n```json\n{json.dumps(user_config, indent=2)}\n```\n</details>\n" \
+        if user_config else ""
+    return f"""---
+license: {license_id}
+library_name: transformers
+pipeline_tag: text-generation
+tags: [nanochat, custom_code]
+---
+
+# {repo_name}
+
+A small chat model trained from scratch with [nanochat](https://github.com/karpathy/nanochat) (this fork):
+{cfg.n_layer} layers, width {cfg.n_embd}, {cfg.n_head} query / {cfg.n_kv_head} key-value heads, context
+{cfg.sequence_len}, vocabulary {cfg.vocab_size}, {n_params / 1e6:.1f}M parameters (step {meta.get("step", "?")}).
+The architecture (value embeddings, smear, backout, per-layer scalars, sliding windows) is not transformers'
+built-in NanoChat, so it ships its own modeling file: load it with `trust_remote_code=True`.
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("{repo_name}", trust_remote_code=True)
+tok = AutoTokenizer.from_pretrained("{repo_name}")
+ids = tok.apply_chat_template([{{"role": "user", "content": "Why is the sky blue?"}}],
+                              add_generation_prompt=True, return_tensors="pt", return_dict=True)
+out = model.generate(**ids, max_new_tokens=128)   # stops at <|assistant_end|>
+print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+
+In nanochat itself: `python -m scripts.chat_cli --source=hf:DIR` (DIR = a local copy of this repository).
+
+The tokenizer encodes special-token strings found in text as special tokens (transformers' default); to encode
+untrusted text as plain text, as nanochat does, pass `split_special_tokens=True`.
+
+## Summary
+
+{summary.removeprefix("## Summary").strip()}
+
+## Training data
+
+- pretraining: [FineWeb-Edu](https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle) shards
+- midtraining and SFT: [SmolTalk](https://huggingface.co/datasets/HuggingFaceTB/smol-smoltalk), MMLU auxiliary
+  train, GSM8K (with calculator tool calls), ARC, identity conversations, spelling tasks
+{details}
+## License
+
+{license_id}
+"""
+
+
+def export_model(model, tokenizer, meta, out_dir, state=None, dtype=None, report_path=None, repo_name=None,
+                 license_id="mit"):
+    """
+    Write the Hugging Face directory for a nanochat GPT. `state` (the checkpoint's state_dict) sets each
+    tensor's dtype (default: the model's); `dtype` casts every floating tensor instead. Returns out_dir.
+    """
+    _require("safetensors")
+    from safetensors.torch import save_file
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = {}
+    for name, t in model.state_dict().items():
+        target = dtype or (state[name].dtype if state is not None and name in state else t.dtype)
+        t = t.detach().to("cpu")
+        tensors[name] = (t.to(target) if t.is_floating_point() else t).contiguous()
+    save_file(tensors, os.path.join(out_dir, WEIGHTS_FILE), metadata={"format": "pt"})
+    compute = tensors["lm_head.weight"].dtype
+    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(hf_config(model, tokenizer, compute), f, indent=2)
+    with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as f:
+        json.dump(generation_config(tokenizer), f, indent=2)
+    shutil.copyfile(MODELING_SRC, os.path.join(out_dir, MODELING_FILE))
+    build_hf_tokenizer(tokenizer, model.config.sequence_len).save_pretrained(out_dir)
+    with open(os.path.join(out_dir, "README.md"), "w", encoding="utf-8") as f:
+        f.write(model_card(model, meta, repo_name or os.path.basename(os.path.abspath(out_dir)),
+                           report_summary(report_path), license_id))
+    return out_dir
+
+
+def push_to_hub(out_dir, repo_id, private=False):
+    """Upload an exported directory to the Hub (needs `huggingface-cli login` or HF_TOKEN)."""
+    _require("huggingface_hub")
+    from huggingface_hub import HfApi
+    api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    return api.upload_folder(folder_path=out_dir, repo_id=repo_id, commit_message="Upload nanochat export")
+
+# -----------------------------------------------------------------------------
+# Round trip: an exported directory -> nanochat's GPT
+
+
+def load_exported(hf_dir, device, phase):
+    """(model, tokenizer, meta) from an exported directory, as checkpoint_manager.build_model returns them."""
+    from nanochat.checkpoint_manager import _check_state_dict
+    config_path = os.path.join(hf_dir, "config.json")
+    for path in (config_path, os.path.join(hf_dir, WEIGHTS_FILE), os.path.join(hf_dir, "tokenizer.json")):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} not found: --source=hf:DIR needs a directory written by "
+                                    "python -m scripts.export (or downloaded from the Hub)")
+    with open(config_path, encoding="utf-8") as f:
+        hf_cfg = json.load(f)
+    if hf_cfg.get("model_type") != MODEL_TYPE or "nanochat_config" not in hf_cfg:
+        raise ValueError(f"{config_path}: model_type {hf_cfg.get('model_type')!r} is not a nanochat export "
+                         f"({MODEL_TYPE!r} with a nanochat_config)")
+    known = {f.name for f in fields(GPTConfig)}
+    config = GPTConfig(**{k: v for k, v in hf_cfg["nanochat_config"].items() if k in known})
+    tokenizer = tokenizer_from_hf_json(os.path.join(hf_dir, "tokenizer.json"))
+    if tokenizer.get_vocab_size() != config.vocab_size:
+        raise ValueError(f"{hf_dir}: tokenizer.json has {tokenizer.get_vocab_size()} tokens but the model "
+                         f"was trained with vocab_size={config.vocab_size}")
+    _require("safetensors")
+    from safetensors.torch import load_file
+    state = load_file(os.path.join(hf_dir, WEIGHTS_FILE), device="cpu")
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()  # rotary buffers and the per-device compute dtype
+    model_state = model.state_dict()
+    _check_state_dict(state, model_state, config)
+    state = {k: v.to(device=device, dtype=model_state[k].dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.train() if phase == "train" else model.eval()
+    meta = {"step": None, "model_config": hf_cfg["nanochat_config"], "source": f"hf:{hf_dir}"}
+    return model, tokenizer, meta
