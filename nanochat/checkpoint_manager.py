@@ -277,9 +277,13 @@ def build_model(checkpoint_dir, step, device, phase, tokenizer=None):
 
 
 def load_model(source, device, phase, model_tag=None, step=None):
-    """(model, tokenizer, meta) of a stage: source base|mid|sft|rl, default tag = largest, step = last."""
+    """(model, tokenizer, meta) of a stage: source base|mid|sft|rl, default tag = largest, step = last;
+    or hf:DIR, a directory written by scripts/export.py (e.g. downloaded from the Hub)."""
+    if source.startswith("hf:"):
+        from nanochat.hf_export import load_exported
+        return load_exported(source[3:], device, phase)
     if source not in SOURCE_DIRS:
-        raise ValueError(f"source must be one of {sorted(SOURCE_DIRS)}, got {source!r}")
+        raise ValueError(f"source must be one of {sorted(SOURCE_DIRS)} or hf:DIR, got {source!r}")
     checkpoints_dir = os.path.join(get_base_dir(), SOURCE_DIRS[source])
     if model_tag is None:
         model_tag = find_largest_model(checkpoints_dir)

@@ -16,7 +16,7 @@ import random
 import argparse
 
 parser = argparse.ArgumentParser(description="Chat with the model in the terminal")
-parser.add_argument("-i", "--source", type=str, default="sft", help="checkpoint source: base|mid|sft|rl")
+parser.add_argument("-i", "--source", type=str, default="sft", help="checkpoint source: base|mid|sft|rl, or hf:DIR (an exported model)")
 parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag to load (default: largest)")
 parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: last)")
 parser.add_argument("-p", "--prompt", type=str, default="", help="answer this one prompt and exit")

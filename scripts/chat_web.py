@@ -39,7 +39,7 @@ from contextlib import asynccontextmanager
 
 parser = argparse.ArgumentParser(description="Chat web server (UI + OpenAI-compatible API)")
 parser.add_argument("-n", "--num-gpus", type=int, default=1, help="model replicas, one per GPU (CUDA only if > 1)")
-parser.add_argument("-i", "--source", type=str, default="sft", help="checkpoint source: base|mid|sft|rl")
+parser.add_argument("-i", "--source", type=str, default="sft", help="checkpoint source: base|mid|sft|rl, or hf:DIR (an exported model)")
 parser.add_argument("-t", "--temperature", type=float, default=0.8, help="default sampling temperature")
 parser.add_argument("-k", "--top-k", type=int, default=50, help="default top-k (0 = no filter)")
 parser.add_argument("-m", "--max-tokens", type=int, default=512, help="default max tokens per reply")
