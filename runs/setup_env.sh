@@ -17,5 +17,5 @@ else
     $PIP install "torch==$TORCH_VERSION+cpu" 2>/dev/null \
         || $PIP install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
 fi
-$PIP install -e '.[dev]'
+$PIP install -e '.[dev,export]'
 echo "done: activate with 'source .venv/bin/activate'"
