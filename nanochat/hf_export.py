@@ -290,6 +290,13 @@ def export_model(model, tokenizer, meta, out_dir, state=None, dtype=None, report
         json.dump(generation_config(tokenizer), f, indent=2)
     shutil.copyfile(MODELING_SRC, os.path.join(out_dir, MODELING_FILE))
     build_hf_tokenizer(tokenizer, model.config.sequence_len).save_pretrained(out_dir)
+    # transformers 5 writes its own class name ("TokenizersBackend"); the old name loads in 4.x and 5.x alike
+    tok_config_path = os.path.join(out_dir, "tokenizer_config.json")
+    with open(tok_config_path, encoding="utf-8") as f:
+        tok_config = json.load(f)
+    tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    with open(tok_config_path, "w", encoding="utf-8") as f:
+        json.dump(tok_config, f, indent=2, ensure_ascii=False)
     with open(os.path.join(out_dir, "README.md"), "w", encoding="utf-8") as f:
         f.write(model_card(model, meta, repo_name or os.path.basename(os.path.abspath(out_dir)),
                            report_summary(report_path), license_id))

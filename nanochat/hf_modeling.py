@@ -29,6 +29,10 @@ try:
     from transformers import PreTrainedConfig
 except ImportError:  # transformers 4.x name
     from transformers import PretrainedConfig as PreTrainedConfig
+try:  # transformers 5: init functions that leave weights already loaded from the checkpoint alone
+    from transformers import initialization as init
+except ImportError:
+    from torch.nn import init
 
 # transformers 5 renamed the cache field of model outputs (past_key_values -> cache)
 _CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
@@ -165,12 +169,11 @@ class NanoChatForCausalLM(PreTrainedModel, GenerationMixin):
     def _init_weights(self, module):
         # only for a model built from a config alone; from_pretrained overwrites all of these
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            module.weight.data.normal_(0.0, 0.02)
+            init.normal_(module.weight, 0.0, 0.02)
         elif isinstance(module, NanoChatForCausalLM):
-            module.resid_lambdas.data.fill_(1.0)
-            module.x0_lambdas.data.zero_()
-            module.smear_lambda.data.zero_()
-            module.backout_lambda.data.zero_()
+            init.ones_(module.resid_lambdas)
+            for p in (module.x0_lambdas, module.smear_lambda, module.backout_lambda):
+                init.zeros_(p)
 
     def get_input_embeddings(self):
         return self.transformer.wte
