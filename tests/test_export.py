@@ -263,12 +263,19 @@ def test_chat_template_equals_render(exported, fresh):
         assert ids == tok.render_conversation({"messages": conv})[0]
 
 
-def test_cached_decode_and_left_padding(exported):
-    """In-process transformers model: token-by-token decode with its cache and a left-padded batch give the
-    logits of the full forward, past the sliding window."""
-    from transformers import AutoModelForCausalLM
-    model, _, _, out, _ = exported
+@pytest.fixture(scope="module")
+def in_process(exported):
+    """The export loaded by transformers in this process: (model, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    out = exported[3]
     hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    return hf, AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+
+
+def test_cached_decode_and_left_padding(exported, in_process):
+    """Token-by-token decode with transformers' cache and a left-padded batch give the logits of our full
+    forward, past the sliding window."""
+    model, hf = exported[0], in_process[0]
     ids = torch.randint(0, model.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         full = model(ids)[0]
@@ -288,6 +295,21 @@ def test_cached_decode_and_left_padding(exported):
             short = model(ids[:, 10:])[0]
     torch.testing.assert_close(padded[0], full, rtol=0, atol=1e-5)
     torch.testing.assert_close(padded[1, 10:], short, rtol=0, atol=1e-5)
+
+
+def test_left_padded_batch_generate_equals_engine(exported, in_process):
+    model, tok = exported[0], exported[1]
+    hf, hf_tok = in_process
+    hf_tok.padding_side = "left"
+    convs = [CONVERSATIONS[0][:1], CONVERSATIONS[1][:-1]]  # prompts of different lengths
+    batch = hf_tok.apply_chat_template(convs, add_generation_prompt=True, return_tensors="pt", return_dict=True,
+                                       padding=True)
+    out = hf.generate(**batch, max_new_tokens=20, do_sample=False)
+    for row, conv in zip(out, convs):
+        prompt = tok.render_for_completion({"messages": conv + [{"role": "assistant", "content": "x"}]})
+        results, _ = Engine(model, tok).generate_batch(prompt, max_tokens=20, temperature=0.0)
+        reply = results[0][len(prompt):]
+        assert row[batch["input_ids"].size(1):].tolist()[:len(reply)] == reply
 
 
 def test_round_trip_hf_source(exported):
