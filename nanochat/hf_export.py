@@ -240,7 +240,7 @@ built-in NanoChat, so it ships its own modeling file: load it with `trust_remote
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained("{repo_name}", trust_remote_code=True)
-tok = AutoTokenizer.from_pretrained("{repo_name}")
+tok = AutoTokenizer.from_pretrained("{repo_name}", trust_remote_code=True)  # the flag only skips a question
 ids = tok.apply_chat_template([{{"role": "user", "content": "Why is the sky blue?"}}],
                               add_generation_prompt=True, return_tensors="pt", return_dict=True)
 out = model.generate(**ids, max_new_tokens=128)   # stops at <|assistant_end|>
@@ -264,7 +264,7 @@ untrusted text as plain text, as nanochat does, pass `split_special_tokens=True`
 {details}
 ## License
 
-{license_id}
+Released under the `{license_id}` license.
 """
 
 
@@ -274,6 +274,7 @@ def export_model(model, tokenizer, meta, out_dir, state=None, dtype=None, report
     Write the Hugging Face directory for a nanochat GPT. `state` (the checkpoint's state_dict) sets each
     tensor's dtype (default: the model's); `dtype` casts every floating tensor instead. Returns out_dir.
     """
+    _require("transformers")  # checked before anything is written
     _require("safetensors")
     from safetensors.torch import save_file
     os.makedirs(out_dir, exist_ok=True)

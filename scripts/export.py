@@ -53,8 +53,11 @@ def main():
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     report = args.report or os.path.join(get_base_dir(), "report", "report.md")
     repo_name = args.push_to_hub or f"nanochat-{model_tag}-{args.source}"
-    export_model(model, tokenizer, meta, args.out, state=state, dtype=dtype, report_path=report,
-                 repo_name=repo_name, license_id=args.license)
+    try:
+        export_model(model, tokenizer, meta, args.out, state=state, dtype=dtype, report_path=report,
+                     repo_name=repo_name, license_id=args.license)
+    except ImportError as e:  # the export extra is missing: say how to install it
+        raise SystemExit(str(e))
     print(f"exported {args.source} {model_tag} step {step} to {args.out}"
           + ("" if os.path.exists(report) else f" (no report card at {report}: the model card says so)"))
     if args.push_to_hub:
