@@ -19,7 +19,7 @@ pytest.importorskip("safetensors", reason="the export extra is not installed: pi
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_module
+from conftest import run_module
 from nanochat.checkpoint_manager import SOURCE_DIRS, config_to_dict, load_model, save_checkpoint, tokenizer_info, \
     tokenizer_fingerprint
 from nanochat.engine import Engine
