@@ -319,6 +319,7 @@ def push_to_hub(out_dir, repo_id, private=False):
 def load_exported(hf_dir, device, phase):
     """(model, tokenizer, meta) from an exported directory, as checkpoint_manager.build_model returns them."""
     from nanochat.checkpoint_manager import _check_state_dict
+    hf_dir = os.path.expanduser(hf_dir)
     config_path = os.path.join(hf_dir, "config.json")
     for path in (config_path, os.path.join(hf_dir, WEIGHTS_FILE), os.path.join(hf_dir, "tokenizer.json")):
         if not os.path.exists(path):
