@@ -171,9 +171,11 @@ def test_train_lowers_loss_and_writes_checkpoint(straight):
                                     "short_window": meta["model_config"]["short_window"]}
     assert meta["user_config"]["num_iterations"] == N and meta["user_config"]["window_pattern"] == "SL"
     loop = meta["loop_state"]
-    # the final checkpoint is written before the final evaluation (so a slow/killed eval loses nothing):
-    # its loop state holds the evaluations up to step 6
-    assert math.isclose(loop["min_val_bpb"], min(bpbs[:2]), rel_tol=1e-5)
+    # the final checkpoint is written before the final evaluation (so a slow/killed eval loses nothing),
+    # then its meta is rewritten with that evaluation: the val bpb of step N, not of step 6
+    assert meta["val_bpb"] == pytest.approx(bpbs[-1], abs=1e-6)
+    assert math.isclose(loop["min_val_bpb"], min(bpbs), rel_tol=1e-5)
+    assert loop["curves"]["val_step"] == [0, 6, N]
     assert loop["total_training_time"] > 0 and loop["smooth_train_loss"] > 0
     assert meta["tokenizer"]["vocab_size"] == 384 and len(meta["tokenizer"]["fingerprint"]) == 64
     assert meta["dataloader_state_dict"]["cursor"][0] >= 1
