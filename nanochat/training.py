@@ -104,7 +104,8 @@ class Prefetcher:
     def _snapshot(self):
         self._state = self.loader.state_dict()
         self.epoch = self.loader.epoch
-        self.progress = getattr(self.loader, "progress", None)
+        self.progress = getattr(self.loader, "progress", None)  # mid_train's packer counts these two
+        self.truncated = getattr(self.loader, "truncated", None)
 
     def prefetch(self):
         if self._held is None:

@@ -123,7 +123,7 @@ def test_midpacker_overlong_conversation_is_truncated_and_counted(tok):
                 assert (y[b] >= 0).all(), "a truncated conversation fills its row: nothing is padding"
     assert truncated_rows > 0
     # counted once per fetch: the packer fetched packer.cursor indices (world size 1)
-    assert packer.truncated == sum(len(full[i % len(convs)]) > T + 1 for i in range(packer.cursor))
+    assert packer.truncated == sum(len(full[i % len(convs)]) > T + 1 for i in range(packer.state_dict()["cursor"]))
     # a dataset of only over-long conversations never stalls: every row is one truncated conversation
     only_long = [convs[i] for i in long_ids]
     p2 = MidPacker(only_long, tok, B, T, buffer_size=2)
@@ -161,7 +161,8 @@ def test_midpacker_ranks_read_disjoint_strides(tok):
         for batch in expected:
             x, y = next(packer)
             assert x.tolist() == [row[:-1] for row, _ in batch]
-        assert all(i % 3 == rank for i, _ in packer.buffer) and packer.cursor % 3 == rank
+        state = packer.state_dict()
+        assert all(i % 3 == rank for i in state["buffer"]) and state["cursor"] % 3 == rank
 
 
 def test_midpacker_empty_dataset_is_an_error(tok):
