@@ -14,6 +14,7 @@ from their indices, which is cheap and deterministic.
 
 import queue
 import threading
+import weakref
 
 import torch
 
@@ -119,9 +120,10 @@ class MidPacker:
         packing = _MidPacking(dataset, tokenizer, B, T, buffer_size, rank, world_size, state)
         self._state = packing.state_dict()
         self._queue, self._stop = queue.Queue(maxsize=queue_size), threading.Event()
-        # the thread gets no reference to self, so a dropped packer is collected and its __del__ stops it
+        # the thread gets no reference to self, so a dropped packer is collected, which stops the thread
         self._thread = start_producer(_produce_mid, (packing, self._queue, self._stop, self.device.type == "cuda"),
                                       self._stop)
+        weakref.finalize(self, self._stop.set)
 
     @property
     def epoch(self):
@@ -152,12 +154,9 @@ class MidPacker:
         return inputs.to(self.device, non_blocking=non_blocking), targets.to(self.device, non_blocking=non_blocking)
 
     def close(self):
+        """Stop and join the packing thread now (a dropped packer's thread stops by itself)."""
         self._stop.set()
         self._thread.join(timeout=5)
-
-    def __del__(self):
-        if hasattr(self, "_stop"):
-            self._stop.set()
 
 
 def collate_sft(rendered, pad_id):

@@ -15,7 +15,17 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (print0, format_eta, get_datasheet_peak_flops, measure_matmul_peak, compute_cleanup)
+from nanochat.common import (print0, format_eta, get_datasheet_peak_flops, measure_matmul_peak, compute_cleanup,
+                             get_wandb)
+
+def start_run(args, wandb_project, device, dtype, use_compile=None, rank=0):
+    """The run's configuration as reported (the flags plus the settings resolved for this machine) and
+    its wandb run (a no-op off rank 0 or with --run=dummy)."""
+    user_config = vars(args).copy()
+    user_config.update(device_type=device.type, dtype=str(dtype).removeprefix("torch."))
+    if use_compile is not None:
+        user_config["compile"] = use_compile
+    return user_config, get_wandb(args.run, wandb_project, user_config, rank == 0)
 
 # -----------------------------------------------------------------------------
 # Schedules
@@ -489,7 +499,24 @@ class Checkpoints:
     optimizer: object
     rank: int
     device: torch.device
+    save_every: int = -1  # also at these steps (-1: only at the end)
     write: bool = True
+    resumed_from: int = -1
+
+    def evaluate_and_save(self, step, last_step, evaluate, make_meta, batches):
+        """
+        The top of each loop iteration: the evaluations due now, then a save when due (so the meta holds
+        them). On the last step the finished model is saved first, before the final evaluation, which may
+        be slow or killed; that evaluation's results then join the step's meta. Returns last_step.
+        """
+        if last_step:
+            self.save(step, make_meta(), batches.state_dict())
+        evaluate(step, last_step)
+        if last_step:
+            self.rewrite_meta(step, make_meta())
+        elif step > 0 and step != self.resumed_from and self.save_every > 0 and step % self.save_every == 0:
+            self.save(step, make_meta(), batches.state_dict())
+        return last_step
 
     def save(self, step, meta, loader_state):
         from nanochat import checkpoint_manager as ckpt
@@ -518,6 +545,7 @@ class Checkpoints:
         self.optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state.get("rng"))
         run.restore(meta)
+        self.resumed_from = step  # that step is on disk already
         print0(f"resumed from step {meta['step']} of {self.directory}")
         return state["loader"]
 

@@ -24,7 +24,7 @@ import math
 import torch
 
 from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, get_compute_dtype,
-                             get_wandb, get_max_memory, parse_bool)
+                             get_max_memory, parse_bool)
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.dataloader import PretrainLoader
 from nanochat.dataset import get_split_files
@@ -35,7 +35,7 @@ from nanochat.report import get_report
 from nanochat.training import (lr_multiplier_base, muon_momentum_base, muon_weight_decay_cosine, set_schedule,
                                grad_accum_steps, Prefetcher, accumulate_gradients, guarded_step, stop_on_nonfinite,
                                evaluating, PeakFlops, StepTimer, Speed, RunState, format_step, mean_mfu, stage_meta,
-                               Checkpoints)
+                               Checkpoints, start_run)
 
 parser = argparse.ArgumentParser(description="Pretrain the base model")
 # logging and runtime
@@ -76,17 +76,14 @@ parser.add_argument("--save-every", type=int, default=-1, help="checkpoint every
 parser.add_argument("--resume-from-step", type=int, default=-1, help="resume from this saved step")
 parser.add_argument("--model-tag", type=str, default=None, help="checkpoint directory name (default d<depth>)")
 args = parser.parse_args()
-user_config = vars(args).copy()
 
 # -----------------------------------------------------------------------------
 # Init
 
 is_dist, rank, local_rank, world_size, device = compute_init(args.device_type)
-master = rank == 0
 dtype = get_compute_dtype(device.type, args.dtype or None)
 use_compile = args.compile if args.compile is not None else device.type == "cuda"
-user_config.update(device_type=device.type, dtype=str(dtype).removeprefix("torch."), compile=use_compile)  # as resolved
-wandb_run = get_wandb(args.run, "nanochat", user_config, master)
+user_config, wandb_run = start_run(args, "nanochat", device, dtype, use_compile, rank)
 
 tokenizer = get_tokenizer()
 get_split_files("train"), get_split_files("val")  # fail fast (clear message) before building the model
@@ -154,7 +151,7 @@ speed = Speed(total_batch_size, flops_per_token, world_size, peak)
 # Checkpoint directory and resume
 model_tag = args.model_tag or f"d{args.depth}"
 checkpoints = Checkpoints(os.path.join(get_base_dir(), "base_checkpoints", model_tag), orig_model, optimizer, rank,
-                          device)
+                          device, save_every=args.save_every)
 run = RunState("val_bpb", timer=StepTimer(skip=10 if use_compile else 0))
 loader_state = None
 if args.resume_from_step >= 0:
@@ -203,10 +200,6 @@ def make_meta():
                       dataloader_state_dict=train_batches.state_dict())
 
 
-def save(step):
-    checkpoints.save(step, make_meta(), train_batches.state_dict())
-
-
 def evaluate(step, last_step):
     if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
         run.record_val(run_val_bpb())
@@ -217,7 +210,7 @@ def evaluate(step, last_step):
         run.record_metrics({"core_metric": run_core()["core"]})
         print0(f"step {step:05d} | CORE {run.metrics['core_metric']:.4f}")
         wandb_run.log({"step": step, **run.metrics})
-    if master and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
+    if rank == 0 and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
         run_samples()
 
 
@@ -225,18 +218,8 @@ def evaluate(step, last_step):
 # Training loop
 
 with stop_on_nonfinite():
-    while True:
+    while not checkpoints.evaluate_and_save(run.step, run.step == num_iterations, evaluate, make_meta, train_batches):
         step = run.step
-        last_step = step == num_iterations
-        if last_step:
-            save(step)  # the finished model is on disk before the final evaluations, which may be slow or killed
-            evaluate(step, last_step)
-            checkpoints.rewrite_meta(step, make_meta())
-            break
-        evaluate(step, last_step)
-        if step > 0 and step != args.resume_from_step and args.save_every > 0 and step % args.save_every == 0:
-            save(step)
-
         run.timer.start()
         lrm = lr_multiplier_base(step, num_iterations, warmup_iters, warmdown_iters, args.final_lr_frac)
         set_schedule(optimizer, lrm, momentum=muon_momentum_base(step, num_iterations, warmdown_iters),
@@ -249,8 +232,8 @@ with stop_on_nonfinite():
         print0(format_step(run, num_iterations, smooth, lrm, dt, speed,
                            extra=f"epoch {train_batches.epoch} | raw loss {loss:.17g}"))
         if step % 100 == 0:
-            wandb_run.log({"step": step, "train/loss": smooth, "train/lrm": lrm, "train/tok_per_sec": speed.tok_per_sec(dt),
-                           "train/mfu": speed.mfu(dt)})
+            wandb_run.log({"step": step, "train/loss": smooth, "train/lrm": lrm,
+                           "train/tok_per_sec": speed.tok_per_sec(dt), "train/mfu": speed.mfu(dt)})
         run.step += 1
 
 # -----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import argparse
 
 import torch
 
-from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, get_compute_dtype, get_wandb,
+from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, get_compute_dtype,
                              get_max_memory)
 from nanochat.checkpoint_manager import load_model
 from nanochat.chat_loader import SFTBatcher
@@ -28,7 +28,7 @@ from nanochat.task_eval import run_categorical_eval
 from nanochat.report import get_report
 from nanochat.training import (set_schedule, scale_lrs, Prefetcher, guarded_step, stop_on_nonfinite, evaluating,
                                all_reduce_sum, supervised_loss, PeakFlops, StepTimer, Speed, RunState, format_step,
-                               stage_meta, Checkpoints, FittingProblems)
+                               stage_meta, Checkpoints, FittingProblems, start_run)
 from tasks.mixtures import (add_mixture_args, mixtures_from_args, default_sft_sources,
                             default_sft_val_sources)
 from tasks.arc import ARC
@@ -64,13 +64,11 @@ add_mixture_args(parser, default_sft_sources(), default_sft_val_sources())
 args = parser.parse_args()
 if not 0.0 <= args.dft_alpha <= 1.0:
     parser.error(f"--dft-alpha must be in [0, 1], got {args.dft_alpha}")
-user_config = vars(args).copy()
 alpha = args.dft_alpha if args.loss == "dft" else 0.0
 
 is_dist, rank, local_rank, world_size, device = compute_init(args.device_type)
-master = rank == 0
 dtype = get_compute_dtype(device.type, args.dtype or None)
-wandb_run = get_wandb(args.run, "nanochat-sft", user_config, master)
+user_config, wandb_run = start_run(args, "nanochat-sft", device, dtype, rank=rank)
 
 train_ds, val_ds = mixtures_from_args(args)
 
@@ -97,7 +95,7 @@ scale_lrs(optimizer, args.init_lr_frac)
 peak = PeakFlops.for_device(device, dtype)
 speed = Speed(0, model.estimate_flops(), world_size, peak)  # rows vary in length: tokens set per step
 checkpoints = Checkpoints(os.path.join(get_base_dir(), "chatsft_checkpoints", args.output_tag or f"d{config.n_layer}"),
-                          model, optimizer, rank, device)
+                          model, optimizer, rank, device, save_every=args.save_every)
 run = RunState("val_loss", timer=StepTimer(skip=0))
 loader_state = checkpoints.resume(args.resume_from_step, run) if args.resume_from_step >= 0 else None
 
@@ -141,10 +139,6 @@ def make_meta():
                       skipped_problems=dict(skipped_problems))
 
 
-def save(step):
-    checkpoints.save(step, make_meta(), train_batches.state_dict())
-
-
 def evaluate(step, last_step):
     if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
         run.record_val(run_val_loss())
@@ -162,18 +156,8 @@ def evaluate(step, last_step):
 
 train_loss = None
 with stop_on_nonfinite():
-    while True:
+    while not checkpoints.evaluate_and_save(run.step, run.step == num_iterations, evaluate, make_meta, train_batches):
         step = run.step
-        last_step = step == num_iterations
-        if last_step:
-            save(step)  # the finished model is on disk before the (interruptible) final evaluation
-            evaluate(step, last_step)
-            checkpoints.rewrite_meta(step, make_meta())
-            break
-        evaluate(step, last_step)
-        if step > 0 and step != args.resume_from_step and args.save_every > 0 and step % args.save_every == 0:
-            save(step)
-
         run.timer.start()
         lrm = 1.0 - step / num_iterations
         set_schedule(optimizer, lrm)

@@ -18,7 +18,7 @@ import argparse
 
 import torch
 
-from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, get_compute_dtype, get_wandb,
+from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, get_compute_dtype,
                              get_max_memory, parse_bool)
 from nanochat.checkpoint_manager import load_model
 from nanochat.tokenizer import get_token_bytes
@@ -27,7 +27,7 @@ from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.training import (muon_momentum_mid, set_schedule, scale_lrs, grad_accum_steps, Prefetcher,
                                accumulate_gradients, guarded_step, stop_on_nonfinite, evaluating, any_rank, PeakFlops,
-                               StepTimer, Speed, RunState, format_step, mean_mfu, stage_meta, Checkpoints)
+                               StepTimer, Speed, RunState, format_step, mean_mfu, stage_meta, Checkpoints, start_run)
 from tasks.mixtures import (add_mixture_args, mixtures_from_args, default_mid_sources,
                             default_mid_val_sources)
 
@@ -55,14 +55,11 @@ parser.add_argument("--output-tag", type=str, default=None, help="mid_checkpoint
 parser.add_argument("--dry-run", action="store_true", help="train but write no checkpoint or report")
 add_mixture_args(parser, default_mid_sources(), default_mid_val_sources())
 args = parser.parse_args()
-user_config = vars(args).copy()
 
 is_dist, rank, local_rank, world_size, device = compute_init(args.device_type)
-master = rank == 0
 dtype = get_compute_dtype(device.type, args.dtype or None)
 use_compile = args.compile if args.compile is not None else device.type == "cuda"
-user_config.update(device_type=device.type, dtype=str(dtype).removeprefix("torch."), compile=use_compile)  # as resolved
-wandb_run = get_wandb(args.run, "nanochat-mid", user_config, master)
+user_config, wandb_run = start_run(args, "nanochat-mid", device, dtype, use_compile, rank)
 
 train_ds, val_ds = mixtures_from_args(args)
 
@@ -89,7 +86,7 @@ scale_lrs(optimizer, args.init_lr_frac)
 peak = PeakFlops.for_device(device, dtype)
 speed = Speed(args.total_batch_size, orig_model.estimate_flops(), world_size, peak)
 checkpoints = Checkpoints(os.path.join(get_base_dir(), "mid_checkpoints", args.output_tag or f"d{config.n_layer}"),
-                          orig_model, optimizer, rank, device, write=not args.dry_run)
+                          orig_model, optimizer, rank, device, save_every=args.save_every, write=not args.dry_run)
 run = RunState("val_bpb", timer=StepTimer(skip=10 if use_compile else 0))
 loader_state = checkpoints.resume(args.resume_from_step, run) if args.resume_from_step >= 0 else None
 
@@ -103,11 +100,9 @@ def make_meta():
                       max_seq_len=args.max_seq_len, dataloader_state_dict=train_batches.state_dict())
 
 
-def save(step):
-    checkpoints.save(step, make_meta(), train_batches.state_dict())
-
-
-def evaluate(step):
+def evaluate(step, last_step):
+    if not (last_step or (args.eval_every > 0 and step % args.eval_every == 0)):
+        return
     loader = MidPacker(val_ds, tokenizer, args.device_batch_size, args.max_seq_len, device=device)
     with evaluating(orig_model):
         run.record_val(evaluate_bpb(model, loader, eval_steps, token_bytes))  # the compiled model when compiling
@@ -125,18 +120,8 @@ def finished(next_step):
 # first check the flag rides on each step's one all-reduce.
 stop_now = any_rank(finished(run.step), device)
 with stop_on_nonfinite():
-    while True:
+    while not checkpoints.evaluate_and_save(run.step, stop_now, evaluate, make_meta, train_batches):
         step = run.step
-        if stop_now:
-            save(step)  # the finished model is on disk before the (interruptible) final evaluation
-            evaluate(step)
-            checkpoints.rewrite_meta(step, make_meta())
-            break
-        if args.eval_every > 0 and step % args.eval_every == 0:
-            evaluate(step)
-        if step > 0 and step != args.resume_from_step and args.save_every > 0 and step % args.save_every == 0:
-            save(step)
-
         run.timer.start()
         lrm = 1.0 if run.progress < 0.8 else max(0.0, 1 - (run.progress - 0.8) / 0.2)
         set_schedule(optimizer, lrm, momentum=muon_momentum_mid(step))

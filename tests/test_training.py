@@ -93,7 +93,8 @@ def test_guarded_step_stops_before_the_update_on_nonfinite_loss_or_grad():
     model = torch.nn.Linear(3, 2)
     opt = CountingOptimizer(model)
     model(torch.ones(1, 3)).sum().backward()
-    loss, extras = guarded_step(0, opt, model, torch.tensor(1.25), extras=[torch.tensor(3.0), torch.tensor(4, dtype=torch.long)])
+    loss, extras = guarded_step(0, opt, model, torch.tensor(1.25),
+                                extras=[torch.tensor(3.0), torch.tensor(4, dtype=torch.long)])
     assert (loss, extras, opt.steps) == (1.25, [3.0, 4.0], 1)
     assert all(p.grad is None for p in model.parameters())  # zeroed after the update
     with pytest.raises(NonFiniteLossError, match=r"step 7\b.*resume-from-step"):
