@@ -80,6 +80,20 @@ def test_mid_train_lowers_loss_and_resumes_exactly(fresh_model_base_dir, tiny_da
     assert_same_weights(load_weights(os.path.join(ckpt_dir, f"model_{last:06d}.pt")), final_weights)
 
 
+def test_mid_train_meta_is_strict_json_before_any_evaluation(fresh_model_base_dir, tiny_data_dir):
+    """A save before the first evaluation has no minimum val bpb yet: null, never `Infinity`."""
+    base = fresh_model_base_dir
+    out = run_module("scripts.mid_train", MID_ARGS + ["--mix", "smoltalk@40", "--val-mix", "smoltalk@8",
+                                                      "--num-iterations=3", "--eval-every=-1", "--save-every=2"],
+                     base, tiny_data_dir).stdout
+    ckpt_dir = os.path.join(base, "mid_checkpoints", "d2")
+    meta = strict_json_load(os.path.join(ckpt_dir, "meta_000002.json"))
+    assert meta["val_bpb"] is None and meta["loop_state"]["min_val_bpb"] is None
+    final = strict_json_load(os.path.join(ckpt_dir, "meta_000003.json"))  # --eval-every=-1: only the end-of-run one
+    assert val_values(out, "val bpb") == {3: pytest.approx(final["val_bpb"], abs=1e-6)}
+    assert final["loop_state"]["min_val_bpb"] == final["val_bpb"]
+
+
 def test_chat_sft_lowers_loss_and_resumes_exactly(chat_base_dir, tiny_data_dir):
     base = chat_base_dir  # holds a tiny mid checkpoint (d2, step 3): the default --source=mid
     args = SFT_ARGS + ["--num-iterations=8", "--eval-every=4", "--save-every=4", "--init-lr-frac=0.5",

@@ -18,7 +18,7 @@ from nanochat.training import (lr_multiplier_base, muon_momentum_base, muon_mome
                                set_schedule, guarded_step, check_finite_params, NonFiniteLossError, get_rng_state,
                                set_rng_state, PeakFlops, StepTimer, Speed, RunState, format_step, mean_mfu,
                                all_reduce_mean, any_rank, supervised_loss, strict_json, Prefetcher, FittingProblems,
-                               grad_accum_steps)
+                               grad_accum_steps, accumulate_gradients)
 
 CPU = torch.device("cpu")
 
@@ -333,3 +333,47 @@ def test_supervised_loss_plain_and_dft():
     assert loss.item() == pytest.approx(2 * (p[0] * 1 + p[1] * 2 + p[2] * 0.5) / 3)
     loss.backward()
     assert torch.allclose(nll.grad, torch.tensor([[2 * p[0] / 3, 2 * p[1] / 3, 0.0, 2 * p[2] / 3]]))
+
+
+class RandomBatches:
+    """A stand-in loader of random (x, y) batches of one shape."""
+    epoch = 0
+
+    def __init__(self, B, T, V):
+        self.B, self.T, self.V, self.n = B, T, V, 0
+
+    def __next__(self):
+        self.n += 1
+        return torch.randint(0, self.V, (self.B, self.T)), torch.randint(0, self.V, (self.B, self.T))
+
+    def state_dict(self):
+        return {"n": self.n}
+
+
+def test_a_training_step_reads_from_the_device_once(monkeypatch):
+    """Micro-steps, prefetch, NaN guard and the Muon/AdamW update of a real tiny GPT: one device->host read."""
+    import contextlib
+    import nanochat.gpt as gpt
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = gpt.GPT(gpt.GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32,
+                                      window_pattern="L"))
+    model.to_empty(device="cpu")
+    model.init_weights()
+    optimizer = model.setup_optimizers()
+    batches = Prefetcher(RandomBatches(2, 16, 64))
+    # the GPU's code path where the CPU-only kernels can be switched off (their host reads never happen on a GPU)
+    cuda_path = gpt.cpu_kernels(False) if hasattr(gpt, "cpu_kernels") else contextlib.nullcontext()
+    with cuda_path:
+        guarded_step(0, optimizer, model, accumulate_gradients(model, batches, 2))  # lazy state is created here
+        reads = []
+        for name in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+            orig = getattr(torch.Tensor, name)
+
+            def counted(self, *a, _orig=orig, _name=name, **k):
+                reads.append(_name)
+                return _orig(self, *a, **k)
+            monkeypatch.setattr(torch.Tensor, name, counted)
+        loss, _ = guarded_step(1, optimizer, model, accumulate_gradients(model, batches, 3))
+    assert reads == ["tolist"] and math.isfinite(loss)
+    assert batches.state_dict() == {"n": 5} and batches.loader.n == 6  # 2 + 3 taken, 1 prefetched
