@@ -25,6 +25,12 @@ SFT_ARGS = ["--max-seq-len=64", "--device-batch-size=4", "--target-examples-per-
 VOLATILE = ("dt ", "tok/s ", "mfu ", "eta ")  # timing fields of the step line
 
 
+@pytest.fixture(autouse=True)
+def pinned_peak_flops(monkeypatch):
+    """The scripts inherit it: no 1 s matmul probe at start and at each evaluation."""
+    monkeypatch.setenv("NANOCHAT_PEAK_FLOPS", "1e11")
+
+
 def step_lines(out):
     """{step: the step line without its timing fields} for every training step logged."""
     lines = {}
