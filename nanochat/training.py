@@ -125,7 +125,8 @@ class Prefetcher:
         return self
 
     def __next__(self):
-        batch, self._held = (self._held, None) if self._held is not None else (next(self.loader), None)
+        self.prefetch()  # no-op when a batch is already held
+        batch, self._held = self._held, None
         self._snapshot()
         return batch
 
