@@ -1,17 +1,24 @@
 """
 Batches of conversations for the chat stages.
 
-- MidPacker (mid_train, REFERENCE 7.7): whole conversations packed best-fit into rows of T+1
-  tokens, padding instead of cropping; every token is a target except the padding.
-- SFTBatcher (chat_sft, REFERENCE 7.8): one conversation per row, padded per batch; only the
-  tokens the mask marks (assistant replies) are targets.
+- MidPacker (mid_train): whole conversations packed best-fit into rows of T+1 tokens, padding
+  instead of cropping (a conversation is never split across rows); every token is a target except
+  the padding. Packed on a background thread.
+- SFTBatcher (chat_sft): one conversation per row, padded per batch; only the tokens the mask marks
+  (assistant replies) are targets.
 
 Both walk the dataset strided by rank and have a small JSON-able state_dict() so a resumed
-run sees exactly the batches an uninterrupted one would (D5): conversations are re-rendered
+run sees exactly the batches an uninterrupted one would: conversations are re-rendered
 from their indices, which is cheap and deterministic.
 """
 
+import queue
+import threading
+import weakref
+
 import torch
+
+from nanochat.dataloader import put_unless_stopped, start_producer
 
 
 def _world():
@@ -21,34 +28,19 @@ def _world():
     return 0, 1
 
 
-class MidPacker:
-    """Iterator of (inputs (B,T) int64, targets (B,T) int64) packing whole conversations."""
+class _MidPacking:
+    """The packing itself (runs on MidPacker's producer thread): whole conversations, best fit, padded rows."""
 
-    def __init__(self, dataset, tokenizer, B, T, device="cpu", buffer_size=100, rank=None, world_size=None,
-                 state=None):
-        self.dataset, self.tokenizer, self.B, self.T, self.device = dataset, tokenizer, B, T, torch.device(device)
-        r, w = _world()
-        self.rank = r if rank is None else rank
-        self.world_size = w if world_size is None else world_size
-        self.buffer_size = buffer_size
+    def __init__(self, dataset, tokenizer, B, T, buffer_size, rank, world_size, state):
+        self.dataset, self.tokenizer, self.B, self.T = dataset, tokenizer, B, T
+        self.buffer_size, self.world_size = buffer_size, world_size
         self.bos = tokenizer.get_bos_token_id()
-        if len(dataset) == 0:
-            raise ValueError("the training mixture is empty: check the mixture flags")
         # cursor: next dataset index to read (before the modulo); consumed: conversations used, counted
-        # the way the reference does (starts at rank, +W per conversation) so progress is comparable
-        st = state or {"cursor": self.rank, "consumed": self.rank, "buffer": [], "truncated": 0, "rows": 0}
+        # from `rank` in steps of the world size, so every rank's progress reads on the same scale
+        st = state or {"cursor": rank, "consumed": rank, "buffer": [], "truncated": 0, "rows": 0}
         self.cursor, self.consumed, self.truncated = st["cursor"], st["consumed"], st["truncated"]
         self.rows = st["rows"]
         self.buffer = [(i, self._render(i)[0]) for i in st["buffer"]]
-
-    @property
-    def epoch(self):
-        return self.cursor // len(self.dataset)
-
-    @property
-    def progress(self):
-        """Fraction of one epoch of the mixture consumed (may exceed 1)."""
-        return self.consumed / len(self.dataset)
 
     def _render(self, index):
         """(first T+1 ids, whether the conversation was longer than a row). Rendered without the
@@ -69,10 +61,7 @@ class MidPacker:
         return {"cursor": self.cursor, "consumed": self.consumed, "buffer": [i for i, _ in self.buffer],
                 "truncated": self.truncated, "rows": self.rows}
 
-    def __iter__(self):
-        return self
-
-    def __next__(self):
+    def next_batch(self):
         T = self.T
         rows = torch.full((self.B, T + 1), self.bos, dtype=torch.long)
         targets_mask = torch.ones((self.B, T), dtype=torch.bool)
@@ -98,13 +87,82 @@ class MidPacker:
         inputs = rows[:, :-1]
         targets = rows[:, 1:].clone()
         targets[~targets_mask] = -1
-        return inputs.to(self.device), targets.to(self.device)
+        return inputs, targets
+
+
+def _produce_mid(packing, q, stop, pin):
+    """Producer thread: pack batches ahead of the trainer, each with the state right after it."""
+    try:
+        while not stop.is_set():
+            inputs, targets = packing.next_batch()
+            if pin:
+                inputs, targets = inputs.pin_memory(), targets.pin_memory()
+            put_unless_stopped(q, stop, (inputs, targets, packing.state_dict()))
+    except BaseException as e:  # hand the error to the training thread instead of leaving it waiting
+        put_unless_stopped(q, stop, e)
+
+
+class MidPacker:
+    """
+    Iterator of (inputs (B,T) int64, targets (B,T) int64) packing whole conversations. A background
+    thread packs a few batches ahead (queue_size), so the training thread only takes them; the state,
+    progress and counts describe the batches handed out, so a checkpoint resumes exactly.
+    """
+
+    def __init__(self, dataset, tokenizer, B, T, device="cpu", buffer_size=100, rank=None, world_size=None,
+                 state=None, queue_size=4):
+        r, w = _world()
+        rank = r if rank is None else rank
+        world_size = w if world_size is None else world_size
+        if len(dataset) == 0:
+            raise ValueError("the training mixture is empty: check the mixture flags")
+        self.num_conversations, self.device = len(dataset), torch.device(device)
+        packing = _MidPacking(dataset, tokenizer, B, T, buffer_size, rank, world_size, state)
+        self._state = packing.state_dict()
+        self._queue, self._stop = queue.Queue(maxsize=queue_size), threading.Event()
+        # the thread gets no reference to self, so a dropped packer is collected, which stops the thread
+        self._thread = start_producer(_produce_mid, (packing, self._queue, self._stop, self.device.type == "cuda"),
+                                      self._stop)
+        weakref.finalize(self, self._stop.set)
+
+    @property
+    def epoch(self):
+        return self._state["cursor"] // self.num_conversations
+
+    @property
+    def progress(self):
+        """Fraction of one epoch of the mixture consumed (may exceed 1)."""
+        return self._state["consumed"] / self.num_conversations
+
+    @property
+    def truncated(self):
+        """Conversations longer than a row (their start is kept), counted when fetched."""
+        return self._state["truncated"]
+
+    def state_dict(self):
+        return dict(self._state)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        inputs, targets, self._state = item
+        non_blocking = self.device.type == "cuda"
+        return inputs.to(self.device, non_blocking=non_blocking), targets.to(self.device, non_blocking=non_blocking)
+
+    def close(self):
+        """Stop and join the packing thread now (a dropped packer's thread stops by itself)."""
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 def collate_sft(rendered, pad_id):
     """
     rendered: list of (ids, mask). Returns inputs, targets (B, max_len-1) where targets are -1 on
-    padding and wherever the mask says the token is not trained (REFERENCE 3.5).
+    padding and wherever the mask says the token is not trained.
     """
     ncols = max(len(ids) for ids, _ in rendered) - 1
     inputs = torch.full((len(rendered), ncols), pad_id, dtype=torch.long)

@@ -50,7 +50,8 @@ def _encode(tokenizer, bos, texts):
     return [np.asarray(ids, dtype=np.int64) for ids in tokenizer.encode(texts, prepend=bos)]
 
 
-def _put(q, stop, item):
+def put_unless_stopped(q, stop, item):
+    """Producer side of a bounded queue: wait for room, but give up as soon as `stop` is set."""
     while not stop.is_set():
         try:
             return q.put(item, timeout=0.1)
@@ -72,6 +73,15 @@ def _stop_producers():
         thread.join(timeout=30)
 
 
+def start_producer(target, args, stop):
+    """A daemon thread running target(*args); `stop` is set and the thread joined at interpreter exit."""
+    thread = threading.Thread(target=target, args=args, daemon=True)
+    _PRODUCERS[:] = [(e, t) for e, t in _PRODUCERS if t.is_alive()]
+    _PRODUCERS.append((stop, thread))
+    thread.start()
+    return thread
+
+
 def _produce(files, plan, tokenizer, bos, cursor, q, stop, rank, split):
     """Producer thread: reads and tokenizes this rank's row groups from `cursor` on, epoch after epoch."""
     try:
@@ -91,12 +101,12 @@ def _produce(files, plan, tokenizer, bos, cursor, q, stop, rank, split):
                 docs_this_epoch += len(texts)
                 if texts:
                     ids = [(epoch, fi, rg, first + k * step) for k in range(len(texts))]
-                    _put(q, stop, (step, list(zip(ids, _encode(tokenizer, bos, texts)))))
+                    put_unless_stopped(q, stop, (step, list(zip(ids, _encode(tokenizer, bos, texts)))))
             if docs_this_epoch == 0 and start == 0:
                 raise ValueError(f"rank {rank} found no documents in a whole epoch of the {split} split")
             epoch, start, row = epoch + 1, 0, None
     except BaseException as e:  # hand the error to the training thread instead of leaving it waiting
-        _put(q, stop, e)
+        put_unless_stopped(q, stop, e)
 
 
 class PretrainLoader:
@@ -128,10 +138,7 @@ class PretrainLoader:
         self._stop = threading.Event()
         # the thread gets no reference to self, so a dropped loader is collected and its __del__ stops it
         args = (self.files, self.plan, tokenizer, self.bos, self.cursor, self._queue, self._stop, self.rank, split)
-        self._thread = threading.Thread(target=_produce, args=args, daemon=True)
-        _PRODUCERS[:] = [(e, t) for e, t in _PRODUCERS if t.is_alive()]
-        _PRODUCERS.append((self._stop, self._thread))
-        self._thread.start()
+        self._thread = start_producer(_produce, args, self._stop)
 
     def _encode(self, texts):
         return _encode(self.tokenizer, self.bos, texts)

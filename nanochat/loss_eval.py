@@ -1,5 +1,5 @@
 """
-Bits per byte (REFERENCE 9.1): the model's loss normalised by the raw UTF-8 bytes of the target
+Bits per byte: the model's loss normalised by the raw UTF-8 bytes of the target
 tokens, so it compares across tokenizers and vocab sizes. Special tokens (0 bytes) and ignored
 targets (< 0) count neither nats nor bytes.
 """

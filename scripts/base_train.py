@@ -1,5 +1,6 @@
 """
-Pretrain the base GPT on the pretraining shards (REFERENCE 7.2-7.5).
+Pretrain the base GPT on the pretraining shards: next-token prediction on packed documents, with the
+batch size, horizon and learning rates derived from the depth.
 
 One CPU process (toy scale):
     python -m scripts.base_train --depth=4 --head-dim=64 --window-pattern=L --max-seq-len=512 \
@@ -23,7 +24,7 @@ import math
 import torch
 
 from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, get_compute_dtype,
-                             get_wandb, get_max_memory, parse_bool)
+                             get_max_memory, parse_bool)
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.dataloader import PretrainLoader
 from nanochat.dataset import get_split_files
@@ -32,8 +33,9 @@ from nanochat.loss_eval import evaluate_bpb
 from nanochat import checkpoint_manager as ckpt
 from nanochat.report import get_report
 from nanochat.training import (lr_multiplier_base, muon_momentum_base, muon_weight_decay_cosine, set_schedule,
-                               check_finite, NonFiniteLossError, get_peak_flops, StepTimer, format_step,
-                               all_reduce_mean, save_training_checkpoint, resume_training)
+                               grad_accum_steps, Prefetcher, accumulate_gradients, guarded_step, stop_on_nonfinite,
+                               evaluating, PeakFlops, StepTimer, Speed, RunState, format_step, mean_mfu, stage_meta,
+                               Checkpoints, start_run)
 
 parser = argparse.ArgumentParser(description="Pretrain the base model")
 # logging and runtime
@@ -74,17 +76,14 @@ parser.add_argument("--save-every", type=int, default=-1, help="checkpoint every
 parser.add_argument("--resume-from-step", type=int, default=-1, help="resume from this saved step")
 parser.add_argument("--model-tag", type=str, default=None, help="checkpoint directory name (default d<depth>)")
 args = parser.parse_args()
-user_config = vars(args).copy()
 
 # -----------------------------------------------------------------------------
 # Init
 
 is_dist, rank, local_rank, world_size, device = compute_init(args.device_type)
-master = rank == 0
 dtype = get_compute_dtype(device.type, args.dtype or None)
 use_compile = args.compile if args.compile is not None else device.type == "cuda"
-user_config.update(device_type=device.type, dtype=str(dtype).removeprefix("torch."), compile=use_compile)  # as resolved
-wandb_run = get_wandb(args.run, "nanochat", user_config, master)
+user_config, wandb_run = start_run(args, "nanochat", device, dtype, use_compile, rank)
 
 tokenizer = get_tokenizer()
 get_split_files("train"), get_split_files("val")  # fail fast (clear message) before building the model
@@ -99,9 +98,9 @@ with torch.device("meta"):
     model = GPT(config)
 model.to_empty(device=device)
 model.init_weights()
-orig_model = model
+orig_model = model  # uncompiled: optimizer, checkpoints, generation
 if use_compile:
-    model = torch.compile(model, dynamic=False)
+    model = torch.compile(model, dynamic=False)  # training and val bpb: fixed (B, T) shapes
 param_counts = orig_model.num_scaling_params()
 scaling_params = param_counts["transformer_matrices"] + param_counts["lm_head"]
 flops_per_token = orig_model.estimate_flops()
@@ -110,7 +109,8 @@ print0(f"parameters: {param_counts['total']:,} (scaling: {scaling_params:,}) | F
 if "S" in config.window_pattern.upper() and device.type != "cuda":
     print0("note: sliding windows need explicit masks without FA3; --window-pattern=L is faster here")
 
-# Batch size and horizon (REFERENCE 6.7, 7.3)
+# Batch size and horizon. The reference point is d12 at 2^19 tokens per step; the batch grows with the
+# token budget as D^0.383 (the optimal-batch fit of https://arxiv.org/abs/2505.13738), rounded to 2^k.
 B_REF = 2 ** 19
 with torch.device("meta"):
     d12 = GPT(config_from_depth(12, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
@@ -122,13 +122,7 @@ target_tokens, ref_tokens = ratio * scaling_params, ratio * d12_scaling
 total_batch_size = args.total_batch_size
 if total_batch_size == -1:
     total_batch_size = 2 ** round(math.log2(B_REF * (target_tokens / ref_tokens) ** 0.383))
-tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len
-world_tokens = tokens_per_fwdbwd * world_size
-if total_batch_size % world_tokens != 0:
-    raise SystemExit(f"--total-batch-size={total_batch_size} must be a multiple of device_batch_size*max_seq_len*world_size "
-                     f"= {args.device_batch_size}*{args.max_seq_len}*{world_size} = {world_tokens}; "
-                     f"try --total-batch-size={max(1, total_batch_size // world_tokens) * world_tokens}")
-grad_accum_steps = total_batch_size // world_tokens
+grad_accum = grad_accum_steps(total_batch_size, args.device_batch_size, args.max_seq_len, world_size)
 if args.num_iterations > 0:
     num_iterations = args.num_iterations
 elif args.target_flops > 0:
@@ -138,7 +132,7 @@ elif args.target_param_data_ratio > 0:
 else:
     raise SystemExit("no training horizon: set --num-iterations, --target-flops or --target-param-data-ratio")
 num_iterations = max(num_iterations, 1)
-print0(f"total batch: {total_batch_size:,} tokens | grad accum: {grad_accum_steps} | iterations: {num_iterations:,} | "
+print0(f"total batch: {total_batch_size:,} tokens | grad accum: {grad_accum} | iterations: {num_iterations:,} | "
        f"tokens: {total_batch_size * num_iterations:,} (ratio {total_batch_size * num_iterations / scaling_params:.2f})")
 
 # Optimizer with the transfer rules: LRs scale with sqrt(batch), Muon WD keeps B/(lr*wd*D) fixed
@@ -151,49 +145,39 @@ optimizer = orig_model.setup_optimizers(unembedding_lr=args.unembedding_lr * bat
 warmup_iters = max(args.warmup_steps, round(args.warmup_ratio * num_iterations))
 warmdown_iters = round(args.warmdown_ratio * num_iterations)
 
-# measured before the resume below: on CPU this runs randn, which must not shift the restored RNG
-peak_flops = get_peak_flops(device, dtype)
+peak = PeakFlops.for_device(device, dtype)
+speed = Speed(total_batch_size, flops_per_token, world_size, peak)
 
 # Checkpoint directory and resume
 model_tag = args.model_tag or f"d{args.depth}"
-checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
-step, val_bpb, min_val_bpb, smooth_loss = 0, None, float("inf"), 0.0
-timer = StepTimer(device, skip=10 if use_compile else 0)
+checkpoints = Checkpoints(os.path.join(get_base_dir(), "base_checkpoints", model_tag), orig_model, optimizer, rank,
+                          device, save_every=args.save_every)
+run = RunState("val_bpb", timer=StepTimer(skip=10 if use_compile else 0))
 loader_state = None
-report_curves = {"step": [], "loss": [], "val_step": [], "val_bpb": []}
 if args.resume_from_step >= 0:
-    ckpt.check_resume_config(ckpt.load_meta(checkpoint_dir, args.resume_from_step), config, tokenizer, checkpoint_dir)
-    loader_state, meta = resume_training(checkpoint_dir, args.resume_from_step, orig_model, optimizer, device, rank)
-    loop = meta["loop_state"]
-    step, val_bpb = meta["step"], meta.get("val_bpb")
-    min_val_bpb, smooth_loss = loop["min_val_bpb"], loop["smooth_train_loss"]
-    min_val_bpb = float("inf") if min_val_bpb is None else min_val_bpb
-    timer = StepTimer(device, skip=10 if use_compile else 0, total_time=loop["total_training_time"],
-                      timed_steps=loop["timed_steps"])
-    report_curves = loop.get("curves", report_curves)
+    ckpt.check_resume_config(ckpt.load_meta(checkpoints.directory, args.resume_from_step), config, tokenizer,
+                             checkpoints.directory)
+    loader_state = checkpoints.resume(args.resume_from_step, run)
 
-train_loader = PretrainLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", device=device,
-                              state=loader_state)
+train_batches = Prefetcher(PretrainLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train",
+                                          device=device, state=loader_state))
 eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * world_size))
+# CORE's batch shapes vary: its own compiled handle may go dynamic instead of recompiling per shape
+core_model = torch.compile(orig_model) if use_compile else orig_model
 
 
 def run_val_bpb():
     val_loader = PretrainLoader(tokenizer, args.device_batch_size, args.max_seq_len, "val", device=device)
-    orig_model.eval()
-    with torch.no_grad():
-        bpb = evaluate_bpb(orig_model, val_loader, eval_steps, token_bytes)
-    orig_model.train()
+    with evaluating(orig_model):
+        bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)  # the compiled model when compiling
     val_loader.close()
     return bpb
 
 
 def run_core():
     from nanochat.core_eval import evaluate_core
-    orig_model.eval()
-    with torch.no_grad():
-        out = evaluate_core(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task)
-    orig_model.train()
-    return out
+    with evaluating(orig_model):
+        return evaluate_core(core_model, tokenizer, device, max_per_task=args.core_metric_max_per_task)
 
 
 PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
@@ -202,104 +186,64 @@ PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yes
 
 
 def run_samples():
-    orig_model.eval()
     bos = tokenizer.get_bos_token_id()
-    for prompt in PROMPTS:
-        tokens = tokenizer.encode(prompt, prepend=bos)
-        with torch.no_grad():
+    with evaluating(orig_model):
+        for prompt in PROMPTS:
+            tokens = tokenizer.encode(prompt, prepend=bos)
             out = list(orig_model.generate(tokens, max_tokens=16, temperature=0))
-        print0(f"  {tokenizer.decode(tokens[1:] + out)!r}")
-    orig_model.train()
+            print0(f"  {tokenizer.decode(tokens[1:] + out)!r}")
 
 
-def save(step):
-    meta = {
-        "step": step, "val_bpb": val_bpb, "model_config": ckpt.config_to_dict(config), "user_config": user_config,
-        "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
-        "total_batch_size": total_batch_size, "world_size": world_size,
-        "dataloader_state_dict": train_loader.state_dict(),
-        # min_val_bpb is inf before the first eval: stored as null to keep the meta strict JSON
-        "loop_state": {"min_val_bpb": min_val_bpb if math.isfinite(min_val_bpb) else None, "smooth_train_loss": smooth_loss,
-                       "total_training_time": timer.total_time, "timed_steps": timer.timed_steps,
-                       "curves": report_curves},
-        "tokenizer": ckpt.tokenizer_info(tokenizer),
-    }
-    save_training_checkpoint(checkpoint_dir, step, orig_model, optimizer, train_loader, meta, rank, device)
+def make_meta():
+    return stage_meta(run, config, user_config, tokenizer, world_size, device_batch_size=args.device_batch_size,
+                      max_seq_len=args.max_seq_len, total_batch_size=total_batch_size, **run.metrics_now(),
+                      dataloader_state_dict=train_batches.state_dict())
 
 
-def evaluate_and_log(step, last_step):
-    global val_bpb, min_val_bpb, core_result
+def evaluate(step, last_step):
     if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
-        val_bpb = run_val_bpb()
-        min_val_bpb = min(min_val_bpb, val_bpb)
-        print0(f"step {step:05d} | val bpb {val_bpb:.6f}")
-        report_curves["val_step"].append(step)
-        report_curves["val_bpb"].append(val_bpb)
-        wandb_run.log({"step": step, "val/bpb": val_bpb})
+        run.record_val(run_val_bpb())
+        print0(f"step {step:05d} | val bpb {run.val:.6f}")
+        wandb_run.log({"step": step, "val/bpb": run.val})
+        peak.reprobe(f"step {step}")
     if args.core_metric_every > 0 and (last_step or (step > 0 and step % args.core_metric_every == 0)):
-        core_result = run_core()
-        print0(f"step {step:05d} | CORE {core_result['core']:.4f}")
-        wandb_run.log({"step": step, "core_metric": core_result["core"]})
-    if master and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
+        run.record_metrics({"core_metric": run_core()["core"]})
+        print0(f"step {step:05d} | CORE {run.metrics['core_metric']:.4f}")
+        wandb_run.log({"step": step, **run.metrics})
+    if rank == 0 and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
         run_samples()
 
 
 # -----------------------------------------------------------------------------
 # Training loop
 
-core_result = None
-last_tok_per_sec, last_mfu = 0.0, 0.0
-try:
-    while True:
-        last_step = step == num_iterations
-        if last_step:
-            # the finished model is saved before the final evaluations, which may be slow or interrupted
-            save(step)
-            evaluate_and_log(step, last_step)
-            break
-        evaluate_and_log(step, last_step)
-        if step > 0 and step != args.resume_from_step and args.save_every > 0 and step % args.save_every == 0:
-            save(step)
-
-        timer.start()
+with stop_on_nonfinite():
+    while not checkpoints.evaluate_and_save(run.step, run.step == num_iterations, evaluate, make_meta, train_batches):
+        step = run.step
+        run.timer.start()
         lrm = lr_multiplier_base(step, num_iterations, warmup_iters, warmdown_iters, args.final_lr_frac)
         set_schedule(optimizer, lrm, momentum=muon_momentum_base(step, num_iterations, warmdown_iters),
                      muon_wd=muon_weight_decay_cosine(step, num_iterations, weight_decay))
-        loss_sum = 0.0
-        for micro_step in range(grad_accum_steps):
-            x, y = next(train_loader)
-            loss = model(x, y) / grad_accum_steps
-            loss.backward()
-            loss_sum += loss.item()
-        loss_value = all_reduce_mean(loss_sum, device)
-        check_finite(loss_value, step, device, orig_model)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        dt = timer.stop(step)
+        loss_sum = accumulate_gradients(model, train_batches, grad_accum)
+        loss, _ = guarded_step(step, optimizer, orig_model, loss_sum)  # the step's one host sync
+        dt = run.timer.stop(step)
 
-        smooth_loss = 0.9 * smooth_loss + 0.1 * loss_value
-        debiased = smooth_loss / (1 - 0.9 ** (step + 1))
-        line, last_tok_per_sec, last_mfu = format_step(step, num_iterations, debiased, lrm, dt, total_batch_size,
-                                                       flops_per_token, peak_flops, world_size, timer,
-                                                       extra=f"epoch {train_loader.epoch} | raw loss {loss_value:.17g}")
-        print0(line)
-        report_curves["step"].append(step)
-        report_curves["loss"].append(loss_value)
+        smooth = run.record_loss(loss)
+        print0(format_step(run, num_iterations, smooth, lrm, dt, speed,
+                           extra=f"epoch {train_batches.epoch} | raw loss {loss:.17g}"))
         if step % 100 == 0:
-            wandb_run.log({"step": step, "train/loss": debiased, "train/lrm": lrm, "train/tok_per_sec": last_tok_per_sec,
-                           "train/mfu": last_mfu})
-        step += 1
-except NonFiniteLossError as e:
-    print0(f"ERROR: {e}")
-    compute_cleanup()
-    raise SystemExit(2)
+            wandb_run.log({"step": step, "train/loss": smooth, "train/lrm": lrm,
+                           "train/tok_per_sec": speed.tok_per_sec(dt), "train/mfu": speed.mfu(dt)})
+        run.step += 1
 
 # -----------------------------------------------------------------------------
 # Wrap up
 
-min_val_str = f"{min_val_bpb:.4f}" if math.isfinite(min_val_bpb) else "n/a (no eval)"
-print0(f"peak memory: {get_max_memory(device) / 2**20:.0f} MiB | training time: {timer.total_time / 60:.2f} min | "
-       f"min val bpb: {min_val_str}")
+run_mfu = mean_mfu(run, speed)
+min_val_str = "n/a (no eval)" if run.min_val is None else f"{run.min_val:.4f}"
+print0(f"peak memory: {get_max_memory(device) / 2**20:.0f} MiB | training time: {run.timer.total_time / 60:.2f} min | "
+       f"min val bpb: {min_val_str} | mean MFU {'n/a' if run_mfu is None else f'{run_mfu:.2f}%'} "
+       f"against {peak.describe()}")
 get_report().log("Base model training", [
     user_config,
     {"Number of parameters": param_counts["total"], "Scaling parameters": scaling_params,
@@ -308,14 +252,15 @@ get_report().log("Base model training", [
      "Tokens : Scaling params ratio": total_batch_size * num_iterations / scaling_params,
      "Total batch size": total_batch_size, "DDP world size": world_size, "Warmup iterations": warmup_iters,
      "Warmdown iterations": warmdown_iters, "Final LR fraction": args.final_lr_frac},
-    {"Minimum validation bpb": min_val_bpb if min_val_bpb < float("inf") else None, "Final validation bpb": val_bpb,
-     "CORE metric estimate": core_result["core"] if core_result else None,
-     "Tokens per second": last_tok_per_sec, "MFU": f"{last_mfu:.2f}%",
+    {"Minimum validation bpb": run.min_val, "Final validation bpb": run.val_now(),
+     "CORE metric estimate": run.metrics.get("core_metric"),
+     "Tokens per second": None if run_mfu is None else total_batch_size / run.timer.mean(),
+     "MFU": None if run_mfu is None else f"{run_mfu:.2f}%", "Peak FLOP/s used for MFU": peak.describe(),
      "Total training FLOPs": f"{flops_per_token * total_batch_size * num_iterations:e}",
-     "Total training time": f"{timer.total_time / 60:.2f}m",
+     "Total training time": f"{run.timer.total_time / 60:.2f}m",
      "Peak memory usage": f"{get_max_memory(device) / 2**20:.0f} MiB"},
 ])
-get_report().log_curves("Base model training", report_curves)
+get_report().log_curves("Base model training", run.curves)
 wandb_run.finish()
-train_loader.close()
+train_batches.close()
 compute_cleanup()

@@ -1,5 +1,5 @@
 """
-Reinforcement learning on GSM8K (REFERENCE 7.10): on-policy REINFORCE with a mean baseline.
+Reinforcement learning on GSM8K: on-policy REINFORCE with a mean baseline.
 For each question, sample completions through the Engine (calculator active), reward 1 if the
 `#### N` answer is right, advantage = reward - mean reward, and push up the log-probability of
 the sampled tokens (never the prompt, padding or calculator outputs) in proportion to it.
@@ -19,7 +19,7 @@ from nanochat.checkpoint_manager import load_model
 from nanochat import checkpoint_manager as ckpt
 from nanochat.engine import Engine
 from nanochat.report import get_report
-from nanochat.training import set_schedule, check_finite, all_reduce_mean, scale_lrs
+from nanochat.training import set_schedule, guarded_step, all_reduce_mean, scale_lrs
 from tasks.gsm8k import GSM8K
 
 parser = argparse.ArgumentParser(description="RL on GSM8K")
@@ -55,7 +55,7 @@ def pad_rollouts(seqs, masks, pad_id):
     """
     Sequences (prompt + completion) of unequal length -> (inputs, targets), int64 (B, T-1) each, padded
     with pad_id. Targets are -1 wherever the mask of the predicted token is 0: the prompt, the padding
-    and calculator outputs forced by the engine are never trained (REFERENCE 7.10).
+    and calculator outputs forced by the engine are never trained.
     """
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, T)
@@ -157,11 +157,11 @@ def main():
 
         lrm = 1.0 - step / num_steps
         set_schedule(optimizer, lrm)
-        mean_rewards, mean_lengths, loss_total = [], [], 0.0
+        mean_rewards, mean_lengths, loss_total = [], [], torch.zeros((), device=device)
         for _ in range(examples_per_rank):
             idx = next(train_indices) % len(train_task)
             seqs, masks, rewards = rollouts(idx, step)
-            advantages = rewards - rewards.mean()  # no std normalisation (REFERENCE 7.10)
+            advantages = rewards - rewards.mean()  # no std normalisation: equal rewards teach nothing, as they should
             mean_rewards.append(rewards.mean().item())
             mean_lengths.append(sum(len(s) for s in seqs) / len(seqs))
             passes = range(0, len(seqs), args.device_batch_size)
@@ -172,10 +172,8 @@ def main():
                                             advantages[b:b + args.device_batch_size],
                                             num_chunks=len(passes) * examples_per_rank)
                 loss.backward()
-                loss_total += loss.item()
-        check_finite(all_reduce_mean(loss_total, device), step, device, model)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+                loss_total += loss.detach()
+        guarded_step(step, optimizer, model, loss_total)  # stops before the update on a NaN/inf loss or gradient
         mean_reward = all_reduce_mean(sum(mean_rewards) / len(mean_rewards), device)
         mean_len = all_reduce_mean(sum(mean_lengths) / len(mean_lengths), device)
         print0(f"step {step:05d}/{num_steps:05d} | reward {mean_reward:.4f} | seq len {mean_len:.1f} | lrm {lrm:.3f}")

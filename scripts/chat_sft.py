@@ -1,8 +1,10 @@
 """
-Supervised fine-tuning (REFERENCE 7.8, decisions D8 and D9): a small curated mixture, one
-conversation per row, only the assistant's tokens are trained. The loss of a step is the mean over
-all supervised tokens of that step, across micro-batches and ranks. `--loss=dft` weights each
-token's cross-entropy by the model's own (stop-gradient) probability of it (REFERENCE 7.9).
+Supervised fine-tuning: a small curated mixture, one conversation per row, only the assistant's
+tokens are trained. The loss of a step is the mean over all supervised tokens of that step, across
+micro-batches and ranks. `--loss=dft` weights each token's cross-entropy by the model's own
+(stop-gradient) probability of it (Dynamic Fine-Tuning, https://arxiv.org/abs/2508.05629).
+MMLU and ARC-Easy accuracy run every --eval-metrics-every steps and at the end (-1: never), on the
+problems that fit the model's context; the others are skipped and counted.
 
 One CPU process, offline mirror:
     NANOCHAT_DATA_DIR=../shared/data python -m scripts.chat_sft --device-batch-size=4 --num-iterations=100
@@ -18,15 +20,15 @@ import argparse
 
 import torch
 
-from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, get_compute_dtype, get_wandb,
+from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, get_compute_dtype,
                              get_max_memory)
 from nanochat.checkpoint_manager import load_model
-from nanochat import checkpoint_manager as ckpt
 from nanochat.chat_loader import SFTBatcher
 from nanochat.task_eval import run_categorical_eval
 from nanochat.report import get_report
-from nanochat.training import (set_schedule, check_finite, NonFiniteLossError, get_peak_flops, StepTimer, format_step,
-                               all_reduce_sum, supervised_loss, scale_lrs, save_training_checkpoint, resume_training)
+from nanochat.training import (set_schedule, scale_lrs, Prefetcher, guarded_step, stop_on_nonfinite, evaluating,
+                               all_reduce_sum, supervised_loss, PeakFlops, StepTimer, Speed, RunState, format_step,
+                               stage_meta, Checkpoints, FittingProblems, start_run)
 from tasks.mixtures import (add_mixture_args, mixtures_from_args, default_sft_sources,
                             default_sft_val_sources)
 from tasks.arc import ARC
@@ -53,7 +55,7 @@ parser.add_argument("--loss", type=str, default="ce", choices=["ce", "dft"], hel
 parser.add_argument("--dft-alpha", type=float, default=1.0, help="DFT weight: w = alpha*p + (1-alpha); 0 equals CE")
 parser.add_argument("--eval-every", type=int, default=100, help="val loss every N steps (-1 = only at the end)")
 parser.add_argument("--eval-steps", type=int, default=100, help="val batches per evaluation")
-parser.add_argument("--eval-metrics-every", type=int, default=200, help="MMLU/ARC-Easy accuracy every N steps")
+parser.add_argument("--eval-metrics-every", type=int, default=200, help="MMLU/ARC-Easy accuracy every N steps and at the end (-1 = off)")
 parser.add_argument("--eval-metrics-max-problems", type=int, default=1024, help="problems per accuracy evaluation")
 parser.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
 parser.add_argument("--resume-from-step", type=int, default=-1, help="resume this SFT run from a saved step")
@@ -62,166 +64,137 @@ add_mixture_args(parser, default_sft_sources(), default_sft_val_sources())
 args = parser.parse_args()
 if not 0.0 <= args.dft_alpha <= 1.0:
     parser.error(f"--dft-alpha must be in [0, 1], got {args.dft_alpha}")
-user_config = vars(args).copy()
 alpha = args.dft_alpha if args.loss == "dft" else 0.0
 
 is_dist, rank, local_rank, world_size, device = compute_init(args.device_type)
-master = rank == 0
 dtype = get_compute_dtype(device.type, args.dtype or None)
-wandb_run = get_wandb(args.run, "nanochat-sft", user_config, master)
+user_config, wandb_run = start_run(args, "nanochat-sft", device, dtype, rank=rank)
 
 train_ds, val_ds = mixtures_from_args(args)
 
 model, tokenizer, src_meta = load_model(args.source, device, phase="train", model_tag=args.model_tag,
                                         step=args.model_step)
 config = model.config
-flops_per_token = model.estimate_flops()
 
 examples_per_step = args.device_batch_size * world_size
 if args.target_examples_per_step % examples_per_step != 0:
     raise SystemExit(f"--target-examples-per-step={args.target_examples_per_step} must be a multiple of "
                      f"device_batch_size*world_size = {examples_per_step}")
-grad_accum_steps = args.target_examples_per_step // examples_per_step
+grad_accum = args.target_examples_per_step // examples_per_step
 num_iterations = args.num_iterations if args.num_iterations > 0 else \
     (len(train_ds) // args.target_examples_per_step) * args.num_epochs
 if num_iterations < 1:
     raise SystemExit(f"the mixture has {len(train_ds)} conversations, fewer than one step of "
                      f"{args.target_examples_per_step}; lower --target-examples-per-step")
-print0(f"grad accum: {grad_accum_steps} | iterations: {num_iterations} | loss: {args.loss} (alpha {alpha})")
+print0(f"grad accum: {grad_accum} | iterations: {num_iterations} | loss: {args.loss} (alpha {alpha})")
 
 optimizer = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                    matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
 scale_lrs(optimizer, args.init_lr_frac)
 
-output_dir = os.path.join(get_base_dir(), "chatsft_checkpoints", args.output_tag or f"d{config.n_layer}")
-step, val_loss, metrics = 0, None, {}
-timer = StepTimer(device, skip=0)
-loader_state = None
-curves = {"step": [], "loss": [], "val_step": [], "val_loss": []}
-peak_flops = get_peak_flops(device, dtype)  # before resuming: measuring it draws random numbers
-if args.resume_from_step >= 0:
-    loader_state, meta = resume_training(output_dir, args.resume_from_step, model, optimizer, device, rank)
-    step, val_loss = meta["step"], meta.get("val_loss")
-    curves = meta["loop_state"]["curves"]
-    timer = StepTimer(device, skip=0, total_time=meta["loop_state"]["total_training_time"],
-                      timed_steps=meta["loop_state"]["timed_steps"])
+peak = PeakFlops.for_device(device, dtype)
+speed = Speed(0, model.estimate_flops(), world_size, peak)  # rows vary in length: tokens set per step
+checkpoints = Checkpoints(os.path.join(get_base_dir(), "chatsft_checkpoints", args.output_tag or f"d{config.n_layer}"),
+                          model, optimizer, rank, device, save_every=args.save_every)
+run = RunState("val_loss", timer=StepTimer(skip=0))
+loader_state = checkpoints.resume(args.resume_from_step, run) if args.resume_from_step >= 0 else None
 
-train_loader = SFTBatcher(train_ds, tokenizer, args.device_batch_size, device=device, max_tokens=args.max_seq_len,
-                          state=loader_state)
+train_batches = Prefetcher(SFTBatcher(train_ds, tokenizer, args.device_batch_size, device=device,
+                                      max_tokens=args.max_seq_len, state=loader_state))
+METRIC_TASKS = {"mmlu_acc": lambda: MMLU("all", "test"), "arc_easy_acc": lambda: ARC("ARC-Easy", "test")}
+skipped_problems = {}  # metric -> problems too long for the model's context at the last evaluation
 
 
 def run_val_loss():
     loader = SFTBatcher(val_ds, tokenizer, args.device_batch_size, device=device, max_tokens=args.max_seq_len)
     total_nll = torch.zeros((), dtype=torch.float64, device=device)
     total_tokens = torch.zeros((), dtype=torch.float64, device=device)
-    model.eval()
-    with torch.no_grad():
+    with evaluating(model):
         for _ in range(args.eval_steps):
             x, y = next(loader)
             nll = model(x, y, loss_reduction="none")
             total_nll += nll.sum().double()  # ignored positions come back as 0
             total_tokens += (y >= 0).sum().double()
-    model.train()
     all_reduce_sum(total_nll)
     all_reduce_sum(total_tokens)
     return (total_nll / total_tokens.clamp(min=1)).item()
 
 
 def run_metrics():
-    model.eval()
     out = {}
-    for name, task in (("mmlu_acc", MMLU("all", "test")), ("arc_easy_acc", ARC("ARC-Easy", "test"))):
-        out[name] = run_categorical_eval(task, tokenizer, model, batch_size=2 * args.device_batch_size,
-                                         max_problems=args.eval_metrics_max_problems, device=device)
-    model.train()
+    with evaluating(model):
+        for name, make_task in METRIC_TASKS.items():
+            # the longest input the model takes (its rotary table), not its training length: a short-context
+            # model is still scored on every problem it can read
+            problems = FittingProblems(make_task(), tokenizer, model.rotary_len, args.eval_metrics_max_problems)
+            skipped_problems[name] = problems.skipped
+            out[name] = run_categorical_eval(problems, tokenizer, model, batch_size=2 * args.device_batch_size,
+                                             device=device) if len(problems) else None
     return out
 
 
-def make_meta(step):
-    return {"step": step, "val_loss": val_loss, **metrics, "model_config": ckpt.config_to_dict(config),
-            "user_config": user_config, "world_size": world_size, "source": args.source,
-            "loop_state": {"curves": curves, "total_training_time": timer.total_time, "timed_steps": timer.timed_steps},
-            "tokenizer": ckpt.tokenizer_info(tokenizer)}
-
-
-def save(step):
-    save_training_checkpoint(output_dir, step, model, optimizer, train_loader, make_meta(step), rank, device)
-
-
-def record_final_eval(step):
-    """The last step is saved before its evaluation; put that evaluation's results into the step's meta."""
-    if master:
-        ckpt.update_meta(output_dir, step, make_meta(step))
+def make_meta():
+    metrics = {name: run.metrics_now().get(name) for name in METRIC_TASKS}  # every key, None when not run
+    return stage_meta(run, config, user_config, tokenizer, world_size, source=args.source, **metrics,
+                      skipped_problems=dict(skipped_problems))
 
 
 def evaluate(step, last_step):
-    global val_loss, metrics
     if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
-        val_loss = run_val_loss()
-        curves["val_step"].append(step)
-        curves["val_loss"].append(val_loss)
-        print0(f"step {step:05d} | val loss {val_loss:.6f}")
-        wandb_run.log({"step": step, "val/loss": val_loss})
-    if last_step or (args.eval_metrics_every > 0 and step > 0 and step % args.eval_metrics_every == 0):
-        metrics = run_metrics()
-        print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        wandb_run.log({"step": step, **metrics})
+        run.record_val(run_val_loss())
+        print0(f"step {step:05d} | val loss {run.val:.6f}")
+        wandb_run.log({"step": step, "val/loss": run.val})
+        peak.reprobe(f"step {step}")
+    if args.eval_metrics_every > 0 and (last_step or (step > 0 and step % args.eval_metrics_every == 0)):
+        run.record_metrics(run_metrics())
+        print0(f"step {step:05d} | " + " | ".join(f"{k} {'n/a' if v is None else f'{v:.4f}'}"
+                                                for k, v in run.metrics.items()) +
+               f" | skipped (longer than {model.rotary_len} tokens): " +
+               ", ".join(f"{k} {n}" for k, n in skipped_problems.items()))
+        wandb_run.log({"step": step, **{k: v for k, v in run.metrics.items() if v is not None}})
 
 
 train_loss = None
-try:
-    while True:
-        last_step = step == num_iterations
-        if last_step:
-            save(step)  # the finished model is on disk before the (interruptible) final evaluation
-            evaluate(step, last_step)
-            record_final_eval(step)
-            break
-        evaluate(step, last_step)
-        if step > 0 and step != args.resume_from_step and args.save_every > 0 and step % args.save_every == 0:
-            save(step)
-
-        timer.start()
+with stop_on_nonfinite():
+    while not checkpoints.evaluate_and_save(run.step, run.step == num_iterations, evaluate, make_meta, train_batches):
+        step = run.step
+        run.timer.start()
         lrm = 1.0 - step / num_iterations
         set_schedule(optimizer, lrm)
-        # all micro-batches of the step first, so every token is weighted by 1/(supervised tokens of the step)
-        batches = [next(train_loader) for _ in range(grad_accum_steps)]
-        num_tokens = torch.tensor(sum(int((y >= 0).sum()) for _, y in batches), dtype=torch.long, device=device)
-        all_reduce_sum(num_tokens)
+        # all micro-batches of the step first, so every token is weighted by 1/(supervised tokens of the step);
+        # the count stays on the device (no host sync), summed over ranks
+        batches = [next(train_batches) for _ in range(grad_accum)]
+        num_tokens = all_reduce_sum(sum((y >= 0).sum() for _, y in batches))
         loss_sum, p_sum = 0.0, 0.0
         for x, y in batches:
-            loss, p_correct_sum = supervised_loss(model, x, y, int(num_tokens), world_size, alpha)
+            loss, p_correct_sum = supervised_loss(model, x, y, num_tokens, world_size, alpha)
             loss.backward()
-            loss_sum += loss.item() / world_size
-            p_sum += p_correct_sum
-        stats = torch.tensor([loss_sum, p_sum], dtype=torch.float64, device=device)
-        all_reduce_sum(stats)
-        train_loss, mean_p = stats[0].item(), stats[1].item() / max(int(num_tokens), 1)
-        check_finite(train_loss, step, device, model)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        dt = timer.stop(step)
+            loss_sum, p_sum = loss_sum + loss.detach(), p_sum + p_correct_sum
+        train_batches.prefetch()
+        # extras are summed over ranks: num_tokens already is, so each rank sends its 1/world_size share
+        train_loss, (p_sum, tokens) = guarded_step(step, optimizer, model, loss_sum,
+                                                   extras=[p_sum, num_tokens / world_size])
+        mean_p = p_sum / max(tokens, 1)
+        dt = run.timer.stop(step)
 
-        tokens_step = sum(x.numel() for x, _ in batches) * world_size
-        line, tok_per_sec, mfu = format_step(step, num_iterations, train_loss, lrm, dt, tokens_step, flops_per_token,
-                                             peak_flops, world_size, timer,
-                                             extra=f"sup tokens {int(num_tokens):,} | p(correct) {mean_p:.4f}")
-        print0(line)
-        curves["step"].append(step)
-        curves["loss"].append(train_loss)
+        speed.tokens_per_step = sum(x.numel() for x, _ in batches) * world_size
+        run.record_loss(train_loss)
+        print0(format_step(run, num_iterations, train_loss, lrm, dt, speed,
+                           extra=f"sup tokens {int(tokens):,} | p(correct) {mean_p:.4f}"))
         wandb_run.log({"step": step, "train/loss": train_loss, "train/p_correct": mean_p, "train/lrm": lrm,
-                       "train/num_tokens": int(num_tokens)})
-        step += 1
-except NonFiniteLossError as e:
-    print0(f"ERROR: {e}")
-    compute_cleanup()
-    raise SystemExit(2)
+                       "train/num_tokens": int(tokens)})
+        run.step += 1
 
-print0(f"peak memory: {get_max_memory(device) / 2**20:.0f} MiB | training time: {timer.total_time / 60:.2f} min")
+skipped_str = ", ".join(f"{k} {n}" for k, n in skipped_problems.items()) or "n/a (not run)"
+print0(f"peak memory: {get_max_memory(device) / 2**20:.0f} MiB | training time: {run.timer.total_time / 60:.2f} min | "
+       f"problems skipped as longer than the context: {skipped_str}")
 get_report().log("Chat SFT", [user_config, {
     "Training rows": len(train_ds), "Number of iterations": num_iterations, "DDP world size": world_size,
-    "Loss": args.loss, "DFT alpha": alpha, "Training loss": train_loss, "Validation loss": val_loss,
-    "MMLU accuracy": metrics.get("mmlu_acc"), "ARC-Easy accuracy": metrics.get("arc_easy_acc")}])
-get_report().log_curves("Chat SFT", curves)
+    "Loss": args.loss, "DFT alpha": alpha, "Training loss": train_loss, "Validation loss": run.val_now(),
+    "MMLU accuracy": run.metrics_now().get("mmlu_acc"), "ARC-Easy accuracy": run.metrics_now().get("arc_easy_acc"),
+    "MMLU problems skipped (too long)": skipped_problems.get("mmlu_acc"),
+    "ARC-Easy problems skipped (too long)": skipped_problems.get("arc_easy_acc"),
+    "Peak FLOP/s used for MFU": peak.describe()}])
+get_report().log_curves("Chat SFT", run.curves)
 wandb_run.finish()
 compute_cleanup()

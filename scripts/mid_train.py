@@ -1,6 +1,6 @@
 """
-Midtraining (REFERENCE 7.7): teach the base model the chat format, tool calls and multiple choice
-on a large conversation mixture. Every token is trained except row padding.
+Midtraining: teach the base model the chat format, tool calls and multiple choice on a large
+conversation mixture. Every token is trained except row padding.
 
 One CPU process, offline mirror (no MMLU auxiliary_train there):
     NANOCHAT_DATA_DIR=../shared/data python -m scripts.mid_train --drop mmlu_aux \
@@ -18,17 +18,16 @@ import argparse
 
 import torch
 
-from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, get_compute_dtype, get_wandb,
+from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, get_compute_dtype,
                              get_max_memory, parse_bool)
 from nanochat.checkpoint_manager import load_model
-from nanochat import checkpoint_manager as ckpt
 from nanochat.tokenizer import get_token_bytes
 from nanochat.chat_loader import MidPacker
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
-from nanochat.training import (muon_momentum_mid, set_schedule, check_finite, NonFiniteLossError, get_peak_flops,
-                               StepTimer, format_step, all_reduce_mean, any_rank, scale_lrs, save_training_checkpoint,
-                               resume_training)
+from nanochat.training import (muon_momentum_mid, set_schedule, scale_lrs, grad_accum_steps, Prefetcher,
+                               accumulate_gradients, guarded_step, stop_on_nonfinite, evaluating, any_rank, PeakFlops,
+                               StepTimer, Speed, RunState, format_step, mean_mfu, stage_meta, Checkpoints, start_run)
 from tasks.mixtures import (add_mixture_args, mixtures_from_args, default_mid_sources,
                             default_mid_val_sources)
 
@@ -56,14 +55,11 @@ parser.add_argument("--output-tag", type=str, default=None, help="mid_checkpoint
 parser.add_argument("--dry-run", action="store_true", help="train but write no checkpoint or report")
 add_mixture_args(parser, default_mid_sources(), default_mid_val_sources())
 args = parser.parse_args()
-user_config = vars(args).copy()
 
 is_dist, rank, local_rank, world_size, device = compute_init(args.device_type)
-master = rank == 0
 dtype = get_compute_dtype(device.type, args.dtype or None)
 use_compile = args.compile if args.compile is not None else device.type == "cuda"
-user_config.update(device_type=device.type, dtype=str(dtype).removeprefix("torch."), compile=use_compile)  # as resolved
-wandb_run = get_wandb(args.run, "nanochat-mid", user_config, master)
+user_config, wandb_run = start_run(args, "nanochat-mid", device, dtype, use_compile, rank)
 
 train_ds, val_ds = mixtures_from_args(args)
 
@@ -75,140 +71,90 @@ base_batch = base_meta.get("device_batch_size")
 if base_batch is not None and args.device_batch_size > base_batch:
     print0(f"WARNING: --device-batch-size={args.device_batch_size} is larger than the base run's {base_batch}: "
            f"it may not fit in memory (lower it; gradient accumulation keeps --total-batch-size)")
-orig_model = model
+orig_model = model  # uncompiled: optimizer and checkpoints
 if use_compile:
-    model = torch.compile(model, dynamic=False)
+    model = torch.compile(model, dynamic=False)  # training and val bpb: fixed (B, T) shapes
 token_bytes = get_token_bytes(device)
-flops_per_token = orig_model.estimate_flops()
 
-tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len
-world_tokens = tokens_per_fwdbwd * world_size
-if args.total_batch_size % world_tokens != 0:
-    raise SystemExit(f"--total-batch-size={args.total_batch_size} must be a multiple of device_batch_size*max_seq_len*"
-                     f"world_size = {world_tokens}")
-grad_accum_steps = args.total_batch_size // world_tokens
-print0(f"total batch: {args.total_batch_size:,} tokens | grad accum: {grad_accum_steps}")
+grad_accum = grad_accum_steps(args.total_batch_size, args.device_batch_size, args.max_seq_len, world_size)
+print0(f"total batch: {args.total_batch_size:,} tokens | grad accum: {grad_accum}")
 
 optimizer = orig_model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                         matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
 scale_lrs(optimizer, args.init_lr_frac)
 
-output_dir = os.path.join(get_base_dir(), "mid_checkpoints", args.output_tag or f"d{config.n_layer}")
-step, progress, min_val_bpb, val_bpb, smooth_loss = 0, 0.0, float("inf"), None, 0.0
-timer = StepTimer(device, skip=10 if use_compile else 0)
-loader_state = None
-curves = {"step": [], "loss": [], "val_step": [], "val_bpb": []}
-peak_flops = get_peak_flops(device, dtype)  # before resuming: measuring it draws random numbers
-if args.resume_from_step >= 0:
-    loader_state, meta = resume_training(output_dir, args.resume_from_step, orig_model, optimizer, device, rank)
-    loop = meta["loop_state"]
-    step, progress, min_val_bpb = meta["step"], loop["progress"], loop["min_val_bpb"]
-    smooth_loss, val_bpb, curves = loop["smooth_train_loss"], meta.get("val_bpb"), loop.get("curves", curves)
-    timer = StepTimer(device, skip=10 if use_compile else 0, total_time=loop["total_training_time"],
-                      timed_steps=loop["timed_steps"])
+peak = PeakFlops.for_device(device, dtype)
+speed = Speed(args.total_batch_size, orig_model.estimate_flops(), world_size, peak)
+checkpoints = Checkpoints(os.path.join(get_base_dir(), "mid_checkpoints", args.output_tag or f"d{config.n_layer}"),
+                          orig_model, optimizer, rank, device, save_every=args.save_every, write=not args.dry_run)
+run = RunState("val_bpb", timer=StepTimer(skip=10 if use_compile else 0))
+loader_state = checkpoints.resume(args.resume_from_step, run) if args.resume_from_step >= 0 else None
 
-train_loader = MidPacker(train_ds, tokenizer, args.device_batch_size, args.max_seq_len, device=device,
-                         state=loader_state)
+train_batches = Prefetcher(MidPacker(train_ds, tokenizer, args.device_batch_size, args.max_seq_len, device=device,
+                                     state=loader_state))
 eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * world_size))
 
 
-def run_val_bpb():
-    loader = MidPacker(val_ds, tokenizer, args.device_batch_size, args.max_seq_len, device=device)
-    orig_model.eval()
-    with torch.no_grad():
-        bpb = evaluate_bpb(orig_model, loader, eval_steps, token_bytes)
-    orig_model.train()
-    return bpb
+def make_meta():
+    return stage_meta(run, config, user_config, tokenizer, world_size, device_batch_size=args.device_batch_size,
+                      max_seq_len=args.max_seq_len, dataloader_state_dict=train_batches.state_dict())
 
 
-def make_meta(step):
-    return {"step": step, "val_bpb": val_bpb, "model_config": ckpt.config_to_dict(config), "user_config": user_config,
-            "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len, "world_size": world_size,
-            "dataloader_state_dict": train_loader.state_dict(),
-            "loop_state": {"progress": progress, "min_val_bpb": min_val_bpb, "smooth_train_loss": smooth_loss,
-                           "total_training_time": timer.total_time, "timed_steps": timer.timed_steps, "curves": curves},
-            "tokenizer": ckpt.tokenizer_info(tokenizer)}
-
-
-def save(step):
-    if args.dry_run:
+def evaluate(step, last_step):
+    if not (last_step or (args.eval_every > 0 and step % args.eval_every == 0)):
         return
-    save_training_checkpoint(output_dir, step, orig_model, optimizer, train_loader, make_meta(step), rank, device)
+    loader = MidPacker(val_ds, tokenizer, args.device_batch_size, args.max_seq_len, device=device)
+    with evaluating(orig_model):
+        run.record_val(evaluate_bpb(model, loader, eval_steps, token_bytes))  # the compiled model when compiling
+    loader.close()
+    print0(f"step {step:05d} | val bpb {run.val:.6f}")
+    wandb_run.log({"step": step, "val/bpb": run.val})
+    peak.reprobe(f"step {step}")
 
 
-def record_final_eval(step):
-    """The last step is saved before its evaluation; put that evaluation's result into the step's meta."""
-    if not args.dry_run and master:
-        ckpt.update_meta(output_dir, step, make_meta(step))
+def finished(next_step):
+    return next_step >= args.num_iterations if args.num_iterations > 0 else train_batches.progress >= 1.0
 
 
-def evaluate(step):
-    global val_bpb, min_val_bpb
-    val_bpb = run_val_bpb()
-    min_val_bpb = min(min_val_bpb, val_bpb)
-    curves["val_step"].append(step)
-    curves["val_bpb"].append(val_bpb)
-    print0(f"step {step:05d} | val bpb {val_bpb:.6f}")
-    wandb_run.log({"step": step, "val/bpb": val_bpb})
-
-
-try:
-    while True:
-        # every rank agrees on the last step: whichever finishes its share first stops everybody
-        done = (step >= args.num_iterations) if args.num_iterations > 0 else (train_loader.progress >= 1.0)
-        last_step = any_rank(done, device)
-        if last_step:
-            save(step)  # the finished model is on disk before the (interruptible) final evaluation
-            evaluate(step)
-            record_final_eval(step)
-            break
-        if args.eval_every > 0 and step % args.eval_every == 0:
-            evaluate(step)
-        if step > 0 and step != args.resume_from_step and args.save_every > 0 and step % args.save_every == 0:
-            save(step)
-
-        timer.start()
-        lrm = 1.0 if progress < 0.8 else max(0.0, 1 - (progress - 0.8) / 0.2)
+# every rank agrees on the last step: whichever finishes its share first stops everybody. After the
+# first check the flag rides on each step's one all-reduce.
+stop_now = any_rank(finished(run.step), device)
+with stop_on_nonfinite():
+    while not checkpoints.evaluate_and_save(run.step, stop_now, evaluate, make_meta, train_batches):
+        step = run.step
+        run.timer.start()
+        lrm = 1.0 if run.progress < 0.8 else max(0.0, 1 - (run.progress - 0.8) / 0.2)
         set_schedule(optimizer, lrm, momentum=muon_momentum_mid(step))
-        loss_sum = 0.0
-        for _ in range(grad_accum_steps):
-            x, y = next(train_loader)
-            loss = model(x, y) / grad_accum_steps
-            loss.backward()
-            loss_sum += loss.item()
-            approx = step / args.num_iterations if args.num_iterations > 0 else train_loader.progress
-            progress = max(progress, approx)
-        loss_value = all_reduce_mean(loss_sum, device)
-        check_finite(loss_value, step, device, orig_model)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        dt = timer.stop(step)
+        loss_sum = accumulate_gradients(model, train_batches, grad_accum)
+        approx = step / args.num_iterations if args.num_iterations > 0 else train_batches.progress
+        run.progress = max(run.progress, approx)
+        loss, (ranks_finished,) = guarded_step(step, optimizer, orig_model, loss_sum,
+                                               extras=[loss_sum.new_full((), float(finished(step + 1)))])
+        stop_now = ranks_finished > 0
+        dt = run.timer.stop(step)
 
-        smooth_loss = 0.9 * smooth_loss + 0.1 * loss_value
-        debiased = smooth_loss / (1 - 0.9 ** (step + 1))
+        smooth = run.record_loss(loss)
         # progress already counts this step's batches: steps so far / progress estimates the epoch's length
         total_est = args.num_iterations if args.num_iterations > 0 else \
-            max(step + 1, round((step + 1) / max(progress, 1e-9)))
-        line, tok_per_sec, mfu = format_step(step, total_est, debiased, lrm, dt, args.total_batch_size, flops_per_token,
-                                             peak_flops, world_size, timer,
-                                             extra=f"progress {100 * progress:.1f}% | epoch {train_loader.epoch}")
-        print0(line)
-        curves["step"].append(step)
-        curves["loss"].append(loss_value)
+            max(step + 1, round((step + 1) / max(run.progress, 1e-9)))
+        print0(format_step(run, total_est, smooth, lrm, dt, speed,
+                           extra=f"progress {100 * run.progress:.1f}% | epoch {train_batches.epoch}"))
         if step % 10 == 0:
-            wandb_run.log({"step": step, "train/loss": debiased, "train/lrm": lrm, "train/mfu": mfu})
-        step += 1
-except NonFiniteLossError as e:
-    print0(f"ERROR: {e}")
-    compute_cleanup()
-    raise SystemExit(2)
+            wandb_run.log({"step": step, "train/loss": smooth, "train/lrm": lrm, "train/mfu": speed.mfu(dt)})
+        run.step += 1
 
-print0(f"peak memory: {get_max_memory(device) / 2**20:.0f} MiB | training time: {timer.total_time / 60:.2f} min | "
-       f"min val bpb: {min_val_bpb:.4f} | truncated conversations: {train_loader.truncated}")
+run_mfu = mean_mfu(run, speed)
+truncated = train_batches.truncated
+min_val_str = "n/a" if run.min_val is None else f"{run.min_val:.4f}"
+print0(f"peak memory: {get_max_memory(device) / 2**20:.0f} MiB | training time: {run.timer.total_time / 60:.2f} min | "
+       f"min val bpb: {min_val_str} | truncated conversations: {truncated} | "
+       f"mean MFU {'n/a' if run_mfu is None else f'{run_mfu:.2f}%'} against {peak.describe()}")
 if not args.dry_run:
     get_report().log("Midtraining", [user_config, {
-        "Number of iterations": step, "DDP world size": world_size, "Training conversations": len(train_ds),
-        "Minimum validation bpb": min_val_bpb, "Truncated conversations": train_loader.truncated}])
-    get_report().log_curves("Midtraining", curves)
+        "Number of iterations": run.step, "DDP world size": world_size, "Training conversations": len(train_ds),
+        "Minimum validation bpb": run.min_val, "Truncated conversations": truncated,
+        "MFU": None if run_mfu is None else f"{run_mfu:.2f}%", "Peak FLOP/s used for MFU": peak.describe()}])
+    get_report().log_curves("Midtraining", run.curves)
 wandb_run.finish()
+train_batches.close()
 compute_cleanup()

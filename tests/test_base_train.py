@@ -171,9 +171,11 @@ def test_train_lowers_loss_and_writes_checkpoint(straight):
                                     "short_window": meta["model_config"]["short_window"]}
     assert meta["user_config"]["num_iterations"] == N and meta["user_config"]["window_pattern"] == "SL"
     loop = meta["loop_state"]
-    # the final checkpoint is written before the final evaluation (so a slow/killed eval loses nothing):
-    # its loop state holds the evaluations up to step 6
-    assert math.isclose(loop["min_val_bpb"], min(bpbs[:2]), rel_tol=1e-5)
+    # the final checkpoint is written before the final evaluation (so a slow/killed eval loses nothing),
+    # then its meta is rewritten with that evaluation: the val bpb of step N, not of step 6
+    assert meta["val_bpb"] == pytest.approx(bpbs[-1], abs=1e-6)
+    assert math.isclose(loop["min_val_bpb"], min(bpbs), rel_tol=1e-5)
+    assert loop["curves"]["val_step"] == [0, 6, N]
     assert loop["total_training_time"] > 0 and loop["smooth_train_loss"] > 0
     assert meta["tokenizer"]["vocab_size"] == 384 and len(meta["tokenizer"]["fingerprint"]) == 64
     assert meta["dataloader_state_dict"]["cursor"][0] >= 1
@@ -334,15 +336,39 @@ def test_two_node_then_standalone_resume(tmp_path_factory, tiny_tokenizer_dir, s
 # 6. base_loss and base_eval on the trained checkpoint
 
 
+def naive_bpb(model, tok, token_bytes, split, B, T, steps):
+    """Bits per byte spelled out: F.cross_entropy of the model's logits, bytes looked up per target token."""
+    import torch.nn.functional as F
+    from nanochat.dataloader import PretrainLoader
+    loader = PretrainLoader(tok, B, T, split)
+    nats, nbytes = 0.0, 0
+    with torch.no_grad():
+        for _ in range(steps):
+            x, y = next(loader)
+            nll = F.cross_entropy(model(x).float().view(-1, model.config.vocab_size), y.view(-1), reduction="none")
+            for n, target in zip(nll.tolist(), y.view(-1).tolist()):
+                if token_bytes[target] > 0:
+                    nats, nbytes = nats + n, nbytes + int(token_bytes[target])
+    loader.close()
+    return nats / (math.log(2) * nbytes)
+
+
 @pytest.mark.slow
-def test_base_loss_and_eval(straight, small_data_dir):
+def test_base_loss_and_eval(straight, small_data_dir, monkeypatch):
     base, _ = straight
     proc = run_module("scripts.base_loss", ["--device-batch-size=2", "--split-tokens=256", "--num-samples=2"],
                       base, small_data_dir, timeout=240)
     out = proc.stdout
-    train_bpb = float(re.search(r"train bpb: (\d+\.\d+)", out).group(1))
-    val_bpb = float(re.search(r"val bpb: (\d+\.\d+)", out).group(1))
-    assert 0 < train_bpb < 10 and 0 < val_bpb < 10
+    printed = {split: float(re.search(rf"{split} bpb: (\d+\.\d+)", out).group(1)) for split in ("train", "val")}
+    # the same figures by a second, naive path: 256 tokens = 2 batches of 2 rows of 64 from each split's start
+    from nanochat.checkpoint_manager import build_model
+    from nanochat.tokenizer import RustBPETokenizer
+    monkeypatch.setenv("NANOCHAT_DATA_DIR", small_data_dir)
+    tok = RustBPETokenizer.from_directory(os.path.join(base, "tokenizer"))
+    token_bytes = torch.load(os.path.join(base, "tokenizer", "token_bytes.pt"), weights_only=True)
+    model, _, _ = build_model(ckpt_dir(base), N, "cpu", phase="eval", tokenizer=tok)
+    for split in ("train", "val"):
+        assert printed[split] == pytest.approx(naive_bpb(model, tok, token_bytes, split, 2, 64, 2), abs=6e-5)
     assert "The capital of France is" in out and "unconditional 1:" in out
     report = glob.glob(os.path.join(base, "report", "*"))
     assert report, "base_loss should write its report section"
@@ -353,8 +379,15 @@ def test_base_loss_and_eval(straight, small_data_dir):
     with open(csv_path) as f:
         rows = [line.strip().split(",") for line in f if line.strip()]
     assert rows[0] == ["Task", "Accuracy", "Centered"]
-    assert {r[0] for r in rows[1:-1]} == {"toy_mc", "toy_lm"}
-    assert rows[-1][0] == "CORE" and -1 <= float(rows[-1][2]) <= 1
+    table = {r[0]: r[1:] for r in rows[1:-1]}
+    assert set(table) == {"toy_mc", "toy_lm"}
+    # 4 items per task: an accuracy is k/4; centering on the bundle's random baselines (50% and 0%) by hand
+    acc = {task: float(a) for task, (a, _) in table.items()}
+    assert all(4 * a == round(4 * a) for a in acc.values())
+    centered = {"toy_mc": (acc["toy_mc"] - 0.5) / 0.5, "toy_lm": acc["toy_lm"]}
+    for task, (_, c) in table.items():
+        assert float(c) == pytest.approx(centered[task], abs=1e-6)
+    assert rows[-1][0] == "CORE" and float(rows[-1][2]) == pytest.approx(sum(centered.values()) / 2, abs=1e-6)
 
 
 # -----------------------------------------------------------------------------

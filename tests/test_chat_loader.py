@@ -1,7 +1,7 @@
 """
 Batching of conversations for the chat stages (nanochat/chat_loader.py):
-MidPacker (REFERENCE 7.7: best-fit packing of whole conversations, padding instead of cropping)
-checked against a naive packer written here, and collate_sft / SFTBatcher (REFERENCE 3.5, 7.8)
+MidPacker (best-fit packing of whole conversations, padding instead of cropping)
+checked against a naive packer written here, and collate_sft / SFTBatcher (only the assistant's tokens are targets)
 checked against the worked example built by hand with a real (tiny) tokenizer.
 """
 
@@ -37,7 +37,7 @@ def make_conversations(n, seed=0, max_words=14, long_every=0):
 
 def naive_pack(dataset, tok, B, T, num_batches, buffer_size, rank=0, world_size=1):
     """
-    The REFERENCE 7.7 recipe spelled out with plain lists: before every pick top the buffer up to
+    The packing recipe spelled out with plain lists: before every pick top the buffer up to
     `buffer_size` (fetching indices rank, rank+W, ... modulo the dataset), put the longest buffered
     conversation that still fits the row (earliest on ties), pad with BOS when none fits.
     Returns rows of T+1 ids and their content lengths.
@@ -123,7 +123,7 @@ def test_midpacker_overlong_conversation_is_truncated_and_counted(tok):
                 assert (y[b] >= 0).all(), "a truncated conversation fills its row: nothing is padding"
     assert truncated_rows > 0
     # counted once per fetch: the packer fetched packer.cursor indices (world size 1)
-    assert packer.truncated == sum(len(full[i % len(convs)]) > T + 1 for i in range(packer.cursor))
+    assert packer.truncated == sum(len(full[i % len(convs)]) > T + 1 for i in range(packer.state_dict()["cursor"]))
     # a dataset of only over-long conversations never stalls: every row is one truncated conversation
     only_long = [convs[i] for i in long_ids]
     p2 = MidPacker(only_long, tok, B, T, buffer_size=2)
@@ -161,7 +161,8 @@ def test_midpacker_ranks_read_disjoint_strides(tok):
         for batch in expected:
             x, y = next(packer)
             assert x.tolist() == [row[:-1] for row, _ in batch]
-        assert all(i % 3 == rank for i, _ in packer.buffer) and packer.cursor % 3 == rank
+        state = packer.state_dict()
+        assert all(i % 3 == rank for i in state["buffer"]) and state["cursor"] % 3 == rank
 
 
 def test_midpacker_empty_dataset_is_an_error(tok):
@@ -185,7 +186,7 @@ SHORT = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "
 
 
 def hand_render(tok):
-    """REFERENCE 3.5, row by row of its table."""
+    """The chat template by hand, segment by segment, with which segments are trained (mask 1)."""
     sp, enc = tok.encode_special, tok.encode
     segments = [
         ([sp("<|bos|>"), sp("<|user_start|>")], 0), (enc("Be terse.\n\nWhat is 6*7?"), 0),
@@ -214,7 +215,7 @@ def test_collate_sft_worked_example(tok):
     assert inputs[0].tolist() == sids[:-1] + [pad] * (ncols - (n - 1))
     expected_short = [sids[t + 1] if smask[t + 1] else -1 for t in range(n - 1)] + [-1] * (ncols - (n - 1))
     assert targets[0].tolist() == expected_short
-    # REFERENCE 3.5 toy form: the last len("Hello!")+1 targets are the reply and <|assistant_end|>
+    # the short conversation: the last len("Hello!")+1 targets are the reply and <|assistant_end|>
     k = len(tok.encode("Hello!"))
     assert targets[0, :n - 1].tolist() == [-1] * (n - 2 - k) + sids[-k - 1:]
     # the worked example: targets are ids[1:] where mask[1:] is 1, the output part and the prompt -1

@@ -25,6 +25,12 @@ SFT_ARGS = ["--max-seq-len=64", "--device-batch-size=4", "--target-examples-per-
 VOLATILE = ("dt ", "tok/s ", "mfu ", "eta ")  # timing fields of the step line
 
 
+@pytest.fixture(autouse=True)
+def pinned_peak_flops(monkeypatch):
+    """The scripts inherit it: no 1 s matmul probe at start and at each evaluation."""
+    monkeypatch.setenv("NANOCHAT_PEAK_FLOPS", "1e11")
+
+
 def step_lines(out):
     """{step: the step line without its timing fields} for every training step logged."""
     lines = {}
@@ -80,9 +86,24 @@ def test_mid_train_lowers_loss_and_resumes_exactly(fresh_model_base_dir, tiny_da
     assert_same_weights(load_weights(os.path.join(ckpt_dir, f"model_{last:06d}.pt")), final_weights)
 
 
+def test_mid_train_meta_is_strict_json_before_any_evaluation(fresh_model_base_dir, tiny_data_dir):
+    """A save before the first evaluation has no minimum val bpb yet: null, never `Infinity`."""
+    base = fresh_model_base_dir
+    out = run_module("scripts.mid_train", MID_ARGS + ["--mix", "smoltalk@40", "--val-mix", "smoltalk@8",
+                                                      "--num-iterations=3", "--eval-every=-1", "--save-every=2"],
+                     base, tiny_data_dir).stdout
+    ckpt_dir = os.path.join(base, "mid_checkpoints", "d2")
+    meta = strict_json_load(os.path.join(ckpt_dir, "meta_000002.json"))
+    assert meta["val_bpb"] is None and meta["loop_state"]["min_val_bpb"] is None
+    final = strict_json_load(os.path.join(ckpt_dir, "meta_000003.json"))  # --eval-every=-1: only the end-of-run one
+    assert val_values(out, "val bpb") == {3: pytest.approx(final["val_bpb"], abs=1e-6)}
+    assert final["loop_state"]["min_val_bpb"] == final["val_bpb"]
+
+
 def test_chat_sft_lowers_loss_and_resumes_exactly(chat_base_dir, tiny_data_dir):
     base = chat_base_dir  # holds a tiny mid checkpoint (d2, step 3): the default --source=mid
     args = SFT_ARGS + ["--num-iterations=8", "--eval-every=4", "--save-every=4", "--init-lr-frac=0.5",
+                       "--eval-metrics-every=8",
                        "--mix", "smoltalk@64,identity", "--val-mix", "smoltalk@16"]
     full = run_module("scripts.chat_sft", args, base, tiny_data_dir).stdout
     assert "loading mid model d2 step 3" in full
@@ -123,6 +144,39 @@ def test_chat_sft_dft_runs_and_logs_p_correct(chat_base_dir, tiny_data_dir):
         # w = 0.7 p + 0.3 <= 1 and CE of a fresh model is about ln(V): the weighted loss is below CE
         assert 0.0 < loss < 0.98 * math.log(384)
     assert os.path.exists(os.path.join(chat_base_dir, "chatsft_checkpoints", "d2", "model_000003.pt"))
+    # --eval-metrics-every=-1: no MMLU/ARC at all, not even at the end; the meta still names every figure
+    assert "mmlu_acc" not in out and "arc_easy_acc" not in out
+    meta = strict_json_load(os.path.join(chat_base_dir, "chatsft_checkpoints", "d2", "meta_000003.json"))
+    assert meta["mmlu_acc"] is None and meta["arc_easy_acc"] is None
+    assert meta["val_loss"] == pytest.approx(val_values(out, "val loss")[3], abs=1e-6)  # the end-of-run val loss
+
+
+def strict_json_load(path):
+    with open(path) as f:
+        return json.loads(f.read(), parse_constant=lambda c: pytest.fail(f"{path} is not strict JSON: {c}"))
+
+
+def test_chat_sft_metrics_skip_problems_longer_than_the_model_takes(tmp_path, chat_base_dir, tiny_data_dir):
+    """The tiny model takes 640 tokens (10 x its context of 64): three MMLU problems far longer are
+    skipped and counted instead of crashing the end-of-run evaluation."""
+    data = str(tmp_path / "data")
+    shutil.copytree(tiny_data_dir, data, ignore=shutil.ignore_patterns("pretrain", "eval_bundle"))
+    mmlu = os.path.join(data, "hub", "cais", "mmlu", "all", "test.jsonl")
+    with open(mmlu, "a") as f:
+        for i in range(3):
+            f.write(json.dumps({"question": "What is " + " ".join(["apple river"] * 500) + f" {i}?",
+                                "subject": "math", "choices": ["1", "2", "3", "4"], "answer": 1}) + "\n")
+    out = run_module("scripts.chat_sft", SFT_ARGS + ["--num-iterations=2", "--eval-every=-1", "--eval-metrics-every=2",
+                                                     "--eval-metrics-max-problems=100", "--mix", "smoltalk@16",
+                                                     "--val-mix", "smoltalk@8"], chat_base_dir, data).stdout
+    assert re.search(r"step 00002 \| mmlu_acc [0-9.]+ \| arc_easy_acc [0-9.]+ \| skipped \(longer than 640 tokens\): "
+                     r"mmlu_acc 3, arc_easy_acc 0", out), out[-3000:]
+    meta = strict_json_load(os.path.join(chat_base_dir, "chatsft_checkpoints", "d2", "meta_000002.json"))
+    assert 0.0 <= meta["mmlu_acc"] <= 1.0 and 0.0 <= meta["arc_easy_acc"] <= 1.0
+    assert meta["skipped_problems"] == {"mmlu_acc": 3, "arc_easy_acc": 0}
+    with open(os.path.join(chat_base_dir, "report", "chat-sft.md")) as f:
+        report = f.read()
+    assert re.search(r"MMLU problems skipped \(too long\)\W+3", report), report
 
 
 def test_unloadable_source_stops_before_training(tmp_path, fresh_model_base_dir, tiny_data_dir):

@@ -1,5 +1,5 @@
 """
-The SFT objective (nanochat.training.supervised_loss; decisions D8, D9; REFERENCE 7.9):
+The SFT objective (nanochat.training.supervised_loss):
 the loss of a step is the mean over all its supervised tokens across micro-batches (and ranks),
 a micro-batch without supervised tokens adds 0 (never NaN), and DFT weights each token's CE by
 its own stop-gradient probability (alpha 0 = plain CE). Checked against F.cross_entropy on the
@@ -25,7 +25,7 @@ def cpu_fp32(monkeypatch):
     monkeypatch.delenv("NANOCHAT_DTYPE", raising=False)
     attn.set_backend("sdpa")
     yield
-    attn._backend = None
+    attn.set_backend(None)  # back to the automatic choice
 
 
 def tiny_gpt(seed=0):
@@ -71,7 +71,7 @@ def step_with_supervised_loss(model, batches, alpha=0.0, world_size=1, num_token
         loss.backward()
         parts.append(loss.item())
         total += loss.item() / world_size
-        p_sum += p
+        p_sum += p.item()
     return total, p_sum, parts
 
 
@@ -129,12 +129,15 @@ def test_ranks_sum_to_the_single_big_batch():
         torch.testing.assert_close((g0 + g1) / 2, g, rtol=1e-4, atol=1e-6)
 
 
+def first_step(seed, alpha):
+    """A fresh tiny GPT and micro-batches from `seed`, after one SFT step: (model, batches, loss, p_sum, grads)."""
+    model, batches = tiny_gpt(seed), micro_batches(seed)
+    loss, p_sum, _ = step_with_supervised_loss(model, batches, alpha=alpha)
+    return model, batches, loss, p_sum, grads(model)
+
+
 def test_dft_alpha_zero_is_cross_entropy_exactly():
-    model = tiny_gpt(2)
-    batches = micro_batches(2)
-    model.zero_grad(set_to_none=True)
-    ce, p_ce, _ = step_with_supervised_loss(model, batches, alpha=0.0)
-    g_ce = grads(model)
+    model, batches, ce, p_ce, g_ce = first_step(2, alpha=0.0)
     # --loss=dft --dft-alpha=0 takes the CE path; an alpha too small to move w = alpha*p + (1-alpha) off 1.0
     # goes through the weighted path and must give bit-identical losses and gradients too
     for alpha in (0.0, 1e-30):
@@ -180,7 +183,7 @@ def test_dft_alpha_one_hand_example():
     model = FixedLogits(logits)
     loss, p_sum = supervised_loss(model, torch.zeros(1, 3, dtype=torch.long), targets, 2, 1, dft_alpha=1.0)
     assert loss.item() == pytest.approx(expected, rel=1e-6)
-    assert p_sum == pytest.approx(p1 + p2, rel=1e-6)
+    assert p_sum.item() == pytest.approx(p1 + p2, rel=1e-6)
     loss.backward()
     # d/dlogits of -sg(p) log p = -p * (onehot - softmax), averaged over the 2 tokens; 0 on the ignored one
     s1 = [math.exp(2) / z, math.exp(1) / z, 1 / z]
@@ -197,11 +200,7 @@ def test_dft_alpha_one_hand_example():
 
 
 def test_dft_alpha_one_on_the_model_matches_sg_p_log_p():
-    model = tiny_gpt(3)
-    batches = micro_batches(3)
-    model.zero_grad(set_to_none=True)
-    dft, _, _ = step_with_supervised_loss(model, batches, alpha=1.0)
-    got = grads(model)
+    model, batches, dft, _, got = first_step(3, alpha=1.0)
     model.zero_grad(set_to_none=True)
     x_all = torch.cat([x for x, _ in batches])
     y_all = torch.cat([y for _, y in batches])
