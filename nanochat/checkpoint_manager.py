@@ -332,7 +332,7 @@ def _config_from_meta(meta, meta_path, fix):
         want = (int, float) if type(default) is float else type(default)
         if not isinstance(value, want) or (type(default) is not bool and isinstance(value, bool)) \
                 or (want is int and value < 0):
-            raise CheckpointError(f"{meta_path}: model_config.{name} is {value!r}, expected a "
+            raise CheckpointError(f"{meta_path}: model_config.{name} is {value!r}, expected type "
                                   f"{type(default).__name__}; {fix}")
     try:
         return GPTConfig(**{k: v for k, v in cfg.items() if k in known})

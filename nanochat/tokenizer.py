@@ -205,8 +205,9 @@ class RustBPETokenizer:
         expected = {tok: len(ranks) + i for i, tok in enumerate(SPECIAL_TOKENS)}
         if specials != expected:
             # e.g. a ranks file cut at a line boundary: the specials no longer follow the last rank
-            raise bad(config_path, f"special tokens {specials} do not follow the {len(ranks)} ranks of "
-                                   f"{RANKS_FILE} (expected {expected})")
+            raise bad(config_path, f"the special tokens do not follow the {len(ranks)} ranks of {RANKS_FILE} "
+                                   f"(expected the {len(SPECIAL_TOKENS)} chat specials with ids "
+                                   f"{len(ranks)}..{len(ranks) + len(SPECIAL_TOKENS) - 1})")
         try:
             return cls._from_ranks(ranks, config["pattern"], specials)
         except ValueError as e:  # an edited split pattern that does not compile

@@ -256,8 +256,7 @@ def resume_training(checkpoint_dir, step, model, optimizer, device, rank):
     """
     from nanochat import checkpoint_manager as ckpt
     model_state, state, meta = ckpt.load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
-    model.load_state_dict(model_state, strict=True)
-    optimizer.load_state_dict(state["optimizer"])
+    ckpt.restore_training_state(model, optimizer, model_state, state, checkpoint_dir, step, rank)
     set_rng_state(state.get("rng"))
     print0(f"resumed from step {meta['step']} of {checkpoint_dir}")
     return state["loader"], meta

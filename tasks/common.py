@@ -7,10 +7,14 @@ offline mirror ($NANOCHAT_DATA_DIR/hub/<repo_id>/<config>/<split>.jsonl, decisio
 import os
 import json
 import random
+import logging
 
 import numpy as np
 
 from nanochat.common import get_data_dir
+from nanochat.tokenizer import validate_conversation
+
+logger = logging.getLogger("nanochat")
 
 # -----------------------------------------------------------------------------
 # Task views
@@ -128,36 +132,16 @@ def evaluate_letter(conversation, letter):
     return int(letter == conversation["messages"][-1]["content"])
 
 
-PART_TYPES = ("text", "python", "python_output")
-
-
-def validate_messages(messages):
+def parse_chat_row(messages):
     """
-    Raise ValueError unless `messages` is a trainable conversation: an optional leading system message,
-    then at least 2 messages alternating user/assistant starting with user. User/system contents are
-    strings; assistant contents are strings or lists of {"type": text|python|python_output, "text": str}.
+    A training conversation: whatever the tokenizer's validate_conversation accepts (the one check the
+    renderer applies later, so a bad row fails at load with its file:line, not mid-training), with at
+    least one assistant reply to learn from.
     """
-    if not isinstance(messages, list):
-        raise ValueError(f"expected a list of messages, got {type(messages).__name__}")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ValueError(f"message {i} must be an object with 'role' and 'content'")
-    first = 1 if messages and messages[0]["role"] == "system" else 0
-    if len(messages) - first < 2:
-        raise ValueError(f"need at least 2 user/assistant messages, got {len(messages) - first}")
-    for i, m in enumerate(messages):
-        want = "system" if i < first else ("user" if (i - first) % 2 == 0 else "assistant")
-        if m["role"] != want:
-            raise ValueError(f"message {i} has role {m['role']!r}, expected {want!r} (roles must alternate "
-                             "user/assistant, starting with user, after an optional system message)")
-        content = m["content"]
-        if isinstance(content, str):
-            continue
-        if want != "assistant" or not isinstance(content, list):
-            raise ValueError(f"message {i} ({want}) content must be a string, got {type(content).__name__}")
-        for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") not in PART_TYPES or not isinstance(part.get("text"), str):
-                raise ValueError(f"message {i} part {j} must be {{'type': one of {PART_TYPES}, 'text': str}}")
+    validate_conversation({"messages": messages})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("a training conversation needs at least one assistant reply")
+    return messages
 
 # -----------------------------------------------------------------------------
 # Row loading
@@ -168,8 +152,13 @@ def read_jsonl(path, parse=None):
     ValueError when it is malformed; every error names the file and the line.
     """
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded line by line, so invalid UTF-8 is reported with its line
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # tolerate an editor's BOM
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid UTF-8 at byte {e.start} of the line "
+                                 f"({raw[e.start:e.start + 4]!r}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -177,6 +166,8 @@ def read_jsonl(path, parse=None):
                 rows.append(parse(obj) if parse else obj)
             except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
                 raise ValueError(f"{path}:{lineno}: malformed row: {_msg(e)}") from None
+    if not rows:
+        logger.warning(f"warning: {path} is empty (no rows): it adds nothing")
     return rows
 
 

@@ -7,13 +7,13 @@ $NANOCHAT_DATA_DIR/chat/{train,test}.jsonl (same {"messages": [...]} rows) is us
 import os
 
 from nanochat.common import get_data_dir, print0
-from tasks.common import HubTask, Task, read_jsonl, shuffled_order, hub_path, validate_messages
+from tasks.common import HubTask, Task, read_jsonl, shuffled_order, hub_path, parse_chat_row
 
 REPO_ID = "HuggingFaceTB/smol-smoltalk"
 
 
 def _parse(row):
-    validate_messages(row["messages"])
+    parse_chat_row(row["messages"])
     return row
 
 

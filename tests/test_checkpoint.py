@@ -249,3 +249,114 @@ def test_two_ranks_save_per_rank_shards(tmp_path):
         _, optim, meta = cm.load_checkpoint(ckpt, 3, "cpu", load_optimizer=True, rank=rank)
         assert torch.equal(optim["shard"], torch.full((2,), float(rank))) and meta["step"] == 3
     assert not [f for f in os.listdir(ckpt) if f.endswith(".tmp")]
+
+# -----------------------------------------------------------------------------
+# Damaged files: one CheckpointError line naming the file and the fix, never a reader's traceback
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def zero(path):
+    path.write_bytes(bytes(path.stat().st_size))
+
+
+def flip_tail(path):
+    data = bytearray(path.read_bytes())
+    data[-30] ^= 0xFF  # inside the zip reader's central directory
+    path.write_bytes(bytes(data))
+
+
+def rename_key(path):
+    data = path.read_bytes()  # a key renamed inside the pickle, same length: the archive stays valid
+    assert b"transformer.wte.weight" in data
+    path.write_bytes(data.replace(b"transformer.wte.weight", b"transformer.wxe.weight"))
+
+
+def edit_meta(path):
+    meta = json.loads(path.read_text())
+    meta["model_config"]["n_layer"] = "two"
+    path.write_text(json.dumps(meta))
+
+
+def optimizer_step(model):
+    optimizer = model.setup_optimizers()
+    model(torch.randint(0, VOCAB, (1, 8)), torch.randint(0, VOCAB, (1, 8))).backward()
+    optimizer.step()
+    return optimizer
+
+
+@pytest.fixture
+def saved(tmp_path, tokenizer):
+    """Step 1 with a model and an optimizer file, as the training scripts write them."""
+    model = make_model(tiny_config()).train()
+    optimizer = optimizer_step(model)
+    save(tmp_path, 1, model, tokenizer, optim_state={"optimizer": optimizer.state_dict()})
+    return tmp_path, model
+
+
+def load_for_eval(ckpt_dir, tokenizer):
+    cm.build_model(str(ckpt_dir), 1, "cpu", "eval", tokenizer=tokenizer)
+
+
+def resume(ckpt_dir, model):
+    model_state, optim_state, _ = cm.load_checkpoint(str(ckpt_dir), 1, "cpu", load_optimizer=True)
+    cm.restore_training_state(model, model.setup_optimizers(), model_state, optim_state, str(ckpt_dir), 1)
+
+
+@pytest.mark.parametrize("name,damage,expect", [
+    ("model_000001.pt", truncate, "truncated or corrupt; re-save it, or load another step"),
+    ("model_000001.pt", zero, "truncated or corrupt; re-save it, or load another step"),
+    ("model_000001.pt", flip_tail, "truncated or corrupt"),
+    ("model_000001.pt", rename_key, r"does not fit the model_config .*missing transformer\.wte\.weight"),
+    ("meta_000001.json", truncate, "not valid JSON .*truncated or corrupt"),
+    ("meta_000001.json", zero, "not valid JSON"),
+    ("meta_000001.json", edit_meta, "model_config.n_layer is 'two', expected type int"),
+    ("meta_000001.json", lambda p: p.write_text('{"step": 1}'), "no 'model_config' object"),
+])
+def test_damaged_model_or_meta_is_one_line_naming_the_file(saved, tokenizer, name, damage, expect):
+    ckpt_dir, _ = saved
+    damage(ckpt_dir / name)
+    with pytest.raises(cm.CheckpointError, match=expect) as e:
+        load_for_eval(ckpt_dir, tokenizer)
+    assert str(e.value).startswith(str(ckpt_dir / name)) and "\n" not in str(e.value)
+
+
+def test_model_of_the_wrong_shape(saved, tokenizer):
+    ckpt_dir, _ = saved
+    torch.save(make_model(tiny_config(n_embd=64)).state_dict(), ckpt_dir / "model_000001.pt")
+    with pytest.raises(cm.CheckpointError, match=r"model_000001.pt does not fit .*\(320, 64\) vs \(320, 32\)"):
+        load_for_eval(ckpt_dir, tokenizer)
+    torch.save([1, 2], ckpt_dir / "model_000001.pt")  # not a dict at all
+    with pytest.raises(cm.CheckpointError, match="model_000001.pt holds a list, expected a dict"):
+        load_for_eval(ckpt_dir, tokenizer)
+
+
+@pytest.mark.parametrize("damage", [truncate, zero, flip_tail])
+def test_damaged_optimizer_file_names_it(saved, damage):
+    ckpt_dir, model = saved
+    damage(ckpt_dir / "optim_000001_rank0.pt")
+    with pytest.raises(cm.CheckpointError, match="optim_000001_rank0.pt cannot be read .* resume from another step"):
+        resume(ckpt_dir, model)
+
+
+def test_optimizer_of_the_wrong_shape(saved, tokenizer):
+    ckpt_dir, model = saved
+    resume(ckpt_dir, model)  # the intact file resumes
+    path = ckpt_dir / "optim_000001_rank0.pt"
+    # a deeper model's optimizer: more parameters per group
+    torch.save({"optimizer": optimizer_step(make_model(tiny_config(n_layer=3)).train()).state_dict()}, path)
+    with pytest.raises(cm.CheckpointError, match="optim_000001_rank0.pt does not fit this model's optimizer"):
+        resume(ckpt_dir, model)
+    # same parameter counts, but a moment edited to another shape
+    state = optimizer_step(make_model(tiny_config()).train()).state_dict()
+    moments = next(s for s in state["state"].values() if "exp_avg" in s)
+    moments["exp_avg"] = moments["exp_avg"][:1]
+    torch.save({"optimizer": state}, path)
+    with pytest.raises(cm.CheckpointError, match="optim_000001_rank0.pt: optimizer state 'exp_avg' has shape"):
+        resume(ckpt_dir, model)
+    torch.save({"loader": {}}, path)  # no optimizer entry at all
+    with pytest.raises(cm.CheckpointError, match="optim_000001_rank0.pt does not fit .*KeyError"):
+        resume(ckpt_dir, model)
