@@ -31,10 +31,12 @@ def make_text(rng, n_sentences):
 
 
 def write_jsonl(path, rows):
+    """One JSON row per line (a str row is written as it is, e.g. a malformed line); returns the path."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps(row) + "\n")
+            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return str(path)
 
 
 def chat_rows(rng, n):

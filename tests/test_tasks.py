@@ -23,15 +23,10 @@ from tasks import spellingbee
 from tasks.spellingbee import SpellingBee, SimpleSpelling, TEMPLATES
 from tasks import mixtures
 
-SHARED = "/work/shared/data"
+from conftest import REPO, write_jsonl
 
-
-def write_jsonl(path, rows):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
-    return str(path)
+# the real offline mirror: NANOCHAT_DATA_DIR when set, else shared/data beside the repository
+SHARED = os.environ.get("NANOCHAT_DATA_DIR") or os.path.join(os.path.dirname(REPO), "shared", "data")
 
 
 @pytest.fixture
@@ -270,6 +265,36 @@ def test_customjson_formats_and_errors(tmp_path):
     assert CustomJSON(write_jsonl(tmp_path / "p.jsonl", [parts]))[0]["messages"] == parts
 
 
+def test_jsonl_invalid_utf8_names_the_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    good = json.dumps(chat(2)).encode()
+    path.write_bytes(good + b"\n" + good + b"\n" + json.dumps(chat(2)).replace("m0", "caf\u00e9").encode("latin-1") + b"\n")
+    with pytest.raises(ValueError, match=f"{path}:3: invalid UTF-8"):
+        CustomJSON(str(path))
+
+
+def test_jsonl_empty_file_is_a_warning_naming_it(tmp_path, caplog):
+    path = write_jsonl(tmp_path / "empty.jsonl", ["", "  "])
+    with caplog.at_level("WARNING", logger="nanochat"):
+        assert len(CustomJSON(path)) == 0
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == \
+        [f"warning: {path} is empty (no rows): it adds nothing"]
+
+
+@pytest.mark.parametrize("row, match", [
+    ([{"role": "user", "content": ""}, {"role": "assistant", "content": "hi"}], r"message 0 \(user\): empty content"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": [{"type": "text", "text": "a"}, {"type": "x"}]}],
+     "message 1 \\(assistant\\): part 1 has unknown type"),
+    ([{"role": "user", "content": "hi"}], "a training conversation needs at least one assistant reply"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}, {"role": "system", "content": "s"}],
+     "message 2: a system message is only allowed as the first"),
+])
+def test_conversation_that_would_fail_later_is_rejected_at_load(tmp_path, row, match):
+    path = write_jsonl(tmp_path / "rows.jsonl", [chat(2), row])
+    with pytest.raises(ValueError, match=f"{path}:2: malformed row: {match}"):
+        CustomJSON(path)
+
+
 def test_identity_path(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
     monkeypatch.delenv("NANOCHAT_DATA_DIR", raising=False)
@@ -415,10 +440,21 @@ def test_spec_flags():
     for argv in (["--drop", "smoltalk"], ["--cap", "smoltalk=3"], ["--cap", "gsm8k"], ["--mix", "bogus"]):
         with pytest.raises(ValueError):
             parse(argv)
-    assert mixtures.default_mid_sources() == ["smoltalk", "mmlu_aux", "gsm8k", "identity:2",
-                                              "simplespelling@200000", "spellingbee@80000"]
-    assert mixtures.default_sft_sources() == ["arc_easy", "arc_challenge", "gsm8k", "smoltalk@10000", "identity",
-                                              "simplespelling@300", "spellingbee@300"]
+
+
+def test_default_mixtures_are_the_documented_recipe():
+    """The published nanochat recipe (github.com/karpathy/nanochat, scripts/mid_train.py and chat_sft.py),
+    stated as source -> (rows, copies), rows None = all; compared through parse_entry, so order and
+    spelling of the spec do not matter but every source, row count and copy count does."""
+    def meaning(spec):
+        parsed = [mixtures.parse_entry(e) for e in spec]
+        return {name: (rows, copies) for name, rows, copies in parsed}, len(parsed)
+    mid = {"smoltalk": (None, 1), "mmlu_aux": (None, 1), "gsm8k": (None, 1), "identity": (None, 2),
+           "simplespelling": (200_000, 1), "spellingbee": (80_000, 1)}  # 460K + 100K + 8K + 2x1K + 280K rows
+    sft = {"arc_easy": (None, 1), "arc_challenge": (None, 1), "gsm8k": (None, 1), "smoltalk": (10_000, 1),
+           "identity": (None, 1), "simplespelling": (300, 1), "spellingbee": (300, 1)}  # about 23K rows
+    assert meaning(mixtures.default_mid_sources()) == (mid, len(mid))
+    assert meaning(mixtures.default_sft_sources()) == (sft, len(sft))
 
 
 def test_build_mixture(data_dir, tmp_path):
