@@ -58,10 +58,10 @@ sys.excepthook = _excepthook
 
 
 def _reason(e):
-    """The first line of an exception from a reader (torch's zip reader writes several), shortened."""
+    """The first sentence of an exception from a reader (torch's zip reader writes a paragraph)."""
     lines = str(e).strip().splitlines()
-    text = lines[0] if lines else ""
-    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+    text = lines[0].split(". ")[0][:200] if lines else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _complete_steps(checkpoint_dir):

@@ -3,6 +3,7 @@
 import os
 import json
 import random
+import pathlib
 from dataclasses import asdict
 
 import pytest
@@ -360,3 +361,18 @@ def test_optimizer_of_the_wrong_shape(saved, tokenizer):
     torch.save({"loader": {}}, path)  # no optimizer entry at all
     with pytest.raises(cm.CheckpointError, match="optim_000001_rank0.pt does not fit .*KeyError"):
         resume(ckpt_dir, model)
+
+
+@pytest.mark.slow  # subprocesses that import torch: a few seconds each
+def test_scripts_print_one_line_and_exit_nonzero(chat_base_dir, tiny_data_dir):
+    from conftest import run_module
+    model_path = os.path.join(chat_base_dir, "chatsft_checkpoints", "d2", "model_000003.pt")
+    truncate(pathlib.Path(model_path))
+    proc = run_module("scripts.chat_cli", ["--source=sft", "--prompt=hi"], chat_base_dir, tiny_data_dir, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stdout, proc.stdout
+    assert proc.stdout.strip().splitlines()[-1].startswith(f"error: {model_path} cannot be read"), proc.stdout
+    # a damaged tokenizer, through the same hook
+    (pathlib.Path(chat_base_dir) / "tokenizer" / "tokenizer.json").write_text("{")
+    proc = run_module("scripts.chat_cli", ["--source=mid", "--prompt=hi"], chat_base_dir, tiny_data_dir, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stdout, proc.stdout
+    assert "tokenizer.json: not valid JSON" in proc.stdout.strip().splitlines()[-1], proc.stdout
