@@ -19,7 +19,6 @@ from tasks.gsm8k import GSM8K, extract_answer
 from tasks.smoltalk import SmolTalk
 from tasks.humaneval import HumanEval, extract_imports, extract_program
 from tasks.customjson import CustomJSON, identity_conversations_path
-from tasks import spellingbee
 from tasks.spellingbee import SpellingBee, SimpleSpelling, TEMPLATES
 from tasks import mixtures
 
@@ -35,7 +34,6 @@ def data_dir(tmp_path, monkeypatch):
     d.mkdir()
     monkeypatch.setenv("NANOCHAT_DATA_DIR", str(d))
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
-    spellingbee._WORDS.clear()
     return d
 
 
@@ -81,6 +79,17 @@ def test_slicing():
             Range(10, **bad)
 
 
+class Tagged(Range):
+    """Toy task: example i is (tag, i)."""
+
+    def __init__(self, n, tag, **kwargs):
+        super().__init__(n, **kwargs)
+        self.tag = tag
+
+    def get_example(self, index):
+        return (self.tag, index)
+
+
 def test_mixture_order_coverage_oversampling():
     a, b = Range(5), Range(3)
     mix = TaskMixture([a, b, a])
@@ -89,13 +98,12 @@ def test_mixture_order_coverage_oversampling():
     pairs = [(ti, li) for ti, n in enumerate([5, 3, 5]) for li in range(n)]
     random.Random(42).shuffle(pairs)
     assert [mix[i] for i in range(13)] == [li for _, li in pairs]
-    assert mix._task_idx.tolist() == [ti for ti, _ in pairs]
+    # which task each example came from, seen through the examples themselves: b's are tagged
+    tagged = TaskMixture([a, Tagged(3, "b"), a])
+    assert [tagged[i] for i in range(13)] == [("b", li) if ti == 1 else li for ti, li in pairs]
     # coverage: every example of b once, every example of a twice (listed twice)
-    counts = {}
-    for ti, li in zip(mix._task_idx.tolist(), mix._local_idx.tolist()):
-        counts[(id(mix.tasks[ti]), li)] = counts.get((id(mix.tasks[ti]), li), 0) + 1
-    assert all(counts[(id(a), i)] == 2 for i in range(5)) and all(counts[(id(b), i)] == 1 for i in range(3))
-    assert sum(counts.values()) == 13
+    examples = [tagged[i] for i in range(13)]
+    assert all(examples.count(i) == 2 for i in range(5)) and all(examples.count(("b", i)) == 1 for i in range(3))
     # determinism across constructions
     assert [TaskMixture([a, b, a])[i] for i in range(13)] == [mix[i] for i in range(13)]
 
@@ -375,7 +383,6 @@ def test_words_from_base_dir(tmp_path, monkeypatch):
     monkeypatch.delenv("NANOCHAT_DATA_DIR", raising=False)
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     (tmp_path / "words_alpha.txt").write_text("abc\n")  # present: no download is attempted
-    spellingbee._WORDS.clear()
     assert SimpleSpelling(1)[0]["messages"][1]["content"] == "abc:a,b,c"
 
 # -----------------------------------------------------------------------------
