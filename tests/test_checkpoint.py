@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from nanochat import checkpoint_manager as cm
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPTConfig
 from nanochat.tokenizer import RustBPETokenizer
+
+from conftest import tiny_gpt
 
 VOCAB = 300
 
@@ -35,11 +37,7 @@ def tiny_config(**kw):
 
 
 def make_model(config, seed=0):
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
+    model = tiny_gpt(seed, **asdict(config))
     with torch.no_grad():  # init zeroes some projections: give every weight a value so outputs depend on all
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -9,6 +9,7 @@ import subprocess
 import pytest
 import torch
 
+from conftest import TOOL_CALL_REPLY
 from nanochat.checkpoint_manager import CheckpointError
 from nanochat.tokenizer import (SPECIAL_TOKENS, RustBPETokenizer, compute_token_bytes, get_token_bytes,
                                 get_tokenizer, validate_conversation)
@@ -137,13 +138,7 @@ def test_render_system_message_merged(tok):
 
 
 def test_render_parts(tok):
-    conv = {"messages": [
-        {"role": "user", "content": "What is 6*7?"},
-        {"role": "assistant", "content": [
-            {"type": "text", "text": "Let me compute. "},
-            {"type": "python", "text": "6*7"},
-            {"type": "python_output", "text": "42"},
-            {"type": "text", "text": "It is 42."}]}]}
+    conv = {"messages": [{"role": "user", "content": "What is 6*7?"}, TOOL_CALL_REPLY]}
     expected = build(([sp(tok, "<|bos|>")], 0), ([sp(tok, "<|user_start|>")], 0), (tok.encode("What is 6*7?"), 0),
                      ([sp(tok, "<|user_end|>")], 0), ([sp(tok, "<|assistant_start|>")], 0),
                      (tok.encode("Let me compute. "), 1),
