@@ -1,5 +1,5 @@
 """
-Saving and loading checkpoints (REFERENCE 1.3-1.5, D6).
+Saving and loading checkpoints.
 
 A checkpoint of step S in a directory is three kinds of files:
 
@@ -186,7 +186,8 @@ def update_meta(checkpoint_dir, step, meta, rank=0):
 
 
 def config_to_dict(config):
-    """The full GPTConfig as a plain dict, which meta["model_config"] always stores (D6)."""
+    """The full GPTConfig as a plain dict, which meta["model_config"] always stores (so a checkpoint
+    rebuilds its model without the flags of the run that made it)."""
     return {f.name: getattr(config, f.name) for f in fields(config)}
 
 
@@ -284,7 +285,7 @@ def restore_training_state(model, optimizer, model_state, optim_state, checkpoin
 
 
 def _patch_state_dict(state, model_state, config):
-    """Back-compat (REFERENCE 1.4 step 5): fill parameters older checkpoints lack with inert values."""
+    """Back-compat: fill parameters that older checkpoints lack with values that switch them off."""
     L = config.n_layer
     defaults = {
         "resid_lambdas": lambda: torch.ones(L),

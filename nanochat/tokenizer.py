@@ -1,8 +1,8 @@
 """
-GPT-4 style byte-level BPE tokenizer (REFERENCE 2) and chat rendering with a training mask (REFERENCE 3).
+GPT-4 style byte-level BPE tokenizer and chat rendering with a training mask (which tokens the model learns).
 
 Training uses `rustbpe`; encoding/decoding uses a `tiktoken.Encoding` built from the learned merges.
-On disk (D1) a tokenizer is plain data, never a pickle:
+On disk a tokenizer is plain data, never a pickle (loading one must not run code):
     tokenizer.json            {"format", "name", "pattern", "special_tokens": {token: id}}
     mergeable_ranks.tiktoken  one "<base64 token bytes> <rank>" line per mergeable token (tiktoken's format)
 """
@@ -273,7 +273,7 @@ class RustBPETokenizer:
     def render_conversation(self, conversation, max_tokens=2048):
         """
         Tokenize a chat conversation -> (ids, mask), mask 1 where the model is trained to predict the
-        token (assistant content, tool calls, <|assistant_end|>), 0 elsewhere (REFERENCE 3.3).
+        token (assistant content, tool calls, <|assistant_end|>), 0 elsewhere (prompts and tool output).
         """
         messages = validate_conversation(conversation)
         if messages[0]["role"] == "system":

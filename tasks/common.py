@@ -1,7 +1,7 @@
 """
-Shared pieces of every task (REFERENCE 8.1, 8.2): the Task view with logical slicing, TaskMixture and
+Shared pieces of every task: the Task view with logical slicing, TaskMixture and
 TaskSequence, the multiple-choice renderer, and row loading from the Hugging Face Hub or from the
-offline mirror ($NANOCHAT_DATA_DIR/hub/<repo_id>/<config>/<split>.jsonl, decision D4).
+offline mirror ($NANOCHAT_DATA_DIR/hub/<repo_id>/<config>/<split>.jsonl: one Hub row per line).
 """
 
 import os
@@ -107,7 +107,8 @@ class TaskSequence(Task):
 # Rendering and validation helpers
 
 def render_mc(question, letters, choices):
-    """The multiple-choice user message (REFERENCE 8.2): the letter follows its choice, no space after '='."""
+    """The multiple-choice user message. The letter follows its choice (small models bind them better that
+    way) with no space after '=', so it is the same token ("A", not " A") as the one-letter answer."""
     query = f"Multiple Choice question: {question}\n"
     query += "".join(f"- {choice}={letter}\n" for letter, choice in zip(letters, choices))
     query += "\nRespond only with the letter of the correct answer."
@@ -195,7 +196,7 @@ class _LazyRows:
 
 
 def hub_path(repo_id, config, split):
-    """Where the offline mirror keeps a Hub split (D4)."""
+    """Where the offline mirror keeps a Hub split."""
     return os.path.join(get_data_dir(), "hub", repo_id, config or "default", f"{split}.jsonl")
 
 
@@ -225,7 +226,7 @@ def load_hub_rows(repo_id, config, split, parse=None):
 
 
 def shuffled_order(n, seed=42):
-    """The order datasets.Dataset.shuffle(seed=42) produces (REFERENCE 8.1)."""
+    """The order datasets.Dataset.shuffle(seed=42) produces, so offline rows match the Hub's."""
     return np.random.default_rng(seed).permutation(n)
 
 

@@ -1,5 +1,5 @@
 """
-CustomJSON: conversations from a local JSONL file (REFERENCE 8.7 with decision D14).
+CustomJSON: conversations from a local JSONL file.
 Each line is a JSON list of messages, or an object {"messages": [...]}; blank lines are skipped.
 """
 

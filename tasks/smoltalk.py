@@ -1,5 +1,5 @@
 """
-SmolTalk (HuggingFaceTB/smol-smoltalk), general multi-turn chat, training/val loss only (REFERENCE 8.6).
+SmolTalk (HuggingFaceTB/smol-smoltalk), general multi-turn chat, training/val loss only.
 With NANOCHAT_DATA_DIR set and no hub copy of smol-smoltalk there, the mirror's chat stand-in
 $NANOCHAT_DATA_DIR/chat/{train,test}.jsonl (same {"messages": [...]} rows) is used instead.
 """

@@ -1,5 +1,5 @@
 """
-Synthetic spelling tasks (REFERENCE 8.8): SpellingBee counts a letter in a word (manual spelling, then a
+Synthetic spelling tasks: SpellingBee counts a letter in a word (manual spelling, then a
 python `.count` check, answer after '#### '), SimpleSpelling spells a word letter by letter.
 Example i is generated from random.Random(i) (train) or random.Random(10_000_000 + i) (test).
 """

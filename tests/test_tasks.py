@@ -198,7 +198,7 @@ def test_gsm8k_parts_worked_example(data_dir):
     assert len(task) == 1 and task.eval_type == "generative"
     conv = task[0]
     assert conv["messages"][0] == {"role": "user", "content": "How many eggs?"}
-    assert conv["messages"][1]["content"] == [  # REFERENCE 8.5 worked example
+    assert conv["messages"][1]["content"] == [  # the dataset's <<3*4=12>> annotation as a tool call
         {"type": "text", "text": "She buys 3*4 = "},
         {"type": "python", "text": "3*4"},
         {"type": "python_output", "text": "12"},
@@ -342,7 +342,7 @@ def test_spellingbee_banana(data_dir):
 
 
 def replay_spellingbee_user(words, seed):
-    # REFERENCE 8.8 draw order, written out step by step
+    # the draw order (word, letter, template, ...), written out step by step
     rng = random.Random(seed)
     word = rng.choice(words)
     letter = rng.choice(word) if rng.random() < 0.9 else rng.choice("abcdefghijklmnopqrstuvwxyz")

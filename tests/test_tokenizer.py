@@ -1,4 +1,4 @@
-"""Tokenizer tests: a tiny BPE trained in-process on generated text; rendering checked against REFERENCE 3.3."""
+"""Tokenizer tests: a tiny BPE trained in-process on generated text; rendering checked segment by segment."""
 
 import os
 import sys
@@ -42,7 +42,7 @@ def sp(tok, name):
 
 def test_vocab_size_and_special_ids(tok):
     assert tok.get_vocab_size() == VOCAB
-    # specials take the last 9 ids, in REFERENCE 2.3 order
+    # specials take the last 9 ids, in SPECIAL_TOKENS order
     assert [tok.encode_special(s) for s in SPECIAL_TOKENS] == list(range(VOCAB - 9, VOCAB))
     assert tok.get_bos_token_id() == VOCAB - 9
     assert tok.get_special_tokens() == set(SPECIAL_TOKENS)
@@ -97,7 +97,7 @@ def test_batch_equals_single(tok):
         tok.encode(42)
 
 # -----------------------------------------------------------------------------
-# Rendering: expected (ids, mask) built segment by segment from the REFERENCE 3.3 table
+# Rendering: expected (ids, mask) built segment by segment from the rule of render_conversation's docstring
 
 
 def build(*segments):
