@@ -172,11 +172,13 @@ def load_meta(checkpoint_dir, step):
 
 
 def _read_meta(path, checkpoint_dir):
-    fix = _other_step_hint(checkpoint_dir)
-    meta = _read_json(path, fix)
+    return _read_json(path, _other_step_hint(checkpoint_dir))
+
+
+def _model_config(meta, where, fix):
     if not isinstance(meta.get("model_config"), dict):
-        raise CheckpointError(f"{path} has no 'model_config' object (the edited or foreign meta of a checkpoint?); {fix}")
-    return meta
+        raise CheckpointError(f"{where} has no 'model_config' object (an edited or foreign meta?); {fix}")
+    return meta["model_config"]
 
 
 def update_meta(checkpoint_dir, step, meta, rank=0):
@@ -193,7 +195,9 @@ def config_to_dict(config):
 
 def check_resume_config(meta, config, tokenizer, checkpoint_dir=""):
     """A resumed run must rebuild exactly the model and tokenizer that were saved; say what differs."""
-    saved, now = meta["model_config"], config_to_dict(config)
+    saved = _model_config(meta, f"the meta json of the step resumed in {checkpoint_dir}",
+                          "resume from another step, or start afresh without resuming")
+    now = config_to_dict(config)
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
              if saved.get(k) != now.get(k)]
     if diffs:
@@ -318,7 +322,7 @@ def _check_state_dict(state, model_state, model_path, meta_path, fix):
 def _config_from_meta(meta, meta_path, fix):
     """GPTConfig from meta["model_config"], its field types checked (an edited meta must not build nonsense)."""
     from nanochat.gpt import GPTConfig
-    cfg = dict(meta["model_config"])
+    cfg = dict(_model_config(meta, meta_path, fix))
     cfg.setdefault("window_pattern", "L")  # configs saved before sliding windows: full attention everywhere
     known = {f.name: f for f in fields(GPTConfig)}
     unknown = sorted(set(cfg) - set(known))
