@@ -75,7 +75,7 @@ def _other_step_hint(checkpoint_dir):
             f"(steps with a meta here: {_complete_steps(checkpoint_dir)})")
 
 
-def _read_json(path, fix):
+def load_json_file(path, fix):
     """A JSON object from `path`, or CheckpointError naming the file (truncated, zeroed, edited...)."""
     try:
         with open(path, "rb") as f:
@@ -87,7 +87,7 @@ def _read_json(path, fix):
     return obj
 
 
-def _torch_load(path, device, fix):
+def load_tensor_file(path, device, fix, expect=dict):
     """torch.load(weights_only=True) that turns any reader failure into one CheckpointError line."""
     try:
         with open(path, "rb") as f:
@@ -98,8 +98,8 @@ def _torch_load(path, device, fix):
                               f"unpickled (loading must not run code); {fix}") from None
     except Exception as e:  # zip reader RuntimeError, EOFError...: all mean a truncated or damaged file
         raise CheckpointError(f"{path} cannot be read ({_reason(e)}): the file is truncated or corrupt; {fix}") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a dict; {fix}")
+    if not isinstance(obj, expect):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a {expect.__name__}; {fix}")
     return obj
 
 # -----------------------------------------------------------------------------
@@ -172,7 +172,7 @@ def load_meta(checkpoint_dir, step):
 
 
 def _read_meta(path, checkpoint_dir):
-    return _read_json(path, _other_step_hint(checkpoint_dir))
+    return load_json_file(path, _other_step_hint(checkpoint_dir))
 
 
 def _model_config(meta, where, fix):
@@ -247,7 +247,7 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
         raise FileNotFoundError(f"step {step} in {checkpoint_dir} is missing or incomplete (needs {os.path.basename(model_path)} "
                                 f"and {os.path.basename(meta_path)}); the complete steps are the ones with a meta json")
     meta = _read_meta(meta_path, checkpoint_dir)
-    model_state = _torch_load(model_path, device, _other_step_hint(checkpoint_dir))
+    model_state = load_tensor_file(model_path, device, _other_step_hint(checkpoint_dir))
     bad = [k for k, v in model_state.items() if not (isinstance(k, str) and torch.is_tensor(v))]
     if bad:
         raise CheckpointError(f"{model_path} is not a model state dict (entry {bad[0]!r} is not a named tensor); "
@@ -258,7 +258,7 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
         if not os.path.exists(optim_path):
             raise FileNotFoundError(f"{optim_path} not found: step {step} has no optimizer state for rank {rank} "
                                     f"(was it saved with the same number of ranks?)")
-        optim_state = _torch_load(optim_path, device, "resume from another step (steps with a meta here: "
+        optim_state = load_tensor_file(optim_path, device, "resume from another step (steps with a meta here: "
                                   f"{_complete_steps(checkpoint_dir)}), or start the run afresh without resuming")
     return model_state, optim_state, meta
 

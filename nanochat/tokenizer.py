@@ -161,26 +161,21 @@ class RustBPETokenizer:
     def from_directory(cls, tokenizer_dir):
         """Load a tokenizer written by save(). Only parses JSON and base64 text: never executes code.
         A truncated, corrupt or inconsistent file raises CheckpointError naming it."""
-        from nanochat.checkpoint_manager import CheckpointError
+        from nanochat.checkpoint_manager import CheckpointError, load_json_file
         config_path = os.path.join(tokenizer_dir, CONFIG_FILE)
         ranks_path = os.path.join(tokenizer_dir, RANKS_FILE)
         for path in (config_path, ranks_path):
             if not os.path.exists(path):
                 raise FileNotFoundError(f"tokenizer file {path} not found; run python -m scripts.tok_train first")
+        fix = (f"the tokenizer files are damaged: retrain the tokenizer with python -m scripts.tok_train (then "
+               f"retrain the models that use it), or restore {tokenizer_dir} from a copy")
 
         def bad(path, what):
-            return CheckpointError(f"{path}: {what}; the tokenizer files are damaged: retrain the tokenizer with "
-                                   f"python -m scripts.tok_train (then retrain the models that use it), or restore "
-                                   f"{tokenizer_dir} from a copy")
+            return CheckpointError(f"{path}: {what}; {fix}")
 
-        try:
-            with open(config_path, "rb") as f:
-                config = json.loads(f.read().decode("utf-8"))
-        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-            raise bad(config_path, f"not valid JSON ({type(e).__name__}: {e})") from None
-        if not isinstance(config, dict) or config.get("format") != FORMAT:
-            found = config.get("format") if isinstance(config, dict) else type(config).__name__
-            raise bad(config_path, f"unknown format {found!r}, expected {FORMAT!r}")
+        config = load_json_file(config_path, fix)
+        if config.get("format") != FORMAT:
+            raise bad(config_path, f"unknown format {config.get('format')!r}, expected {FORMAT!r}")
         specials = config.get("special_tokens")
         if not isinstance(config.get("pattern"), str) or not isinstance(specials, dict) \
                 or not all(isinstance(v, int) and not isinstance(v, bool) for v in specials.values()):
@@ -372,13 +367,9 @@ def get_token_bytes(device="cpu"):
     path = os.path.join(get_tokenizer_dir(), "token_bytes.pt")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found; run python -m scripts.tok_train first")
-    from nanochat.checkpoint_manager import CheckpointError
+    from nanochat.checkpoint_manager import CheckpointError, load_tensor_file
     fix = "rebuild it with python -m scripts.tok_train (or restore it from a copy)"
-    try:
-        with open(path, "rb") as f:
-            token_bytes = torch.load(f, map_location=device, weights_only=True)
-    except Exception as e:  # zip reader RuntimeError, UnpicklingError, EOFError...: all mean a bad file
-        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}): it is truncated or corrupt; {fix}") from None
-    if not (torch.is_tensor(token_bytes) and token_bytes.dim() == 1 and not token_bytes.is_floating_point()):
+    token_bytes = load_tensor_file(path, device, fix, expect=torch.Tensor)
+    if token_bytes.dim() != 1 or token_bytes.is_floating_point():
         raise CheckpointError(f"{path} is not a 1-D integer tensor of token byte lengths; {fix}")
     return token_bytes
