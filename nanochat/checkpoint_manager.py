@@ -278,9 +278,12 @@ def restore_training_state(model, optimizer, model_state, optim_state, checkpoin
         raise CheckpointError(f"{optim_path} does not fit this model's optimizer ({_reason(e)}); {fix}") from None
     for p, state in optimizer.state.items():
         for name, value in state.items():
-            # moments are shaped like their parameter (Muon's are stacked per group: same trailing dims)
-            if torch.is_tensor(value) and name in ("exp_avg", "exp_avg_sq", "momentum_buffer") \
-                    and tuple(value.shape[value.dim() - p.dim():]) != tuple(p.shape):
+            # AdamW moments may be this rank's slice of rows of the parameter and Muon's are stacked per
+            # group: either way the dims after the first are the parameter's own
+            if not (torch.is_tensor(value) and name in ("exp_avg", "exp_avg_sq", "momentum_buffer")):
+                continue
+            own = tuple(p.shape[1:]) if name != "momentum_buffer" else tuple(p.shape)
+            if value.dim() != len(own) + 1 or tuple(value.shape[1:]) != own:
                 raise CheckpointError(f"{optim_path}: optimizer state {name!r} has shape {tuple(value.shape)}, "
                                       f"its parameter {tuple(p.shape)}; {fix}")
 

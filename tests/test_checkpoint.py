@@ -351,8 +351,8 @@ def test_optimizer_of_the_wrong_shape(saved, tokenizer):
         resume(ckpt_dir, model)
     # same parameter counts, but a moment edited to another shape
     state = optimizer_step(make_model(tiny_config()).train()).state_dict()
-    moments = next(s for s in state["state"].values() if "exp_avg" in s)
-    moments["exp_avg"] = moments["exp_avg"][:1]
+    moments = next(s for s in state["state"].values() if "exp_avg" in s and s["exp_avg"].dim() == 2)
+    moments["exp_avg"] = moments["exp_avg"][:, :1]
     torch.save({"optimizer": state}, path)
     with pytest.raises(cm.CheckpointError, match="optim_000001_rank0.pt: optimizer state 'exp_avg' has shape"):
         resume(ckpt_dir, model)
@@ -373,4 +373,4 @@ def test_scripts_print_one_line_and_exit_nonzero(chat_base_dir, tiny_data_dir):
     (pathlib.Path(chat_base_dir) / "tokenizer" / "tokenizer.json").write_text("{")
     proc = run_module("scripts.chat_cli", ["--source=mid", "--prompt=hi"], chat_base_dir, tiny_data_dir, check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stdout, proc.stdout
-    assert "tokenizer.json: not valid JSON" in proc.stdout.strip().splitlines()[-1], proc.stdout
+    assert "tokenizer.json is not valid JSON" in proc.stdout.strip().splitlines()[-1], proc.stdout
