@@ -322,6 +322,9 @@ def _check_state_dict(state, model_state, model_path, meta_path, fix):
                               f"run; {fix}")
 
 
+MAX_SEQUENCE_LEN = 1 << 20
+
+
 def _config_from_meta(meta, meta_path, fix):
     """GPTConfig from meta["model_config"], its field types checked (an edited meta must not build nonsense)."""
     from nanochat.gpt import GPTConfig
@@ -342,6 +345,12 @@ def _config_from_meta(meta, meta_path, fix):
                 or (want is int and value < 0):
             raise CheckpointError(f"{meta_path}: model_config.{name} is {value!r}, expected type "
                                   f"{type(default).__name__}; {fix}")
+    # the rotary table is allocated from sequence_len alone (no weight has that shape to check it by)
+    if not 0 < cfg.get("sequence_len", 1) <= MAX_SEQUENCE_LEN:
+        raise CheckpointError(f"{meta_path}: model_config.sequence_len={cfg['sequence_len']} is outside "
+                              f"1..{MAX_SEQUENCE_LEN}; {fix}")
+    if not isinstance(meta.get("step", 0), int) or not isinstance(meta.get("tokenizer"), (dict, type(None))):
+        raise CheckpointError(f"{meta_path}: 'step' must be an integer and 'tokenizer' an object; {fix}")
     try:
         return GPTConfig(**{k: v for k, v in cfg.items() if k in known})
     except (TypeError, ValueError, AssertionError) as e:

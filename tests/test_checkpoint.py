@@ -274,10 +274,14 @@ def rename_key(path):
     path.write_bytes(data.replace(b"transformer.wte.weight", b"transformer.wxe.weight"))
 
 
-def edit_meta(path):
+def edit_json(path, change):
     meta = json.loads(path.read_text())
-    meta["model_config"]["n_layer"] = "two"
+    change(meta)
     path.write_text(json.dumps(meta))
+
+
+def edit_meta(path):
+    edit_json(path, lambda meta: meta["model_config"].update(n_layer="two"))
 
 
 def optimizer_step(model):
@@ -314,6 +318,9 @@ def resume(ckpt_dir, model):
     ("meta_000001.json", zero, "not valid JSON"),
     ("meta_000001.json", edit_meta, "model_config.n_layer is 'two', expected type int"),
     ("meta_000001.json", lambda p: p.write_text('{"step": 1}'), "no 'model_config' object"),
+    ("meta_000001.json", lambda p: edit_json(p, lambda m: m["model_config"].update(sequence_len=10**9)),
+     "sequence_len=1000000000 is outside"),
+    ("meta_000001.json", lambda p: edit_json(p, lambda m: m.update(tokenizer="x")), "'tokenizer' an object"),
 ])
 def test_damaged_model_or_meta_is_one_line_naming_the_file(saved, tokenizer, name, damage, expect):
     ckpt_dir, _ = saved
