@@ -16,6 +16,10 @@ Every file is read with torch.load(weights_only=True): no code runs on load. So 
 hold only tensors, plain containers (dict/list/tuple), numbers, strings, bools and None: e.g.
 torch.get_rng_state() and random.getstate() are fine, numpy arrays/states are not (convert them with
 torch.from_numpy or .tolist() first).
+
+A file that cannot be used (truncated, zeroed, edited, or of another model's shape), a tokenizer file
+included, raises CheckpointError: one line naming the file, what is wrong and what to do. A script that
+dies of it prints that line without a traceback and exits with status 1.
 """
 
 import os
