@@ -1,5 +1,5 @@
 """
-Saving and loading checkpoints (REFERENCE 1.3-1.5, D6).
+Saving and loading checkpoints.
 
 A checkpoint of step S in a directory is three kinds of files:
 
@@ -16,15 +16,21 @@ Every file is read with torch.load(weights_only=True): no code runs on load. So 
 hold only tensors, plain containers (dict/list/tuple), numbers, strings, bools and None: e.g.
 torch.get_rng_state() and random.getstate() are fine, numpy arrays/states are not (convert them with
 torch.from_numpy or .tolist() first).
+
+A file that cannot be used (truncated, zeroed, edited, or of another model's shape), a tokenizer file
+included, raises CheckpointError: one line naming the file, what is wrong and what to do. A script that
+dies of it prints that line without a traceback and exits with status 1.
 """
 
 import os
 import re
+import sys
 import json
 import glob
+import pickle
 import hashlib
 import logging
-from dataclasses import fields
+from dataclasses import fields, MISSING
 
 import torch
 import torch.distributed as dist
@@ -35,6 +41,70 @@ logger = logging.getLogger("nanochat")
 
 SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
                "rl": "chatrl_checkpoints"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or tokenizer file that cannot be used. The message is one line: the file, what is wrong
+    with it and what to do. A script that dies of one prints just that line (see _excepthook)."""
+
+
+def _excepthook(exc_type, exc, tb, _previous=sys.excepthook):
+    # a broken file is the user's to fix, not a bug in the code: the traceback would only hide the message
+    if issubclass(exc_type, CheckpointError):
+        print(f"error: {exc}", file=sys.stderr)
+    else:
+        _previous(exc_type, exc, tb)
+
+
+# every script that loads a checkpoint or a tokenizer imports this module first (the tokenizer imports it
+# to raise CheckpointError), so installing the hook here covers all of them; exit status stays 1
+sys.excepthook = _excepthook
+
+
+def _reason(e):
+    """The first sentence of an exception from a reader (torch's zip reader writes a paragraph)."""
+    lines = str(e).strip().splitlines()
+    text = lines[0].split(". ")[0][:200] if lines else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _complete_steps(checkpoint_dir):
+    steps = sorted(int(m.group(1)) for path in glob.glob(os.path.join(checkpoint_dir, "meta_*.json"))
+                   if (m := re.fullmatch(r"meta_(\d+)\.json", os.path.basename(path))))
+    return ", ".join(map(str, steps)) or "none"
+
+
+def _other_step_hint(checkpoint_dir):
+    return (f"re-save it, or load another step with the script's --step/--model-step flag "
+            f"(steps with a meta here: {_complete_steps(checkpoint_dir)})")
+
+
+def load_json_file(path, fix):
+    """A JSON object from `path`, or CheckpointError naming the file (truncated, zeroed, edited...)."""
+    try:
+        with open(path, "rb") as f:
+            obj = json.loads(f.read().decode("utf-8"))
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{path} is not valid JSON ({_reason(e)}): the file is truncated or corrupt; {fix}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(obj).__name__}, expected an object; {fix}")
+    return obj
+
+
+def load_tensor_file(path, device, fix, expect=dict):
+    """torch.load(weights_only=True) that turns any reader failure into one CheckpointError line."""
+    try:
+        with open(path, "rb") as f:
+            obj = torch.load(f, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own message would suggest weights_only=False, which would run the file's code
+        raise CheckpointError(f"{path} holds objects other than tensors and plain containers, which are never "
+                              f"unpickled (loading must not run code); {fix}") from None
+    except Exception as e:  # zip reader RuntimeError, EOFError...: all mean a truncated or damaged file
+        raise CheckpointError(f"{path} cannot be read ({_reason(e)}): the file is truncated or corrupt; {fix}") from None
+    if not isinstance(obj, expect):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a {expect.__name__}; {fix}")
+    return obj
 
 # -----------------------------------------------------------------------------
 # Saving
@@ -86,12 +156,12 @@ def save_checkpoint(checkpoint_dir, step, model_state, optim_state, meta, rank=0
 def tokenizer_fingerprint(tokenizer):
     """sha256 of the tokenizer's content (mergeable ranks, split pattern, special tokens)."""
     h = hashlib.sha256()
-    enc = getattr(tokenizer, "enc", None)
-    if enc is not None and hasattr(enc, "_mergeable_ranks"):
-        for token, rank in sorted(enc._mergeable_ranks.items(), key=lambda kv: kv[1]):
+    ranks = getattr(tokenizer, "mergeable_ranks", None)
+    if ranks is not None:
+        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
             h.update(rank.to_bytes(4, "little") + len(token).to_bytes(2, "little") + token)
-        h.update(enc._pat_str.encode("utf-8"))
-        h.update(json.dumps(sorted(enc._special_tokens.items())).encode("utf-8"))
+        h.update(tokenizer.pattern.encode("utf-8"))
+        h.update(json.dumps(sorted(tokenizer.special_ids.items())).encode("utf-8"))
     else:  # any other tokenizer: hash its decoded vocabulary
         for i in range(tokenizer.get_vocab_size()):
             h.update(tokenizer.decode([i]).encode("utf-8", errors="surrogatepass") + b"\0")
@@ -102,8 +172,17 @@ def load_meta(checkpoint_dir, step):
     path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no complete checkpoint of step {step} in {checkpoint_dir} (missing {path})")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return _read_meta(path, checkpoint_dir)
+
+
+def _read_meta(path, checkpoint_dir):
+    return load_json_file(path, _other_step_hint(checkpoint_dir))
+
+
+def _model_config(meta, where, fix):
+    if not isinstance(meta.get("model_config"), dict):
+        raise CheckpointError(f"{where} has no 'model_config' object (an edited or foreign meta?); {fix}")
+    return meta["model_config"]
 
 
 def update_meta(checkpoint_dir, step, meta, rank=0):
@@ -113,17 +192,20 @@ def update_meta(checkpoint_dir, step, meta, rank=0):
 
 
 def config_to_dict(config):
-    """The full GPTConfig as a plain dict, which meta["model_config"] always stores (D6)."""
+    """The full GPTConfig as a plain dict, which meta["model_config"] always stores (so a checkpoint
+    rebuilds its model without the flags of the run that made it)."""
     return {f.name: getattr(config, f.name) for f in fields(config)}
 
 
 def check_resume_config(meta, config, tokenizer, checkpoint_dir=""):
     """A resumed run must rebuild exactly the model and tokenizer that were saved; say what differs."""
-    saved, now = meta["model_config"], config_to_dict(config)
+    saved = _model_config(meta, f"the meta json of the step resumed in {checkpoint_dir}",
+                          "resume from another step, or start afresh without resuming")
+    now = config_to_dict(config)
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
              if saved.get(k) != now.get(k)]
     if diffs:
-        raise ValueError(f"cannot resume {checkpoint_dir}: the model config differs ({'; '.join(diffs)}); "
+        raise CheckpointError(f"cannot resume {checkpoint_dir}: the model config differs ({'; '.join(diffs)}); "
                          f"rerun with the flags of the original run")
     _check_tokenizer(tokenizer, meta, checkpoint_dir)
 
@@ -168,26 +250,53 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
     if not os.path.exists(meta_path) or not os.path.exists(model_path):
         raise FileNotFoundError(f"step {step} in {checkpoint_dir} is missing or incomplete (needs {os.path.basename(model_path)} "
                                 f"and {os.path.basename(meta_path)}); the complete steps are the ones with a meta json")
-    with open(meta_path, encoding="utf-8") as f:
-        meta = json.load(f)
-    with open(model_path, "rb") as f:
-        model_state = torch.load(f, map_location=device, weights_only=True)
+    meta = _read_meta(meta_path, checkpoint_dir)
+    model_state = load_tensor_file(model_path, device, _other_step_hint(checkpoint_dir))
+    bad = [k for k, v in model_state.items() if not (isinstance(k, str) and torch.is_tensor(v))]
+    if bad:
+        raise CheckpointError(f"{model_path} is not a model state dict (entry {bad[0]!r} is not a named tensor); "
+                              f"{_other_step_hint(checkpoint_dir)}")
     optim_state = None
     if load_optimizer:
         optim_path = os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt")
         if not os.path.exists(optim_path):
             raise FileNotFoundError(f"{optim_path} not found: step {step} has no optimizer state for rank {rank} "
                                     f"(was it saved with the same number of ranks?)")
-        with open(optim_path, "rb") as f:
-            optim_state = torch.load(f, map_location=device, weights_only=True)
+        optim_state = load_tensor_file(optim_path, device, "resume from another step (steps with a meta here: "
+                                  f"{_complete_steps(checkpoint_dir)}), or start the run afresh without resuming")
     return model_state, optim_state, meta
+
+
+def restore_training_state(model, optimizer, model_state, optim_state, checkpoint_dir, step, rank=0):
+    """Load a resumed step into the live model and optimizer; a state of the wrong shape names its file."""
+    model_path = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
+    optim_path = os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt")
+    fix = "resume with the flags of the original run, from another step, or start afresh without resuming"
+    try:
+        model.load_state_dict(model_state, strict=True)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{model_path} does not fit the model being resumed ({_reason(e)}); {fix}") from None
+    try:
+        optimizer.load_state_dict(optim_state["optimizer"])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+        raise CheckpointError(f"{optim_path} does not fit this model's optimizer ({_reason(e)}); {fix}") from None
+    for p, state in optimizer.state.items():
+        for name, value in state.items():
+            # AdamW moments may be this rank's slice of rows of the parameter and Muon's are stacked per
+            # group: either way the dims after the first are the parameter's own
+            if not (torch.is_tensor(value) and name in ("exp_avg", "exp_avg_sq", "momentum_buffer")):
+                continue
+            own = tuple(p.shape[1:]) if name != "momentum_buffer" else tuple(p.shape)
+            if value.dim() != len(own) + 1 or tuple(value.shape[1:]) != own:
+                raise CheckpointError(f"{optim_path}: optimizer state {name!r} has shape {tuple(value.shape)}, "
+                                      f"its parameter {tuple(p.shape)}; {fix}")
 
 # -----------------------------------------------------------------------------
 # Building a model from a checkpoint
 
 
 def _patch_state_dict(state, model_state, config):
-    """Back-compat (REFERENCE 1.4 step 5): fill parameters older checkpoints lack with inert values."""
+    """Back-compat: fill parameters that older checkpoints lack with values that switch them off."""
     L = config.n_layer
     defaults = {
         "resid_lambdas": lambda: torch.ones(L),
@@ -202,37 +311,69 @@ def _patch_state_dict(state, model_state, config):
             logger.info(f"checkpoint lacks {key}: filled with the inert default")
 
 
-def _check_state_dict(state, model_state, config):
+def _check_state_dict(state, model_state, model_path, meta_path, fix):
+    """One line naming the file when the weights do not fit the model its meta describes."""
     missing = sorted(set(model_state) - set(state))
     unexpected = sorted(set(state) - set(model_state))
-    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(model_state[k].shape)}"
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(model_state[k].shape)}"
                   for k in model_state if k in state and state[k].shape != model_state[k].shape]
-    if missing or unexpected or mismatched:
-        lines = [f"checkpoint weights do not match the model built from its config {config}:"]
-        if mismatched:
-            lines.append("  shape mismatch: " + "; ".join(mismatched))
-        if missing:
-            lines.append("  missing from the checkpoint: " + ", ".join(missing))
-        if unexpected:
-            lines.append("  not in the model: " + ", ".join(unexpected))
-        lines.append("  fix: load with the model_config the checkpoint was trained with (its meta json), "
-                     "or pick the matching --model-tag/--step")
-        raise ValueError("\n".join(lines))
+    problems = ([f"shapes differ: {'; '.join(mismatched[:3])}"] if mismatched else []) + \
+               ([f"missing {', '.join(missing[:3])}"] if missing else []) + \
+               ([f"unexpected {', '.join(unexpected[:3])}"] if unexpected else [])
+    if problems:
+        raise CheckpointError(f"{model_path} does not fit the model_config in {os.path.basename(meta_path)} "
+                              f"({'; '.join(problems)}): one of the two files was edited or comes from another "
+                              f"run; {fix}")
+
+
+MAX_SEQUENCE_LEN = 1 << 20
+
+
+def _config_from_meta(meta, meta_path, fix):
+    """GPTConfig from meta["model_config"], its field types checked (an edited meta must not build nonsense)."""
+    from nanochat.gpt import GPTConfig
+    cfg = dict(_model_config(meta, meta_path, fix))
+    cfg.setdefault("window_pattern", "L")  # configs saved before sliding windows: full attention everywhere
+    known = {f.name: f for f in fields(GPTConfig)}
+    unknown = sorted(set(cfg) - set(known))
+    if unknown:
+        logger.warning(f"ignoring unknown model_config keys {unknown} in {meta_path}")
+    for name, f in known.items():
+        if name not in cfg:
+            continue
+        default, value = f.default, cfg[name]
+        if default is MISSING or default is None:
+            continue
+        want = (int, float) if type(default) is float else type(default)
+        if not isinstance(value, want) or (type(default) is not bool and isinstance(value, bool)) \
+                or (want is int and value < 0):
+            raise CheckpointError(f"{meta_path}: model_config.{name} is {value!r}, expected type "
+                                  f"{type(default).__name__}; {fix}")
+    # the rotary table is allocated from sequence_len alone (no weight has that shape to check it by)
+    if not 0 < cfg.get("sequence_len", 1) <= MAX_SEQUENCE_LEN:
+        raise CheckpointError(f"{meta_path}: model_config.sequence_len={cfg['sequence_len']} is outside "
+                              f"1..{MAX_SEQUENCE_LEN}; {fix}")
+    if not isinstance(meta.get("step", 0), int) or not isinstance(meta.get("tokenizer"), (dict, type(None))):
+        raise CheckpointError(f"{meta_path}: 'step' must be an integer and 'tokenizer' an object; {fix}")
+    try:
+        return GPTConfig(**{k: v for k, v in cfg.items() if k in known})
+    except (TypeError, ValueError, AssertionError) as e:
+        raise CheckpointError(f"{meta_path}: model_config is not a valid GPTConfig ({_reason(e)}); {fix}") from None
 
 
 def _check_tokenizer(tokenizer, meta, checkpoint_dir):
-    vocab = meta["model_config"]["vocab_size"]
+    vocab = meta["model_config"].get("vocab_size")
     where = "the tokenizer in $NANOCHAT_BASE_DIR/tokenizer"
     fix = ("use the NANOCHAT_BASE_DIR of the run that trained this checkpoint, "
            "or retrain the model with this tokenizer")
     if tokenizer.get_vocab_size() != vocab:
-        raise ValueError(f"tokenizer mismatch for {checkpoint_dir}: the model was trained with vocab_size={vocab}, "
+        raise CheckpointError(f"tokenizer mismatch for {checkpoint_dir}: the model was trained with vocab_size={vocab}, "
                          f"{where} has {tokenizer.get_vocab_size()}; {fix}")
     saved = meta.get("tokenizer") or {}
     if saved.get("fingerprint"):
         fp = tokenizer_fingerprint(tokenizer)
         if fp != saved["fingerprint"]:
-            raise ValueError(f"tokenizer mismatch for {checkpoint_dir}: same vocab size ({vocab}) but different "
+            raise CheckpointError(f"tokenizer mismatch for {checkpoint_dir}: same vocab size ({vocab}) but different "
                              f"merges/specials (fingerprint {saved['fingerprint'][:12]} in the checkpoint vs "
                              f"{fp[:12]} for {where}); {fix}")
 
@@ -243,33 +384,35 @@ def build_model(checkpoint_dir, step, device, phase, tokenizer=None):
     cast to the dtypes the freshly-initialised model uses on this device (GPU bf16 embeddings -> CPU fp32
     and back). `tokenizer` defaults to get_tokenizer(); it must match the one the model was trained with.
     """
-    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.gpt import GPT
     if phase not in ("train", "eval"):
         raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
     device = torch.device(device)
     state, _, meta = load_checkpoint(checkpoint_dir, step, device)
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}  # torch.compile prefix
-
-    cfg = dict(meta["model_config"])
-    cfg.setdefault("window_pattern", "L")  # configs saved before sliding windows: full attention everywhere
-    known = {f.name for f in fields(GPTConfig)}
-    unknown = sorted(set(cfg) - known)
-    if unknown:
-        logger.warning(f"ignoring unknown model_config keys {unknown} in {checkpoint_dir}")
-    config = GPTConfig(**{k: v for k, v in cfg.items() if k in known})
+    meta_path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
+    model_path = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
+    fix = _other_step_hint(checkpoint_dir)
+    config = _config_from_meta(meta, meta_path, fix)
 
     if tokenizer is None:
         from nanochat.tokenizer import get_tokenizer
         tokenizer = get_tokenizer()
     _check_tokenizer(tokenizer, meta, checkpoint_dir)
 
-    with torch.device("meta"):
-        model = GPT(config)
+    # build on the meta device first: an edited config is caught by the shape check below before any
+    # memory is allocated for it
+    try:
+        with torch.device("meta"):
+            model = GPT(config)
+    except Exception as e:  # e.g. a head count that does not divide the width
+        raise CheckpointError(f"{meta_path}: model_config does not build a model ({_reason(e)}); {fix}") from None
+    shapes = model.state_dict()
+    _patch_state_dict(state, shapes, config)
+    _check_state_dict(state, shapes, model_path, meta_path, fix)
     model.to_empty(device=device)
     model.init_weights()  # rotary buffers and the per-device compute dtype
     model_state = model.state_dict()
-    _patch_state_dict(state, model_state, config)
-    _check_state_dict(state, model_state, config)
     state = {k: v.to(device=device, dtype=model_state[k].dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.train() if phase == "train" else model.eval()

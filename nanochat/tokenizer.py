@@ -1,8 +1,8 @@
 """
-GPT-4 style byte-level BPE tokenizer (REFERENCE 2) and chat rendering with a training mask (REFERENCE 3).
+GPT-4 style byte-level BPE tokenizer and chat rendering with a training mask (which tokens the model learns).
 
 Training uses `rustbpe`; encoding/decoding uses a `tiktoken.Encoding` built from the learned merges.
-On disk (D1) a tokenizer is plain data, never a pickle:
+On disk a tokenizer is plain data, never a pickle (loading one must not run code):
     tokenizer.json            {"format", "name", "pattern", "special_tokens": {token: id}}
     mergeable_ranks.tiktoken  one "<base64 token bytes> <rank>" line per mergeable token (tiktoken's format)
 """
@@ -40,13 +40,70 @@ RANKS_FILE = "mergeable_ranks.tiktoken"
 FORMAT = "nanochat-tokenizer-v1"
 
 
+def validate_conversation(conversation):
+    """
+    The one check of a chat conversation, used wherever one enters (training data, the server, the CLI).
+    {"messages": [...]}: an optional leading system message, then user and assistant alternating,
+    starting with user. System/user content is a non-empty string; assistant content is a non-empty
+    string or a non-empty list of {"type": "text" | "python" | "python_output", "text": str} parts.
+    Raises ValueError naming the message index (in the caller's list); returns the messages.
+    """
+    messages = conversation.get("messages") if isinstance(conversation, dict) else None
+    if not isinstance(messages, list):
+        raise ValueError("conversation must be a dict with a 'messages' list")
+    if not messages:
+        raise ValueError("conversation is empty: it needs at least one user message")
+    offset = 1 if isinstance(messages[0], dict) and messages[0].get("role") == "system" else 0
+    if offset and len(messages) == 1:
+        raise ValueError("message 0: a system message must be followed by a user message")
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise ValueError(f"message {i}: must be a dict with 'role' and 'content', got {type(msg).__name__}")
+        role = msg.get("role")
+        if role not in ("system", "user", "assistant"):
+            raise ValueError(f"message {i}: unknown role {role!r} (expected 'system', 'user' or 'assistant')")
+        if role == "system" and i != 0:
+            raise ValueError(f"message {i}: a system message is only allowed as the first message")
+        if role != "system":
+            expected = "user" if (i - offset) % 2 == 0 else "assistant"
+            if role != expected:
+                raise ValueError(f"message {i}: roles out of order, expected {expected!r} but got {role!r} "
+                                 f"(user and assistant must alternate, starting with user)")
+        if "content" not in msg:
+            raise ValueError(f"message {i} ({role}): missing 'content'")
+        content = msg["content"]
+        if role in ("system", "user") or isinstance(content, str):
+            if not isinstance(content, str):
+                raise ValueError(f"message {i} ({role}): content must be a string, got {type(content).__name__}")
+            if not content:
+                raise ValueError(f"message {i} ({role}): empty content")
+            continue
+        if not isinstance(content, list):
+            raise ValueError(f"message {i} (assistant): content must be a string or a list of parts, "
+                             f"got {type(content).__name__}")
+        if not content:
+            raise ValueError(f"message {i} (assistant): empty content (no parts)")
+        for j, part in enumerate(content):
+            ptype = part.get("type") if isinstance(part, dict) else None
+            if ptype not in ("text", "python", "python_output"):
+                raise ValueError(f"message {i} (assistant): part {j} has unknown type {ptype!r} "
+                                 f"(expected 'text', 'python' or 'python_output')")
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"message {i} (assistant): part {j} ({ptype}) needs a string 'text'")
+    return messages
+
+
 class RustBPETokenizer:
     """A tiktoken.Encoding plus the nanochat conventions (BOS, chat specials, rendering)."""
 
-    def __init__(self, enc, bos_token):
+    def __init__(self, enc, bos_token, mergeable_ranks=None, pattern=None):
         self.enc = enc
-        self.special_ids = dict(enc._special_tokens)  # token string -> id (looked up on every render)
+        # token string -> id (looked up on every render), through tiktoken's public API
+        self.special_ids = {tok: enc.encode_single_token(tok) for tok in enc.special_tokens_set}
         self.bos_token_id = self.special_ids[bos_token]
+        # tiktoken keeps what it was built from private: we keep our own copies for save() and the
+        # checkpoint fingerprint (None for a pretrained encoding, which we never save)
+        self.mergeable_ranks, self.pattern = mergeable_ranks, pattern
 
     # ---------------------------------------------------------------- construction
 
@@ -73,7 +130,7 @@ class RustBPETokenizer:
             special_tokens = {tok: len(ranks) + i for i, tok in enumerate(SPECIAL_TOKENS)}
         enc = tiktoken.Encoding(name="rustbpe", pat_str=pattern, mergeable_ranks=ranks,
                                 special_tokens=special_tokens)
-        return cls(enc, "<|bos|>")
+        return cls(enc, "<|bos|>", ranks, pattern)
 
     @classmethod
     def from_pretrained(cls, name, timeout=None):
@@ -102,16 +159,27 @@ class RustBPETokenizer:
 
     @classmethod
     def from_directory(cls, tokenizer_dir):
-        """Load a tokenizer written by save(). Only parses JSON and base64 text: never executes code."""
+        """Load a tokenizer written by save(). Only parses JSON and base64 text: never executes code.
+        A truncated, corrupt or inconsistent file raises CheckpointError naming it."""
+        from nanochat.checkpoint_manager import CheckpointError, load_json_file
         config_path = os.path.join(tokenizer_dir, CONFIG_FILE)
         ranks_path = os.path.join(tokenizer_dir, RANKS_FILE)
         for path in (config_path, ranks_path):
             if not os.path.exists(path):
                 raise FileNotFoundError(f"tokenizer file {path} not found; run python -m scripts.tok_train first")
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
+        fix = (f"the tokenizer files are damaged: retrain the tokenizer with python -m scripts.tok_train (then "
+               f"retrain the models that use it), or restore {tokenizer_dir} from a copy")
+
+        def bad(path, what):
+            return CheckpointError(f"{path}: {what}; {fix}")
+
+        config = load_json_file(config_path, fix)
         if config.get("format") != FORMAT:
-            raise ValueError(f"{config_path}: unknown format {config.get('format')!r}, expected {FORMAT!r}")
+            raise bad(config_path, f"unknown format {config.get('format')!r}, expected {FORMAT!r}")
+        specials = config.get("special_tokens")
+        if not isinstance(config.get("pattern"), str) or not isinstance(specials, dict) \
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in specials.values()):
+            raise bad(config_path, "needs a string 'pattern' and a 'special_tokens' object of integer ids")
         ranks = {}
         with open(ranks_path, "rb") as f:
             for lineno, line in enumerate(f, 1):
@@ -119,21 +187,36 @@ class RustBPETokenizer:
                     continue
                 try:
                     token_b64, rank = line.split()
-                    ranks[base64.b64decode(token_b64, validate=True)] = int(rank)
-                except ValueError as e:
-                    raise ValueError(f"{ranks_path}:{lineno}: expected '<base64> <rank>' ({e})") from None
+                    token = base64.b64decode(token_b64, validate=True)
+                    ranks[token] = int(rank)
+                except ValueError as e:  # binascii.Error is a ValueError too
+                    raise bad(f"{ranks_path}:{lineno}", f"expected '<base64> <rank>' ({e})") from None
+                if not token:
+                    raise bad(f"{ranks_path}:{lineno}", "empty token")
         if sorted(ranks.values()) != list(range(len(ranks))):
-            raise ValueError(f"{ranks_path}: ranks must be unique and cover 0..{len(ranks) - 1}")
-        return cls._from_ranks(ranks, config["pattern"], {k: int(v) for k, v in config["special_tokens"].items()})
+            raise bad(ranks_path, f"ranks must be unique and cover 0..{len(ranks) - 1}")
+        if any(bytes([b]) not in ranks for b in range(256)):
+            raise bad(ranks_path, "every single byte must be a token (the file is truncated or edited)")
+        expected = {tok: len(ranks) + i for i, tok in enumerate(SPECIAL_TOKENS)}
+        if specials != expected:
+            # e.g. a ranks file cut at a line boundary: the specials no longer follow the last rank
+            raise bad(config_path, f"the special tokens do not follow the {len(ranks)} ranks of {RANKS_FILE} "
+                                   f"(expected the {len(SPECIAL_TOKENS)} chat specials with ids "
+                                   f"{len(ranks)}..{len(ranks) + len(SPECIAL_TOKENS) - 1})")
+        try:
+            return cls._from_ranks(ranks, config["pattern"], specials)
+        except ValueError as e:  # an edited split pattern that does not compile
+            raise bad(config_path, f"cannot build the encoding ({e})") from None
 
     def save(self, tokenizer_dir):
+        if self.mergeable_ranks is None:
+            raise ValueError("only a tokenizer trained here (or loaded from a directory) can be saved")
         os.makedirs(tokenizer_dir, exist_ok=True)
-        ranks = self.enc._mergeable_ranks
         with open(os.path.join(tokenizer_dir, RANKS_FILE), "w", encoding="ascii") as f:
-            for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+            for token, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1]):
                 f.write(f"{base64.b64encode(token).decode('ascii')} {rank}\n")
-        config = {"format": FORMAT, "name": self.enc.name, "pattern": self.enc._pat_str,
-                  "special_tokens": self.enc._special_tokens}
+        config = {"format": FORMAT, "name": self.enc.name, "pattern": self.pattern,
+                  "special_tokens": self.special_ids}
         with open(os.path.join(tokenizer_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)
         print(f"Saved tokenizer to {tokenizer_dir}")
@@ -182,58 +265,12 @@ class RustBPETokenizer:
 
     # ---------------------------------------------------------------- chat rendering
 
-    def _validate(self, conversation):
-        """Check REFERENCE 3.1/3.2; errors name the message index (in the caller's list)."""
-        messages = conversation.get("messages") if isinstance(conversation, dict) else None
-        if not isinstance(messages, list):
-            raise ValueError("conversation must be a dict with a 'messages' list")
-        if not messages:
-            raise ValueError("conversation is empty: it needs at least one user message")
-        offset = 1 if isinstance(messages[0], dict) and messages[0].get("role") == "system" else 0
-        if offset and len(messages) == 1:
-            raise ValueError("message 0: a system message must be followed by a user message")
-        for i, msg in enumerate(messages):
-            if not isinstance(msg, dict):
-                raise ValueError(f"message {i}: must be a dict with 'role' and 'content', got {type(msg).__name__}")
-            role = msg.get("role")
-            if role not in ("system", "user", "assistant"):
-                raise ValueError(f"message {i}: unknown role {role!r} (expected 'system', 'user' or 'assistant')")
-            if role == "system" and i != 0:
-                raise ValueError(f"message {i}: a system message is only allowed as the first message")
-            if role != "system":
-                expected = "user" if (i - offset) % 2 == 0 else "assistant"
-                if role != expected:
-                    raise ValueError(f"message {i}: roles out of order, expected {expected!r} but got {role!r} "
-                                     f"(user and assistant must alternate, starting with user)")
-            if "content" not in msg:
-                raise ValueError(f"message {i} ({role}): missing 'content'")
-            content = msg["content"]
-            if role in ("system", "user") or isinstance(content, str):
-                if not isinstance(content, str):
-                    raise ValueError(f"message {i} ({role}): content must be a string, got {type(content).__name__}")
-                if not content:
-                    raise ValueError(f"message {i} ({role}): empty content")
-                continue
-            if not isinstance(content, list):
-                raise ValueError(f"message {i} (assistant): content must be a string or a list of parts, "
-                                 f"got {type(content).__name__}")
-            if not content:
-                raise ValueError(f"message {i} (assistant): empty content (no parts)")
-            for j, part in enumerate(content):
-                ptype = part.get("type") if isinstance(part, dict) else None
-                if ptype not in ("text", "python", "python_output"):
-                    raise ValueError(f"message {i} (assistant): part {j} has unknown type {ptype!r} "
-                                     f"(expected 'text', 'python' or 'python_output')")
-                if not isinstance(part.get("text"), str):
-                    raise ValueError(f"message {i} (assistant): part {j} ({ptype}) needs a string 'text'")
-        return messages
-
     def render_conversation(self, conversation, max_tokens=2048):
         """
         Tokenize a chat conversation -> (ids, mask), mask 1 where the model is trained to predict the
-        token (assistant content, tool calls, <|assistant_end|>), 0 elsewhere (REFERENCE 3.3).
+        token (assistant content, tool calls, <|assistant_end|>), 0 elsewhere (prompts and tool output).
         """
-        messages = self._validate(conversation)
+        messages = validate_conversation(conversation)
         if messages[0]["role"] == "system":
             # the system prompt is folded into the first user turn (there is no system token)
             messages = copy.deepcopy(messages)
@@ -321,7 +358,7 @@ def get_tokenizer():
 def compute_token_bytes(tokenizer):
     """(V,) int32: raw byte length of each token, 0 for specials (they count no bytes in bits-per-byte)."""
     enc = tokenizer.enc
-    specials = set(enc._special_tokens.values())
+    specials = set(tokenizer.special_ids.values())
     lengths = [0 if i in specials else len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)]
     return torch.tensor(lengths, dtype=torch.int32)
 
@@ -330,5 +367,9 @@ def get_token_bytes(device="cpu"):
     path = os.path.join(get_tokenizer_dir(), "token_bytes.pt")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found; run python -m scripts.tok_train first")
-    with open(path, "rb") as f:
-        return torch.load(f, map_location=device, weights_only=True)
+    from nanochat.checkpoint_manager import CheckpointError, load_tensor_file
+    fix = "rebuild it with python -m scripts.tok_train (or restore it from a copy)"
+    token_bytes = load_tensor_file(path, device, fix, expect=torch.Tensor)
+    if token_bytes.dim() != 1 or token_bytes.is_floating_point():
+        raise CheckpointError(f"{path} is not a 1-D integer tensor of token byte lengths; {fix}")
+    return token_bytes

@@ -542,8 +542,7 @@ class Checkpoints:
         from nanochat import checkpoint_manager as ckpt
         model_state, state, meta = ckpt.load_checkpoint(self.directory, step, self.device, load_optimizer=True,
                                                         rank=self.rank)
-        self.model.load_state_dict(model_state, strict=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        ckpt.restore_training_state(self.model, self.optimizer, model_state, state, self.directory, step, self.rank)
         set_rng_state(state.get("rng"))
         run.restore(meta)
         self.resumed_from = step  # that step is on disk already

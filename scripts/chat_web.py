@@ -517,7 +517,7 @@ def main():
             raise SystemExit(f"{flag} must be between {lo} and {hi}, got {value}")
     name = f"nanochat-{args.source}" + (f"-{args.model_tag}" if args.model_tag else "")
     config = ServeConfig(args.temperature, args.top_k, args.max_tokens, name)
-    app = create_app(lambda: load_workers(args), config)
+    app = create_app(load_workers(args), config)  # load first: a bad checkpoint exits with its one line
     print(f"chat UI at http://localhost:{args.port}/  OpenAI API at http://localhost:{args.port}/v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port)
 

@@ -1,4 +1,4 @@
-"""ARC (allenai/ai2_arc), grade-school science multiple choice (REFERENCE 8.3)."""
+"""ARC (allenai/ai2_arc), grade-school science multiple choice."""
 
 from tasks.common import HubTask, mc_conversation, evaluate_letter, require
 

@@ -1,16 +1,20 @@
 """
-Shared pieces of every task (REFERENCE 8.1, 8.2): the Task view with logical slicing, TaskMixture and
+Shared pieces of every task: the Task view with logical slicing, TaskMixture and
 TaskSequence, the multiple-choice renderer, and row loading from the Hugging Face Hub or from the
-offline mirror ($NANOCHAT_DATA_DIR/hub/<repo_id>/<config>/<split>.jsonl, decision D4).
+offline mirror ($NANOCHAT_DATA_DIR/hub/<repo_id>/<config>/<split>.jsonl: one Hub row per line).
 """
 
 import os
 import json
 import random
+import logging
 
 import numpy as np
 
 from nanochat.common import get_data_dir
+from nanochat.tokenizer import validate_conversation
+
+logger = logging.getLogger("nanochat")
 
 # -----------------------------------------------------------------------------
 # Task views
@@ -103,7 +107,8 @@ class TaskSequence(Task):
 # Rendering and validation helpers
 
 def render_mc(question, letters, choices):
-    """The multiple-choice user message (REFERENCE 8.2): the letter follows its choice, no space after '='."""
+    """The multiple-choice user message. The letter follows its choice (small models bind them better that
+    way) with no space after '=', so it is the same token ("A", not " A") as the one-letter answer."""
     query = f"Multiple Choice question: {question}\n"
     query += "".join(f"- {choice}={letter}\n" for letter, choice in zip(letters, choices))
     query += "\nRespond only with the letter of the correct answer."
@@ -128,36 +133,16 @@ def evaluate_letter(conversation, letter):
     return int(letter == conversation["messages"][-1]["content"])
 
 
-PART_TYPES = ("text", "python", "python_output")
-
-
-def validate_messages(messages):
+def parse_chat_row(messages):
     """
-    Raise ValueError unless `messages` is a trainable conversation: an optional leading system message,
-    then at least 2 messages alternating user/assistant starting with user. User/system contents are
-    strings; assistant contents are strings or lists of {"type": text|python|python_output, "text": str}.
+    A training conversation: whatever the tokenizer's validate_conversation accepts (the one check the
+    renderer applies later, so a bad row fails at load with its file:line, not mid-training), with at
+    least one assistant reply to learn from.
     """
-    if not isinstance(messages, list):
-        raise ValueError(f"expected a list of messages, got {type(messages).__name__}")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ValueError(f"message {i} must be an object with 'role' and 'content'")
-    first = 1 if messages and messages[0]["role"] == "system" else 0
-    if len(messages) - first < 2:
-        raise ValueError(f"need at least 2 user/assistant messages, got {len(messages) - first}")
-    for i, m in enumerate(messages):
-        want = "system" if i < first else ("user" if (i - first) % 2 == 0 else "assistant")
-        if m["role"] != want:
-            raise ValueError(f"message {i} has role {m['role']!r}, expected {want!r} (roles must alternate "
-                             "user/assistant, starting with user, after an optional system message)")
-        content = m["content"]
-        if isinstance(content, str):
-            continue
-        if want != "assistant" or not isinstance(content, list):
-            raise ValueError(f"message {i} ({want}) content must be a string, got {type(content).__name__}")
-        for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") not in PART_TYPES or not isinstance(part.get("text"), str):
-                raise ValueError(f"message {i} part {j} must be {{'type': one of {PART_TYPES}, 'text': str}}")
+    validate_conversation({"messages": messages})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("a training conversation needs at least one assistant reply")
+    return messages
 
 # -----------------------------------------------------------------------------
 # Row loading
@@ -168,8 +153,13 @@ def read_jsonl(path, parse=None):
     ValueError when it is malformed; every error names the file and the line.
     """
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded line by line, so invalid UTF-8 is reported with its line
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # tolerate an editor's BOM
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid UTF-8 at byte {e.start} of the line "
+                                 f"({raw[e.start:e.start + 4]!r}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -177,6 +167,8 @@ def read_jsonl(path, parse=None):
                 rows.append(parse(obj) if parse else obj)
             except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
                 raise ValueError(f"{path}:{lineno}: malformed row: {_msg(e)}") from None
+    if not rows:
+        logger.warning(f"warning: {path} is empty (no rows): it adds nothing")
     return rows
 
 
@@ -204,7 +196,7 @@ class _LazyRows:
 
 
 def hub_path(repo_id, config, split):
-    """Where the offline mirror keeps a Hub split (D4)."""
+    """Where the offline mirror keeps a Hub split."""
     return os.path.join(get_data_dir(), "hub", repo_id, config or "default", f"{split}.jsonl")
 
 
@@ -234,7 +226,7 @@ def load_hub_rows(repo_id, config, split, parse=None):
 
 
 def shuffled_order(n, seed=42):
-    """The order datasets.Dataset.shuffle(seed=42) produces (REFERENCE 8.1)."""
+    """The order datasets.Dataset.shuffle(seed=42) produces, so offline rows match the Hub's."""
     return np.random.default_rng(seed).permutation(n)
 
 

@@ -1,12 +1,12 @@
 """
-CustomJSON: conversations from a local JSONL file (REFERENCE 8.7 with decision D14).
+CustomJSON: conversations from a local JSONL file.
 Each line is a JSON list of messages, or an object {"messages": [...]}; blank lines are skipped.
 """
 
 import os
 
 from nanochat.common import get_base_dir, get_data_dir
-from tasks.common import Task, read_jsonl, validate_messages
+from tasks.common import Task, read_jsonl, parse_chat_row
 
 IDENTITY_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl"
 LINE_FORMAT = 'one conversation per line: a JSON list of {"role", "content"} messages, or {"messages": [...]}'
@@ -20,9 +20,7 @@ def identity_conversations_path():
 def parse_conversation(obj):
     if isinstance(obj, dict) and "messages" not in obj:
         raise ValueError('an object row needs a "messages" key')
-    messages = obj["messages"] if isinstance(obj, dict) else obj
-    validate_messages(messages)
-    return messages
+    return parse_chat_row(obj["messages"] if isinstance(obj, dict) else obj)
 
 
 class CustomJSON(Task):

@@ -1,4 +1,4 @@
-"""GSM8K (openai/gsm8k), grade-school math with calculator tool calls (REFERENCE 8.5)."""
+"""GSM8K (openai/gsm8k), grade-school math with calculator tool calls."""
 
 import re
 

@@ -1,4 +1,4 @@
-"""HumanEval (openai/openai_humaneval), 164 Python problems run in the sandbox (REFERENCE 8.9)."""
+"""HumanEval (openai/openai_humaneval), 164 Python problems run in the sandbox."""
 
 import re
 

@@ -1,5 +1,6 @@
 """
-Training/validation mixtures from a small spec language (decision D16; defaults REFERENCE 7.7 / 7.8).
+Training/validation mixtures from a small spec language; the defaults are the published nanochat recipe
+(github.com/karpathy/nanochat, scripts/mid_train.py and scripts/chat_sft.py).
 
 A spec is a list of entries `SOURCE[@ROWS][:REPEAT]`:
   SOURCE   a known source (table below) or a path to a .jsonl conversation file (CustomJSON format:
@@ -59,17 +60,17 @@ SOURCES = {
 
 
 def default_mid_sources():
-    """REFERENCE 7.7: SmolTalk + MMLU aux + GSM8K + 2x identity + 200K SimpleSpelling + 80K SpellingBee."""
+    """SmolTalk + MMLU aux + GSM8K + 2x identity + 200K SimpleSpelling + 80K SpellingBee."""
     return ["smoltalk", "mmlu_aux", "gsm8k", "identity:2", "simplespelling@200000", "spellingbee@80000"]
 
 
 def default_mid_val_sources():
-    """REFERENCE 7.7 validation: SmolTalk test + MMLU test[:5200] + GSM8K test[:420] (build with split='test')."""
+    """Mid validation: SmolTalk test + MMLU test[:5200] + GSM8K test[:420] (build with split='test')."""
     return ["smoltalk", "mmlu_aux@5200", "gsm8k@420"]
 
 
 def default_sft_sources():
-    """REFERENCE 7.8: ARC-Easy + ARC-Challenge + GSM8K + SmolTalk[:10K] + identity + 300 + 300 spelling."""
+    """ARC-Easy + ARC-Challenge + GSM8K + SmolTalk[:10K] + identity + 300 + 300 spelling."""
     return ["arc_easy", "arc_challenge", "gsm8k", "smoltalk@10000", "identity", "simplespelling@300", "spellingbee@300"]
 
 

@@ -1,4 +1,4 @@
-"""MMLU (cais/mmlu), 57-subject multiple choice (REFERENCE 8.4). NEW hub form: subset "all"."""
+"""MMLU (cais/mmlu), 57-subject multiple choice. The Hub's current form: subset "all"."""
 
 from tasks.common import HubTask, mc_conversation, evaluate_letter, require
 

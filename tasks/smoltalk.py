@@ -1,5 +1,5 @@
 """
-SmolTalk (HuggingFaceTB/smol-smoltalk), general multi-turn chat, training/val loss only (REFERENCE 8.6).
+SmolTalk (HuggingFaceTB/smol-smoltalk), general multi-turn chat, training/val loss only.
 With NANOCHAT_DATA_DIR set and no hub copy of smol-smoltalk there, the mirror's chat stand-in
 $NANOCHAT_DATA_DIR/chat/{train,test}.jsonl (same {"messages": [...]} rows) is used instead.
 """
@@ -7,13 +7,13 @@ $NANOCHAT_DATA_DIR/chat/{train,test}.jsonl (same {"messages": [...]} rows) is us
 import os
 
 from nanochat.common import get_data_dir, print0
-from tasks.common import HubTask, Task, read_jsonl, shuffled_order, hub_path, validate_messages
+from tasks.common import HubTask, Task, read_jsonl, shuffled_order, hub_path, parse_chat_row
 
 REPO_ID = "HuggingFaceTB/smol-smoltalk"
 
 
 def _parse(row):
-    validate_messages(row["messages"])
+    parse_chat_row(row["messages"])
     return row
 
 

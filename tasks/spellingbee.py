@@ -1,10 +1,11 @@
 """
-Synthetic spelling tasks (REFERENCE 8.8): SpellingBee counts a letter in a word (manual spelling, then a
+Synthetic spelling tasks: SpellingBee counts a letter in a word (manual spelling, then a
 python `.count` check, answer after '#### '), SimpleSpelling spells a word letter by letter.
 Example i is generated from random.Random(i) (train) or random.Random(10_000_000 + i) (test).
 """
 
 import os
+import functools
 import random
 
 from nanochat.common import get_base_dir, get_data_dir, download_file_with_lock
@@ -77,9 +78,6 @@ TEMPLATES = [
 ]
 assert len(TEMPLATES) == 51
 
-_WORDS = {}  # path -> word list, so several tasks share one read of the 4 MB file
-
-
 def words_path():
     """$NANOCHAT_DATA_DIR/words_alpha.txt if present, else $BASE/words_alpha.txt (downloaded once)."""
     data_dir = get_data_dir()
@@ -94,11 +92,13 @@ def words_path():
 
 
 def load_words():
-    path = words_path()
-    if path not in _WORDS:
-        with open(path, encoding="utf-8") as f:
-            _WORDS[path] = [w for w in (line.strip() for line in f) if w]
-    return _WORDS[path]
+    return _read_words(words_path())
+
+
+@functools.lru_cache(maxsize=None)  # several tasks share one read of the 4 MB file (cache_clear() resets it)
+def _read_words(path):
+    with open(path, encoding="utf-8") as f:
+        return [w for w in (line.strip() for line in f) if w]
 
 
 class _SpellingTask(Task):

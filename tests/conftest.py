@@ -24,6 +24,14 @@ OBJECTS = ["the house", "a river", "the old tree", "a red ball", "the city", "a 
 ENDINGS = ["today", "at night", "in the morning", "with joy", "again", "slowly", "every day"]
 
 
+# an assistant turn that calls the calculator: text, the call, the tool's output (never a target), more text
+TOOL_CALL_REPLY = {"role": "assistant", "content": [
+    {"type": "text", "text": "Let me compute. "},
+    {"type": "python", "text": "6*7"},
+    {"type": "python_output", "text": "42"},
+    {"type": "text", "text": "It is 42."}]}
+
+
 def make_text(rng, n_sentences):
     """Simple, learnable English-like text (a tiny model's loss falls on it within a few steps)."""
     return " ".join(f"{rng.choice(SUBJECTS).capitalize()} {rng.choice(VERBS)} {rng.choice(OBJECTS)} "
@@ -31,10 +39,12 @@ def make_text(rng, n_sentences):
 
 
 def write_jsonl(path, rows):
+    """One JSON row per line (a str row is written as it is, e.g. a malformed line); returns the path."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps(row) + "\n")
+            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return str(path)
 
 
 def chat_rows(rng, n):
@@ -115,22 +125,27 @@ def train_tiny_tokenizer(base_dir, data_dir, vocab_size=384):
     return tok
 
 
-def make_tiny_chat_model(sequence_len):
-    """(tokenizer, eval-mode GPT) small enough for serving tests: a byte-ish BPE with unicode, random weights."""
+def tiny_gpt(seed=0, device="cpu", **config):
+    """A freshly initialised GPT with these GPTConfig fields: built on the meta device, then materialised
+    and initialised under torch.manual_seed(seed) (the training scripts' order, so weights are reproducible)."""
     import torch
     from nanochat.gpt import GPT, GPTConfig
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**config))
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
+
+
+def make_tiny_chat_model(sequence_len):
+    """(tokenizer, eval-mode GPT) small enough for serving tests: a byte-ish BPE with unicode, random weights."""
     from nanochat.tokenizer import RustBPETokenizer
     texts = [f"The quick brown fox {i} jumps over the lazy dog. Héllo wörld, naïve café € {i * 7}!" for i in range(200)]
     tok = RustBPETokenizer.train_from_iterator(iter(texts), vocab_size=256 + 9 + 40)
-    torch.manual_seed(0)
-    config = GPTConfig(sequence_len=sequence_len, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
-                       n_embd=32)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    model.eval()
-    return tok, model
+    model = tiny_gpt(sequence_len=sequence_len, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
+                     n_embd=32)
+    return tok, model.eval()
 
 
 @pytest.fixture(scope="session")
@@ -146,13 +161,17 @@ def tiny_tokenizer_dir(tmp_path_factory, tiny_data_dir):
     return base
 
 
+def copy_workspace(template, dest):
+    """A private copy of a session-scoped template base dir, so a test can change it freely."""
+    import shutil
+    shutil.copytree(template, dest)
+    return str(dest)
+
+
 @pytest.fixture
 def fresh_base_dir(tmp_path, tiny_tokenizer_dir):
     """A new NANOCHAT_BASE_DIR with the tiny tokenizer in it."""
-    import shutil
-    base = str(tmp_path / "base")
-    shutil.copytree(tiny_tokenizer_dir, base)
-    return base
+    return copy_workspace(tiny_tokenizer_dir, tmp_path / "base")
 
 
 def script_env(base_dir, data_dir, **extra):
@@ -179,58 +198,43 @@ def save_tiny_chat_checkpoints(base_dir, sources=("mid", "sft"), step=3, seed=0)
     source, in the training scripts' format; the tokenizer must already be in base_dir/tokenizer.
     Enough for scripts that load a chat model (chat_eval, chat_rl, ...) to run end to end in seconds.
     """
-    import torch
     from nanochat.checkpoint_manager import SOURCE_DIRS, save_checkpoint, tokenizer_info, config_to_dict
-    from nanochat.gpt import GPT, GPTConfig
     from nanochat.tokenizer import RustBPETokenizer
     tok = RustBPETokenizer.from_directory(os.path.join(base_dir, "tokenizer"))
-    config = GPTConfig(sequence_len=64, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
-                       window_pattern="L")
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    meta = {"step": step, "model_config": config_to_dict(config), "tokenizer": tokenizer_info(tok)}
+    model = tiny_gpt(seed, sequence_len=64, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
+                     window_pattern="L")
+    meta = {"step": step, "model_config": config_to_dict(model.config), "tokenizer": tokenizer_info(tok)}
     for source in sources:
         save_checkpoint(os.path.join(base_dir, SOURCE_DIRS[source], "d2"), step, model.state_dict(), None, meta)
     return model
 
 
+def tokenizer_and_checkpoints(tmp_path_factory, tiny_tokenizer_dir, name, sources):
+    base = copy_workspace(tiny_tokenizer_dir, tmp_path_factory.mktemp(name) / "base")
+    save_tiny_chat_checkpoints(base, sources=sources)
+    return base
+
+
 @pytest.fixture(scope="session")
 def tiny_chat_template_dir(tmp_path_factory, tiny_tokenizer_dir):
     """Tokenizer plus mid and sft checkpoints d2 (copy it per test with `chat_base_dir`)."""
-    import shutil
-    base = str(tmp_path_factory.mktemp("chatbase") / "base")
-    shutil.copytree(tiny_tokenizer_dir, base)
-    save_tiny_chat_checkpoints(base)
-    return base
+    return tokenizer_and_checkpoints(tmp_path_factory, tiny_tokenizer_dir, "chatbase", ("mid", "sft"))
 
 
 @pytest.fixture
 def chat_base_dir(tmp_path, tiny_chat_template_dir):
     """A new NANOCHAT_BASE_DIR with the tiny tokenizer and tiny mid/sft checkpoints in it."""
-    import shutil
-    base = str(tmp_path / "chatbase")
-    shutil.copytree(tiny_chat_template_dir, base)
-    return base
+    return copy_workspace(tiny_chat_template_dir, tmp_path / "chatbase")
 
 
 @pytest.fixture(scope="session")
 def tiny_base_checkpoint_dir(tmp_path_factory, tiny_tokenizer_dir):
     """A base dir with the tiny tokenizer and a tiny freshly initialised base model in base_checkpoints/d2
     (step 3, see save_tiny_chat_checkpoints). Copy it per test with `fresh_model_base_dir`."""
-    import shutil
-    base = str(tmp_path_factory.mktemp("modelbase") / "base")
-    shutil.copytree(tiny_tokenizer_dir, base)
-    save_tiny_chat_checkpoints(base, sources=("base",))
-    return base
+    return tokenizer_and_checkpoints(tmp_path_factory, tiny_tokenizer_dir, "modelbase", ("base",))
 
 
 @pytest.fixture
 def fresh_model_base_dir(tmp_path, tiny_base_checkpoint_dir):
     """A new NANOCHAT_BASE_DIR holding the tiny tokenizer and the tiny base checkpoint."""
-    import shutil
-    base = str(tmp_path / "base")
-    shutil.copytree(tiny_base_checkpoint_dir, base)
-    return base
+    return copy_workspace(tiny_base_checkpoint_dir, tmp_path / "base")

@@ -15,18 +15,14 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from nanochat.gpt import GPT, GPTConfig  # noqa: E402
+from conftest import tiny_gpt  # noqa: E402  (tests/ is this script's own directory)
 
 STEPS, SAVE_AT, B, T, VOCAB = 6, 3, 8, 16, 64
 
 
 def build_model(seed=0):
-    torch.manual_seed(seed)
-    cfg = GPTConfig(sequence_len=T, vocab_size=VOCAB, n_layer=3, n_head=2, n_kv_head=1, n_embd=32, window_pattern="SL")
-    with torch.device("meta"):
-        model = GPT(cfg)
-    model.to_empty(device="cpu")
-    model.init_weights()
+    model = tiny_gpt(seed, sequence_len=T, vocab_size=VOCAB, n_layer=3, n_head=2, n_kv_head=1, n_embd=32,
+                     window_pattern="SL")
     # The reference init zeroes every c_proj, so at step 0 the lambdas' gradients are pure rounding noise
     # (~1e-10) and AdamW with eps=1e-10 turns noise into +-lr steps whose sign depends on summation
     # order. Small random c_proj weights make every gradient real, so the comparison is meaningful.

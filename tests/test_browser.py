@@ -1,24 +1,20 @@
 """
 A real browser against scripts/chat_web.py: headless Chromium (Debian's `chromium`) loads the UI served on
 localhost, sends a message by typing it, and sees the reply stream in token by token. Driven over the
-Chrome DevTools Protocol with a tiny stdlib websocket client (no extra dependency).
+Chrome DevTools Protocol (https://chromedevtools.github.io/devtools-protocol/) through websocket-client.
 
 Skipped only when no Chromium binary is installed (`apt-get install -y chromium`).
 """
 
-import os
 import json
 import time
-import base64
 import shutil
-import socket
-import struct
 import threading
 import subprocess
-import urllib.parse
 import urllib.request
 
 import pytest
+import websocket
 
 from conftest import make_tiny_chat_model
 
@@ -32,70 +28,17 @@ CONTEXT = 64
 
 
 class CDP:
-    """Just enough of RFC 6455 (client side, text frames) to send DevTools commands and read replies."""
+    """DevTools commands over one websocket: send {id, method, params}, wait for the reply with that id."""
 
     def __init__(self, ws_url, timeout=30):
-        u = urllib.parse.urlparse(ws_url)
-        self.sock = socket.create_connection((u.hostname, u.port), timeout=timeout)
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall((f"GET {u.path} HTTP/1.1\r\nHost: {u.hostname}:{u.port}\r\nUpgrade: websocket\r\n"
-                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = self.sock.recv(1)
-            if not chunk:
-                raise ConnectionError("DevTools closed the connection during the handshake")
-            head += chunk
-        if b" 101 " not in head.split(b"\r\n", 1)[0]:
-            raise ConnectionError(f"websocket handshake refused: {head[:200]!r}")
+        self.ws = websocket.create_connection(ws_url, timeout=timeout, suppress_origin=True)
         self.next_id = 0
-
-    def _send(self, payload, opcode=0x1):
-        n = len(payload)
-        header = bytes([0x80 | opcode])
-        if n < 126:
-            header += bytes([0x80 | n])
-        elif n < 65536:
-            header += bytes([0x80 | 126]) + struct.pack(">H", n)
-        else:
-            header += bytes([0x80 | 127]) + struct.pack(">Q", n)
-        mask = os.urandom(4)  # clients must mask every frame
-        self.sock.sendall(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
-
-    def _read_exact(self, n):
-        buf = b""
-        while len(buf) < n:
-            chunk = self.sock.recv(n - len(buf))
-            if not chunk:
-                raise ConnectionError("DevTools connection closed")
-            buf += chunk
-        return buf
-
-    def _recv(self):
-        message = b""
-        while True:
-            b0, b1 = self._read_exact(2)
-            n = b1 & 0x7F
-            if n == 126:
-                n = struct.unpack(">H", self._read_exact(2))[0]
-            elif n == 127:
-                n = struct.unpack(">Q", self._read_exact(8))[0]
-            payload = self._read_exact(n)  # server frames are not masked
-            opcode = b0 & 0x0F
-            if opcode == 0x9:  # ping
-                self._send(payload, opcode=0xA)
-                continue
-            if opcode == 0x8:
-                raise ConnectionError("DevTools closed the websocket")
-            message += payload
-            if b0 & 0x80:  # FIN
-                return json.loads(message)
 
     def call(self, method, **params):
         self.next_id += 1
-        self._send(json.dumps({"id": self.next_id, "method": method, "params": params}).encode())
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
         while True:
-            msg = self._recv()
+            msg = json.loads(self.ws.recv())
             if msg.get("id") == self.next_id:  # events and other replies are skipped
                 if "error" in msg:
                     raise RuntimeError(f"{method}: {msg['error']}")
@@ -113,6 +56,9 @@ class CDP:
         for kind in ("keyDown", "keyUp"):
             self.call("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter", windowsVirtualKeyCode=13,
                       nativeVirtualKeyCode=13, **({"text": "\r"} if kind == "keyDown" else {}))
+
+    def close(self):
+        self.ws.close()
 
 
 class SlowEngine:
@@ -168,6 +114,7 @@ def page(tmp_path):
         cdp = CDP(ws_url)
         cdp.call("Emulation.setFocusEmulationEnabled", enabled=True)  # headless pages have no window focus
         yield cdp
+        cdp.close()
     finally:
         proc.terminate()
         try:
@@ -220,11 +167,21 @@ def test_page_streams_a_reply(setup, page):
     # seen mid-stream: partial texts that are proper prefixes of the final reply
     assert any(p != expected_text and expected_text.startswith(p) for p in partials), partials
 
-    # click the reply: it is regenerated (same text at temperature 0)
+    # click the reply: it is regenerated (same text at temperature 0). The old reply element is tagged
+    # first: the wait accepts only a state after the click (tag gone, a new stream seen, idle again), so a
+    # regenerate that does nothing times out instead of passing on the state from before the click
+    page.js("document.querySelector('.message.assistant').dataset.before = 'click'")
     page.js("document.querySelector('.message.assistant').click()")
-    final = wait_for(lambda: (s := json.loads(page.js(snapshot)))["state"] == "idle" and s["replies"] and s,
-                     "the regenerated reply")
+    partials.clear()
+
+    def regenerated():
+        s = finished()
+        old = page.js("document.querySelectorAll('[data-before]').length")
+        return s if s and not old and partials else None
+
+    final = wait_for(regenerated, "a new reply streamed after the click", timeout=30)
     assert final["replies"] == [expected_text] and final["users"] == ["hello fox"]
+    assert any(p != expected_text and expected_text.startswith(p) for p in partials), partials
     # click the user message: it goes back into the input box and the conversation is cut there
     page.js("document.querySelector('.message.user').click()")
     assert page.js("document.getElementById('input').value") == "hello fox"

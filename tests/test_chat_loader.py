@@ -12,6 +12,7 @@ import random
 import pytest
 import torch
 
+from conftest import TOOL_CALL_REPLY
 from nanochat.chat_loader import MidPacker, collate_sft, SFTBatcher
 from nanochat.tokenizer import RustBPETokenizer
 
@@ -173,14 +174,8 @@ def test_midpacker_empty_dataset_is_an_error(tok):
 # -----------------------------------------------------------------------------
 # SFT collation
 
-WORKED_EXAMPLE = {"messages": [
-    {"role": "system", "content": "Be terse."},
-    {"role": "user", "content": "What is 6*7?"},
-    {"role": "assistant", "content": [
-        {"type": "text", "text": "Let me compute. "},
-        {"type": "python", "text": "6*7"},
-        {"type": "python_output", "text": "42"},
-        {"type": "text", "text": "It is 42."}]}]}
+WORKED_EXAMPLE = {"messages": [{"role": "system", "content": "Be terse."},
+                              {"role": "user", "content": "What is 6*7?"}, TOOL_CALL_REPLY]}
 
 SHORT = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
 

@@ -2,16 +2,18 @@
 
 import os
 import json
-import pickle
 import random
+import pathlib
 from dataclasses import asdict
 
 import pytest
 import torch
 
 from nanochat import checkpoint_manager as cm
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPTConfig
 from nanochat.tokenizer import RustBPETokenizer
+
+from conftest import tiny_gpt
 
 VOCAB = 300
 
@@ -35,11 +37,7 @@ def tiny_config(**kw):
 
 
 def make_model(config, seed=0):
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
+    model = tiny_gpt(seed, **asdict(config))
     with torch.no_grad():  # init zeroes some projections: give every weight a value so outputs depend on all
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -142,24 +140,25 @@ def test_weights_only_refuses_custom_classes(tmp_path, tokenizer):
     state = dict(model.state_dict())
     state["evil"] = Evil()
     torch.save(state, tmp_path / "model_000001.pt")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(cm.CheckpointError, match="model_000001.pt holds objects other than tensors"):
         cm.load_checkpoint(str(tmp_path), 1, "cpu")
     cm.save_checkpoint(str(tmp_path), 2, model.state_dict(), {"x": Evil()}, meta_for(model.config, tokenizer, 2))
     cm.load_checkpoint(str(tmp_path), 2, "cpu")  # model fine
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(cm.CheckpointError, match="optim_000002_rank0.pt holds objects other than tensors"):
         cm.load_checkpoint(str(tmp_path), 2, "cpu", load_optimizer=True)
 
 
 def test_config_mismatch_names_keys(tmp_path, tokenizer):
     model = make_model(tiny_config())
     save(tmp_path, 1, model, tokenizer, config=tiny_config(n_embd=64))  # meta claims a wider model
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(cm.CheckpointError) as e:
         cm.build_model(str(tmp_path), 1, "cpu", "eval", tokenizer=tokenizer)
     msg = str(e.value)
-    assert "shape mismatch" in msg and "transformer.wte.weight" in msg and "(320, 32)" in msg and "(320, 64)" in msg
+    assert "\n" not in msg and msg.startswith(str(tmp_path / "model_000001.pt")) and "meta_000001.json" in msg
+    assert "shapes differ" in msg and "transformer.wte.weight" in msg and "(320, 32)" in msg and "(320, 64)" in msg
     # a deeper config: the checkpoint lacks the extra layer
     save(tmp_path, 2, model, tokenizer, config=tiny_config(n_layer=3))
-    with pytest.raises(ValueError, match=r"missing from the checkpoint: .*transformer\.h\.2\."):
+    with pytest.raises(cm.CheckpointError, match=r"missing .*transformer\.h\.2\."):
         cm.build_model(str(tmp_path), 2, "cpu", "eval", tokenizer=tokenizer)
 
 
@@ -249,3 +248,136 @@ def test_two_ranks_save_per_rank_shards(tmp_path):
         _, optim, meta = cm.load_checkpoint(ckpt, 3, "cpu", load_optimizer=True, rank=rank)
         assert torch.equal(optim["shard"], torch.full((2,), float(rank))) and meta["step"] == 3
     assert not [f for f in os.listdir(ckpt) if f.endswith(".tmp")]
+
+# -----------------------------------------------------------------------------
+# Damaged files: one CheckpointError line naming the file and the fix, never a reader's traceback
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def zero(path):
+    path.write_bytes(bytes(path.stat().st_size))
+
+
+def flip_tail(path):
+    data = bytearray(path.read_bytes())
+    data[-30] ^= 0xFF  # inside the zip reader's central directory
+    path.write_bytes(bytes(data))
+
+
+def rename_key(path):
+    data = path.read_bytes()  # a key renamed inside the pickle, same length: the archive stays valid
+    assert b"transformer.wte.weight" in data
+    path.write_bytes(data.replace(b"transformer.wte.weight", b"transformer.wxe.weight"))
+
+
+def edit_json(path, change):
+    meta = json.loads(path.read_text())
+    change(meta)
+    path.write_text(json.dumps(meta))
+
+
+def edit_meta(path):
+    edit_json(path, lambda meta: meta["model_config"].update(n_layer="two"))
+
+
+def optimizer_step(model):
+    optimizer = model.setup_optimizers()
+    model(torch.randint(0, VOCAB, (1, 8)), torch.randint(0, VOCAB, (1, 8))).backward()
+    optimizer.step()
+    return optimizer
+
+
+@pytest.fixture
+def saved(tmp_path, tokenizer):
+    """Step 1 with a model and an optimizer file, as the training scripts write them."""
+    model = make_model(tiny_config()).train()
+    optimizer = optimizer_step(model)
+    save(tmp_path, 1, model, tokenizer, optim_state={"optimizer": optimizer.state_dict()})
+    return tmp_path, model
+
+
+def load_for_eval(ckpt_dir, tokenizer):
+    cm.build_model(str(ckpt_dir), 1, "cpu", "eval", tokenizer=tokenizer)
+
+
+def resume(ckpt_dir, model):
+    model_state, optim_state, _ = cm.load_checkpoint(str(ckpt_dir), 1, "cpu", load_optimizer=True)
+    cm.restore_training_state(model, model.setup_optimizers(), model_state, optim_state, str(ckpt_dir), 1)
+
+
+@pytest.mark.parametrize("name,damage,expect", [
+    ("model_000001.pt", truncate, "truncated or corrupt; re-save it, or load another step"),
+    ("model_000001.pt", zero, "truncated or corrupt; re-save it, or load another step"),
+    ("model_000001.pt", flip_tail, "truncated or corrupt"),
+    ("model_000001.pt", rename_key, r"does not fit the model_config .*missing transformer\.wte\.weight"),
+    ("meta_000001.json", truncate, "not valid JSON .*truncated or corrupt"),
+    ("meta_000001.json", zero, "not valid JSON"),
+    ("meta_000001.json", edit_meta, "model_config.n_layer is 'two', expected type int"),
+    ("meta_000001.json", lambda p: p.write_text('{"step": 1}'), "no 'model_config' object"),
+    ("meta_000001.json", lambda p: edit_json(p, lambda m: m["model_config"].update(sequence_len=10**9)),
+     "sequence_len=1000000000 is outside"),
+    ("meta_000001.json", lambda p: edit_json(p, lambda m: m.update(tokenizer="x")), "'tokenizer' an object"),
+])
+def test_damaged_model_or_meta_is_one_line_naming_the_file(saved, tokenizer, name, damage, expect):
+    ckpt_dir, _ = saved
+    damage(ckpt_dir / name)
+    with pytest.raises(cm.CheckpointError, match=expect) as e:
+        load_for_eval(ckpt_dir, tokenizer)
+    assert str(e.value).startswith(str(ckpt_dir / name)) and "\n" not in str(e.value)
+
+
+def test_model_of_the_wrong_shape(saved, tokenizer):
+    ckpt_dir, _ = saved
+    torch.save(make_model(tiny_config(n_embd=64)).state_dict(), ckpt_dir / "model_000001.pt")
+    with pytest.raises(cm.CheckpointError, match=r"model_000001.pt does not fit .*\(320, 64\) vs \(320, 32\)"):
+        load_for_eval(ckpt_dir, tokenizer)
+    torch.save([1, 2], ckpt_dir / "model_000001.pt")  # not a dict at all
+    with pytest.raises(cm.CheckpointError, match="model_000001.pt holds a list, expected a dict"):
+        load_for_eval(ckpt_dir, tokenizer)
+
+
+@pytest.mark.parametrize("damage", [truncate, zero, flip_tail])
+def test_damaged_optimizer_file_names_it(saved, damage):
+    ckpt_dir, model = saved
+    damage(ckpt_dir / "optim_000001_rank0.pt")
+    with pytest.raises(cm.CheckpointError, match="optim_000001_rank0.pt cannot be read .* resume from another step"):
+        resume(ckpt_dir, model)
+
+
+def test_optimizer_of_the_wrong_shape(saved, tokenizer):
+    ckpt_dir, model = saved
+    resume(ckpt_dir, model)  # the intact file resumes
+    path = ckpt_dir / "optim_000001_rank0.pt"
+    # a deeper model's optimizer: more parameters per group
+    torch.save({"optimizer": optimizer_step(make_model(tiny_config(n_layer=3)).train()).state_dict()}, path)
+    with pytest.raises(cm.CheckpointError, match="optim_000001_rank0.pt does not fit this model's optimizer"):
+        resume(ckpt_dir, model)
+    # same parameter counts, but a moment edited to another shape
+    state = optimizer_step(make_model(tiny_config()).train()).state_dict()
+    moments = next(s for s in state["state"].values() if "exp_avg" in s and s["exp_avg"].dim() == 2)
+    moments["exp_avg"] = moments["exp_avg"][:, :1]
+    torch.save({"optimizer": state}, path)
+    with pytest.raises(cm.CheckpointError, match="optim_000001_rank0.pt: optimizer state 'exp_avg' has shape"):
+        resume(ckpt_dir, model)
+    torch.save({"loader": {}}, path)  # no optimizer entry at all
+    with pytest.raises(cm.CheckpointError, match="optim_000001_rank0.pt does not fit .*KeyError"):
+        resume(ckpt_dir, model)
+
+
+@pytest.mark.slow  # subprocesses that import torch: a few seconds each
+def test_scripts_print_one_line_and_exit_nonzero(chat_base_dir, tiny_data_dir):
+    from conftest import run_module
+    model_path = os.path.join(chat_base_dir, "chatsft_checkpoints", "d2", "model_000003.pt")
+    truncate(pathlib.Path(model_path))
+    proc = run_module("scripts.chat_cli", ["--source=sft", "--prompt=hi"], chat_base_dir, tiny_data_dir, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stdout, proc.stdout
+    assert proc.stdout.strip().splitlines()[-1].startswith(f"error: {model_path} cannot be read"), proc.stdout
+    # a damaged tokenizer, through the same hook
+    (pathlib.Path(chat_base_dir) / "tokenizer" / "tokenizer.json").write_text("{")
+    proc = run_module("scripts.chat_cli", ["--source=mid", "--prompt=hi"], chat_base_dir, tiny_data_dir, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stdout, proc.stdout
+    assert "tokenizer.json is not valid JSON" in proc.stdout.strip().splitlines()[-1], proc.stdout

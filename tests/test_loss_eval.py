@@ -1,4 +1,4 @@
-"""Bits per byte against hand-computed values (REFERENCE 9.1)."""
+"""Bits per byte against hand-computed values."""
 
 import math
 

@@ -110,10 +110,12 @@ def test_extract_metrics_is_not_fooled_by_substrings():
     assert report_mod.slugify("Chat evaluation mid") == "chat-evaluation-mid"
 
 
-def test_value_formatting_reads_well():
-    fmt = report_mod._format_value
-    assert [fmt(v) for v in [0.02, 2216187.1735, 4e-05, 0.0, 12345, 999, True, float("nan")]] == \
-        ["0.0200", "2,216,187", "4e-05", "0.0000", "12,345", "999", "True", "nan"]
+def test_value_formatting_reads_well(tmp_path):
+    values = [0.02, 2216187.1735, 4e-05, 0.0, 12345, 999, True, float("nan")]
+    path = Report(str(tmp_path)).log("Formats", [{f"v{i}": v for i, v in enumerate(values)}])
+    with open(path, encoding="utf-8") as f:
+        written = [line.strip().split(": ", 1)[1] for line in f if line.startswith("- v")]
+    assert written == ["0.0200", "2,216,187", "4e-05", "0.0000", "12,345", "999", "True", "nan"]
 
 
 def test_git_facts_come_from_the_repo_not_the_cwd(tmp_path, monkeypatch):

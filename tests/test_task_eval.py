@@ -230,7 +230,7 @@ def test_chatcore_by_hand():
 
 
 def test_chatcore_matches_published_report_card():
-    """REFERENCE 9.6: the V0 speedrun's 5-task ChatCORE (no SpellingBee) for MID and SFT."""
+    """The published report card of nanochat's first speedrun: 5-task ChatCORE (no SpellingBee) for MID and SFT."""
     five = {k: v for k, v in CHAT_BASELINES.items() if k != "SpellingBee"}
     mid = {"ARC-Challenge": 0.2875, "ARC-Easy": 0.3561, "GSM8K": 0.0250, "HumanEval": 0.0671, "MMLU": 0.3111}
     sft = {"ARC-Challenge": 0.2807, "ARC-Easy": 0.3876, "GSM8K": 0.0455, "HumanEval": 0.0854, "MMLU": 0.3151}

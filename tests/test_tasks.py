@@ -19,19 +19,13 @@ from tasks.gsm8k import GSM8K, extract_answer
 from tasks.smoltalk import SmolTalk
 from tasks.humaneval import HumanEval, extract_imports, extract_program
 from tasks.customjson import CustomJSON, identity_conversations_path
-from tasks import spellingbee
 from tasks.spellingbee import SpellingBee, SimpleSpelling, TEMPLATES
 from tasks import mixtures
 
-SHARED = "/work/shared/data"
+from conftest import REPO, write_jsonl
 
-
-def write_jsonl(path, rows):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
-    return str(path)
+# the real offline mirror: NANOCHAT_DATA_DIR when set, else shared/data beside the repository
+SHARED = os.environ.get("NANOCHAT_DATA_DIR") or os.path.join(os.path.dirname(REPO), "shared", "data")
 
 
 @pytest.fixture
@@ -40,7 +34,6 @@ def data_dir(tmp_path, monkeypatch):
     d.mkdir()
     monkeypatch.setenv("NANOCHAT_DATA_DIR", str(d))
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
-    spellingbee._WORDS.clear()
     return d
 
 
@@ -86,6 +79,17 @@ def test_slicing():
             Range(10, **bad)
 
 
+class Tagged(Range):
+    """Toy task: example i is (tag, i)."""
+
+    def __init__(self, n, tag, **kwargs):
+        super().__init__(n, **kwargs)
+        self.tag = tag
+
+    def get_example(self, index):
+        return (self.tag, index)
+
+
 def test_mixture_order_coverage_oversampling():
     a, b = Range(5), Range(3)
     mix = TaskMixture([a, b, a])
@@ -94,13 +98,12 @@ def test_mixture_order_coverage_oversampling():
     pairs = [(ti, li) for ti, n in enumerate([5, 3, 5]) for li in range(n)]
     random.Random(42).shuffle(pairs)
     assert [mix[i] for i in range(13)] == [li for _, li in pairs]
-    assert mix._task_idx.tolist() == [ti for ti, _ in pairs]
+    # which task each example came from, seen through the examples themselves: b's are tagged
+    tagged = TaskMixture([a, Tagged(3, "b"), a])
+    assert [tagged[i] for i in range(13)] == [("b", li) if ti == 1 else li for ti, li in pairs]
     # coverage: every example of b once, every example of a twice (listed twice)
-    counts = {}
-    for ti, li in zip(mix._task_idx.tolist(), mix._local_idx.tolist()):
-        counts[(id(mix.tasks[ti]), li)] = counts.get((id(mix.tasks[ti]), li), 0) + 1
-    assert all(counts[(id(a), i)] == 2 for i in range(5)) and all(counts[(id(b), i)] == 1 for i in range(3))
-    assert sum(counts.values()) == 13
+    examples = [tagged[i] for i in range(13)]
+    assert all(examples.count(i) == 2 for i in range(5)) and all(examples.count(("b", i)) == 1 for i in range(3))
     # determinism across constructions
     assert [TaskMixture([a, b, a])[i] for i in range(13)] == [mix[i] for i in range(13)]
 
@@ -195,7 +198,7 @@ def test_gsm8k_parts_worked_example(data_dir):
     assert len(task) == 1 and task.eval_type == "generative"
     conv = task[0]
     assert conv["messages"][0] == {"role": "user", "content": "How many eggs?"}
-    assert conv["messages"][1]["content"] == [  # REFERENCE 8.5 worked example
+    assert conv["messages"][1]["content"] == [  # the dataset's <<3*4=12>> annotation as a tool call
         {"type": "text", "text": "She buys 3*4 = "},
         {"type": "python", "text": "3*4"},
         {"type": "python_output", "text": "12"},
@@ -270,6 +273,36 @@ def test_customjson_formats_and_errors(tmp_path):
     assert CustomJSON(write_jsonl(tmp_path / "p.jsonl", [parts]))[0]["messages"] == parts
 
 
+def test_jsonl_invalid_utf8_names_the_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    good = json.dumps(chat(2)).encode()
+    path.write_bytes(good + b"\n" + good + b"\n" + json.dumps(chat(2)).replace("m0", "caf\u00e9").encode("latin-1") + b"\n")
+    with pytest.raises(ValueError, match=f"{path}:3: invalid UTF-8"):
+        CustomJSON(str(path))
+
+
+def test_jsonl_empty_file_is_a_warning_naming_it(tmp_path, caplog):
+    path = write_jsonl(tmp_path / "empty.jsonl", ["", "  "])
+    with caplog.at_level("WARNING", logger="nanochat"):
+        assert len(CustomJSON(path)) == 0
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == \
+        [f"warning: {path} is empty (no rows): it adds nothing"]
+
+
+@pytest.mark.parametrize("row, match", [
+    ([{"role": "user", "content": ""}, {"role": "assistant", "content": "hi"}], r"message 0 \(user\): empty content"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": [{"type": "text", "text": "a"}, {"type": "x"}]}],
+     "message 1 \\(assistant\\): part 1 has unknown type"),
+    ([{"role": "user", "content": "hi"}], "a training conversation needs at least one assistant reply"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}, {"role": "system", "content": "s"}],
+     "message 2: a system message is only allowed as the first"),
+])
+def test_conversation_that_would_fail_later_is_rejected_at_load(tmp_path, row, match):
+    path = write_jsonl(tmp_path / "rows.jsonl", [chat(2), row])
+    with pytest.raises(ValueError, match=f"{path}:2: malformed row: {match}"):
+        CustomJSON(path)
+
+
 def test_identity_path(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
     monkeypatch.delenv("NANOCHAT_DATA_DIR", raising=False)
@@ -309,7 +342,7 @@ def test_spellingbee_banana(data_dir):
 
 
 def replay_spellingbee_user(words, seed):
-    # REFERENCE 8.8 draw order, written out step by step
+    # the draw order (word, letter, template, ...), written out step by step
     rng = random.Random(seed)
     word = rng.choice(words)
     letter = rng.choice(word) if rng.random() < 0.9 else rng.choice("abcdefghijklmnopqrstuvwxyz")
@@ -350,7 +383,6 @@ def test_words_from_base_dir(tmp_path, monkeypatch):
     monkeypatch.delenv("NANOCHAT_DATA_DIR", raising=False)
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     (tmp_path / "words_alpha.txt").write_text("abc\n")  # present: no download is attempted
-    spellingbee._WORDS.clear()
     assert SimpleSpelling(1)[0]["messages"][1]["content"] == "abc:a,b,c"
 
 # -----------------------------------------------------------------------------
@@ -415,10 +447,21 @@ def test_spec_flags():
     for argv in (["--drop", "smoltalk"], ["--cap", "smoltalk=3"], ["--cap", "gsm8k"], ["--mix", "bogus"]):
         with pytest.raises(ValueError):
             parse(argv)
-    assert mixtures.default_mid_sources() == ["smoltalk", "mmlu_aux", "gsm8k", "identity:2",
-                                              "simplespelling@200000", "spellingbee@80000"]
-    assert mixtures.default_sft_sources() == ["arc_easy", "arc_challenge", "gsm8k", "smoltalk@10000", "identity",
-                                              "simplespelling@300", "spellingbee@300"]
+
+
+def test_default_mixtures_are_the_documented_recipe():
+    """The published nanochat recipe (github.com/karpathy/nanochat, scripts/mid_train.py and chat_sft.py),
+    stated as source -> (rows, copies), rows None = all; compared through parse_entry, so order and
+    spelling of the spec do not matter but every source, row count and copy count does."""
+    def meaning(spec):
+        parsed = [mixtures.parse_entry(e) for e in spec]
+        return {name: (rows, copies) for name, rows, copies in parsed}, len(parsed)
+    mid = {"smoltalk": (None, 1), "mmlu_aux": (None, 1), "gsm8k": (None, 1), "identity": (None, 2),
+           "simplespelling": (200_000, 1), "spellingbee": (80_000, 1)}  # 460K + 100K + 8K + 2x1K + 280K rows
+    sft = {"arc_easy": (None, 1), "arc_challenge": (None, 1), "gsm8k": (None, 1), "smoltalk": (10_000, 1),
+           "identity": (None, 1), "simplespelling": (300, 1), "spellingbee": (300, 1)}  # about 23K rows
+    assert meaning(mixtures.default_mid_sources()) == (mid, len(mid))
+    assert meaning(mixtures.default_sft_sources()) == (sft, len(sft))
 
 
 def test_build_mixture(data_dir, tmp_path):

@@ -1,4 +1,4 @@
-"""Tokenizer tests: a tiny BPE trained in-process on generated text; rendering checked against REFERENCE 3.3."""
+"""Tokenizer tests: a tiny BPE trained in-process on generated text; rendering checked segment by segment."""
 
 import os
 import sys
@@ -9,8 +9,10 @@ import subprocess
 import pytest
 import torch
 
+from conftest import TOOL_CALL_REPLY
+from nanochat.checkpoint_manager import CheckpointError
 from nanochat.tokenizer import (SPECIAL_TOKENS, RustBPETokenizer, compute_token_bytes, get_token_bytes,
-                                get_tokenizer)
+                                get_tokenizer, validate_conversation)
 
 VOCAB = 256 + len(SPECIAL_TOKENS) + 40
 WORDS = ("the cat sat on mat and a dog ran to park while children played with ball in sun "
@@ -40,7 +42,7 @@ def sp(tok, name):
 
 def test_vocab_size_and_special_ids(tok):
     assert tok.get_vocab_size() == VOCAB
-    # specials take the last 9 ids, in REFERENCE 2.3 order
+    # specials take the last 9 ids, in SPECIAL_TOKENS order
     assert [tok.encode_special(s) for s in SPECIAL_TOKENS] == list(range(VOCAB - 9, VOCAB))
     assert tok.get_bos_token_id() == VOCAB - 9
     assert tok.get_special_tokens() == set(SPECIAL_TOKENS)
@@ -95,7 +97,7 @@ def test_batch_equals_single(tok):
         tok.encode(42)
 
 # -----------------------------------------------------------------------------
-# Rendering: expected (ids, mask) built segment by segment from the REFERENCE 3.3 table
+# Rendering: expected (ids, mask) built segment by segment from the rule of render_conversation's docstring
 
 
 def build(*segments):
@@ -136,13 +138,7 @@ def test_render_system_message_merged(tok):
 
 
 def test_render_parts(tok):
-    conv = {"messages": [
-        {"role": "user", "content": "What is 6*7?"},
-        {"role": "assistant", "content": [
-            {"type": "text", "text": "Let me compute. "},
-            {"type": "python", "text": "6*7"},
-            {"type": "python_output", "text": "42"},
-            {"type": "text", "text": "It is 42."}]}]}
+    conv = {"messages": [{"role": "user", "content": "What is 6*7?"}, TOOL_CALL_REPLY]}
     expected = build(([sp(tok, "<|bos|>")], 0), ([sp(tok, "<|user_start|>")], 0), (tok.encode("What is 6*7?"), 0),
                      ([sp(tok, "<|user_end|>")], 0), ([sp(tok, "<|assistant_start|>")], 0),
                      (tok.encode("Let me compute. "), 1),
@@ -204,6 +200,8 @@ A = {"role": "assistant", "content": "yo"}
 ])
 def test_render_validation_errors(tok, messages, match):
     with pytest.raises(ValueError, match=match):
+        validate_conversation({"messages": messages})
+    with pytest.raises(ValueError, match=match):  # the renderer applies the same check
         tok.render_conversation({"messages": messages})
 
 
@@ -240,12 +238,63 @@ def test_save_load(tok, tmp_path):
     assert config["special_tokens"]["<|bos|>"] == VOCAB - 9
 
 
-def test_load_rejects_bad_ranks(tok, tmp_path):
+def truncate(path, at_line=False):
+    data = path.read_bytes()
+    cut = len(data) // 2
+    path.write_bytes(data[:data.rindex(b"\n", 0, cut) + 1] if at_line else data[:cut])
+
+
+def edit_json(path, change):
+    config = json.loads(path.read_text())
+    change(config)
+    path.write_text(json.dumps(config))
+
+
+def other_size_ranks(path):
+    RustBPETokenizer.train_from_iterator(iter(make_corpus()), VOCAB + 20).save(str(path.parent / "other"))
+    path.write_bytes((path.parent / "other" / path.name).read_bytes())
+
+
+@pytest.mark.parametrize("name,damage,expect", [
+    ("tokenizer.json", truncate, "not valid JSON"),
+    ("tokenizer.json", lambda p: p.write_bytes(bytes(p.stat().st_size)), "not valid JSON"),
+    ("tokenizer.json", lambda p: edit_json(p, lambda c: c.update(pattern="(unclosed")), "cannot build the encoding"),
+    ("tokenizer.json", lambda p: edit_json(p, lambda c: c.update(special_tokens=["<|bos|>"])),
+     "'special_tokens' object of integer ids"),
+    ("tokenizer.json", lambda p: edit_json(p, lambda c: c["special_tokens"].pop("<|user_end|>")),
+     "do not follow the 296 ranks"),
+    ("mergeable_ranks.tiktoken", truncate, r"mergeable_ranks.tiktoken:\d+: expected '<base64> <rank>'"),
+    ("mergeable_ranks.tiktoken", lambda p: truncate(p, at_line=True), "every single byte must be a token"),
+    ("mergeable_ranks.tiktoken", lambda p: p.write_bytes(bytes(p.stat().st_size)), r"tiktoken:1: expected"),
+    ("mergeable_ranks.tiktoken", lambda p: p.write_text(p.read_text().replace(" 7\n", " 8\n")),
+     "ranks must be unique"),
+    ("mergeable_ranks.tiktoken", lambda p: p.write_text("not-base64!! 5\n" + p.read_text()), r"tiktoken:1: expected"),
+    ("mergeable_ranks.tiktoken", other_size_ranks, "do not follow the 316 ranks"),
+])
+def test_damaged_tokenizer_is_one_line_naming_the_file(tok, tmp_path, name, damage, expect):
     tok.save(str(tmp_path))
-    with open(tmp_path / "mergeable_ranks.tiktoken", "a") as f:
-        f.write("not-base64!! 5\n")
-    with pytest.raises(ValueError, match=r"mergeable_ranks.tiktoken:\d+"):
+    damage(tmp_path / name)
+    with pytest.raises(CheckpointError, match=expect) as e:
         RustBPETokenizer.from_directory(str(tmp_path))
+    msg = str(e.value)
+    assert "\n" not in msg and "retrain the tokenizer with python -m scripts.tok_train" in msg
+    assert msg.startswith(str(tmp_path / "tokenizer.json")) or msg.startswith(str(tmp_path / "mergeable_ranks"))
+
+
+@pytest.mark.parametrize("damage,expect", [
+    (lambda p: truncate(p), "truncated or corrupt"),
+    (lambda p: p.write_bytes(bytes(p.stat().st_size)), "truncated or corrupt"),
+    (lambda p: torch.save(torch.zeros(3, 4, dtype=torch.int32), p), "not a 1-D integer tensor"),
+])
+def test_damaged_token_bytes_names_the_file(tok, tmp_path, monkeypatch, damage, expect):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    path = tmp_path / "tokenizer" / "token_bytes.pt"
+    path.parent.mkdir()
+    torch.save(compute_token_bytes(tok), path)
+    damage(path)
+    with pytest.raises(CheckpointError, match=expect) as e:
+        get_token_bytes()
+    assert str(e.value).startswith(str(path)) and "scripts.tok_train" in str(e.value)
 
 
 def test_get_tokenizer_missing(tmp_path, monkeypatch):
