@@ -234,3 +234,14 @@ def fresh_model_base_dir(tmp_path, tiny_base_checkpoint_dir):
     base = str(tmp_path / "base")
     shutil.copytree(tiny_base_checkpoint_dir, base)
     return base
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu` tests need CUDA: skipped (not failed) on machines without it."""
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
