@@ -45,7 +45,7 @@ def _load_fa3():
     if major != 9:
         return None, f"compute capability {major}.x is not Hopper (FA3 needs 9.x)"
     try:
-        from kernels import get_kernel
+        import kernels  # noqa: F401
     except ImportError:
         return None, "the `kernels` package is not installed (pip install -e '.[gpu]', see runs/setup_env.sh)"
     # training must never download: use the copy runs/setup_env.sh put in the HF cache. huggingface_hub
@@ -53,7 +53,7 @@ def _load_fa3():
     prev = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"
     try:
-        mod = get_kernel(FA3_KERNEL_REPO)
+        mod = fetch_fa3_kernel()
         return getattr(mod, "flash_attn_interface", mod), f"Hopper GPU, loaded {FA3_KERNEL_REPO}"
     except Exception as e:  # not in the cache, build mismatch: all mean "use the fallback"
         return None, (f"FA3 kernel {FA3_KERNEL_REPO} did not load ({type(e).__name__}: {str(e)[:200]}); "
@@ -63,6 +63,20 @@ def _load_fa3():
             os.environ.pop("HF_HUB_OFFLINE", None)
         else:
             os.environ["HF_HUB_OFFLINE"] = prev
+
+
+def fetch_fa3_kernel():
+    """Load (downloading into the HF cache when online) the FA3 kernel. runs/setup_env.sh calls this once."""
+    import inspect
+    from kernels import get_kernel
+    kwargs = {}
+    params = inspect.signature(get_kernel).parameters
+    if "trust_remote_code" in params:  # newer `kernels` only trust some organisations by default
+        kwargs["trust_remote_code"] = True
+    try:
+        return get_kernel(FA3_KERNEL_REPO, **kwargs)
+    except (TypeError, ValueError):  # versions that insist on an explicit revision
+        return get_kernel(FA3_KERNEL_REPO, revision="main", **kwargs)
 
 
 def _flex_available():

@@ -133,6 +133,7 @@ def auto_device_batch_size(config, device, dtype=torch.bfloat16, fp8=False, comp
             raise ValueError(f"--device-batch-size=auto needs a CUDA device to measure free memory (got {device.type}); "
                              "pass an integer batch size")
         free_bytes, _ = torch.cuda.mem_get_info(device)
+        free_bytes += torch.cuda.memory_allocated(device)  # the model's weights, already resident, are in the estimate
     budget = free_bytes * margin
     T = config.sequence_len
     best = None
@@ -169,5 +170,13 @@ def resolve_device_batch_size(value, config, device, dtype, fp8=False, compile=T
     tb = total_batch_size if total_batch_size and total_batch_size > 0 else None
     b, est = auto_device_batch_size(config, device, dtype, fp8=fp8, compile=compile, backend=get_backend(),
                                     world_size=world_size, total_batch_size=tb)
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # free memory differs a little between GPUs: every rank must use the same batch (the smallest)
+        t = torch.tensor([b], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        if int(t.item()) != b:
+            b = int(t.item())
+            est = estimate_memory(config, b, dtype, fp8=fp8, compile=compile, backend=get_backend(), world_size=world_size)
     log(f"device batch size: auto -> {b} | {format_estimate(est)}")
     return b

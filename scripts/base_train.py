@@ -31,6 +31,9 @@ from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat import checkpoint_manager as ckpt
 from nanochat.report import get_report
+from nanochat.attention import set_backend as set_attn_backend, backend_reason as attn_backend_reason
+from nanochat.memory import resolve_device_batch_size, estimate_memory, format_estimate
+from nanochat.fp8 import check_fp8_supported, convert_to_fp8, bf16_linears
 from nanochat.training import (lr_multiplier_base, muon_momentum_base, muon_weight_decay_cosine, set_schedule,
                                check_finite, NonFiniteLossError, get_peak_flops, StepTimer, format_step,
                                all_reduce_mean, save_training_checkpoint, resume_training)
@@ -41,6 +44,8 @@ parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('d
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
 parser.add_argument("--dtype", type=str, default="", help="compute dtype override: bfloat16|float16|float32")
 parser.add_argument("--compile", type=parse_bool, default=None, help="torch.compile the model (default: on for CUDA)")
+parser.add_argument("--attn", type=str, default="auto", choices=["auto", "fa3", "flex", "sdpa"], help="attention backend (auto = FA3 on Hopper, else FlexAttention on CUDA, else SDPA)")
+parser.add_argument("--fp8", action="store_true", help="fp8 matmuls in the linear layers (tensorwise scaling; Hopper GPUs); evals stay bf16")
 # model
 parser.add_argument("--depth", type=int, default=20, help="number of layers; width, heads and LRs follow from it")
 parser.add_argument("--aspect-ratio", type=int, default=64, help="model width = depth * aspect ratio (rounded to head dim)")
@@ -52,7 +57,7 @@ parser.add_argument("--num-iterations", type=int, default=-1, help="explicit num
 parser.add_argument("--target-flops", type=float, default=-1, help="train for this many FLOPs")
 parser.add_argument("--target-param-data-ratio", type=float, default=12, help="tokens : scaling params ratio")
 # batch
-parser.add_argument("--device-batch-size", type=int, default=32, help="sequences per forward pass per device")
+parser.add_argument("--device-batch-size", type=str, default="32", help="sequences per forward pass per device, or 'auto' (largest that fits GPU memory)")
 parser.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1 = auto)")
 # optimizer
 parser.add_argument("--embedding-lr", type=float, default=0.3, help="AdamW LR of the token embedding")
@@ -80,6 +85,10 @@ user_config = vars(args).copy()
 # Init
 
 is_dist, rank, local_rank, world_size, device = compute_init(args.device_type)
+attn_backend = set_attn_backend(None if args.attn == "auto" else args.attn)
+print0(f"attention backend: {attn_backend} ({attn_backend_reason()})")
+if args.fp8:
+    check_fp8_supported(device)
 master = rank == 0
 dtype = get_compute_dtype(device.type, args.dtype or None)
 use_compile = args.compile if args.compile is not None else device.type == "cuda"
@@ -99,6 +108,8 @@ with torch.device("meta"):
     model = GPT(config)
 model.to_empty(device=device)
 model.init_weights()
+if args.fp8:
+    print0(f"fp8: {convert_to_fp8(model)} linear layers run their matmuls in fp8")
 orig_model = model
 if use_compile:
     model = torch.compile(model, dynamic=False)
@@ -107,8 +118,6 @@ scaling_params = param_counts["transformer_matrices"] + param_counts["lm_head"]
 flops_per_token = orig_model.estimate_flops()
 print0(f"config: {config}")
 print0(f"parameters: {param_counts['total']:,} (scaling: {scaling_params:,}) | FLOPs/token: {flops_per_token:e}")
-if "S" in config.window_pattern.upper() and device.type != "cuda":
-    print0("note: sliding windows need explicit masks without FA3; --window-pattern=L is faster here")
 
 # Batch size and horizon (REFERENCE 6.7, 7.3)
 B_REF = 2 ** 19
@@ -122,6 +131,8 @@ target_tokens, ref_tokens = ratio * scaling_params, ratio * d12_scaling
 total_batch_size = args.total_batch_size
 if total_batch_size == -1:
     total_batch_size = 2 ** round(math.log2(B_REF * (target_tokens / ref_tokens) ** 0.383))
+args.device_batch_size = resolve_device_batch_size(args.device_batch_size, config, device, dtype, fp8=args.fp8, compile=use_compile,
+                                                   world_size=world_size, total_batch_size=total_batch_size, log=print0)
 tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len
 world_tokens = tokens_per_fwdbwd * world_size
 if total_batch_size % world_tokens != 0:
@@ -180,7 +191,7 @@ eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_l
 def run_val_bpb():
     val_loader = PretrainLoader(tokenizer, args.device_batch_size, args.max_seq_len, "val", device=device)
     orig_model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), bf16_linears(orig_model):
         bpb = evaluate_bpb(orig_model, val_loader, eval_steps, token_bytes)
     orig_model.train()
     val_loader.close()
@@ -190,7 +201,7 @@ def run_val_bpb():
 def run_core():
     from nanochat.core_eval import evaluate_core
     orig_model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), bf16_linears(orig_model):
         out = evaluate_core(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task)
     orig_model.train()
     return out
@@ -216,7 +227,7 @@ def save(step):
     meta = {
         "step": step, "val_bpb": val_bpb, "model_config": ckpt.config_to_dict(config), "user_config": user_config,
         "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
-        "total_batch_size": total_batch_size, "world_size": world_size,
+        "total_batch_size": total_batch_size, "world_size": world_size, "attn_backend": attn_backend,
         "dataloader_state_dict": train_loader.state_dict(),
         # min_val_bpb is inf before the first eval: stored as null to keep the meta strict JSON
         "loop_state": {"min_val_bpb": min_val_bpb if math.isfinite(min_val_bpb) else None, "smooth_train_loss": smooth_loss,
@@ -276,6 +287,9 @@ try:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         dt = timer.stop(step)
+        if step == 0 and device.type == "cuda":  # the estimate that sized the batch, next to the real peak
+            print0(f"memory after step 0: peak allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB | "
+                   f"{format_estimate(estimate_memory(config, args.device_batch_size, dtype, fp8=args.fp8, compile=use_compile, backend=attn_backend, world_size=world_size))}")
 
         smooth_loss = 0.9 * smooth_loss + 0.1 * loss_value
         debiased = smooth_loss / (1 - 0.9 ** (step + 1))
@@ -306,7 +320,7 @@ get_report().log("Base model training", [
      "FLOPs per token": f"{flops_per_token:e}", "Calculated number of iterations": num_iterations,
      "Number of training tokens": total_batch_size * num_iterations,
      "Tokens : Scaling params ratio": total_batch_size * num_iterations / scaling_params,
-     "Total batch size": total_batch_size, "DDP world size": world_size, "Warmup iterations": warmup_iters,
+     "Total batch size": total_batch_size, "DDP world size": world_size, "Attention backend": attn_backend, "Warmup iterations": warmup_iters,
      "Warmdown iterations": warmdown_iters, "Final LR fraction": args.final_lr_frac},
     {"Minimum validation bpb": min_val_bpb if min_val_bpb < float("inf") else None, "Final validation bpb": val_bpb,
      "CORE metric estimate": core_result["core"] if core_result else None,
