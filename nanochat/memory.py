@@ -10,8 +10,8 @@ at its peak (the end of the forward / start of the backward of the last micro-ba
   weight_copies  the compute-dtype copy of every linear weight that the forward casts and autograd keeps
   activations    tensors saved for backward, per layer, for the actual dtype / fp8 / compile / window /
                  attention-backend configuration
-  logits         the fp32 head: soft-capped logits and log-softmax kept for backward, plus the fp32
-                 gradient the backward creates next to them
+  logits         the fp32 head: (N, V) tensors kept for backward, plus the fp32 gradient the backward
+                 creates next to them
   transient      the largest short-lived buffer outside those (the optimizer's stacked fp32 group)
 auto_device_batch_size() picks the largest batch whose estimate fits the free GPU memory with a margin.
 
@@ -22,10 +22,11 @@ fused ops); tests/test_memory.py checks it against the bytes autograd actually s
 import torch
 
 # compiled training keeps fewer activations: Inductor's min-cut partitioner recomputes cheap pointwise
-# results (residual mixes, rotary, norms, relu) in the backward instead of saving them. Measured with
-# that partitioner on the CUDA code path at d20 (about 18.5 of the 22 eager token x width tensors per
-# layer); the GPU check prints the estimate next to torch.cuda.max_memory_allocated.
-COMPILE_ACTIVATION_FACTOR = 0.84
+# results (norm upcasts, residual mixes, relu) in the backward instead of saving them. Measured with
+# saved-tensor hooks around the compiled model on a CPU (GPU code path, bf16): 0.83 of the eager bytes per
+# layer, and one fp32 (N, V) head tensor saved instead of two. runs/gpu_check.sh prints the estimate
+# next to torch.cuda.max_memory_allocated.
+COMPILE_ACTIVATION_FACTOR = 0.83
 MARGIN = 0.90  # use at most this fraction of the free memory (allocator fragmentation, CUDA workspaces)
 
 
@@ -71,6 +72,8 @@ def _layer_activation_bytes(config, N, dtype, fp8, backend, layer_idx, window_le
         b += N * d * e + 2 * N * kv * e + N * d * max(e, lin) + N * H * 4
     if has_value_embed(layer_idx, config.n_layer):
         b += N * kv * e + 2 * N * Hkv * e    # value embedding and its gate (sigmoid output, broadcast)
+        if fp8:
+            b += N * d * e  # the (bf16, too small for fp8) gate reads a slice of the normalized input: kept whole
     # MLP: norm, normalized input, relu output, relu^2 as c_proj's input
     b += rms(N * d, N) + N * d * lin + N * 4 * d * e + N * 4 * d * lin
     return b
@@ -96,15 +99,17 @@ def estimate_memory(config, device_batch_size, dtype=torch.bfloat16, fp8=False, 
     grads = weights
     adamw = c["lm_head"] + emb + c["scalars"]
     optimizer = (adamw * 8 + c["block_matrices"] * 4) / world_size
-    weight_copies = (c["block_matrices"] + c["head_used"]) * (1 if fp8 else e)
+    # fp8 linears keep their fp8 weight; the head stays in the compute dtype
+    weight_copies = c["block_matrices"] * (1 if fp8 else e) + c["head_used"] * e
     acts = sum(_layer_activation_bytes(config, N, dtype, fp8, backend, i, left)
                for i, (left, _) in enumerate(c["window_sizes"]))
     # outside the blocks: embedding norm, smear, x0, final norm and the head's input
     acts += N * d * (3 * e + 8) + N * 8
     if compile:
         acts *= COMPILE_ACTIVATION_FACTOR
-    # head: fp32 tanh output and log-softmax saved; in the backward one fp32 gradient of the same size
-    logits = 2 * N * V * 4 + N * V * 4
+    # head: eager saves the fp32 tanh output and log-softmax, compiled one fp32 (N, V) tensor; the backward
+    # then creates one fp32 gradient of the same size next to them
+    logits = (1 if compile else 2) * N * V * 4 + N * V * 4
     transient = 3 * c["largest_muon_group"] * 4
     out = dict(weights=weights, grads=grads, optimizer=optimizer, weight_copies=weight_copies,
                activations=acts, logits=logits, transient=transient)

@@ -217,7 +217,7 @@ def run_samples():
     bos = tokenizer.get_bos_token_id()
     for prompt in PROMPTS:
         tokens = tokenizer.encode(prompt, prepend=bos)
-        with torch.no_grad():
+        with torch.no_grad(), bf16_linears(orig_model):
             out = list(orig_model.generate(tokens, max_tokens=16, temperature=0))
         print0(f"  {tokenizer.decode(tokens[1:] + out)!r}")
     orig_model.train()

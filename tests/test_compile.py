@@ -121,3 +121,14 @@ def test_cuda_inductor_model_and_muon_compile_without_recompiles(monkeypatch):
     assert abs(losses[0] - eager) < 1e-2 * abs(eager)
     # the compiled Muon step: one graph per matrix shape, none added by the changing schedules
     assert optim._compiled_muon_math is not None
+
+
+def test_flex_window_traces_in_one_graph():
+    # the GPU fallback for sliding windows builds its block mask inside the compiled graph: no break there
+    q, k, v = torch.randn(1, 256, 2, 16), torch.randn(1, 256, 1, 16), torch.randn(1, 256, 1, 16)
+    with torch.no_grad():  # FlexAttention has no CPU backward; the trace is what is checked here
+        explanation = torch._dynamo.explain(lambda q, k, v: attn._flex_window(q, k, v, 48, compiled=False))(q, k, v)
+        y = torch.compile(lambda q, k, v: attn._flex_window(q, k, v, 48, compiled=False), backend="aot_eager")(q, k, v)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    ref = attn.reference_attention(q, k, v, torch.arange(256), window_left=48)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)

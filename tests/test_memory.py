@@ -37,17 +37,22 @@ def saved_bytes(model, idx):
     return sum(storages.values())
 
 
-@pytest.mark.parametrize("cfg,B", [
-    (GPTConfig(sequence_len=64, vocab_size=512, n_layer=4, n_head=2, n_kv_head=1, n_embd=128, window_pattern="L"), 4),
+@pytest.mark.parametrize("cfg,B,fp8", [
+    (GPTConfig(sequence_len=64, vocab_size=512, n_layer=4, n_head=2, n_kv_head=1, n_embd=128, window_pattern="L"), 4, False),
     (GPTConfig(sequence_len=128, vocab_size=1024, n_layer=3, n_head=4, n_kv_head=2, n_embd=128, window_pattern="SL",
-               short_window=32), 4),
+               short_window=32), 4, False),
+    # every block linear large enough for fp8 (CPU torch runs _scaled_mm too)
+    (GPTConfig(sequence_len=64, vocab_size=512, n_layer=4, n_head=2, n_kv_head=2, n_embd=128, window_pattern="L"), 4, True),
 ])
-def test_estimate_matches_saved_tensors(monkeypatch, cfg, B):
+def test_estimate_matches_saved_tensors(monkeypatch, cfg, B, fp8):
     model = bf16_model(monkeypatch, cfg)
+    if fp8:
+        from nanochat.fp8 import convert_to_fp8
+        assert convert_to_fp8(model) == 6 * cfg.n_layer + 1  # q, k, v, proj, fc, mlp proj per layer; the head
     idx = torch.randint(0, cfg.vocab_size, (B, cfg.sequence_len))
     with cpu_kernels(False):  # the CUDA code path: stock rms_norm, relu().square(), unfused head
         measured = saved_bytes(model, idx)
-    est = estimate_memory(cfg, B, torch.bfloat16, compile=False, backend="sdpa")
+    est = estimate_memory(cfg, B, torch.bfloat16, fp8=fp8, compile=False, backend="sdpa")
     # saved for backward = activations + the bf16 weight copies + the two fp32 (N, V) head tensors
     predicted = est["activations"] + est["weight_copies"] + 2 * B * cfg.sequence_len * cfg.vocab_size * 4
     assert abs(predicted - measured) / measured < 0.15, (predicted, measured)
