@@ -31,10 +31,10 @@ def fresh_dynamo(monkeypatch):
     optim._compile_backend = "inductor"
 
 
-def make_model(device="cpu"):
+def make_model(device="cpu", cfg=CFG):
     torch.manual_seed(0)
     with torch.device("meta"):
-        model = GPT(CFG)
+        model = GPT(cfg)
     model.to_empty(device=device)
     model.init_weights()
     return model
@@ -100,11 +100,14 @@ def test_muon_step_compiles_once_while_schedules_change(monkeypatch):
 
 @pytest.mark.gpu
 def test_cuda_inductor_model_and_muon_compile_without_recompiles(monkeypatch):
-    model = make_model("cuda")
+    # head dim 64 (FA3 kernels take 64 and up), windows that span several FlexAttention tiles
+    cfg = GPTConfig(sequence_len=512, vocab_size=256, n_layer=3, n_head=2, n_kv_head=1, n_embd=128,
+                    window_pattern="SSL", short_window=128)
+    model = make_model("cuda", cfg)
     opt = model.setup_optimizers()
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(model, backend=counter, dynamic=False)
-    idx = torch.randint(0, CFG.vocab_size, (2, CFG.sequence_len), device="cuda")
+    idx = torch.randint(0, cfg.vocab_size, (2, cfg.sequence_len), device="cuda")
     eager = model(idx, idx).item()
     losses = []
     for step in range(3):
