@@ -124,6 +124,14 @@ def set_backend(name=None):
     return _backend
 
 
+def set_backend_from_flag(flag):
+    """The scripts' --attn=auto|fa3|flex|sdpa: a backend that cannot run here stops with one clear message."""
+    try:
+        return set_backend(None if flag == "auto" else flag)
+    except (RuntimeError, ValueError) as e:
+        raise SystemExit(f"--attn={flag}: {e}")
+
+
 def get_backend():
     if _backend is None:
         set_backend(None)

@@ -31,7 +31,7 @@ from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat import checkpoint_manager as ckpt
 from nanochat.report import get_report
-from nanochat.attention import set_backend as set_attn_backend, backend_reason as attn_backend_reason
+from nanochat.attention import set_backend_from_flag as set_attn_backend, backend_reason as attn_backend_reason
 from nanochat.memory import resolve_device_batch_size, estimate_memory, format_estimate
 from nanochat.fp8 import check_fp8_supported, convert_to_fp8, bf16_linears
 from nanochat.training import (lr_multiplier_base, muon_momentum_base, muon_weight_decay_cosine, set_schedule,
@@ -85,7 +85,7 @@ user_config = vars(args).copy()
 # Init
 
 is_dist, rank, local_rank, world_size, device = compute_init(args.device_type)
-attn_backend = set_attn_backend(None if args.attn == "auto" else args.attn)
+attn_backend = set_attn_backend(args.attn)
 print0(f"attention backend: {attn_backend} ({attn_backend_reason()})")
 if args.fp8:
     check_fp8_supported(device)

@@ -20,7 +20,7 @@ import torch
 from nanochat.common import (autodetect_device_type, get_compute_dtype, measure_matmul_peak,
                              get_datasheet_peak_flops, get_max_memory, synchronize, parse_bool, print0)
 from nanochat.gpt import GPT, config_from_depth
-from nanochat.attention import set_backend, backend_reason
+from nanochat.attention import set_backend_from_flag, backend_reason
 from nanochat.memory import resolve_device_batch_size, estimate_memory, format_estimate
 
 parser = argparse.ArgumentParser(description="measure training-step throughput and MFU")
@@ -48,7 +48,7 @@ if args.dtype:  # the model reads the dtype policy from the environment
     import os
     os.environ["NANOCHAT_DTYPE"] = args.dtype
 torch.manual_seed(0)
-attn_backend = set_backend(None if args.attn == "auto" else args.attn)
+attn_backend = set_backend_from_flag(args.attn)
 print0(f"attention backend: {attn_backend} ({backend_reason()})")
 if args.fp8:
     from nanochat.fp8 import check_fp8_supported, convert_to_fp8

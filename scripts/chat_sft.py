@@ -22,7 +22,7 @@ import torch
 from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, get_compute_dtype, get_wandb,
                              get_max_memory)
 from nanochat.checkpoint_manager import load_model
-from nanochat.attention import set_backend as set_attn_backend
+from nanochat.attention import set_backend_from_flag as set_attn_backend
 from nanochat.memory import resolve_device_batch_size
 from nanochat import checkpoint_manager as ckpt
 from nanochat.chat_loader import SFTBatcher
@@ -70,7 +70,7 @@ user_config = vars(args).copy()
 alpha = args.dft_alpha if args.loss == "dft" else 0.0
 
 is_dist, rank, local_rank, world_size, device = compute_init(args.device_type)
-set_attn_backend(None if args.attn == "auto" else args.attn)
+set_attn_backend(args.attn)
 master = rank == 0
 dtype = get_compute_dtype(device.type, args.dtype or None)
 wandb_run = get_wandb(args.run, "nanochat-sft", user_config, master)

@@ -21,7 +21,7 @@ import torch
 from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, get_compute_dtype, get_wandb,
                              get_max_memory, parse_bool)
 from nanochat.checkpoint_manager import load_model
-from nanochat.attention import set_backend as set_attn_backend
+from nanochat.attention import set_backend_from_flag as set_attn_backend
 from nanochat.memory import resolve_device_batch_size
 from nanochat import checkpoint_manager as ckpt
 from nanochat.tokenizer import get_token_bytes
@@ -62,7 +62,7 @@ args = parser.parse_args()
 user_config = vars(args).copy()
 
 is_dist, rank, local_rank, world_size, device = compute_init(args.device_type)
-set_attn_backend(None if args.attn == "auto" else args.attn)
+set_attn_backend(args.attn)
 master = rank == 0
 dtype = get_compute_dtype(device.type, args.dtype or None)
 use_compile = args.compile if args.compile is not None else device.type == "cuda"

@@ -209,6 +209,8 @@ def test_naming_a_backend_that_cannot_run_is_an_error():
         pytest.skip("CPU-only check")
     with pytest.raises(RuntimeError, match="flex"):
         attn.set_backend("flex")
+    with pytest.raises(SystemExit, match="--attn=fa3"):  # the scripts' flag: one clear message, no traceback
+        attn.set_backend_from_flag("fa3")
     assert attn.set_backend("auto") == "sdpa"
     assert "CUDA" in attn.backend_reason()
 
