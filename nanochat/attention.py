@@ -237,16 +237,25 @@ def _sdpa_banded(q, k, v, left):
     C = max(1, -(-left // 2))
     P = -(-left // C)
     n = -(-T // C)
+    S = (P + 1) * C
     pad = n * C - T  # end padding: keys there are in every real query's future, so masked
-    qc = F.pad(q, (0, 0, 0, 0, 0, pad)).view(B, n, C, H, D)
-    kp = F.pad(k, (0, 0, 0, 0, P * C, pad)).view(B, n + P, C, Hkv, D)
-    vp = F.pad(v, (0, 0, 0, 0, P * C, pad)).view(B, n + P, C, Hkv, D)
-    kk = torch.cat([kp[:, j:j + n] for j in range(P + 1)], dim=2)  # (B, n, (P+1)C, Hkv, D)
-    vv = torch.cat([vp[:, j:j + n] for j in range(P + 1)], dim=2)
-    mask = _band_mask(n, C, P, left, q.device)[:, None]            # (n, 1, C, (P+1)C)
-    y = F.scaled_dot_product_attention(qc.transpose(2, 3), kk.transpose(2, 3), vv.transpose(2, 3),
-                                       attn_mask=mask, enable_gqa=H != Hkv)  # (B, n, H, C, D)
-    return y.transpose(2, 3).reshape(B, n * C, H, D)[:, :T]
+    qc = F.pad(q, (0, 0, 0, 0, 0, pad)) if pad else q
+
+    def windows(t):  # (B, T, Hkv, D) -> (B*n, Hkv, S, D): the keys chunk i can see (unfold: one gather)
+        t = F.pad(t, (0, 0, 0, 0, P * C, pad))                    # (B, (n+P)*C, Hkv, D)
+        return t.unfold(1, S, C).permute(0, 1, 2, 4, 3).reshape(B * n, Hkv, S, D)
+    # 4-D (B*n, heads, len, D) inputs: fused SDPA kernels take those, a 5-D batch falls back to the math kernel
+    key = ("band", B, n, C, P, left, str(q.device))
+    mask = None if torch.compiler.is_compiling() else _mask_cache.get(key)  # same for every layer and step
+    if mask is None:
+        mask = _band_mask(n, C, P, left, q.device)[None].expand(B, n, C, S).reshape(B * n, 1, C, S)
+        if not torch.compiler.is_compiling():
+            if len(_mask_cache) > 64:
+                _mask_cache.clear()
+            _mask_cache[key] = mask
+    y = F.scaled_dot_product_attention(qc.reshape(B * n, C, H, D).transpose(1, 2), windows(k), windows(v),
+                                       attn_mask=mask, enable_gqa=H != Hkv)  # (B*n, H, C, D)
+    return y.transpose(1, 2).reshape(B, n * C, H, D)[:, :T]
 
 
 FLEX_BLOCK = 128  # FlexAttention's default tile
