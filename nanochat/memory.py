@@ -61,15 +61,15 @@ def _layer_activation_bytes(config, N, dtype, fp8, backend, layer_idx, window_le
     b = N * d * e                            # block input (the residual-scalar multiply keeps it)
     b += rms(N * d, N) + N * d * lin         # norm, normalized input of q/k/v
     b += rms(N * d, N * H) + rms(N * kv, N * Hkv)  # QK-norm of q and k (rotary needs nothing saved)
+    # attention (flash / FA3 / FlexAttention): q, k, v, the output (which is also c_proj's input), lse
+    b += N * d * e + N * d * max(e, lin) + N * H * 4
     if 0 <= window_left < T - 1 and backend == "sdpa":
-        # banded SDPA with a mask runs the math kernel: fp32 q, keys/values gathered (P+1)x and expanded
-        # to every query head, the softmax probabilities; then a re-laid-out copy as c_proj's input
+        # banded SDPA: keys and values gathered (P+1)x per query chunk, and its additive band mask
         C = max(1, -(-window_left // 2))
         P = -(-window_left // C)
-        b += N * d * 4 + 2 * (P + 1) * N * d * 4 + N * H * (P + 1) * C * 4 + N * d * lin
+        b += 2 * (P + 1) * N * kv * e + N * (P + 1) * C * e
     else:
-        # fused attention (flash / FA3 / FlexAttention / efficient): q, k, v, output (= c_proj input), lse
-        b += N * d * e + 2 * N * kv * e + N * d * max(e, lin) + N * H * 4
+        b += 2 * N * kv * e
     if has_value_embed(layer_idx, config.n_layer):
         b += N * kv * e + 2 * N * Hkv * e    # value embedding and its gate (sigmoid output, broadcast)
         if fp8:
