@@ -104,6 +104,9 @@ for mode in bf16 fp8; do
     echo "             $(grab "$f" '^device batch size')"
     echo "             $(grab "$f" '^peak memory vs estimate')"
 done
+toks() { grab "$1" '^throughput' | awk '{gsub(",", "", $2); print $2}'; }
+BF16_TOKS=$(toks train_bf16.log); FP8_TOKS=$(toks train_fp8.log)
+echo "fp8 speed-up: $(awk -v a="$FP8_TOKS" -v b="$BF16_TOKS" 'BEGIN { if (a + 0 > 0 && b + 0 > 0) printf "%.2fx", a / b; else print "-" }')"
 echo "profile:     $(grab train_bf16.log '^step time outside GPU kernels')"
 echo "infer:       $(grab infer.log '^prefill') | $(grab infer.log '^decode batch 1:')"
 echo "             $(grab infer.log '^decode batch [0-9]')"
