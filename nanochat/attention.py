@@ -318,7 +318,9 @@ def flash_attn_func(q, k, v, causal=True, window_size=(-1, -1)):
     left = _window_left(window_size)
     T = q.size(1)
     if causal and k.size(1) == T and 0 <= left < T - 1:  # a window that actually cuts the context
-        if get_backend() == "flex" and q.is_cuda:
+        # FlexAttention is compiled per sequence length: training (fixed T, or inside the compiled model)
+        # uses it; eager inference at varying lengths (samples, CORE) takes the banded SDPA instead
+        if get_backend() == "flex" and q.is_cuda and (q.requires_grad or torch.compiler.is_compiling()):
             return _flex_window(q, k, v, left)
         return _sdpa_banded(q, k, v, left)
     return _sdpa(q, k, v, 0, left, causal)  # full window: SDPA is_causal, no mask
