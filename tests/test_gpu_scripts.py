@@ -47,13 +47,9 @@ def test_every_flag_exists_in_the_scripts_argparse(path):
             assert flag in names, f"{path}: {module} has no flag {flag}"
 
 
-def test_gpu_check_dry_run_prints_every_stage():
-    env = dict(os.environ, GPU_CHECK_DRY="1", GPU_CHECK_DIR=os.path.join(REPO, ".pytest_gpu_check_dry"))
-    try:
-        out = subprocess.run(["bash", "runs/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True,
-                             timeout=60)
-    finally:
-        subprocess.run(["rm", "-rf", env["GPU_CHECK_DIR"]])
+def test_gpu_check_dry_run_prints_every_stage(tmp_path):
+    env = dict(os.environ, GPU_CHECK_DRY="1", GPU_CHECK_DIR=str(tmp_path))
+    out = subprocess.run(["bash", "runs/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     for stage in ["env", "pytest-gpu", "bench-train-bf16", "bench-train-fp8", "bench-infer", "e2e-tok_train",
                   "e2e-base_train", "e2e-chat_sft", "e2e-chat"]:
