@@ -17,7 +17,14 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; t
     echo "On a CPU (or a Mac) run the toy-scale recipe instead:  bash runs/runcpu.sh"
     exit 1
 fi
-NPROC_PER_NODE="${NPROC_PER_NODE:-$(nvidia-smi -L | wc -l)}"
+# GPUs to use: the ones CUDA_VISIBLE_DEVICES exposes where it is set (a shared node), else every GPU
+if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+    NGPU=$(echo "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c .)
+else
+    NGPU=$(nvidia-smi -L | wc -l)
+fi
+NPROC_PER_NODE="${NPROC_PER_NODE:-$NGPU}"
+echo "using $NPROC_PER_NODE GPU(s)"
 
 stage() {  # stage NAME CMD...: print, run, and stop with the stage's name on failure
     local name="$1"; shift
@@ -39,17 +46,19 @@ stage tok_eval python -m scripts.tok_eval
 echo "waiting for the background data download..."
 wait $DATASET_DOWNLOAD_PID || { echo "*** stage 'data (background)' failed"; exit 1; }
 
-# base model: d20 at 20 tokens per scaling parameter
-stage base_train $TORCHRUN -m scripts.base_train -- --depth=20 --target-param-data-ratio=20 --run=$WANDB_RUN
+# base model: d20 at 20 tokens per scaling parameter. Every training stage sizes its per-GPU batch from
+# the memory estimate (--device-batch-size=auto, printed at start); gradient accumulation keeps the total.
+stage base_train $TORCHRUN -m scripts.base_train -- --depth=20 --target-param-data-ratio=20 --device-batch-size=auto \
+    --run=$WANDB_RUN
 stage base_loss $TORCHRUN -m scripts.base_loss
 stage base_eval $TORCHRUN -m scripts.base_eval
 
 # chat stages
 stage identity-data curl -fsSL -o "$NANOCHAT_BASE_DIR/identity_conversations.jsonl" \
     https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl
-stage mid_train $TORCHRUN -m scripts.mid_train -- --run=$WANDB_RUN
+stage mid_train $TORCHRUN -m scripts.mid_train -- --device-batch-size=auto --run=$WANDB_RUN
 stage chat_eval-mid $TORCHRUN -m scripts.chat_eval -- -i mid
-stage chat_sft $TORCHRUN -m scripts.chat_sft -- --run=$WANDB_RUN
+stage chat_sft $TORCHRUN -m scripts.chat_sft -- --device-batch-size=auto --run=$WANDB_RUN
 stage chat_eval-sft $TORCHRUN -m scripts.chat_eval -- -i sft
 # optional RL on GSM8K:
 # stage chat_rl $TORCHRUN -m scripts.chat_rl -- --run=$WANDB_RUN

@@ -1,17 +1,22 @@
 """
 Attention backends with one interface, plus the KV cache used for inference.
 
-Two functions shaped like Flash Attention 3's API, tensors in (B, T, H, D) layout (REFERENCE 5.10):
+Two functions shaped like Flash Attention 3's API, tensors in (B, T, H, D) layout:
     flash_attn_func(q, k, v, causal=True, window_size=(-1, -1))
     flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, causal=True,
                             window_size=(-1, -1))
 window_size = (left, right): query at absolute position t sees keys t-left .. t (left = -1: unlimited).
 GQA: k/v may have fewer heads than q; query head h reads kv head h // (H // Hkv).
 
-Backend: FA3 (HF `kernels` package, Hopper = compute capability 9.x) when importable and the tensors
-are CUDA bf16/fp16; PyTorch SDPA otherwise (CPU, MPS, every other GPU). Override with env
-NANOCHAT_ATTN=sdpa|fa3 or set_backend("sdpa"|"fa3"|None). The choice is logged once.
-`reference_attention` is a slow, obviously correct path that tests compare the fast ones against.
+Backends (set_backend / --attn / env NANOCHAT_ATTN; None or "auto" picks the first that runs here):
+  fa3   Flash Attention 3 through the HF `kernels` package (Hopper GPUs, bf16/fp16). Windows are native.
+  flex  CUDA without FA3: sliding-window layers run FlexAttention with a block-sparse sliding-window
+        mask (only the blocks inside the window are computed), full-window layers SDPA is_causal.
+  sdpa  everywhere else (CPU, MPS): full-window layers SDPA is_causal; sliding-window layers a banded
+        SDPA over query chunks, each attending only to the keys its window can reach.
+No backend builds a dense T x T mask for a training forward: cost grows with the window, not T^2.
+The choice is logged once. `reference_attention` is a slow, obviously correct path that tests compare
+the fast ones against.
 """
 
 import os
@@ -25,8 +30,11 @@ logger = logging.getLogger("nanochat")
 # -----------------------------------------------------------------------------
 # Backend selection
 
-_backend = None  # resolved lazily: "fa3" or "sdpa"
+BACKENDS = ("fa3", "flex", "sdpa")
+FA3_KERNEL_REPO = "varunneal/flash-attention-3"  # runs/setup_env.sh fetches it into the HF cache
+_backend = None  # resolved lazily: one of BACKENDS
 _fa3 = None      # the FA3 module when loaded
+_reason = ""     # why the backend was chosen (shown in logs and the report)
 
 
 def _load_fa3():
@@ -37,29 +45,91 @@ def _load_fa3():
     if major != 9:
         return None, f"compute capability {major}.x is not Hopper (FA3 needs 9.x)"
     try:
-        from kernels import get_kernel
-        mod = get_kernel("varunneal/flash-attention-3")
-        return getattr(mod, "flash_attn_interface", mod), "Hopper GPU, loaded varunneal/flash-attention-3"
-    except Exception as e:  # not installed, offline, build mismatch: all mean "use SDPA"
-        return None, f"FA3 unavailable ({type(e).__name__}: {e})"
+        import kernels  # noqa: F401
+    except ImportError:
+        return None, "the `kernels` package is not installed (pip install -e '.[gpu]', see runs/setup_env.sh)"
+    # training must never download: use the copy runs/setup_env.sh put in the HF cache. huggingface_hub
+    # reads HF_HUB_OFFLINE when first imported, so this only holds if nothing imported it earlier.
+    prev = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        mod = fetch_fa3_kernel()
+        return getattr(mod, "flash_attn_interface", mod), f"Hopper GPU, loaded {FA3_KERNEL_REPO}"
+    except Exception as e:  # not in the cache, build mismatch: all mean "use the fallback"
+        return None, (f"FA3 kernel {FA3_KERNEL_REPO} did not load ({type(e).__name__}: {str(e)[:200]}); "
+                      "run runs/setup_env.sh with network to fetch it")
+    finally:
+        if prev is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = prev
+
+
+def fetch_fa3_kernel():
+    """Load (downloading into the HF cache when online) the FA3 kernel. runs/setup_env.sh calls this once."""
+    import inspect
+    from kernels import get_kernel
+    kwargs = {}
+    params = inspect.signature(get_kernel).parameters
+    if "trust_remote_code" in params:  # newer `kernels` only trust some organisations by default
+        kwargs["trust_remote_code"] = True
+    try:
+        return get_kernel(FA3_KERNEL_REPO, **kwargs)
+    except (TypeError, ValueError):  # versions that insist on an explicit revision
+        return get_kernel(FA3_KERNEL_REPO, revision="main", **kwargs)
+
+
+def _flex_available():
+    if not torch.cuda.is_available():
+        return False, "FlexAttention training needs CUDA (torch has no FlexAttention backward on CPU)"
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False, f"torch {torch.__version__} has no FlexAttention"
+    return True, "CUDA without FA3: FlexAttention for sliding windows, SDPA for full windows"
 
 
 def set_backend(name=None):
-    """Force "sdpa" or "fa3" (tests, benchmarks); None re-runs auto-detection (env NANOCHAT_ATTN first)."""
-    global _backend, _fa3
+    """
+    Choose the attention backend: "fa3" | "flex" | "sdpa", or None / "auto" for the first that runs here
+    (env NANOCHAT_ATTN is read when name is None). Naming a backend that cannot run is an error.
+    Returns the backend chosen.
+    """
+    global _backend, _fa3, _reason
     name = name or os.environ.get("NANOCHAT_ATTN") or None
-    if name not in (None, "sdpa", "fa3"):
-        raise ValueError(f"attention backend must be 'sdpa' or 'fa3' (NANOCHAT_ATTN / set_backend), got {name!r}")
+    if name == "auto":
+        name = None
+    if name not in (None,) + BACKENDS:
+        raise ValueError(f"attention backend must be one of auto|{'|'.join(BACKENDS)} "
+                         f"(--attn / NANOCHAT_ATTN / set_backend), got {name!r}")
+    fa3 = None
     if name == "sdpa":
-        _backend, _fa3, reason = "sdpa", None, "forced"
+        reason = "forced"
+    elif name == "flex":
+        ok, why = _flex_available()
+        if not ok:
+            raise RuntimeError(f"attention backend 'flex' cannot run here: {why}; use --attn=auto or --attn=sdpa")
+        reason = "forced"
     else:
-        _fa3, reason = _load_fa3()
-        if _fa3 is None and name == "fa3":
-            raise RuntimeError(f"attention backend 'fa3' was forced but cannot be used: {reason}; "
-                               "unset NANOCHAT_ATTN or pass 'sdpa'")
-        _backend = "fa3" if _fa3 is not None else "sdpa"
+        fa3, why = _load_fa3()
+        if fa3 is None and name == "fa3":
+            raise RuntimeError(f"attention backend 'fa3' cannot run here: {why}; use --attn=auto or another backend")
+        if fa3 is not None:
+            name, reason = "fa3", why
+        else:
+            ok, flex_why = _flex_available()
+            name, reason = ("flex", f"{why}; {flex_why}") if ok else ("sdpa", f"{why}; {flex_why}")
+    _backend, _fa3, _reason = name, fa3, reason
     logger.info(f"attention backend: {_backend} ({reason})")
     return _backend
+
+
+def set_backend_from_flag(flag):
+    """The scripts' --attn=auto|fa3|flex|sdpa: a backend that cannot run here stops with one clear message."""
+    try:
+        return set_backend(None if flag == "auto" else flag)
+    except (RuntimeError, ValueError) as e:
+        raise SystemExit(f"--attn={flag}: {e}")
 
 
 def get_backend():
@@ -68,8 +138,14 @@ def get_backend():
     return _backend
 
 
+def backend_reason():
+    """Why the current backend was chosen (for logs and the report)."""
+    get_backend()
+    return _reason
+
+
 def _use_fa3(q):
-    # FA3 kernels take only half precision; an fp32 run on a Hopper box quietly uses SDPA
+    # FA3 kernels take only half precision; an fp32 run on a Hopper box quietly uses the fallback
     return get_backend() == "fa3" and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
 
 
@@ -136,11 +212,118 @@ def _sdpa(q, k, v, offset, left, causal):
     return y.transpose(1, 2)  # (B, Tq, H, D)
 
 
+# -----------------------------------------------------------------------------
+# Sliding windows in training: cost grows with the window, never a dense T x T mask
+
+def _band_mask(n, C, P, left, device):
+    """(n, C, (P+1)*C) bool: query a of chunk i vs key m of the key span starting at position (i-P)*C."""
+    a = torch.arange(C, device=device)[:, None]
+    m = torch.arange((P + 1) * C, device=device)[None, :]
+    d = P * C + a - m                                              # q_pos - k_pos
+    visible = (d >= 0) & (d <= left)                               # (C, S)
+    i = torch.arange(n, device=device)[:, None, None]
+    return visible & (i * C - P * C + m >= 0)                      # keys before position 0 are padding
+
+
+def _sdpa_banded(q, k, v, left):
+    """
+    Causal sliding-window attention (window `left`, 0 <= left < T-1) as one batched SDPA over query
+    chunks of C positions: chunk i attends only to the (P+1)*C keys ending at its last query, which
+    cover its window (P*C >= left). Per query it costs ~1.5x the window, whatever T is; K and V are
+    gathered 3x (P = 2), and the mask is (T/C, C, 3C), not (T, T).
+    """
+    B, T, H, D = q.shape
+    Hkv = k.size(2)
+    C = max(1, -(-left // 2))
+    P = -(-left // C)
+    n = -(-T // C)
+    S = (P + 1) * C
+    pad = n * C - T  # end padding: keys there are in every real query's future, so masked
+    qc = F.pad(q, (0, 0, 0, 0, 0, pad)) if pad else q
+
+    def windows(t):  # (B, T, Hkv, D) -> (B*n, Hkv, S, D): the keys chunk i can see (unfold: one gather)
+        t = F.pad(t, (0, 0, 0, 0, P * C, pad))                    # (B, (n+P)*C, Hkv, D)
+        return t.unfold(1, S, C).permute(0, 1, 2, 4, 3).reshape(B * n, Hkv, S, D)
+    # 4-D (B*n, heads, len, D) inputs: fused SDPA kernels take those, a 5-D batch falls back to the math kernel
+    key = ("band", B, n, C, P, left, str(q.device))
+    mask = None if torch.compiler.is_compiling() else _mask_cache.get(key)  # same for every layer and step
+    if mask is None:
+        mask = _band_mask(n, C, P, left, q.device)[None].expand(B, n, C, S).reshape(B * n, 1, C, S)
+        if not torch.compiler.is_compiling():
+            if len(_mask_cache) > 64:
+                _mask_cache.clear()
+            _mask_cache[key] = mask
+    y = F.scaled_dot_product_attention(qc.reshape(B * n, C, H, D).transpose(1, 2), windows(k), windows(v),
+                                       attn_mask=mask, enable_gqa=H != Hkv)  # (B*n, H, C, D)
+    return y.transpose(1, 2).reshape(B, n * C, H, D)[:, :T]
+
+
+FLEX_BLOCK = 128  # FlexAttention's default tile
+_flex_fn = None
+_block_masks = {}  # (T, left, device) -> BlockMask, built once outside compiled code
+
+
+def sliding_window_block_mask(T, left, device, block=FLEX_BLOCK):
+    """
+    FlexAttention BlockMask for causal attention with window `left`, built from the block structure
+    directly (never evaluating a T x T mask): q tile i needs kv tiles from the one holding position
+    i*block - left up to tile i; tiles strictly inside the window are "full" (no mask_mod evaluation).
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+    nb = -(-T // block)
+    i = torch.arange(nb, device=device)[:, None]
+    j = torch.arange(nb, device=device)[None, :]
+    any_visible = (j <= i) & ((j + 1) * block - 1 >= i * block - left)
+    all_visible = (j < i) & (j * block >= (i + 1) * block - 1 - left)
+    partial = any_visible & ~all_visible
+
+    def blocks(m):  # (nb, nb) bool -> counts (1, 1, nb), indices (1, 1, nb, nb) with the True columns first
+        idx = torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return m.sum(-1).to(torch.int32)[None, None], idx[None, None]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx <= left)
+
+    kv_num, kv_idx = blocks(partial)
+    full_num, full_idx = blocks(all_visible)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(T, T))
+
+
+def _flex_window(q, k, v, left, compiled=True):
+    """Sliding-window causal attention with FlexAttention; (B, T, H, D) in and out."""
+    global _flex_fn
+    from torch.nn.attention.flex_attention import flex_attention
+    T = q.size(1)
+    key = (T, left, str(q.device))
+    if torch.compiler.is_compiling():
+        bm = sliding_window_block_mask(T, left, q.device)  # traced into the graph (a few tiny ops)
+    else:
+        bm = _block_masks.get(key)
+        if bm is None:
+            bm = _block_masks[key] = sliding_window_block_mask(T, left, q.device)
+    if compiled and _flex_fn is None:
+        # uncompiled FlexAttention is a slow dense reference; compiled it is a fused block-sparse kernel
+        _flex_fn = torch.compile(flex_attention, dynamic=False)
+    fn = _flex_fn if compiled else flex_attention
+    y = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=bm,
+           enable_gqa=q.size(2) != k.size(2))
+    return y.transpose(1, 2)
+
+
 def flash_attn_func(q, k, v, causal=True, window_size=(-1, -1)):
     """Attention over a whole sequence (training / no-cache forward). Returns (B, T, H, D)."""
     if _use_fa3(q):
         return _first(_fa3.flash_attn_func(q, k, v, causal=causal, window_size=tuple(window_size)))
-    return _sdpa(q, k, v, 0, _window_left(window_size), causal)
+    left = _window_left(window_size)
+    T = q.size(1)
+    if causal and k.size(1) == T and 0 <= left < T - 1:  # a window that actually cuts the context
+        # FlexAttention is compiled per sequence length: training (fixed T, or inside the compiled model)
+        # uses it; eager inference at varying lengths (samples, CORE) takes the banded SDPA instead
+        if get_backend() == "flex" and q.is_cuda and (q.requires_grad or torch.compiler.is_compiling()):
+            return _flex_window(q, k, v, left)
+        return _sdpa_banded(q, k, v, left)
+    return _sdpa(q, k, v, 0, left, causal)  # full window: SDPA is_causal, no mask
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, causal=True,

@@ -11,6 +11,7 @@ On CPU in fp32, training uses HeadSoftcapCE (head matmul + soft-cap + CE fused; 
 Build: `with torch.device("meta"): model = GPT(cfg)`, then `model.to_empty(device=d)`, `model.init_weights()`.
 """
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -28,6 +29,21 @@ VE_GATE_CHANNELS = 12  # input channels of the value-embedding gate
 VE_GATE_SCALE = 3.0
 SMEAR_CHANNELS = 24
 CE_CHUNK_ELEMS = 1 << 20  # fused loss: logits per chunk (4 MB fp32)
+
+# The CPU-only custom autograd paths (RMSNormCPU, ReluSquareCPU, HeadSoftcapCE) run only while this is
+# true. Tests turn it off to trace and measure, on a CPU, exactly the code path a GPU runs.
+_CPU_KERNELS = True
+
+
+@contextlib.contextmanager
+def cpu_kernels(enabled: bool):
+    """Temporarily enable/disable the CPU-only fused paths (restored on exit)."""
+    global _CPU_KERNELS
+    prev, _CPU_KERNELS = _CPU_KERNELS, enabled
+    try:
+        yield
+    finally:
+        _CPU_KERNELS = prev
 
 
 @dataclass
@@ -110,13 +126,13 @@ class ReluSquareCPU(torch.autograd.Function):
 
 
 def norm(x):
-    if x.device.type == "cpu" and x.requires_grad:
+    if _CPU_KERNELS and x.device.type == "cpu" and x.requires_grad:
         return RMSNormCPU.apply(x)
     return F.rms_norm(x, (x.size(-1),))
 
 
 def relu_square(x):
-    if x.device.type == "cpu" and x.requires_grad:
+    if _CPU_KERNELS and x.device.type == "cpu" and x.requires_grad:
         return ReluSquareCPU.apply(x)
     return F.relu(x).square()
 
@@ -398,7 +414,7 @@ class GPT(nn.Module):
 
         # only the first V rows of the padded head are real tokens: skip the padded ones entirely
         w_head = self.lm_head.weight[:V].to(dtype)
-        if targets is not None and self.fused_loss and x.device.type == "cpu" and dtype == torch.float32:
+        if targets is not None and _CPU_KERNELS and self.fused_loss and x.device.type == "cpu" and dtype == torch.float32:
             return HeadSoftcapCE.apply(x.view(B * T, -1), w_head, targets.reshape(-1), SOFTCAP, loss_reduction)
         logits = F.linear(x, w_head).float()  # (B, T, V) fp32
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)

@@ -81,16 +81,19 @@ def muon_math(grad, param, mom_buf, var_buf, lr, wd, momentum, beta2, ns_steps: 
 
 
 _compiled_muon_math = None
+_compile_backend = "inductor"  # tests swap in a counting backend to check graph breaks and recompiles
 
 
 def _muon_fn(device):
-    """Compiled on CUDA (fuses the elementwise chains; 0-D hyper-parameter tensors avoid recompiles),
-    eager elsewhere. NANOCHAT_OPTIM_COMPILE=0 turns compilation off."""
+    """The Muon math, torch.compile'd on CUDA (fuses the elementwise chains; the 0-D hyper-parameter
+    tensors keep changing values from triggering recompiles), eager elsewhere.
+    NANOCHAT_OPTIM_COMPILE=0 turns compilation off, =1 forces it on any device (tests, CPU experiments)."""
     global _compiled_muon_math
-    if device.type != "cuda" or os.environ.get("NANOCHAT_OPTIM_COMPILE", "1") == "0":
+    mode = os.environ.get("NANOCHAT_OPTIM_COMPILE", "auto")
+    if mode == "0" or (mode != "1" and device.type != "cuda"):
         return muon_math
     if _compiled_muon_math is None:
-        _compiled_muon_math = torch.compile(muon_math, dynamic=False, fullgraph=True)
+        _compiled_muon_math = torch.compile(muon_math, dynamic=False, fullgraph=True, backend=_compile_backend)
     return _compiled_muon_math
 
 

@@ -32,6 +32,9 @@ from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat import checkpoint_manager as ckpt
 from nanochat.report import get_report
+from nanochat.attention import set_backend_from_flag as set_attn_backend, backend_reason as attn_backend_reason
+from nanochat.memory import resolve_device_batch_size, estimate_memory, format_estimate
+from nanochat.fp8 import check_fp8_supported, convert_to_fp8, bf16_linears
 from nanochat.training import (lr_multiplier_base, muon_momentum_base, muon_weight_decay_cosine, set_schedule,
                                grad_accum_steps, Prefetcher, accumulate_gradients, guarded_step, stop_on_nonfinite,
                                evaluating, PeakFlops, StepTimer, Speed, RunState, format_step, mean_mfu, stage_meta,
@@ -43,6 +46,8 @@ parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('d
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
 parser.add_argument("--dtype", type=str, default="", help="compute dtype override: bfloat16|float16|float32")
 parser.add_argument("--compile", type=parse_bool, default=None, help="torch.compile the model (default: on for CUDA)")
+parser.add_argument("--attn", type=str, default="auto", choices=["auto", "fa3", "flex", "sdpa"], help="attention backend (auto = FA3 on Hopper, else FlexAttention on CUDA, else SDPA)")
+parser.add_argument("--fp8", action="store_true", help="fp8 matmuls in the linear layers (tensorwise scaling; Hopper GPUs); evals stay bf16")
 # model
 parser.add_argument("--depth", type=int, default=20, help="number of layers; width, heads and LRs follow from it")
 parser.add_argument("--aspect-ratio", type=int, default=64, help="model width = depth * aspect ratio (rounded to head dim)")
@@ -54,7 +59,7 @@ parser.add_argument("--num-iterations", type=int, default=-1, help="explicit num
 parser.add_argument("--target-flops", type=float, default=-1, help="train for this many FLOPs")
 parser.add_argument("--target-param-data-ratio", type=float, default=12, help="tokens : scaling params ratio")
 # batch
-parser.add_argument("--device-batch-size", type=int, default=32, help="sequences per forward pass per device")
+parser.add_argument("--device-batch-size", type=str, default="32", help="sequences per forward pass per device, or 'auto' (largest that fits GPU memory)")
 parser.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1 = auto)")
 # optimizer
 parser.add_argument("--embedding-lr", type=float, default=0.3, help="AdamW LR of the token embedding")
@@ -81,6 +86,10 @@ args = parser.parse_args()
 # Init
 
 is_dist, rank, local_rank, world_size, device = compute_init(args.device_type)
+attn_backend = set_attn_backend(args.attn)
+print0(f"attention backend: {attn_backend} ({attn_backend_reason()})")
+if args.fp8:
+    check_fp8_supported(device)
 dtype = get_compute_dtype(device.type, args.dtype or None)
 use_compile = args.compile if args.compile is not None else device.type == "cuda"
 user_config, wandb_run = start_run(args, "nanochat", device, dtype, use_compile, rank)
@@ -98,6 +107,8 @@ with torch.device("meta"):
     model = GPT(config)
 model.to_empty(device=device)
 model.init_weights()
+if args.fp8:
+    print0(f"fp8: {convert_to_fp8(model)} linear layers run their matmuls in fp8")
 orig_model = model  # uncompiled: optimizer, checkpoints, generation
 if use_compile:
     model = torch.compile(model, dynamic=False)  # training and val bpb: fixed (B, T) shapes
@@ -106,8 +117,6 @@ scaling_params = param_counts["transformer_matrices"] + param_counts["lm_head"]
 flops_per_token = orig_model.estimate_flops()
 print0(f"config: {config}")
 print0(f"parameters: {param_counts['total']:,} (scaling: {scaling_params:,}) | FLOPs/token: {flops_per_token:e}")
-if "S" in config.window_pattern.upper() and device.type != "cuda":
-    print0("note: sliding windows need explicit masks without FA3; --window-pattern=L is faster here")
 
 # Batch size and horizon. The reference point is d12 at 2^19 tokens per step; the batch grows with the
 # token budget as D^0.383 (the optimal-batch fit of https://arxiv.org/abs/2505.13738), rounded to 2^k.
@@ -122,6 +131,9 @@ target_tokens, ref_tokens = ratio * scaling_params, ratio * d12_scaling
 total_batch_size = args.total_batch_size
 if total_batch_size == -1:
     total_batch_size = 2 ** round(math.log2(B_REF * (target_tokens / ref_tokens) ** 0.383))
+args.device_batch_size = resolve_device_batch_size(args.device_batch_size, config, device, dtype, fp8=args.fp8,
+                                                   compile=use_compile, world_size=world_size,
+                                                   total_batch_size=total_batch_size, log=print0)
 grad_accum = grad_accum_steps(total_batch_size, args.device_batch_size, args.max_seq_len, world_size)
 if args.num_iterations > 0:
     num_iterations = args.num_iterations
@@ -168,7 +180,7 @@ core_model = torch.compile(orig_model) if use_compile else orig_model
 
 def run_val_bpb():
     val_loader = PretrainLoader(tokenizer, args.device_batch_size, args.max_seq_len, "val", device=device)
-    with evaluating(orig_model):
+    with evaluating(orig_model), bf16_linears(orig_model):
         bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)  # the compiled model when compiling
     val_loader.close()
     return bpb
@@ -176,7 +188,7 @@ def run_val_bpb():
 
 def run_core():
     from nanochat.core_eval import evaluate_core
-    with evaluating(orig_model):
+    with evaluating(orig_model), bf16_linears(orig_model):
         return evaluate_core(core_model, tokenizer, device, max_per_task=args.core_metric_max_per_task)
 
 
@@ -187,7 +199,7 @@ PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yes
 
 def run_samples():
     bos = tokenizer.get_bos_token_id()
-    with evaluating(orig_model):
+    with evaluating(orig_model), bf16_linears(orig_model):
         for prompt in PROMPTS:
             tokens = tokenizer.encode(prompt, prepend=bos)
             out = list(orig_model.generate(tokens, max_tokens=16, temperature=0))
@@ -196,8 +208,8 @@ def run_samples():
 
 def make_meta():
     return stage_meta(run, config, user_config, tokenizer, world_size, device_batch_size=args.device_batch_size,
-                      max_seq_len=args.max_seq_len, total_batch_size=total_batch_size, **run.metrics_now(),
-                      dataloader_state_dict=train_batches.state_dict())
+                      max_seq_len=args.max_seq_len, total_batch_size=total_batch_size, attn_backend=attn_backend,
+                      **run.metrics_now(), dataloader_state_dict=train_batches.state_dict())
 
 
 def evaluate(step, last_step):
@@ -227,6 +239,11 @@ with stop_on_nonfinite():
         loss_sum = accumulate_gradients(model, train_batches, grad_accum)
         loss, _ = guarded_step(step, optimizer, orig_model, loss_sum)  # the step's one host sync
         dt = run.timer.stop(step)
+        if step == 0 and device.type == "cuda":  # the estimate that sized the batch, next to the real peak
+            est = estimate_memory(config, args.device_batch_size, dtype, fp8=args.fp8, compile=use_compile,
+                                  backend=attn_backend, world_size=world_size)
+            print0(f"memory after step 0: peak allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB | "
+                   f"{format_estimate(est)}")
 
         smooth = run.record_loss(loss)
         print0(format_step(run, num_iterations, smooth, lrm, dt, speed,
@@ -250,7 +267,7 @@ get_report().log("Base model training", [
      "FLOPs per token": f"{flops_per_token:e}", "Calculated number of iterations": num_iterations,
      "Number of training tokens": total_batch_size * num_iterations,
      "Tokens : Scaling params ratio": total_batch_size * num_iterations / scaling_params,
-     "Total batch size": total_batch_size, "DDP world size": world_size, "Warmup iterations": warmup_iters,
+     "Total batch size": total_batch_size, "DDP world size": world_size, "Attention backend": attn_backend, "Warmup iterations": warmup_iters,
      "Warmdown iterations": warmdown_iters, "Final LR fraction": args.final_lr_frac},
     {"Minimum validation bpb": run.min_val, "Final validation bpb": run.val_now(),
      "CORE metric estimate": run.metrics.get("core_metric"),

@@ -17,12 +17,15 @@ Resume from saved step S: the same flags plus --resume-from-step=S.
 
 import os
 import argparse
+import dataclasses
 
 import torch
 
 from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, get_compute_dtype,
                              get_max_memory)
 from nanochat.checkpoint_manager import load_model
+from nanochat.attention import set_backend_from_flag as set_attn_backend
+from nanochat.memory import resolve_device_batch_size
 from nanochat.chat_loader import SFTBatcher
 from nanochat.task_eval import run_categorical_eval
 from nanochat.report import get_report
@@ -43,7 +46,8 @@ parser.add_argument("--model-tag", type=str, default=None, help="source checkpoi
 parser.add_argument("--model-step", type=int, default=None, help="source checkpoint step")
 parser.add_argument("--num-epochs", type=int, default=1, help="epochs over the mixture")
 parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = from --num-epochs)")
-parser.add_argument("--device-batch-size", type=int, default=4, help="conversations per forward pass")
+parser.add_argument("--device-batch-size", type=str, default="4", help="conversations per forward pass, or 'auto' (largest that fits GPU memory)")
+parser.add_argument("--attn", type=str, default="auto", choices=["auto", "fa3", "flex", "sdpa"], help="attention backend (auto = FA3 on Hopper, else FlexAttention on CUDA, else SDPA)")
 parser.add_argument("--target-examples-per-step", type=int, default=32, help="conversations per optimizer step")
 parser.add_argument("--max-seq-len", type=int, default=2048, help="conversations are truncated to this many tokens")
 parser.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of the token embedding")
@@ -67,6 +71,7 @@ if not 0.0 <= args.dft_alpha <= 1.0:
 alpha = args.dft_alpha if args.loss == "dft" else 0.0
 
 is_dist, rank, local_rank, world_size, device = compute_init(args.device_type)
+set_attn_backend(args.attn)
 dtype = get_compute_dtype(device.type, args.dtype or None)
 user_config, wandb_run = start_run(args, "nanochat-sft", device, dtype, rank=rank)
 
@@ -75,6 +80,9 @@ train_ds, val_ds = mixtures_from_args(args)
 model, tokenizer, src_meta = load_model(args.source, device, phase="train", model_tag=args.model_tag,
                                         step=args.model_step)
 config = model.config
+args.device_batch_size = resolve_device_batch_size(  # rows padded up to --max-seq-len at worst
+    args.device_batch_size, dataclasses.replace(config, sequence_len=args.max_seq_len), device, dtype, compile=False,
+    world_size=world_size, total_batch_size=args.target_examples_per_step * args.max_seq_len, log=print0)
 
 examples_per_step = args.device_batch_size * world_size
 if args.target_examples_per_step % examples_per_step != 0:

@@ -21,6 +21,8 @@ import torch
 from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, get_compute_dtype,
                              get_max_memory, parse_bool)
 from nanochat.checkpoint_manager import load_model
+from nanochat.attention import set_backend_from_flag as set_attn_backend
+from nanochat.memory import resolve_device_batch_size
 from nanochat.tokenizer import get_token_bytes
 from nanochat.chat_loader import MidPacker
 from nanochat.loss_eval import evaluate_bpb
@@ -36,11 +38,12 @@ parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('d
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
 parser.add_argument("--dtype", type=str, default="", help="compute dtype override: bfloat16|float16|float32")
 parser.add_argument("--compile", type=parse_bool, default=None, help="torch.compile the model (default: on for CUDA)")
+parser.add_argument("--attn", type=str, default="auto", choices=["auto", "fa3", "flex", "sdpa"], help="attention backend (auto = FA3 on Hopper, else FlexAttention on CUDA, else SDPA)")
 parser.add_argument("--model-tag", type=str, default=None, help="base checkpoint tag (default: largest d<N>)")
 parser.add_argument("--model-step", type=int, default=None, help="base checkpoint step (default: last)")
 parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = one epoch of the mixture)")
 parser.add_argument("--max-seq-len", type=int, default=2048, help="row length in tokens")
-parser.add_argument("--device-batch-size", type=int, default=32, help="rows per forward pass per device")
+parser.add_argument("--device-batch-size", type=str, default="32", help="rows per forward pass per device, or 'auto' (largest that fits GPU memory)")
 parser.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step")
 parser.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of the token embedding")
 parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of lm_head")
@@ -57,6 +60,7 @@ add_mixture_args(parser, default_mid_sources(), default_mid_val_sources())
 args = parser.parse_args()
 
 is_dist, rank, local_rank, world_size, device = compute_init(args.device_type)
+set_attn_backend(args.attn)
 dtype = get_compute_dtype(device.type, args.dtype or None)
 use_compile = args.compile if args.compile is not None else device.type == "cuda"
 user_config, wandb_run = start_run(args, "nanochat-mid", device, dtype, use_compile, rank)
@@ -65,6 +69,8 @@ train_ds, val_ds = mixtures_from_args(args)
 
 model, tokenizer, base_meta = load_model("base", device, phase="train", model_tag=args.model_tag, step=args.model_step)
 config = model.config
+args.device_batch_size = resolve_device_batch_size(args.device_batch_size, config, device, dtype, compile=use_compile,
+                                                   world_size=world_size, total_batch_size=args.total_batch_size, log=print0)
 if args.max_seq_len > config.sequence_len:
     raise SystemExit(f"--max-seq-len={args.max_seq_len} exceeds the base model's context {config.sequence_len}")
 base_batch = base_meta.get("device_batch_size")

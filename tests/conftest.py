@@ -238,3 +238,14 @@ def tiny_base_checkpoint_dir(tmp_path_factory, tiny_tokenizer_dir):
 def fresh_model_base_dir(tmp_path, tiny_base_checkpoint_dir):
     """A new NANOCHAT_BASE_DIR holding the tiny tokenizer and the tiny base checkpoint."""
     return copy_workspace(tiny_base_checkpoint_dir, tmp_path / "base")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu` tests need CUDA: skipped (not failed) on machines without it."""
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,118 @@
+"""
+FP8 training for the linear layers (`--fp8` in base_train): tensorwise dynamic scaling.
+
+Every matmul of a converted linear (the forward, the gradient of the input, the gradient of the weight)
+quantizes its two operands with one scale per tensor, computed fresh on each call:
+    scale = FP8_MAX / max(|x|)      (in float64, amax floored at 1e-12), x_fp8 = clamp(x * scale) cast
+then runs torch._scaled_mm with the inverse scales, producing bf16. Inputs and weights use float8_e4m3fn
+(max 448, more mantissa); output gradients float8_e5m2 (max 57344, more range). See "FP8 Formats for Deep
+Learning", Micikevicius et al. 2022 (arXiv 2209.05433).
+
+Only linears with in and out features divisible by 16 and >= 128 are converted (cuBLAS fp8 needs
+multiples of 16; small ones gain nothing). The master weights stay fp32 and are shared: evaluation
+runs the same modules as plain bf16 linears inside `bf16_linears(model)`.
+"""
+
+import contextlib
+
+import torch
+
+from nanochat.gpt import Linear
+
+E4M3 = torch.float8_e4m3fn
+E5M2 = torch.float8_e5m2
+AMAX_FLOOR = 1e-12
+
+
+def check_fp8_supported(device):
+    """--fp8 needs a CUDA GPU with fp8 tensor cores (compute capability >= 8.9: Ada, Hopper and newer)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise SystemExit(f"--fp8 needs a CUDA GPU with fp8 tensor cores (Hopper, e.g. H100); this run is on "
+                         f"{device.type}. Drop --fp8.")
+    cap = torch.cuda.get_device_capability(device)
+    if cap < (8, 9):
+        raise SystemExit(f"--fp8 needs compute capability >= 8.9 (Hopper, e.g. H100), this GPU "
+                         f"({torch.cuda.get_device_name(device)}) is {cap[0]}.{cap[1]}. Drop --fp8.")
+
+
+def quantize(x, fp8_dtype):
+    """x -> (x_fp8, inverse scale as a 0-D fp32 tensor), tensorwise: x ~= x_fp8.float() * inv_scale."""
+    fp8_max = torch.finfo(fp8_dtype).max
+    amax = x.detach().abs().max().double().clamp_min(AMAX_FLOOR)
+    scale = (fp8_max / amax).float()
+    xq = (x.float() * scale).clamp(-fp8_max, fp8_max).to(fp8_dtype)
+    return xq, scale.reciprocal()
+
+
+def dequantize(xq, inv_scale, dtype=torch.float32):
+    return (xq.float() * inv_scale).to(dtype)
+
+
+def _mm(a, b, a_inv, b_inv):
+    """a (M, K) row-major @ b (K, N) column-major, fp8 in, bf16 out (what cuBLAS fp8 GEMMs take)."""
+    return torch._scaled_mm(a, b, scale_a=a_inv, scale_b=b_inv, out_dtype=torch.bfloat16)
+
+
+def _col_major(t):
+    return t.t().contiguous().t()
+
+
+class FP8Matmul(torch.autograd.Function):
+    """y = x @ w.T with all three matmuls in fp8. x (M, K), w (N, K) -> y (M, N) bf16."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        xq, x_inv = quantize(x, E4M3)
+        wq, w_inv = quantize(w, E4M3)
+        ctx.save_for_backward(xq, x_inv, wq, w_inv)  # kept in fp8: half the bytes of bf16
+        ctx.x_dtype, ctx.w_dtype = x.dtype, w.dtype
+        return _mm(xq, wq.t(), x_inv, w_inv)  # wq.t() of a row-major weight is column-major already
+
+    @staticmethod
+    def backward(ctx, g):
+        xq, x_inv, wq, w_inv = ctx.saved_tensors
+        gq, g_inv = quantize(g, E5M2)
+        grad_x = _mm(gq, _col_major(wq), g_inv, w_inv)                      # (M, N) @ (N, K)
+        grad_w = _mm(gq.t().contiguous(), _col_major(xq), g_inv, x_inv)      # (N, M) @ (M, K)
+        return grad_x.to(ctx.x_dtype), grad_w.to(ctx.w_dtype)
+
+
+def fp8_linear(x, weight):
+    """F.linear(x, weight) through FP8Matmul; x (..., K) any leading shape. Returns bf16."""
+    y = FP8Matmul.apply(x.reshape(-1, x.size(-1)), weight)
+    return y.view(*x.shape[:-1], weight.size(0))
+
+
+def _eligible(m):
+    return m.in_features % 16 == 0 and m.out_features % 16 == 0 and min(m.in_features, m.out_features) >= 128
+
+
+def convert_to_fp8(model):
+    """Switch every eligible linear of the model to fp8 matmuls (in place; weights untouched). Returns the count."""
+    n = 0
+    for m in model.modules():
+        if type(m) is Linear and _eligible(m):
+            m.__class__ = FP8Linear
+            n += 1
+    return n
+
+
+@contextlib.contextmanager
+def bf16_linears(model):
+    """Evaluation (val bpb, CORE, samples) on the plain bf16 path, with the same weights."""
+    converted = [m for m in model.modules() if type(m) is FP8Linear]
+    for m in converted:
+        m.__class__ = Linear
+    try:
+        yield model
+    finally:
+        for m in converted:
+            m.__class__ = FP8Linear
+
+
+class FP8Linear(Linear):
+    """A nanochat Linear whose forward runs in fp8 (see the module docstring)."""
+
+    def forward(self, x):
+        return fp8_linear(x, self.weight).to(x.dtype)
