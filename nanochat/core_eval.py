@@ -1,5 +1,5 @@
 """
-The CORE benchmark (DCLM, arXiv 2406.11794; REFERENCE 9.2): in-context evaluation on the eval bundle's
+The CORE benchmark (DCLM, https://arxiv.org/abs/2406.11794): in-context evaluation on the eval bundle's
 tasks of three kinds, scored without generation.
 
 * multiple_choice: one prompt per choice, the choice with the lowest mean loss over its answer tokens wins.
@@ -8,7 +8,7 @@ tasks of three kinds, scored without generation.
 * language_modeling: greedy exact match of the continuation given the context.
 
 Accuracies are centered by each task's random baseline, CORE is their mean. Tasks whose data file is
-missing from the bundle are reported by name and left out of the mean (D15).
+missing from the bundle are reported by name and left out of the mean.
 
 Bundle location: `bundle_dir` argument, else $NANOCHAT_DATA_DIR/eval_bundle, else
 $NANOCHAT_BASE_DIR/eval_bundle (downloaded once from EVAL_BUNDLE_URL under a file lock).
@@ -32,7 +32,7 @@ EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundl
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 
 # -----------------------------------------------------------------------------
-# Prompt construction (REFERENCE 9.2 step 4). Few-shot blocks are each followed by a blank line.
+# Prompt construction, as in the DCLM evaluation harness. Few-shot blocks are each followed by a blank line.
 
 
 def render_prompts_mc(item, delimiter, fewshot):
@@ -246,7 +246,7 @@ def get_bundle_dir(bundle_dir=None):
     return d
 
 
-# the 22 tasks of the standard CORE bundle (REFERENCE 9.2), in core.yaml order
+# the 22 tasks of the standard CORE bundle, in core.yaml order
 CORE_TASKS = ["hellaswag_zeroshot", "jeopardy", "bigbench_qa_wikidata", "arc_easy", "arc_challenge", "copa",
               "commonsense_qa", "piqa", "openbook_qa", "lambada_openai", "hellaswag", "winograd", "winogrande",
               "bigbench_dyck_languages", "agi_eval_lsat_ar", "bigbench_cs_algorithms", "bigbench_operators",
@@ -288,7 +288,7 @@ def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None, ba
     tasks = load_bundle(get_bundle_dir(bundle_dir))
     results, centered, missing = {}, {}, []
     labels = {label for label, *_ in tasks}
-    if labels & set(CORE_TASKS):  # a (partial) standard bundle: name the standard tasks it lacks (D15)
+    if labels & set(CORE_TASKS):  # a (partial) standard bundle: name the standard tasks it lacks
         for label in CORE_TASKS:
             if label not in labels:
                 missing.append(label)

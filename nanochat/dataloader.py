@@ -1,6 +1,6 @@
 """
 Pretraining loader: rank-sharded document stream, background tokenization, BOS-aligned best-fit
-packing (REFERENCE 4.3-4.4) and exact resume (D5).
+packing and exact resume.
 
     loader = PretrainLoader(tokenizer, B=32, T=2048, split="train", device="cuda")
     for step, (x, y) in zip(range(n), loader): ...      # x, y: (B, T) int64 on device

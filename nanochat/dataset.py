@@ -1,7 +1,7 @@
 """
-Pretraining data: the FineWeb-Edu shuffled parquet shards (REFERENCE 4), or an offline mirror.
+Pretraining data: the FineWeb-Edu shuffled parquet shards (karpathy/fineweb-edu-100b-shuffle), or an offline mirror.
 
-Download shards (the pinned validation shard shard_01822 is always fetched as well, D3):
+Download shards (the pinned validation shard shard_01822 is always fetched as well):
     python -m nanochat.dataset -n 8            # 8 train shards + val, into $NANOCHAT_BASE_DIR/base_data
     python -m nanochat.dataset -n 370 -w 8     # d20 speedrun amount, 8 parallel downloads
 
@@ -21,7 +21,7 @@ from nanochat.common import get_base_dir, get_data_dir
 
 BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 MAX_SHARD = 1822  # shards 0..1822 exist (1,823 in all)
-VAL_SHARD = MAX_SHARD  # pinned validation shard (D3): val_bpb stays comparable however many shards are present
+VAL_SHARD = MAX_SHARD  # pinned validation shard: val_bpb stays comparable however many shards are present
 
 
 def shard_name(index):
@@ -51,7 +51,7 @@ def _missing_data_error(what):
 
 
 def get_split_files(split):
-    """Shard paths of "train" or "val". Offline: val = the last file. FineWeb: val = shard_01822 (D3)."""
+    """Shard paths of "train" or "val". Offline: val = the last file. FineWeb: val = shard_01822 (pinned)."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     files = list_parquet_files()

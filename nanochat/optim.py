@@ -1,11 +1,11 @@
 """
-One optimizer for the whole model (REFERENCE 6): AdamW for embeddings, value embeddings, the head and
+One optimizer for the whole model: AdamW for embeddings, value embeddings, the head and
 the scalars; Muon (Nesterov momentum -> MuonEq -> Polar Express -> Muon+ -> NorMuon -> cautious weight
 decay) for the matrices inside the blocks, one group per matrix shape, processed as one stacked
 (K, rows, cols) tensor so every Muon operation is a single batched kernel.
 
 Single process: no collectives. Under torch.distributed with world_size > 1 the same class runs a
-ZeRO-2 style step (REFERENCE 6.9): the model is not DDP-wrapped; step() averages the gradients itself
+ZeRO-2 style step (https://arxiv.org/abs/1910.02054): the model is not DDP-wrapped; step() averages the gradients itself
 (reduce-scatter), updates the shard this rank owns (optimizer state exists only for that shard) and
 all-gathers the new weights. So state_dict() is per rank and resuming needs the same world size.
 
@@ -20,7 +20,7 @@ import math
 import torch
 import torch.distributed as dist
 
-# Polar Express coefficients (REFERENCE 6.4; arXiv 2505.16932, safety factor 2e-2, cushion 2)
+# Polar Express coefficients (https://arxiv.org/abs/2505.16932, safety factor 2e-2, cushion 2)
 POLAR_EXPRESS_COEFFS = [
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -49,7 +49,7 @@ def polar_express(X, ns_steps=5):
 
 def muon_math(grad, param, mom_buf, var_buf, lr, wd, momentum, beta2, ns_steps: int, ortho_dtype: torch.dtype):
     """
-    One Muon step on a stack of K matrices (REFERENCE 6.3-6.6). grad, param: (K, rows, cols) fp32;
+    One Muon step on a stack of K matrices (Muon: https://kellerjordan.github.io/posts/muon/, with NorMuon's variance normalization https://arxiv.org/abs/2510.05491, and cautious weight decay: decay only where the update and the weight share a sign). grad, param: (K, rows, cols) fp32;
     mom_buf: (K, rows, cols) fp32; var_buf: (K, rows, 1) or (K, 1, cols) fp32, updated in place.
     lr (already shape-scaled), wd, momentum, beta2: 0-D CPU tensors. Returns the new params (K, rows, cols).
     """
@@ -162,7 +162,7 @@ class MuonAdamW(torch.optim.Optimizer):
       kind="muon":  params (all the same 2-D shape), lr, momentum=0.95, ns_steps=5, beta2=0.9, weight_decay=0.0
     Every group also gets initial_lr (= lr at construction) for LR schedules.
     muon_dtype: orthogonalization dtype; default $NANOCHAT_MUON_DTYPE, else bf16 on CUDA (fp32 on GPUs
-    without bf16) and fp32 elsewhere (REFERENCE D11).
+    without bf16) and fp32 elsewhere (bf16 matmul is slow or emulated on many CPUs).
     """
 
     def __init__(self, param_groups, muon_dtype=None):

@@ -1,5 +1,5 @@
 """
-The report card (REFERENCE 11.1, D17): every stage logs a markdown section into
+The report card: every stage logs a markdown section into
 $NANOCHAT_BASE_DIR/report/, and `generate` stitches them into report.md with a summary table,
 the total wall-clock time, an estimated cost and PNG plots of each stage's curves.
 
@@ -112,7 +112,7 @@ def gpu_info():
 
 
 def hourly_rate(gpu):
-    """$/hour of the whole node (REFERENCE 11.1 price table), None without GPUs."""
+    """$/hour of the whole node (typical on-demand cloud prices per GPU), None without GPUs."""
     if gpu["count"] == 0:
         return None
     name = gpu["names"][0]

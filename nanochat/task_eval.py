@@ -1,5 +1,5 @@
 """
-Accuracy of a chat model on a task (REFERENCE 9.3, 9.4), shared by chat_eval, chat_sft and chat_rl.
+Accuracy of a chat model on a task, shared by chat_eval, chat_sft and chat_rl.
 A task is anything with len(), [i] -> conversation and evaluate(conversation, answer).
 
 - categorical (ARC, MMLU): one forward per batch; the answer is the argmax of the logits at the
@@ -7,7 +7,7 @@ A task is anything with len(), [i] -> conversation and evaluate(conversation, an
 - generative (GSM8K, HumanEval, SpellingBee): sample completions with the Engine; a problem passes
   if any of its samples passes (pass@num_samples).
 Problems are split across ranks and the counts all-reduced.
-ChatCORE (REFERENCE 9.5) averages the accuracies after centering each on its random-guess baseline.
+ChatCORE averages the accuracies after centering each on its random-guess baseline.
 """
 
 import torch
@@ -54,7 +54,7 @@ def letter_token_ids(tokenizer, letters, cache):
 
 @torch.no_grad()
 def run_categorical_eval(task, tokenizer, model, batch_size=8, max_problems=None, device=None):
-    """Accuracy in [0, 1] of the letter the model puts most mass on (REFERENCE 9.3)."""
+    """Accuracy in [0, 1] of the letter the model puts most mass on."""
     device = device or next(model.parameters()).device
     _, rank, _, world_size = get_dist_info()
     n = len(task) if max_problems is None else min(len(task), max_problems)
@@ -82,7 +82,7 @@ def run_categorical_eval(task, tokenizer, model, batch_size=8, max_problems=None
 @torch.no_grad()
 def run_generative_eval(task, tokenizer, engine, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50,
                         max_problems=None, device=None, verbose=False):
-    """pass@num_samples in [0, 1] over the first max_problems problems (REFERENCE 9.4)."""
+    """pass@num_samples in [0, 1] over the first max_problems problems."""
     # the all-reduce needs a tensor on the backend's device (NCCL: the GPU the model sits on)
     device = torch.device(device) if device is not None else next(engine.model.parameters()).device
     _, rank, _, world_size = get_dist_info()

@@ -1,5 +1,5 @@
 """
-CORE evaluation of a base model checkpoint (REFERENCE 7.6, 9.2): prints a per-task table, writes
+CORE evaluation of a base model checkpoint: prints a per-task table, writes
 $NANOCHAT_BASE_DIR/base_eval/base_model_<step>.csv and the "Base model evaluation" report section.
 
     python -m scripts.base_eval                                   # one process (CPU/MPS/one GPU)

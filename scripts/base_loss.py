@@ -1,6 +1,5 @@
 """
 Bits per byte of a base checkpoint on train and val text, plus greedy and unconditional samples
-(REFERENCE 7.6).
 
     python -m scripts.base_loss --device-batch-size=1 --split-tokens=16384
     torchrun --standalone --nproc_per_node=8 -m scripts.base_loss

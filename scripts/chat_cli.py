@@ -1,5 +1,5 @@
 """
-Talk to a chat model in the terminal (REFERENCE 10.5). Replies stream token by token; calculator calls
+Talk to a chat model in the terminal. Replies stream token by token; calculator calls
 show up as `[calc: 12*3] = 36`.
 
 Launch:

@@ -1,6 +1,6 @@
 """
 Evaluate a chat model on ARC-Easy, ARC-Challenge, MMLU (letter logits), GSM8K, HumanEval and
-SpellingBee (generation), and compute ChatCORE (REFERENCE 9.3-9.5).
+SpellingBee (generation), and compute ChatCORE.
 
     python -m scripts.chat_eval -i sft
     python -m scripts.chat_eval -i mid -a "ARC-Easy|GSM8K" -x 100

@@ -1,6 +1,6 @@
 """
 Compare compression (bytes per token) of our tokenizer with GPT-2 and GPT-4 (cl100k_base) on training
-text, validation text and a few fixed genre samples (REFERENCE 2.7). Also measures encode throughput.
+text, validation text and a few fixed genre samples. Also measures encode throughput.
 
     python -m scripts.tok_eval
     NANOCHAT_DATA_DIR=../shared/data python -m scripts.tok_eval

@@ -1,6 +1,6 @@
 """
 Train the BPE tokenizer on the pretraining train split and save it (plus the token_bytes table) to
-$NANOCHAT_BASE_DIR/tokenizer (REFERENCE 2.5).
+$NANOCHAT_BASE_DIR/tokenizer.
 
     python -m scripts.tok_train                                   # speedrun: 2B chars, vocab 32768
     NANOCHAT_DATA_DIR=../shared/data python -m scripts.tok_train --vocab-size=8192 --max-chars=50000000

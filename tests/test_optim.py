@@ -1,6 +1,6 @@
 """
 MuonAdamW on one CPU process: the AdamW path against torch.optim.AdamW, the Muon path against a
-naive per-matrix implementation of REFERENCE 6.3-6.6, orthogonality of the update, Polar Express
+naive per-matrix implementation of the Muon step (orthogonalize, NorMuon, cautious decay), orthogonality of the update, Polar Express
 against the SVD polar factor, learning on a synthetic task, and a bitwise-exact resume.
 """
 
@@ -43,7 +43,7 @@ def test_adamw_matches_torch():
 
 
 def naive_muon(P, G, buf, var, lr, wd, mu, beta2):
-    """REFERENCE 6.3-6.6 for a single matrix, written out directly (fp32)."""
+    """The Muon step for a single matrix, written out directly (fp32)."""
     rows, cols = P.shape
     buf = mu * buf + (1 - mu) * G
     U = (1 - mu) * G + mu * buf
