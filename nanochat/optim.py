@@ -49,7 +49,9 @@ def polar_express(X, ns_steps=5):
 
 def muon_math(grad, param, mom_buf, var_buf, lr, wd, momentum, beta2, ns_steps: int, ortho_dtype: torch.dtype):
     """
-    One Muon step on a stack of K matrices (Muon: https://kellerjordan.github.io/posts/muon/, with NorMuon's variance normalization https://arxiv.org/abs/2510.05491, and cautious weight decay: decay only where the update and the weight share a sign). grad, param: (K, rows, cols) fp32;
+    One Muon step on a stack of K matrices (Muon: https://kellerjordan.github.io/posts/muon/; NorMuon's
+    variance normalization: https://arxiv.org/abs/2510.05491; cautious weight decay: decay only where the
+    update and the weight share a sign). grad, param: (K, rows, cols) fp32;
     mom_buf: (K, rows, cols) fp32; var_buf: (K, rows, 1) or (K, 1, cols) fp32, updated in place.
     lr (already shape-scaled), wd, momentum, beta2: 0-D CPU tensors. Returns the new params (K, rows, cols).
     """
