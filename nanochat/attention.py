@@ -182,22 +182,24 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     return y.transpose(1, 2)
 
 
-def flash_attn_decode(q, k_cache, v_cache, k, v, pos, cache_seqlens, window_size=(-1, -1)):
+def flash_attn_decode(q, k_cache, v_cache, k, v, cache_seqlens, window_size=(-1, -1)):
     """
-    flash_attn_with_kvcache (causal) for the common case where every row sits at the same position `pos`
-    (a python int the caller already has, so no host sync here). Writes k, v (B, Tn, Hkv, D) at pos..pos+Tn-1
-    and returns (B, Tn, H, D). cache_seqlens is only read by the FA3 kernel.
+    One new token per row at shapes fixed by the cache, for a compiled decode step: q (B, 1, H, D),
+    k, v (B, 1, Hkv, D) are written at each row's own position cache_seqlens (B,) int32 and attended over
+    the whole cache (B, Tmax, Hkv, D) with a mask (causal and window), not a slice, so nothing depends on
+    the positions' values. Returns (B, 1, H, D). Does not advance cache_seqlens.
     """
     if _use_fa3(q):
         return _first(_fa3.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
                                                    causal=True, window_size=tuple(window_size)))
-    Tq = q.size(1)
-    if pos + Tq > k_cache.size(1):
-        raise ValueError(f"KV cache overflow: {pos} + {Tq} new tokens > capacity {k_cache.size(1)}; "
-                         "make the cache longer (seq_len) or stop generating earlier")
-    k_cache[:, pos:pos + Tq] = k
-    v_cache[:, pos:pos + Tq] = v
-    return _sdpa(q, k_cache[:, :pos + Tq], v_cache[:, :pos + Tq], pos, _window_left(window_size), True)
+    B, Tmax = k_cache.shape[:2]
+    rows, pos = torch.arange(B, device=q.device), cache_seqlens.long()
+    k_cache[rows, pos] = k[:, 0]
+    v_cache[rows, pos] = v[:, 0]
+    mask = _build_mask(pos[:, None], Tmax, _window_left(window_size), q.device)  # (B, 1, Tmax)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
+                                       attn_mask=mask[:, None], enable_gqa=q.size(2) != k_cache.size(2))
+    return y.transpose(1, 2)
 
 
 def reference_attention(q, k, v, q_pos, window_left=-1, causal=True):
@@ -241,7 +243,7 @@ class KVCache:
         self.prev_embedding = None
 
     def get_pos(self):
-        """Position of row 0 (rows move together in normal use)."""
+        """Position of row 0 (the Engine's rows move together; BatchEngine's do not)."""
         return int(self.cache_seqlens[0].item())
 
     def get_layer_cache(self, layer_idx):
@@ -272,3 +274,30 @@ class KVCache:
         if other.prev_embedding is not None:
             pe = other.prev_embedding
             self.prev_embedding = pe.expand(self.batch_size, *pe.shape[1:]).clone()
+
+    def rows(self, n):
+        """A cache over rows [0, n) that shares this one's storage (writes and advances land here)."""
+        if not 1 <= n <= self.batch_size:
+            raise ValueError(f"rows({n}) needs 1 <= n <= batch_size={self.batch_size}")
+        view = KVCache.__new__(KVCache)
+        view.__dict__.update(self.__dict__)
+        view.batch_size = n
+        view.k_cache, view.v_cache = self.k_cache[:, :n], self.v_cache[:, :n]
+        view.cache_seqlens = self.cache_seqlens[:n]
+        view.prev_embedding = None if self.prev_embedding is None else self.prev_embedding[:n]
+        return view
+
+    def insert_row(self, row, other):
+        """Copy a batch-1 cache's contents into row `row` (continuous batching: a request joins)."""
+        if other.batch_size != 1 or (self.num_layers, self.num_heads, self.head_dim) != \
+                (other.num_layers, other.num_heads, other.head_dim):
+            raise ValueError("insert_row() needs a batch-1 cache of the same (layers, heads, head_dim)")
+        pos = other.get_pos()
+        if pos > self.seq_len:
+            raise ValueError(f"other holds {pos} tokens but this cache has room for {self.seq_len}")
+        self.k_cache[:, row, :pos] = other.k_cache[:, 0, :pos]
+        self.v_cache[:, row, :pos] = other.v_cache[:, 0, :pos]
+        self.cache_seqlens[row] = pos
+        if self.prev_embedding is None or other.prev_embedding is None:
+            raise ValueError("insert_row() needs prev_embedding on both caches (allocate it, prefill other)")
+        self.prev_embedding[row] = other.prev_embedding[0]
