@@ -184,22 +184,40 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
 
 def flash_attn_decode(q, k_cache, v_cache, k, v, cache_seqlens, window_size=(-1, -1)):
     """
-    One new token per row at shapes fixed by the cache, for a compiled decode step: q (B, 1, H, D),
-    k, v (B, 1, Hkv, D) are written at each row's own position cache_seqlens (B,) int32 and attended over
-    the whole cache (B, Tmax, Hkv, D) with a mask (causal and window), not a slice, so nothing depends on
-    the positions' values. Returns (B, 1, H, D). Does not advance cache_seqlens.
+    One new token per row at shapes fixed by the cache, for a compilable decode step: q (B, 1, H, D)
+    at each row's own position cache_seqlens (B,) int32 attends over that row's cached keys/values
+    (B, Tmax, Hkv, D) before the position, plus its own new k, v (B, 1, Hkv, D), with a mask (causal and
+    window) rather than a slice, so nothing depends on the positions' values. Returns (B, 1, H, D).
+    The caller stores k, v at the positions afterwards (see KVCache.store_step); the eager and FA3 paths
+    may already have written them there.
     """
     if _use_fa3(q):
         return _first(_fa3.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
                                                    causal=True, window_size=tuple(window_size)))
     B, Tmax = k_cache.shape[:2]
-    rows, pos = torch.arange(B, device=q.device), cache_seqlens.long()
-    k_cache[rows, pos] = k[:, 0]
-    v_cache[rows, pos] = v[:, 0]
+    pos = cache_seqlens.long()
     mask = _build_mask(pos[:, None], Tmax, _window_left(window_size), q.device)  # (B, 1, Tmax)
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
-                                       attn_mask=mask[:, None], enable_gqa=q.size(2) != k_cache.size(2))
-    return y.transpose(1, 2)
+    if not torch.compiler.is_compiling():
+        rows = torch.arange(B, device=q.device)
+        k_cache[rows, pos], v_cache[rows, pos] = k[:, 0], v[:, 0]
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
+                                           attn_mask=mask[:, None], enable_gqa=q.size(2) != k_cache.size(2))
+        return y.transpose(1, 2)
+    # Compiled: no writes (an in-place write into a graph input makes inductor copy the whole cache every
+    # step) and no SDPA (it would copy the cache into its (B, H, T, D) layout). Broadcast products and
+    # sums instead, which inductor fuses into loops reading the cache in place; the new key joins the
+    # softmax as one extra column.
+    H, Hkv, D = q.size(2), k_cache.size(2), q.size(3)
+    qg = q.view(B, 1, Hkv, H // Hkv, D).float() * D ** -0.5
+    mask = mask & (torch.arange(Tmax, device=q.device) < pos[:, None, None])  # cached keys only
+    s_cache = (qg * k_cache.unsqueeze(3)).sum(-1)  # (B, Tmax, Hkv, H/Hkv)
+    s_cache = s_cache.masked_fill(~mask.view(B, Tmax, 1, 1), float("-inf"))
+    s_new = (qg[:, 0] * k.view(B, Hkv, 1, D)).sum(-1)  # (B, Hkv, H/Hkv)
+    m = torch.maximum(s_cache.amax(dim=1), s_new)
+    p_cache, p_new = torch.exp(s_cache - m[:, None]), torch.exp(s_new - m)
+    y = (p_cache.unsqueeze(-1) * v_cache.unsqueeze(3)).sum(1) + p_new.unsqueeze(-1) * v.view(B, Hkv, 1, D)
+    y = y / (p_cache.sum(1) + p_new).unsqueeze(-1)  # (B, Hkv, H/Hkv, D)
+    return y.view(B, 1, H, D).to(q.dtype)
 
 
 def reference_attention(q, k, v, q_pos, window_left=-1, causal=True):
@@ -286,6 +304,12 @@ class KVCache:
         view.cache_seqlens = self.cache_seqlens[:n]
         view.prev_embedding = None if self.prev_embedding is None else self.prev_embedding[:n]
         return view
+
+    def store_step(self, k, v):
+        """Store one new token per row, k, v (L, B, Hkv, D), at each row's position (not advanced)."""
+        rows, pos = torch.arange(self.batch_size, device=k.device), self.cache_seqlens.long()
+        self.k_cache[:, rows, pos] = k
+        self.v_cache[:, rows, pos] = v
 
     def insert_row(self, row, other):
         """Copy a batch-1 cache's contents into row `row` (continuous batching: a request joins)."""

@@ -377,6 +377,8 @@ class BatchEngine:
         return req.stream
 
     def stats(self):
+        """queue_depth, active_rows, max_rows, tok_per_s (tokens streamed over the last ~10 s) and
+        total_tokens (streamed since start; terminal tokens not counted)."""
         with self._cond:
             now = time.monotonic()
             while self._recent and now - self._recent[0][0] > 10.0:
@@ -457,11 +459,11 @@ class BatchEngine:
                 int(sample_next_token(self._logits[slot:slot + 1], req.rng, req.temperature, req.top_k, req.top_p))
             tok, _ = req.row.step(sampled, self.tools)
             req.generated += 1
-            n_out += 1
             if req.row.completed:
                 self._free(slot, "stop")
                 continue
             req.stream._put(tok)
+            n_out += 1
             if req.generated >= req.max_tokens:
                 self._free(slot, "length")
                 continue

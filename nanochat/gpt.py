@@ -457,15 +457,20 @@ class GPT(nn.Module):
         """
         One token per row, each row at its own position pos (B,) int32, at shapes fixed by the cache
         (L, B, Tmax, Hkv, hd): no host syncs and no data-dependent shapes, so torch.compile traces it once
-        per (B, Tmax). Writes k/v in place; returns fp32 logits (B, 1, V) and the new prev embedding.
+        per (B, Tmax). Returns fp32 logits (B, 1, V), the new prev embedding, and the new k, v
+        (L, B, Hkv, hd) for the caller to store (writing inside a compiled graph would copy the cache).
         """
         p = pos.long()
         cos, sin = self.cos[0][p[:, None]], self.sin[0][p[:, None]]  # (B, 1, 1, hd/2)
+        new_k, new_v = [], []
 
         def attend(i, q, k, v):
+            new_k.append(k[:, 0])
+            new_v.append(v[:, 0])
             return flash_attn_decode(q, k_cache[i], v_cache[i], k, v, pos, self.window_sizes[i])
 
-        return self._cached_layers(w, idx, prev, cos, sin, attend)
+        logits, new_prev = self._cached_layers(w, idx, prev, cos, sin, attend)
+        return logits, new_prev, torch.stack(new_k), torch.stack(new_v)
 
     def _compiled_decode_step(self):
         if getattr(self, "_compiled_decode", None) is None:
@@ -493,7 +498,8 @@ class GPT(nn.Module):
                 raise ValueError(f"KV cache overflow: {top} + 1 new token > capacity {kv_cache.seq_len}; "
                                  "make the cache longer (seq_len) or stop generating earlier")
             step = self._compiled_decode_step() if compile else self._decode_step
-            logits, new_prev = step(w, idx, kv_cache.k_cache, kv_cache.v_cache, kv_cache.cache_seqlens, prev)
+            logits, new_prev, k, v = step(w, idx, kv_cache.k_cache, kv_cache.v_cache, kv_cache.cache_seqlens, prev)
+            kv_cache.store_step(k, v)
             kv_cache.prev_embedding.copy_(new_prev)
         else:
             pos = kv_cache.cache_seqlens.tolist()

@@ -22,7 +22,7 @@ import time
 import torch
 
 from nanochat.common import autodetect_device_type, get_max_memory, synchronize, print0
-from nanochat.engine import Engine
+from nanochat.engine import Engine, new_kv_cache
 from nanochat.gpt import GPT, config_from_depth
 
 parser = argparse.ArgumentParser(description="benchmark KV-cache inference against naive generation")
@@ -103,9 +103,8 @@ def timed(fn):
 
 # prefill: one batch-1 forward of the prompt into a cache
 def run_prefill():
-    cache = engine._new_cache(1, args.prompt_len, device, dtype)
-    with torch.inference_mode():
-        model(torch.tensor([prompt], device=device), kv_cache=cache)
+    cache = new_kv_cache(model, 1, args.prompt_len)
+    model.forward_cached(torch.tensor([prompt], device=device), cache, last_only=True)
 
 
 t_prefill, _ = timed(run_prefill)
