@@ -196,13 +196,16 @@ def flash_attn_decode(q, k_cache, v_cache, k, v, cache_seqlens, window_size=(-1,
                                                    causal=True, window_size=tuple(window_size)))
     B, Tmax = k_cache.shape[:2]
     pos = cache_seqlens.long()
-    mask = _build_mask(pos[:, None], Tmax, _window_left(window_size), q.device)  # (B, 1, Tmax)
     if not torch.compiler.is_compiling():
         rows = torch.arange(B, device=q.device)
         k_cache[rows, pos], v_cache[rows, pos] = k[:, 0], v[:, 0]
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
-                                           attn_mask=mask[:, None], enable_gqa=q.size(2) != k_cache.size(2))
+        Tk = int(pos.max()) + 1  # eager: attend over the filled part only (one host sync)
+        mask = _build_mask(pos[:, None], Tk, _window_left(window_size), q.device)  # (B, 1, Tk)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache[:, :Tk].transpose(1, 2),
+                                           v_cache[:, :Tk].transpose(1, 2), attn_mask=mask[:, None],
+                                           enable_gqa=q.size(2) != k_cache.size(2))
         return y.transpose(1, 2)
+    mask = _build_mask(pos[:, None], Tmax, _window_left(window_size), q.device)  # (B, 1, Tmax)
     # Compiled: no writes (an in-place write into a graph input makes inductor copy the whole cache every
     # step) and no SDPA (it would copy the cache into its (B, H, T, D) layout). Broadcast products and
     # sums instead, which inductor fuses into loops reading the cache in place; the new key joins the

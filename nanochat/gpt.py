@@ -387,12 +387,9 @@ class GPT(nn.Module):
             self._init_rotary(self.get_device())
 
     def _inference_weights(self):
-        """
-        Every weight of the forward in the compute dtype, q/k/v concatenated into one matrix per layer, as
-        one flat structure the cached steps take as an argument (so a compiled step sees them as inputs).
-        Cast once and kept, not per step: in bf16 a per-step cast would read the fp32 weights anyway.
-        Rebuilt whenever a parameter is modified in place (optimizer step, load_state_dict) or replaced.
-        """
+        """Every weight in the compute dtype (q/k/v as one matrix per layer), an argument of the cached steps.
+        Cast once and kept (a per-step bf16 cast would read the fp32 weights anyway); rebuilt whenever a
+        parameter is modified in place (optimizer step, load_state_dict) or replaced."""
         dtype, params = self.compute_dtype, list(self.parameters())
         key = (dtype,) + tuple((p.data_ptr(), p._version) for p in params)
         if getattr(self, "_inference_cache", (None,))[0] == key:
@@ -417,16 +414,15 @@ class GPT(nn.Module):
         return w
 
     def _cached_layers(self, w, idx, prev, cos, sin, attend, last_only=False):
-        """
-        forward()'s math for tokens that continue a cache. idx (B, T); prev (B, 1, d): the pre-smear
-        embedding before idx[:, 0] (None at a sequence start); attend(i, q, k, v) stores layer i's k, v
-        in the cache and attends. Returns fp32 logits (B, T or 1, V) and this step's last pre-smear
-        embedding (B, 1, d). Module calls are bypassed and elementwise work runs in place: a decode step
-        is ~100 tiny ops, so their count, not the FLOPs, sets its speed.
-        """
+        """forward()'s math for tokens continuing a cache. idx (B, T); prev (B, 1, d): the pre-smear embedding
+        before idx[:, 0] (None at a sequence start); attend(i, q, k, v) stores/attends layer i's k, v. Returns
+        fp32 logits (B, T or 1, V) and the last pre-smear embedding (B, 1, d). No module calls and in-place
+        elementwise work: a decode step is ~100 tiny ops, so their count, not the FLOPs, sets its speed."""
         B, T = idx.shape
         H, Hkv, hd = self.config.n_head, self.config.n_kv_head, self.head_dim
-        linear = matvec if torch.compiler.is_compiling() else F.linear
+        # fused loops beat BLAS calls for a few rows on a CPU; a GPU keeps its matmul kernels
+        small_cpu = idx.device.type == "cpu" and B * T <= 8
+        linear = matvec if torch.compiler.is_compiling() and small_cpu else F.linear
         x = norm(F.embedding(idx, w["wte"]))  # (B, T, d)
         new_prev = x[:, -1:]
         # smear (see forward)
@@ -462,12 +458,9 @@ class GPT(nn.Module):
         return SOFTCAP * torch.tanh(logits / SOFTCAP), new_prev
 
     def _decode_step(self, w, idx, k_cache, v_cache, pos, prev):
-        """
-        One token per row, each row at its own position pos (B,) int32, at shapes fixed by the cache
-        (L, B, Tmax, Hkv, hd): no host syncs and no data-dependent shapes, so torch.compile traces it once
-        per (B, Tmax). Returns fp32 logits (B, 1, V), the new prev embedding, and the new k, v
-        (L, B, Hkv, hd) for the caller to store (writing inside a compiled graph would copy the cache).
-        """
+        """One token per row at its own position pos (B,) int32, shapes fixed by the cache (L, B, Tmax, Hkv, hd):
+        no host syncs, so torch.compile traces it once per (B, Tmax). Returns fp32 logits (B, 1, V), the new
+        prev embedding and the new k, v (L, B, Hkv, hd) to store (a write inside the graph copies the cache)."""
         p = pos.long()
         cos, sin = self.cos[0][p[:, None]], self.sin[0][p[:, None]]  # (B, 1, 1, hd/2)
         new_k, new_v = [], []
@@ -480,12 +473,14 @@ class GPT(nn.Module):
         logits, new_prev = self._cached_layers(w, idx, prev, cos, sin, attend)
         return logits, new_prev, torch.stack(new_k), torch.stack(new_v)
 
-    def _compiled_decode_step(self):
+    def _compiled_decode_step(self):  # built on first use
         if getattr(self, "_compiled_decode", None) is None:
-            # cpp_wrapper: the compiled graph is launched from C++, not a Python wrapper that allocates
-            # each buffer in turn; on a CPU that per-call overhead is a good part of a small decode step
-            self._compiled_decode = torch.compile(self._decode_step, dynamic=False, fullgraph=True,
-                                                  options={"cpp_wrapper": self.get_device().type == "cpu"})
+            # CPU: launch the graph from C++ (not a Python wrapper allocating each buffer in turn), and run
+            # its kernels single-threaded: at decode sizes a thread fork/join per kernel cost more than it
+            # saved in our measurements (a d4 step took 1.0 ms this way, 1.5 ms on two threads)
+            cpu = self.get_device().type == "cpu"
+            options = {"cpp_wrapper": True, "cpp.threads": 1} if cpu else {}
+            self._compiled_decode = torch.compile(self._decode_step, dynamic=False, fullgraph=True, options=options)
         return self._compiled_decode
 
     @torch.inference_mode()
@@ -513,12 +508,8 @@ class GPT(nn.Module):
             kv_cache.store_step(k, v)
             kv_cache.prev_embedding.copy_(new_prev)
         else:
-            pos = kv_cache.cache_seqlens.tolist()
-            if all(q == pos[0] for q in pos):  # rows together: the rotary tables sliced, not gathered
-                cos, sin = self.cos[:, pos[0]:pos[0] + T], self.sin[:, pos[0]:pos[0] + T]  # (1, T, 1, hd/2)
-            else:
-                p = kv_cache.cache_seqlens.long().unsqueeze(1) + torch.arange(T, device=idx.device)  # (B, T)
-                cos, sin = self.cos[0][p], self.sin[0][p]  # (B, T, 1, hd/2)
+            p = kv_cache.cache_seqlens.long().unsqueeze(1) + torch.arange(T, device=idx.device)  # (B, T)
+            cos, sin = self.cos[0][p], self.sin[0][p]  # (B, T, 1, hd/2)
 
             def attend(i, q, k, v):
                 k_cache, v_cache = kv_cache.get_layer_cache(i)
@@ -526,10 +517,7 @@ class GPT(nn.Module):
                                                causal=True, window_size=self.window_sizes[i])
 
             logits, new_prev = self._cached_layers(w, idx, prev, cos, sin, attend, last_only)
-            if prev is None:
-                kv_cache.prev_embedding = new_prev.clone()
-            else:
-                kv_cache.prev_embedding.copy_(new_prev)
+            kv_cache.prev_embedding = new_prev.clone() if prev is None else prev.copy_(new_prev)
         kv_cache.advance(T)  # after the last layer, so every layer saw the same positions
         return logits
 
