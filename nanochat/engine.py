@@ -214,7 +214,8 @@ class Engine:
         prefill_cache = new_kv_cache(model, 1, T)
         ids = torch.tensor([tokens], dtype=torch.long, device=device)  # (1, T)
         logits = model.forward_cached(ids, prefill_cache, last_only=True)[:, -1, :]  # (1, V)
-        cache = new_kv_cache(model, B, cache_len_bucket(T + max_tokens))
+        cache_len = max(T + max_tokens, min(cache_len_bucket(T + max_tokens), getattr(model, "rotary_len", 1 << 62)))
+        cache = new_kv_cache(model, B, cache_len)
         cache.prefill(prefill_cache)
         del prefill_cache
         logits = logits.expand(B, -1)  # (B, V); each row still samples independently

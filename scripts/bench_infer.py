@@ -8,8 +8,9 @@ speed-up over naive, and peak memory.
 Random-init model (the default) or a trained checkpoint (--source). Stop tokens are disabled (the
 Engine gets special-token ids the model never emits) so every run decodes exactly --gen-tokens steps.
 
-CPU (the reference figures: depth 4, head dim 64, seq 512, vocab 8192, fp32):
-    OMP_NUM_THREADS=2 python -m scripts.bench_infer --depth=4 --head-dim=64 --max-seq-len=512 --vocab-size=8192
+CPU (depth 4, head dim 64, seq 512, vocab 8192; greedy, 64-token prompt, 127 decode steps per row):
+    OMP_NUM_THREADS=2 python -m scripts.bench_infer --prompt-len=64 --gen-tokens=128 --temperature=0 --naive-tokens=0
+    add --dtype=bfloat16 for bf16 weights and activations, --compile=0 for the eager decode step
 On a shared, oversubscribed CPU add OMP_WAIT_POLICY=PASSIVE (or use OMP_NUM_THREADS=1): spinning OpenMP
 threads that lose their core to other processes made decode ~10x slower in our runs.
 One GPU:
