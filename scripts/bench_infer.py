@@ -49,7 +49,7 @@ parser.add_argument("--repeats", type=int, default=3, help="timed repeats (the b
 parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
 parser.add_argument("--top-k", type=int, default=50, help="top-k for sampling (0 = off)")
 parser.add_argument("--seed", type=int, default=42, help="seed for weights, prompt and sampling")
-parser.add_argument("--dtype", type=str, default="", help="float32|bfloat16 compute dtype (empty = the device's default)")
+parser.add_argument("--dtype", type=str, default="", help="float32|bfloat16 compute dtype (empty = device default)")
 parser.add_argument("--compile", type=int, default=1, help="1 = torch.compile the decode step (0 = eager)")
 args = parser.parse_args()
 
