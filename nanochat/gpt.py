@@ -461,13 +461,11 @@ class GPT(nn.Module):
         """One token per row at its own position pos (B,) int32, shapes fixed by the cache (L, B, Tmax, Hkv, hd):
         no host syncs, so torch.compile traces it once per (B, Tmax). Returns fp32 logits (B, 1, V), the new
         prev embedding and the new k, v (L, B, Hkv, hd) to store (a write inside the graph copies the cache)."""
-        p = pos.long()
-        cos, sin = self.cos[0][p[:, None]], self.sin[0][p[:, None]]  # (B, 1, 1, hd/2)
+        cos, sin = self.cos[0][pos.long()[:, None]], self.sin[0][pos.long()[:, None]]  # (B, 1, 1, hd/2)
         new_k, new_v = [], []
 
         def attend(i, q, k, v):
-            new_k.append(k[:, 0])
-            new_v.append(v[:, 0])
+            new_k.append(k[:, 0]), new_v.append(v[:, 0])
             return flash_attn_decode(q, k_cache[i], v_cache[i], k, v, pos, self.window_sizes[i])
 
         logits, new_prev = self._cached_layers(w, idx, prev, cos, sin, attend)
@@ -475,11 +473,9 @@ class GPT(nn.Module):
 
     def _compiled_decode_step(self):  # built on first use
         if getattr(self, "_compiled_decode", None) is None:
-            # CPU: launch the graph from C++ (not a Python wrapper allocating each buffer in turn), and run
-            # its kernels single-threaded: at decode sizes a thread fork/join per kernel cost more than it
-            # saved in our measurements (a d4 step took 1.0 ms this way, 1.5 ms on two threads)
-            cpu = self.get_device().type == "cpu"
-            options = {"cpp_wrapper": True, "cpp.threads": 1} if cpu else {}
+            # CPU: launch the graph from C++, not a Python wrapper allocating each buffer, and run its kernels
+            # on one thread: at decode sizes a fork/join per kernel cost more than it saved (d4: 1.0 vs 1.5 ms)
+            options = {"cpp_wrapper": True, "cpp.threads": 1} if self.get_device().type == "cpu" else {}
             self._compiled_decode = torch.compile(self._decode_step, dynamic=False, fullgraph=True, options=options)
         return self._compiled_decode
 
