@@ -365,22 +365,45 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     return y.transpose(1, 2)
 
 
-def flash_attn_decode(q, k_cache, v_cache, k, v, pos, cache_seqlens, window_size=(-1, -1)):
+def flash_attn_decode(q, k_cache, v_cache, k, v, cache_seqlens, window_size=(-1, -1)):
     """
-    flash_attn_with_kvcache (causal) for the common case where every row sits at the same position `pos`
-    (a python int the caller already has, so no host sync here). Writes k, v (B, Tn, Hkv, D) at pos..pos+Tn-1
-    and returns (B, Tn, H, D). cache_seqlens is only read by the FA3 kernel.
+    One new token per row at shapes fixed by the cache, for a compilable decode step: q (B, 1, H, D)
+    at each row's own position cache_seqlens (B,) int32 attends over that row's cached keys/values
+    (B, Tmax, Hkv, D) before the position, plus its own new k, v (B, 1, Hkv, D), with a mask (causal and
+    window) rather than a slice, so nothing depends on the positions' values. Returns (B, 1, H, D).
+    The caller stores k, v at the positions afterwards (see KVCache.store_step); the eager and FA3 paths
+    may already have written them there.
     """
     if _use_fa3(q):
         return _first(_fa3.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
                                                    causal=True, window_size=tuple(window_size)))
-    Tq = q.size(1)
-    if pos + Tq > k_cache.size(1):
-        raise ValueError(f"KV cache overflow: {pos} + {Tq} new tokens > capacity {k_cache.size(1)}; "
-                         "make the cache longer (seq_len) or stop generating earlier")
-    k_cache[:, pos:pos + Tq] = k
-    v_cache[:, pos:pos + Tq] = v
-    return _sdpa(q, k_cache[:, :pos + Tq], v_cache[:, :pos + Tq], pos, _window_left(window_size), True)
+    B, Tmax = k_cache.shape[:2]
+    pos = cache_seqlens.long()
+    if not torch.compiler.is_compiling():
+        rows = torch.arange(B, device=q.device)
+        k_cache[rows, pos], v_cache[rows, pos] = k[:, 0], v[:, 0]
+        Tk = int(pos.max()) + 1  # eager: attend over the filled part only (one host sync)
+        mask = _build_mask(pos[:, None], Tk, _window_left(window_size), q.device)  # (B, 1, Tk)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache[:, :Tk].transpose(1, 2),
+                                           v_cache[:, :Tk].transpose(1, 2), attn_mask=mask[:, None],
+                                           enable_gqa=q.size(2) != k_cache.size(2))
+        return y.transpose(1, 2)
+    mask = _build_mask(pos[:, None], Tmax, _window_left(window_size), q.device)  # (B, 1, Tmax)
+    # Compiled: no writes (an in-place write into a graph input makes inductor copy the whole cache every
+    # step) and no SDPA (it would copy the cache into its (B, H, T, D) layout). Broadcast products and
+    # sums instead, which inductor fuses into loops reading the cache in place; the new key joins the
+    # softmax as one extra column.
+    H, Hkv, D = q.size(2), k_cache.size(2), q.size(3)
+    qg = q.view(B, 1, Hkv, H // Hkv, D).float() * D ** -0.5
+    mask = mask & (torch.arange(Tmax, device=q.device) < pos[:, None, None])  # cached keys only
+    s_cache = (qg * k_cache.unsqueeze(3)).sum(-1)  # (B, Tmax, Hkv, H/Hkv)
+    s_cache = s_cache.masked_fill(~mask.view(B, Tmax, 1, 1), float("-inf"))
+    s_new = (qg[:, 0] * k.view(B, Hkv, 1, D)).sum(-1)  # (B, Hkv, H/Hkv)
+    m = torch.maximum(s_cache.amax(dim=1), s_new)
+    p_cache, p_new = torch.exp(s_cache - m[:, None]), torch.exp(s_new - m)
+    y = (p_cache.unsqueeze(-1) * v_cache.unsqueeze(3)).sum(1) + p_new.unsqueeze(-1) * v.view(B, Hkv, 1, D)
+    y = y / (p_cache.sum(1) + p_new).unsqueeze(-1)  # (B, Hkv, H/Hkv, D)
+    return y.view(B, 1, H, D).to(q.dtype)
 
 
 def reference_attention(q, k, v, q_pos, window_left=-1, causal=True):
@@ -424,7 +447,7 @@ class KVCache:
         self.prev_embedding = None
 
     def get_pos(self):
-        """Position of row 0 (rows move together in normal use)."""
+        """Position of row 0 (the Engine's rows move together; BatchEngine's do not)."""
         return int(self.cache_seqlens[0].item())
 
     def get_layer_cache(self, layer_idx):
@@ -455,3 +478,36 @@ class KVCache:
         if other.prev_embedding is not None:
             pe = other.prev_embedding
             self.prev_embedding = pe.expand(self.batch_size, *pe.shape[1:]).clone()
+
+    def rows(self, n):
+        """A cache over rows [0, n) that shares this one's storage (writes and advances land here)."""
+        if not 1 <= n <= self.batch_size:
+            raise ValueError(f"rows({n}) needs 1 <= n <= batch_size={self.batch_size}")
+        view = KVCache.__new__(KVCache)
+        view.__dict__.update(self.__dict__)
+        view.batch_size = n
+        view.k_cache, view.v_cache = self.k_cache[:, :n], self.v_cache[:, :n]
+        view.cache_seqlens = self.cache_seqlens[:n]
+        view.prev_embedding = None if self.prev_embedding is None else self.prev_embedding[:n]
+        return view
+
+    def store_step(self, k, v):
+        """Store one new token per row, k, v (L, B, Hkv, D), at each row's position (not advanced)."""
+        rows, pos = torch.arange(self.batch_size, device=k.device), self.cache_seqlens.long()
+        self.k_cache[:, rows, pos] = k
+        self.v_cache[:, rows, pos] = v
+
+    def insert_row(self, row, other):
+        """Copy a batch-1 cache's contents into row `row` (continuous batching: a request joins)."""
+        if other.batch_size != 1 or (self.num_layers, self.num_heads, self.head_dim) != \
+                (other.num_layers, other.num_heads, other.head_dim):
+            raise ValueError("insert_row() needs a batch-1 cache of the same (layers, heads, head_dim)")
+        pos = other.get_pos()
+        if pos > self.seq_len:
+            raise ValueError(f"other holds {pos} tokens but this cache has room for {self.seq_len}")
+        self.k_cache[:, row, :pos] = other.k_cache[:, 0, :pos]
+        self.v_cache[:, row, :pos] = other.v_cache[:, 0, :pos]
+        self.cache_seqlens[row] = pos
+        if self.prev_embedding is None or other.prev_embedding is None:
+            raise ValueError("insert_row() needs prev_embedding on both caches (allocate it, prefill other)")
+        self.prev_embedding[row] = other.prev_embedding[0]

@@ -1,139 +1,35 @@
 """
-Fast inference: one batch-1 prefill, the KV cache replicated to `num_samples` rows, then one decode step
-per generated column, with the calculator tool wired into the token stream (REFERENCE 10.1-10.4).
+Fast inference with a KV cache, and the calculator tool wired into the token stream.
+
+Engine: one request, `num_samples` rows sharing its prompt. One batch-1 prefill, the KV cache replicated
+to the rows, then one decode step per generated column.
+BatchEngine: continuous batching. Many requests, each in its own row of one cache at its own position,
+joining and leaving a running decode loop (a background thread).
 
 The engine knows nothing about text except for tool use: between <|python_start|> and <|python_end|> the
 tokens are decoded and handed to `use_calculator`; a result is forced back into that row as
 <|output_start|> result <|output_end|> (mask 0), one token per step.
 
-The calculator (D12) is a whitelist evaluator over Python's `ast`, not `eval`: numbers, + - * / // ( ),
-unary minus/plus, and `'string literal'.count('string literal')`. Everything else is refused. Every operand
-is bounded (expression length, integer size), so one evaluation costs microseconds whatever the input;
-a deadline is still checked while walking the tree. Neither needs signals, so it works in any thread.
-
     engine = Engine(model, tokenizer)
     for token_column, mask_column in engine.generate(prompt_ids, num_samples=4, max_tokens=64):
         ...
     results, masks = engine.generate_batch(prompt_ids, num_samples=4, max_tokens=64)
+
+    batch = BatchEngine(model, tokenizer, max_rows=8).start()
+    for token in batch.submit(prompt_ids, max_tokens=64, temperature=0.8, top_p=0.95, seed=1):
+        ...
 """
 
-import ast
-import inspect
-import math
+import collections
+import queue
+import random
+import threading
 import time
 
 import torch
 
 from nanochat.attention import KVCache
-
-# -----------------------------------------------------------------------------
-# Calculator tool
-
-MAX_EXPR_CHARS = 1000  # longer "expressions" are not calculator calls
-MAX_INT_BITS = 1024  # any integer literal or intermediate beyond ~308 digits is refused
-MAX_DEPTH = 64  # nesting depth of the syntax tree (parentheses, unary minus chains)
-CALC_TIMEOUT = 3.0  # seconds; the reference's SIGALRM budget, enforced here by a deadline
-
-
-class _Refused(Exception):
-    pass
-
-
-def _strip_commas_outside_strings(expr):
-    # "1,234 * 2" -> "1234 * 2" (the model writes thousands separators), but "'a,b'.count(',')" keeps its
-    # literals intact (the reference removed every comma, which changed string arguments).
-    out, quote = [], None
-    for ch in expr:
-        if quote is None:
-            if ch in "'\"":
-                quote = ch
-            elif ch == ",":
-                continue
-        elif ch == quote:
-            quote = None
-        out.append(ch)
-    return "".join(out)
-
-
-def _check_number(x):
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise _Refused(f"not a number: {type(x).__name__}")
-    if isinstance(x, int) and x.bit_length() > MAX_INT_BITS:
-        raise _Refused("integer too large")
-    if isinstance(x, float) and not math.isfinite(x):
-        raise _Refused("non-finite result")
-    return x
-
-
-def _eval_node(node, deadline, depth):
-    if depth > MAX_DEPTH:
-        raise _Refused("expression nested too deeply")
-    if time.monotonic() > deadline:
-        raise _Refused("time limit")
-    if isinstance(node, ast.Expression):
-        return _eval_node(node.body, deadline, depth + 1)
-    if isinstance(node, ast.Constant):
-        # numbers only: strings are legal solely as the receiver/argument of .count, handled below
-        return _check_number(node.value)
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        v = _eval_node(node.operand, deadline, depth + 1)
-        return _check_number(-v if isinstance(node.op, ast.USub) else +v)
-    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv)):
-        # `**` (ast.Pow) is refused on purpose: one short token sequence can ask for an astronomically
-        # large number, and GSM8K-style calculator calls never use it (the reference refuses it too).
-        a = _eval_node(node.left, deadline, depth + 1)
-        b = _eval_node(node.right, deadline, depth + 1)
-        if isinstance(node.op, ast.Add):
-            r = a + b
-        elif isinstance(node.op, ast.Sub):
-            r = a - b
-        elif isinstance(node.op, ast.Mult):
-            r = a * b  # both operands are <= MAX_INT_BITS, so this is cheap; the result is checked
-        elif isinstance(node.op, ast.Div):
-            r = a / b
-        else:
-            r = a // b
-        return _check_number(r)
-    if isinstance(node, ast.Call):
-        # exactly  'literal'.count('literal')  - no keywords, no start/end, no chained methods
-        f = node.func
-        if (isinstance(f, ast.Attribute) and f.attr == "count" and isinstance(f.value, ast.Constant)
-                and isinstance(f.value.value, str) and len(node.args) == 1 and not node.keywords
-                and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
-            return f.value.value.count(node.args[0].value)
-        raise _Refused("only 'string'.count('x') calls are allowed")
-    raise _Refused(f"{type(node).__name__} is not allowed")
-
-
-def _format_result(x):
-    # integers print as integers; floats that are whole numbers print without ".0" (the GSM8K annotations
-    # the model was trained on write "<<10/2=5>>"), other floats with 12 significant digits so that
-    # 0.1+0.2 gives "0.3" rather than "0.30000000000000004".
-    if isinstance(x, int):
-        return str(x)
-    if x.is_integer() and abs(x) < 1e16:
-        return str(int(x))
-    return f"{x:.12g}"
-
-
-def use_calculator(expr, timeout=CALC_TIMEOUT):
-    """
-    Evaluate a calculator expression the model wrote. Returns the result as a string, or None when the
-    expression is refused (anything outside the whitelist), invalid, or fails (division by zero, ...).
-    Never raises, never uses signals; safe to call from any thread.
-    """
-    if not isinstance(expr, str) or len(expr) > MAX_EXPR_CHARS:
-        return None
-    expr = _strip_commas_outside_strings(expr).strip()
-    if not expr:
-        return None
-    deadline = time.monotonic() + timeout
-    try:
-        tree = ast.parse(expr, mode="eval")
-        return _format_result(_eval_node(tree, deadline, 0))
-    except (_Refused, SyntaxError, ValueError, ZeroDivisionError, OverflowError, ArithmeticError,
-            RecursionError, MemoryError, TypeError):
-        return None
+from nanochat.calculator import use_calculator  # noqa: F401  (also importable from here)
 
 # -----------------------------------------------------------------------------
 # Sampling
@@ -152,30 +48,75 @@ def _sample_from_probs(probs, rng):
     return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.size(-1) - 1)  # (B, 1)
 
 
-def sample_next_token(logits, rng, temperature=1.0, top_k=None):
+def top_p_truncate(probs, top_p):
     """
-    logits (B, V) -> next token ids (B, 1) int64. temperature 0 = argmax (rng unused); top_k None/0 =
-    sample from the full softmax; otherwise from the top min(top_k, V) logits. Rows are sampled
-    independently from the one generator `rng`.
+    Nucleus truncation (Holtzman et al. 2019, https://arxiv.org/abs/1904.09751) of probabilities sorted in
+    descending order along the last dim: keep the smallest prefix whose mass reaches top_p (always at
+    least the first token), zero the rest. The result is not renormalized (sampling does not need it).
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    mass_before = probs.cumsum(dim=-1) - probs
+    return probs.masked_fill(mass_before >= top_p * probs.sum(dim=-1, keepdim=True), 0.0)
+
+
+def check_sampling(temperature, top_k, top_p):
+    """One clear error for sampling parameters out of range."""
+    if temperature is None or not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k must be a non-negative int (0 or None = off), got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (None = off), got {top_p!r}")
+
+
+def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
+    """
+    logits (B, V) -> next token ids (B, 1) int64. temperature 0 = argmax (rng unused). Otherwise sample
+    from softmax(logits / temperature) restricted to the top min(top_k, V) logits (top_k None/0 = all),
+    then to the nucleus of mass top_p (None/1 = all). Rows are sampled independently from `rng`.
+    """
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1, keepdim=True)
+    nucleus = top_p is not None and top_p < 1
+    idx = None
     if top_k is not None and top_k > 0:
-        k = min(int(top_k), logits.size(-1))
-        vals, idx = torch.topk(logits, k, dim=-1)  # (B, k)
-        probs = torch.softmax(vals.float() / temperature, dim=-1)
-        return idx.gather(1, _sample_from_probs(probs, rng))  # map the position in the top k back to ids
+        logits, idx = torch.topk(logits, min(int(top_k), logits.size(-1)), dim=-1)  # (B, k), descending
+    elif nucleus:
+        logits, idx = torch.sort(logits, dim=-1, descending=True)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    return _sample_from_probs(probs, rng)
+    if nucleus:
+        probs = top_p_truncate(probs, top_p)
+    choice = _sample_from_probs(probs, rng)
+    return choice if idx is None else idx.gather(1, choice)  # map positions in the sorted list back to ids
 
 # -----------------------------------------------------------------------------
-# Engine
+# Per-row tool use and stopping (shared by Engine and BatchEngine)
 
 
-class _RowState:
-    """Per-row bookkeeping of the decode loop (tool use and completion)."""
+class _Tools:
+    """The special ids the decode loop reacts to, and the calculator call."""
+
+    def __init__(self, tokenizer):
+        special = tokenizer.encode_special
+        self.tokenizer = tokenizer
+        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
+        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+        self.assistant_end = special("<|assistant_end|>")
+        self.stops = (self.assistant_end, tokenizer.get_bos_token_id())
+
+    def result_tokens(self, expr_tokens):
+        result = use_calculator(self.tokenizer.decode(expr_tokens))
+        if result is None:
+            return None
+        return [self.output_start] + self.tokenizer.encode(result) + [self.output_end]
+
+
+class _Row:
+    """
+    One sequence's state in a decode loop: a tool result waiting to be forced into it, the calculator
+    expression being written, and whether it has ended. step() turns the sampled token into the one the
+    row actually takes, and its mask (1 = sampled, 0 = forced by the tool).
+    """
     __slots__ = ("forced", "in_python", "expr_tokens", "completed")
 
     def __init__(self):
@@ -184,121 +125,114 @@ class _RowState:
         self.expr_tokens = []
         self.completed = False
 
+    def step(self, sampled, tools):
+        tok, mask = (self.forced.pop(), 0) if self.forced else (sampled, 1)
+        if self.completed:
+            return tok, mask
+        if tok in tools.stops:
+            self.completed = True
+        elif tok == tools.python_start:
+            self.in_python, self.expr_tokens = True, []
+        elif tok == tools.python_end:
+            if self.in_python and self.expr_tokens:
+                out = tools.result_tokens(self.expr_tokens)
+                if out is not None:
+                    self.forced = out[::-1]  # stack: pop() returns them in order
+            self.in_python, self.expr_tokens = False, []
+        elif self.in_python:
+            self.expr_tokens.append(tok)
+        return tok, mask
+
+
+def cache_len_bucket(n):
+    """Cache capacity for n positions, rounded up to a power of two (>= 64): a compiled decode step is
+    traced once per cache length, so lengths come from a handful of sizes."""
+    return max(64, 1 << (n - 1).bit_length())
+
+
+def new_kv_cache(model, batch_size, seq_len):
+    """An empty KV cache for `model` in the dtype its attention layers produce k/v in."""
+    cfg = model.config
+    dtype = getattr(model, "compute_dtype", None)
+    device = next(model.parameters()).device
+    if dtype is None:
+        from nanochat.common import get_compute_dtype
+        dtype = get_compute_dtype(device.type, verbose=False)
+    return KVCache(batch_size=batch_size, num_heads=cfg.n_kv_head, seq_len=seq_len, head_dim=cfg.n_embd // cfg.n_head,
+                   num_layers=cfg.n_layer, device=device, dtype=dtype)
+
+
+def check_request(model, tokens, max_tokens, temperature, top_k, top_p):
+    """Validate one generation request; returns max_tokens resolved (None = fill the model's context)."""
+    if not isinstance(tokens, (list, tuple)) or len(tokens) == 0 or \
+            not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise ValueError("tokens must be a non-empty list of ints (the prompt's token ids)")
+    cfg = model.config
+    if min(tokens) < 0 or max(tokens) >= cfg.vocab_size:
+        raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}) for this model, "
+                         f"got min {min(tokens)} max {max(tokens)}")
+    check_sampling(temperature, top_k, top_p)
+    if max_tokens is None:
+        max_tokens = max(0, cfg.sequence_len - len(tokens))
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+        raise ValueError(f"max_tokens must be a non-negative int, got {max_tokens!r}")
+    return max_tokens
+
+# -----------------------------------------------------------------------------
+# Engine: one request, num_samples rows sharing its prompt
+
 
 class Engine:
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, compile=False):
+        """compile=True runs the decode step through torch.compile (first use of each batch size and
+        cache length pays the compilation; output equals the eager path's in fp32)."""
         self.model = model
         self.tokenizer = tokenizer
-        special = tokenizer.encode_special
-        self.python_start = special("<|python_start|>")
-        self.python_end = special("<|python_end|>")
-        self.output_start = special("<|output_start|>")
-        self.output_end = special("<|output_end|>")
-        self.assistant_end = special("<|assistant_end|>")
-        self.bos = tokenizer.get_bos_token_id()
-        # models that can return only the last position's logits skip the (T, V) head matmul of the prefill
-        try:
-            params = inspect.signature(model.forward).parameters
-        except (TypeError, ValueError):
-            params = {}
-        self._fwd_kwargs = {"last_only": True} if "last_only" in params else {}
-
-    def _new_cache(self, batch_size, seq_len, device, dtype):
-        cfg = self.model.config
-        return KVCache(batch_size=batch_size, num_heads=cfg.n_kv_head, seq_len=seq_len,
-                       head_dim=cfg.n_embd // cfg.n_head, num_layers=cfg.n_layer, device=device, dtype=dtype)
-
-    def _cache_dtype(self, device):
-        # the dtype the attention layers produce k/v in: the model's compute dtype
-        dtype = getattr(self.model, "compute_dtype", None)
-        if dtype is None:
-            from nanochat.common import get_compute_dtype
-            dtype = get_compute_dtype(device.type, verbose=False)
-        return dtype
-
-    def _tool_result_tokens(self, expr_tokens):
-        result = use_calculator(self.tokenizer.decode(expr_tokens))
-        if result is None:
-            return None
-        return [self.output_start] + self.tokenizer.encode(result) + [self.output_end]
+        self.tools = _Tools(tokenizer)
+        self.compile = compile
 
     @torch.inference_mode()
-    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42):
         """
         Stream one column per step: (token_column, mask_column), lists of num_samples ints; mask 1 = the
         token was sampled, 0 = forced by the tool. Completed rows keep receiving (meaningless) tokens;
         callers ignore them. max_tokens None = until every row ends or the model's sequence_len is full.
         """
-        if not isinstance(tokens, (list, tuple)) or len(tokens) == 0 or not all(isinstance(t, int) for t in tokens):
-            raise ValueError("tokens must be a non-empty list of ints (the prompt's token ids)")
+        max_tokens = check_request(self.model, tokens, max_tokens, temperature, top_k, top_p)
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-        if temperature is None or temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
-        cfg = self.model.config
-        vocab = cfg.vocab_size
-        if min(tokens) < 0 or max(tokens) >= vocab:
-            raise ValueError(f"token ids must lie in [0, {vocab}) for this model, got min {min(tokens)} max {max(tokens)}")
-        if max_tokens is None:
-            max_tokens = max(0, cfg.sequence_len - len(tokens))
-        if max_tokens < 0:
-            raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
         if max_tokens == 0:
             return
-        device = next(self.model.parameters()).device
-        dtype = self._cache_dtype(device)
+        model, B, T = self.model, num_samples, len(tokens)
+        device = next(model.parameters()).device
         rng = torch.Generator(device=device)
         rng.manual_seed(seed)
 
-        # 1) prefill the prompt once at batch 1
-        T = len(tokens)
-        prefill_cache = self._new_cache(1, T, device, dtype)
+        # 1) prefill the prompt once at batch 1, then replicate it into a decode cache with room for every
+        # token we may forward
+        prefill_cache = new_kv_cache(model, 1, T)
         ids = torch.tensor([tokens], dtype=torch.long, device=device)  # (1, T)
-        logits = self.model(ids, kv_cache=prefill_cache, **self._fwd_kwargs)[:, -1, :]  # (1, V)
-        # 2) replicate it into the decode cache: room for the prompt plus every token we may forward
-        cache = self._new_cache(num_samples, T + max_tokens, device, dtype)
+        logits = model.forward_cached(ids, prefill_cache, last_only=True)[:, -1, :]  # (1, V)
+        cache_len = max(T + max_tokens, min(cache_len_bucket(T + max_tokens), getattr(model, "rotary_len", 1 << 62)))
+        cache = new_kv_cache(model, B, cache_len)
         cache.prefill(prefill_cache)
         del prefill_cache
-        logits = logits.expand(num_samples, -1)  # (B, V); each row still samples independently
+        logits = logits.expand(B, -1)  # (B, V); each row still samples independently
 
-        B = num_samples
-        rows = [_RowState() for _ in range(B)]
-        num_generated = 0
-        while True:
-            sampled = sample_next_token(logits, rng, temperature, top_k)  # (B, 1)
+        rows = [_Row() for _ in range(B)]
+        for num_generated in range(1, max_tokens + 1):
+            sampled = sample_next_token(logits, rng, temperature, top_k, top_p)  # (B, 1)
             sampled_list = sampled.view(-1).tolist()
-            token_column, mask_column = sampled_list, [1] * B
-            any_forced = False
-            for i, row in enumerate(rows):
-                if row.forced:
-                    tok = row.forced.pop()
-                    token_column[i] = tok
-                    mask_column[i] = 0
-                    any_forced = True
-                else:
-                    tok = token_column[i]
-                if row.completed:
-                    continue
-                if tok == self.assistant_end or tok == self.bos:
-                    row.completed = True
-                elif tok == self.python_start:
-                    row.in_python, row.expr_tokens = True, []
-                elif tok == self.python_end:
-                    if row.in_python and row.expr_tokens:
-                        out = self._tool_result_tokens(row.expr_tokens)
-                        if out is not None:
-                            row.forced = out[::-1]  # stack: pop() returns them in order
-                    row.in_python, row.expr_tokens = False, []
-                elif row.in_python:
-                    row.expr_tokens.append(tok)
+            columns = [row.step(s, self.tools) for row, s in zip(rows, sampled_list)]
+            token_column, mask_column = [c[0] for c in columns], [c[1] for c in columns]
             yield token_column, mask_column
-            num_generated += 1
-            if num_generated >= max_tokens or all(row.completed for row in rows):
+            if num_generated == max_tokens or all(row.completed for row in rows):
                 return
-            # 3) one decode step for the whole column; reuse the sampled tensor unless a row was forced
-            ids = torch.tensor(token_column, dtype=torch.long, device=device).view(B, 1) if any_forced else sampled
-            logits = self.model(ids, kv_cache=cache, **self._fwd_kwargs)[:, -1, :]  # (B, V)
+            # 2) one decode step for the whole column; reuse the sampled tensor unless a row was forced
+            forced = token_column != sampled_list
+            ids = torch.tensor(token_column, dtype=torch.long, device=device).view(B, 1) if forced else sampled
+            logits = model.forward_cached(ids, cache, compile=self.compile)[:, -1, :]  # (B, V)
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):
         """
@@ -312,7 +246,7 @@ class Engine:
             for i, (tok, m) in enumerate(zip(token_column, mask_column)):
                 if done[i]:
                     continue
-                if tok == self.assistant_end or tok == self.bos:
+                if tok in self.tools.stops:
                     done[i] = True
                 else:
                     results[i].append(tok)
@@ -320,3 +254,233 @@ class Engine:
             if all(done):
                 break
         return results, masks
+
+# -----------------------------------------------------------------------------
+# Continuous batching: one decode loop per model replica, requests joining and leaving it
+
+
+class QueueFull(Exception):
+    """BatchEngine.submit(): the wait queue is full; retry later."""
+
+
+class Stream:
+    """
+    The tokens of one BatchEngine request, produced by the decode loop thread. Iterate (blocking), or
+    get() one token at a time; finish_reason says why it ended: "stop" (the model's end token),
+    "length" (max_tokens), "cancelled" (cancel() or engine stop) or "error" (then `error` says what).
+    """
+
+    def __init__(self):
+        self._queue = queue.Queue()
+        self._ended = False
+        self.finish_reason = None
+        self.error = None
+        self.cancelled = False
+
+    def __iter__(self):
+        while (tok := self.get()) is not None:
+            yield tok
+
+    def get(self, timeout=None):
+        """The next token id, or None once the stream has finished; raises queue.Empty on timeout."""
+        if self._ended:
+            return None
+        tok = self._queue.get(timeout=timeout)
+        self._ended = tok is None
+        return tok
+
+    def cancel(self):
+        """Stop generating; the row is freed at the decode loop's next step."""
+        self.cancelled = True
+
+    def _put(self, tok):
+        self._queue.put(tok)
+
+    def _finish(self, reason, error=None):
+        if self.finish_reason is None:
+            self.finish_reason, self.error = reason, error
+            self._queue.put(None)
+
+
+class _Request:
+    __slots__ = ("tokens", "max_tokens", "temperature", "top_k", "top_p", "rng", "stream", "row", "generated")
+
+    def __init__(self, tokens, max_tokens, temperature, top_k, top_p, rng):
+        self.tokens, self.max_tokens, self.rng = tokens, max_tokens, rng
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.stream, self.row, self.generated = Stream(), _Row(), 0
+
+
+class BatchEngine:
+    """
+    Continuous batching (Orca, Yu et al. 2022): one background thread runs decode steps over up to
+    max_rows requests at once. A submitted request waits in a bounded queue, gets its prompt prefilled
+    at batch 1 into a free row of one shared KV cache (each row at its own position), and leaves at its
+    own stop token or max_tokens, freeing the row for the next. Each request has its own sampling
+    parameters and random generator, so its tokens (greedy, or seeded) are the same as its solo
+    Engine.generate run whatever else shares the batch.
+    """
+
+    def __init__(self, model, tokenizer, max_rows=8, max_queue=64, compile=False):
+        if max_rows < 1 or max_queue < 0:
+            raise ValueError(f"max_rows must be >= 1 and max_queue >= 0, got {max_rows}, {max_queue}")
+        self.model, self.tools, self.compile = model, _Tools(tokenizer), compile
+        self.max_rows, self.max_queue = max_rows, max_queue
+        self.device = next(model.parameters()).device
+        self.capacity = model.config.sequence_len  # positions per row
+        self._cache = None  # built by the loop thread
+        self._rows = [None] * max_rows  # _Request per slot
+        self._waiting = collections.deque()
+        self._cond = threading.Condition()
+        self._thread, self._stopping = None, False
+        self._recent = collections.deque()  # (time, tokens) of recent steps, for tok_per_s
+        self.total_tokens = 0
+
+    def start(self):
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="BatchEngine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self):
+        """End the loop thread; every pending and running stream ends "cancelled"."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        with self._cond:
+            pending = list(self._waiting) + [r for r in self._rows if r is not None]
+            self._waiting.clear()
+            self._rows = [None] * self.max_rows
+        for req in pending:
+            req.stream._finish("cancelled")
+
+    def submit(self, tokens, max_tokens, temperature=1.0, top_k=None, top_p=None, seed=None):
+        """Queue one request; returns its Stream. Raises ValueError on bad arguments, QueueFull when full."""
+        max_tokens = check_request(self.model, tokens, max_tokens, temperature, top_k, top_p)
+        if len(tokens) >= self.capacity:
+            raise ValueError(f"prompt of {len(tokens)} tokens leaves no room in the model's context "
+                             f"({self.capacity}); shorten the conversation")
+        rng = torch.Generator(device=self.device)
+        rng.manual_seed(seed if seed is not None else random.getrandbits(63))
+        req = _Request(list(tokens), min(max_tokens, self.capacity - len(tokens)), temperature, top_k, top_p, rng)
+        with self._cond:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting (max_queue={self.max_queue})")
+            if max_tokens == 0:
+                req.stream._finish("length")
+            else:
+                self._waiting.append(req)
+                self._cond.notify_all()
+        return req.stream
+
+    def stats(self):
+        """queue_depth, active_rows, max_rows, tok_per_s (tokens streamed over the last ~10 s) and
+        total_tokens (streamed since start; terminal tokens not counted)."""
+        with self._cond:
+            now = time.monotonic()
+            while self._recent and now - self._recent[0][0] > 10.0:
+                self._recent.popleft()
+            span = now - self._recent[0][0] if self._recent else 0.0
+            recent = sum(n for _, n in self._recent)
+            return dict(queue_depth=len(self._waiting), active_rows=sum(r is not None for r in self._rows),
+                        max_rows=self.max_rows, tok_per_s=recent / span if span > 0 else 0.0,
+                        total_tokens=self.total_tokens)
+
+    # the loop thread -----------------------------------------------------------
+
+    def _loop(self):
+        with torch.inference_mode():
+            self._cache = new_kv_cache(self.model, self.max_rows, self.capacity)
+            cfg = self.model.config
+            self._cache.prev_embedding = torch.zeros(self.max_rows, 1, cfg.n_embd, dtype=self._cache.k_cache.dtype,
+                                                     device=self.device)
+            self._logits = torch.zeros(self.max_rows, cfg.vocab_size, device=self.device)
+            while True:
+                with self._cond:
+                    while not self._stopping and not self._waiting and all(r is None for r in self._rows):
+                        self._cond.wait()
+                    if self._stopping:
+                        return
+                self._admit()
+                try:
+                    self._step()
+                except Exception as e:  # a failing step ends every running request, not the server
+                    self._end_all("error", f"{type(e).__name__}: {e}")
+
+    def _admit(self):
+        """Prefill waiting requests into free rows (the lowest free row first, to keep the batch short)."""
+        while True:
+            with self._cond:
+                if not self._waiting or None not in self._rows:
+                    return
+                req = self._waiting.popleft()
+            if req.stream.cancelled:
+                req.stream._finish("cancelled")
+                continue
+            slot = self._rows.index(None)
+            try:
+                T = len(req.tokens)
+                pc = new_kv_cache(self.model, 1, T)
+                ids = torch.tensor([req.tokens], dtype=torch.long, device=self.device)
+                self._logits[slot] = self.model.forward_cached(ids, pc, last_only=True)[0, -1]
+                self._cache.insert_row(slot, pc)
+            except Exception as e:
+                req.stream._finish("error", f"{type(e).__name__}: {e}")
+                continue
+            with self._cond:
+                self._rows[slot] = req
+
+    def _free(self, slot, reason, error=None):
+        req = self._rows[slot]
+        with self._cond:
+            self._rows[slot] = None
+        req.stream._finish(reason, error)
+
+    def _end_all(self, reason, error=None):
+        for slot, req in enumerate(self._rows):
+            if req is not None:
+                self._free(slot, reason, error)
+
+    def _step(self):
+        """Sample one token for every active row, hand it to its stream, then one decode step for those
+        that go on. A row's tokens depend only on its own logits and generator."""
+        greedy = self._logits.argmax(dim=-1).tolist()
+        column, n_out = [0] * self.max_rows, 0
+        for slot, req in enumerate(self._rows):
+            if req is None:
+                continue
+            if req.stream.cancelled:
+                self._free(slot, "cancelled")
+                continue
+            sampled = greedy[slot] if req.temperature == 0 else \
+                int(sample_next_token(self._logits[slot:slot + 1], req.rng, req.temperature, req.top_k, req.top_p))
+            tok, _ = req.row.step(sampled, self.tools)
+            req.generated += 1
+            if req.row.completed:
+                self._free(slot, "stop")
+                continue
+            req.stream._put(tok)
+            n_out += 1
+            if req.generated >= req.max_tokens:
+                self._free(slot, "length")
+                continue
+            column[slot] = tok
+        with self._cond:
+            self.total_tokens += n_out
+            self._recent.append((time.monotonic(), n_out))
+        active = [slot for slot, req in enumerate(self._rows) if req is not None]
+        if not active:
+            return
+        # rows [0, n) take part, n rounded up to a power of two so a compiled step sees few batch sizes;
+        # free rows among them decode a dummy token at position 0 (their cache is rewritten when reused)
+        n = min(self.max_rows, 1 << max(active).bit_length())
+        view = self._cache.rows(n)
+        for slot in range(n):
+            if self._rows[slot] is None:
+                view.cache_seqlens[slot] = 0
+        ids = torch.tensor(column[:n], dtype=torch.long, device=self.device).view(n, 1)
+        self._logits[:n] = self.model.forward_cached(ids, view, compile=self.compile)[:, -1]

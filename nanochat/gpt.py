@@ -194,6 +194,13 @@ class HeadSoftcapCE(torch.autograd.Function):
         return gx, gw, None, None, None
 
 
+def matvec(x, w):
+    """x @ w.T for a few rows of x, as a broadcast product and a sum. Under torch.compile on a CPU this is
+    one fused loop streaming the weight: at decode sizes ~2-5x faster than the BLAS call F.linear makes,
+    whose per-call cost dominates such small products."""
+    return (x.unsqueeze(-2) * w).sum(-1)
+
+
 class Linear(nn.Linear):
     """Bias-free Linear whose fp32 master weight is cast to the activation dtype on the fly (no autocast)."""
 
@@ -217,18 +224,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = Linear(d, d)
         self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head) if has_value_embed(layer_idx, config.n_layer) else None
 
-    def _decode_qkv_weight(self, dtype):
-        """[W_q; W_k; W_v] in `dtype`, for the inference path's single q/k/v matmul. Rebuilt whenever any of
-        the three weights is modified in place (optimizer step, load_state_dict) or replaced."""
-        ws = (self.c_q.weight, self.c_k.weight, self.c_v.weight)
-        key = tuple((w.data_ptr(), w._version) for w in ws) + (dtype,)
-        cached = getattr(self, "_qkv_cache", None)
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                cached = self._qkv_cache = (key, torch.cat([w.to(dtype) for w in ws], dim=0))
-        return cached[1]
-
-    def forward(self, x, ve, cos, sin, window, kv_cache):
+    def forward(self, x, ve, cos, sin, window):
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -238,14 +234,7 @@ class CausalSelfAttention(nn.Module):
             v = v + gate.unsqueeze(-1) * ve.view_as(v)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k = norm(q) * QK_SCALE, norm(k) * QK_SCALE
-        if kv_cache is None:
-            y = flash_attn_func(q, k, v, causal=True, window_size=window)
-        else:
-            k_cache, v_cache = kv_cache.get_layer_cache(self.layer_idx)
-            y = flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=kv_cache.cache_seqlens,
-                                        causal=True, window_size=window)
-            if self.layer_idx == kv_cache.num_layers - 1:
-                kv_cache.advance(T)  # after the last layer, so every layer saw the same positions
+        y = flash_attn_func(q, k, v, causal=True, window_size=window)
         return self.c_proj(y.reshape(B, T, C))  # (B, T, H, hd) -> (B, T, d)
 
 
@@ -265,8 +254,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, ve, cos, sin, window, kv_cache):
-        x = x + self.attn(norm(x), ve, cos, sin, window, kv_cache)
+    def forward(self, x, ve, cos, sin, window):
+        x = x + self.attn(norm(x), ve, cos, sin, window)
         return x + self.mlp(norm(x))
 
 
@@ -360,49 +349,32 @@ class GPT(nn.Module):
         self.cos = angle.cos().to(dtype)[None, :, None, :]
         self.sin = angle.sin().to(dtype)[None, :, None, :]
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False):
+    def forward(self, idx, targets=None, loss_reduction="mean", last_only=False):
         """
         idx (B, T) int64 -> fp32 logits (B, T, V), or the loss when targets (B, T) are given (-1 = ignore).
-        last_only: return only the last position's logits, (B, 1, V) (inference; the engine's prefill).
+        last_only: return only the last position's logits, (B, 1, V). Inference with a KV cache is
+        forward_cached().
         """
         B, T = idx.shape
         V = self.config.vocab_size
-        if self.compute_dtype is None:  # weights loaded without init_weights(): decide now, once
-            self.compute_dtype = get_compute_dtype(self.get_device().type, verbose=False)
-            self._init_rotary(self.get_device())
+        self._ensure_compute_dtype()
         dtype = self.compute_dtype
-        if kv_cache is not None and targets is None and not torch.is_grad_enabled():
-            return self._forward_cached(idx, kv_cache, last_only)
-        if kv_cache is None:
-            if T > self.rotary_len:
-                raise ValueError(f"sequence of {T} tokens exceeds the rotary table ({self.rotary_len})")
-            cos, sin = self.cos[:, :T], self.sin[:, :T]
-        else:
-            if kv_cache.seq_len > self.rotary_len:
-                raise ValueError(f"KV cache of {kv_cache.seq_len} positions exceeds the rotary table ({self.rotary_len})")
-            # per-row positions: row b's tokens sit at cache_seqlens[b] + 0..T-1
-            pos = kv_cache.cache_seqlens.long().unsqueeze(1) + torch.arange(T, device=idx.device)  # (B, T)
-            cos, sin = self.cos[0][pos], self.sin[0][pos]  # (B, T, 1, hd/2)
+        if T > self.rotary_len:
+            raise ValueError(f"sequence of {T} tokens exceeds the rotary table ({self.rotary_len})")
+        cos, sin = self.cos[:, :T], self.sin[:, :T]
 
         x = norm(self.transformer.wte(idx).to(dtype))  # (B, T, d)
-        # smear: mix each position's embedding with the previous one's (gate starts at 0)
-        if kv_cache is not None and kv_cache.prev_embedding is not None:
-            prev = torch.cat([kv_cache.prev_embedding.to(dtype), x[:, :-1]], dim=1)
-            gate = self.smear_lambda.to(dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
-            x_new = x + gate * prev
-        else:  # sequence start: the first position has no predecessor
-            gate = self.smear_lambda.to(dtype) * torch.sigmoid(self.smear_gate(x[:, 1:, :SMEAR_CHANNELS]))
-            x_new = torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
-        if kv_cache is not None:
-            kv_cache.prev_embedding = x[:, -1:].detach().clone()  # pre-smear, (B, 1, d)
-        x = x0 = x_new
+        # smear: mix each position's embedding with the previous one's (gate starts at 0); the first
+        # position has no predecessor
+        gate = self.smear_lambda.to(dtype) * torch.sigmoid(self.smear_gate(x[:, 1:, :SMEAR_CHANNELS]))
+        x = x0 = torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
 
         L = self.config.n_layer
         x_backout = None
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx).to(dtype) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, self.window_sizes[i], kv_cache)
+            x = block(x, ve, cos, sin, self.window_sizes[i])
             if i == L // 2:
                 x_backout = x
         if x_backout is not None:
@@ -423,88 +395,143 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.view(-1, V), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction)
 
     # -------------------------------------------------------------------------
-    # inference with a KV cache (no autograd): the same math as the path above, with less per-step overhead
+    # inference with a KV cache: the one cached path (the Engine's prefill and decode steps)
 
-    def _forward_cached(self, idx, kv_cache, last_only):
-        """
-        forward() with a KV cache under no_grad/inference_mode. Same computation as the general path, but
-        built for many tiny decode steps: rotary tables sliced (not gathered) when rows share a position,
-        q/k/v in one matmul, rotary + QK-norm applied to q and k together, module calls bypassed,
-        elementwise work in place, and optionally only the last position's logits.
-        """
+    def _ensure_compute_dtype(self):
+        if self.compute_dtype is None:  # weights loaded without init_weights(): decide now, once
+            self.compute_dtype = get_compute_dtype(self.get_device().type, verbose=False)
+            self._init_rotary(self.get_device())
+
+    def _inference_weights(self):
+        """Every weight in the compute dtype (q/k/v as one matrix per layer), an argument of the cached steps.
+        Cast once and kept (a per-step bf16 cast would read the fp32 weights anyway); rebuilt whenever a
+        parameter is modified in place (optimizer step, load_state_dict) or replaced."""
+        dtype, params = self.compute_dtype, list(self.parameters())
+        key = (dtype,) + tuple((p.data_ptr(), p._version) for p in params)
+        if getattr(self, "_inference_cache", (None,))[0] == key:
+            return self._inference_cache[1]
+
+        def cast(t):
+            return t.detach() if t.dtype == dtype else t.detach().to(dtype)
+
+        layers = []
+        for i, block in enumerate(self.transformer.h):
+            a, m = block.attn, block.mlp
+            layers.append(dict(
+                qkv=torch.cat([cast(a.c_q.weight), cast(a.c_k.weight), cast(a.c_v.weight)], dim=0),
+                proj=cast(a.c_proj.weight), fc=cast(m.c_fc.weight), mlp_proj=cast(m.c_proj.weight),
+                ve=cast(self.value_embeds[str(i)].weight) if a.ve_gate is not None else None,
+                ve_gate=cast(a.ve_gate.weight) if a.ve_gate is not None else None,
+                resid=float(self.resid_lambdas[i]), x0=float(self.x0_lambdas[i])))
+        w = dict(wte=cast(self.transformer.wte.weight), smear_gate=cast(self.smear_gate.weight),
+                 smear_lambda=float(self.smear_lambda), backout=float(self.backout_lambda),
+                 head=cast(self.lm_head.weight[:self.config.vocab_size]), layers=layers)
+        self._inference_cache = (key, w)
+        return w
+
+    def _cached_layers(self, w, idx, prev, cos, sin, attend, last_only=False):
+        """forward()'s math for tokens continuing a cache. idx (B, T); prev (B, 1, d): the pre-smear embedding
+        before idx[:, 0] (None at a sequence start); attend(i, q, k, v) stores/attends layer i's k, v. Returns
+        fp32 logits (B, T or 1, V) and the last pre-smear embedding (B, 1, d). No module calls and in-place
+        elementwise work: a decode step is ~100 tiny ops, so their count, not the FLOPs, sets its speed."""
         B, T = idx.shape
-        cfg, dtype = self.config, self.compute_dtype
-        V, H, Hkv, hd = cfg.vocab_size, cfg.n_head, cfg.n_kv_head, self.head_dim
+        H, Hkv, hd = self.config.n_head, self.config.n_kv_head, self.head_dim
+        # fused loops beat BLAS calls for a few rows on a CPU; a GPU keeps its matmul kernels
+        small_cpu = idx.device.type == "cpu" and B * T <= 8
+        linear = matvec if torch.compiler.is_compiling() and small_cpu else F.linear
+        x = norm(F.embedding(idx, w["wte"]))  # (B, T, d)
+        new_prev = x[:, -1:]
+        # smear (see forward)
+        if prev is not None:
+            prev = prev if T == 1 else torch.cat([prev, x[:, :-1]], dim=1)
+            gate = torch.sigmoid(linear(x[..., :SMEAR_CHANNELS], w["smear_gate"])).mul_(w["smear_lambda"])
+            x = torch.addcmul(x, gate, prev)
+        else:
+            gate = torch.sigmoid(linear(x[:, 1:, :SMEAR_CHANNELS], w["smear_gate"])).mul_(w["smear_lambda"])
+            x = torch.cat([x[:, :1], torch.addcmul(x[:, 1:], gate, x[:, :-1])], dim=1)
+        x0, x_backout = x, None
+        for i, lw in enumerate(w["layers"]):
+            x = torch.add(x * lw["resid"], x0, alpha=lw["x0"])
+            xn = norm(x)
+            qkv = linear(xn, lw["qkv"])  # (B, T, (H + 2 Hkv) hd)
+            qk = qkv[..., :(H + Hkv) * hd].view(B, T, H + Hkv, hd)
+            v = qkv[..., (H + Hkv) * hd:].view(B, T, Hkv, hd)
+            if lw["ve"] is not None:
+                ve = F.embedding(idx, lw["ve"]).view(B, T, Hkv, hd)
+                gate = torch.sigmoid(linear(xn[..., :VE_GATE_CHANNELS], lw["ve_gate"]))
+                v = torch.addcmul(v, gate.mul_(VE_GATE_SCALE).unsqueeze(-1), ve)
+            qk = norm(apply_rotary(qk, cos, sin)).mul_(QK_SCALE)  # rotary + QK-norm on q and k together
+            y = attend(i, qk[:, :, :H], qk[:, :, H:], v)  # (B, T, H, hd)
+            x = x.add_(linear(y.reshape(B, T, H * hd), lw["proj"]))  # x is this layer's own tensor
+            x = x.add_(linear(linear(norm(x), lw["fc"]).relu_().square_(), lw["mlp_proj"]))
+            if i == len(w["layers"]) // 2:
+                x_backout = x
+        if x_backout is not None:
+            x = x - w["backout"] * x_backout
+        if last_only:
+            x = x[:, -1:]
+        logits = linear(norm(x), w["head"]).float()
+        return SOFTCAP * torch.tanh(logits / SOFTCAP), new_prev
+
+    def _decode_step(self, w, idx, k_cache, v_cache, pos, prev):
+        """One token per row at its own position pos (B,) int32, shapes fixed by the cache (L, B, Tmax, Hkv, hd):
+        no host syncs, so torch.compile traces it once per (B, Tmax). Returns fp32 logits (B, 1, V), the new
+        prev embedding and the new k, v (L, B, Hkv, hd) to store (a write inside the graph copies the cache)."""
+        cos, sin = self.cos[0][pos.long()[:, None]], self.sin[0][pos.long()[:, None]]  # (B, 1, 1, hd/2)
+        new_k, new_v = [], []
+
+        def attend(i, q, k, v):
+            new_k.append(k[:, 0]), new_v.append(v[:, 0])
+            return flash_attn_decode(q, k_cache[i], v_cache[i], k, v, pos, self.window_sizes[i])
+
+        logits, new_prev = self._cached_layers(w, idx, prev, cos, sin, attend)
+        return logits, new_prev, torch.stack(new_k), torch.stack(new_v)
+
+    def _compiled_decode_step(self):  # built on first use
+        if getattr(self, "_compiled_decode", None) is None:
+            # CPU: launch the graph from C++, not a Python wrapper allocating each buffer, and run its kernels
+            # on one thread: at decode sizes a fork/join per kernel cost more than it saved (d4: 1.0 vs 1.5 ms)
+            options = {"cpp_wrapper": True, "cpp.threads": 1} if self.get_device().type == "cpu" else {}
+            self._compiled_decode = torch.compile(self._decode_step, dynamic=False, fullgraph=True, options=options)
+        return self._compiled_decode
+
+    @torch.inference_mode()
+    def forward_cached(self, idx, kv_cache, last_only=False, compile=False):
+        """
+        idx (B, T) continues each row of kv_cache at that row's position (kv_cache.cache_seqlens; rows
+        may differ) -> fp32 logits (B, T, V), or (B, 1, V) with last_only. Writes and advances the cache.
+        Same math as forward(). A single-token step on a started cache (decode) runs at fixed shapes and,
+        with compile=True, through torch.compile (compiled once per batch size and cache length, so
+        callers should round cache lengths up to a few sizes); prefills and chunks run eagerly.
+        """
+        self._ensure_compute_dtype()
+        B, T = idx.shape
         if kv_cache.seq_len > self.rotary_len:
             raise ValueError(f"KV cache of {kv_cache.seq_len} positions exceeds the rotary table ({self.rotary_len})")
-        pos = kv_cache.cache_seqlens.tolist()  # one host sync per step (free on CPU); attention reuses it
-        p0 = pos[0]
-        uniform = all(p == p0 for p in pos)
-        if max(pos) + T > kv_cache.seq_len:
-            raise ValueError(f"KV cache overflow: {max(pos)} + {T} new tokens > capacity {kv_cache.seq_len}; "
-                             "make the cache longer (seq_len) or stop generating earlier")
-        if uniform:
-            cos, sin = self.cos[:, p0:p0 + T], self.sin[:, p0:p0 + T]  # (1, T, 1, hd/2) views, no copy
+        w = self._inference_weights()
+        prev = kv_cache.prev_embedding
+        if T == 1 and prev is not None:
+            top = int(kv_cache.cache_seqlens.max())  # one host sync (free on CPU)
+            if top + 1 > kv_cache.seq_len:
+                raise ValueError(f"KV cache overflow: {top} + 1 new token > capacity {kv_cache.seq_len}; "
+                                 "make the cache longer (seq_len) or stop generating earlier")
+            step = self._compiled_decode_step() if compile else self._decode_step
+            logits, new_prev, k, v = step(w, idx, kv_cache.k_cache, kv_cache.v_cache, kv_cache.cache_seqlens, prev)
+            kv_cache.store_step(k, v)
+            kv_cache.prev_embedding.copy_(new_prev)
         else:
             p = kv_cache.cache_seqlens.long().unsqueeze(1) + torch.arange(T, device=idx.device)  # (B, T)
             cos, sin = self.cos[0][p], self.sin[0][p]  # (B, T, 1, hd/2)
 
-        def cast(t):
-            return t if t.dtype == dtype else t.to(dtype)
+            def attend(i, q, k, v):
+                k_cache, v_cache = kv_cache.get_layer_cache(i)
+                return flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=kv_cache.cache_seqlens,
+                                               causal=True, window_size=self.window_sizes[i])
 
-        x = norm(cast(F.embedding(idx, self.transformer.wte.weight)))  # (B, T, d)
-        # smear (see forward)
-        smear_lambda = cast(self.smear_lambda)
-        w_smear = cast(self.smear_gate.weight)
-        prev_emb = kv_cache.prev_embedding
-        if prev_emb is not None:
-            prev = cast(prev_emb) if T == 1 else torch.cat([cast(prev_emb), x[:, :-1]], dim=1)
-            gate = torch.sigmoid(F.linear(x[..., :SMEAR_CHANNELS], w_smear)).mul_(smear_lambda)
-            x_new = torch.addcmul(x, gate, prev)
-        else:
-            gate = torch.sigmoid(F.linear(x[:, 1:, :SMEAR_CHANNELS], w_smear)).mul_(smear_lambda)
-            x_new = torch.cat([x[:, :1], torch.addcmul(x[:, 1:], gate, x[:, :-1])], dim=1)
-        kv_cache.prev_embedding = x if T == 1 else x[:, -1:].clone()  # pre-smear, (B, 1, d); x is not reused
-        x = x0 = x_new
-
-        L = cfg.n_layer
-        resid, x0_l = self.resid_lambdas.tolist(), self.x0_lambdas.tolist()
-        x_backout = None
-        for i, block in enumerate(self.transformer.h):
-            x = torch.add(x * resid[i], x0, alpha=x0_l[i])
-            attn, mlp = block.attn, block.mlp
-            # attention
-            xn = norm(x)
-            qkv = F.linear(xn, attn._decode_qkv_weight(dtype))  # (B, T, (H + 2 Hkv) hd)
-            qk = qkv[..., :(H + Hkv) * hd].view(B, T, H + Hkv, hd)
-            v = qkv[..., (H + Hkv) * hd:].view(B, T, Hkv, hd)
-            if attn.ve_gate is not None:
-                ve = cast(F.embedding(idx, self.value_embeds[str(i)].weight)).view(B, T, Hkv, hd)
-                gate = torch.sigmoid(F.linear(xn[..., :VE_GATE_CHANNELS], cast(attn.ve_gate.weight)))
-                v = torch.addcmul(v, gate.mul_(VE_GATE_SCALE).unsqueeze(-1), ve)
-            qk = norm(apply_rotary(qk, cos, sin)).mul_(QK_SCALE)
-            q, k = qk[:, :, :H], qk[:, :, H:]
-            k_cache, v_cache = kv_cache.get_layer_cache(i)
-            if uniform:
-                y = flash_attn_decode(q, k_cache, v_cache, k, v, p0, kv_cache.cache_seqlens, self.window_sizes[i])
-            else:
-                y = flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=kv_cache.cache_seqlens,
-                                            causal=True, window_size=self.window_sizes[i])
-            x = x.add_(F.linear(y.reshape(B, T, H * hd), cast(attn.c_proj.weight)))
-            # MLP
-            h = F.linear(norm(x), cast(mlp.c_fc.weight)).relu_().square_()
-            x = x.add_(F.linear(h, cast(mlp.c_proj.weight)))
-            if i == L // 2:
-                x_backout = x
+            logits, new_prev = self._cached_layers(w, idx, prev, cos, sin, attend, last_only)
+            kv_cache.prev_embedding = new_prev.clone() if prev is None else prev.copy_(new_prev)
         kv_cache.advance(T)  # after the last layer, so every layer saw the same positions
-        if x_backout is not None:
-            x = x - cast(self.backout_lambda) * x_backout
-        if last_only:
-            x = x[:, -1:]
-        x = norm(x)
-        logits = F.linear(x, cast(self.lm_head.weight[:V]))
-        logits = logits.float() if logits.dtype != torch.float32 else logits
-        return logits.div_(SOFTCAP).tanh_().mul_(SOFTCAP)  # == SOFTCAP * tanh(logits / SOFTCAP), in place
+        return logits
 
     # -------------------------------------------------------------------------
     # accounting

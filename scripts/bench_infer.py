@@ -1,13 +1,16 @@
 """
 Inference benchmark: prefill tok/s, KV-cache decode tok/s at batch 1 and batch N (through the Engine,
-so sampling and the tool state machine are included), naive generate() tok/s (full recompute per token),
-the KV-cache speed-up over naive, and peak memory.
+so sampling and the tool state machine are included), each beside the weight-read bound measured in the
+same run (a plain loop of the model's matrix-vector products alone, in the same dtype: what batch-1
+decode could reach with no other work), naive generate() tok/s (full recompute per token), the KV-cache
+speed-up over naive, and peak memory.
 
 Random-init model (the default) or a trained checkpoint (--source). Stop tokens are disabled (the
 Engine gets special-token ids the model never emits) so every run decodes exactly --gen-tokens steps.
 
-CPU (the reference figures: depth 4, head dim 64, seq 512, vocab 8192, fp32):
-    OMP_NUM_THREADS=2 python -m scripts.bench_infer --depth=4 --head-dim=64 --max-seq-len=512 --vocab-size=8192
+CPU (depth 4, head dim 64, seq 512, vocab 8192; greedy, 64-token prompt, 127 decode steps per row):
+    OMP_NUM_THREADS=2 python -m scripts.bench_infer --prompt-len=64 --gen-tokens=128 --temperature=0 --naive-tokens=0
+    add --dtype=bfloat16 for bf16 weights and activations, --compile=0 for the eager decode step
 On a shared, oversubscribed CPU add OMP_WAIT_POLICY=PASSIVE (or use OMP_NUM_THREADS=1): spinning OpenMP
 threads that lose their core to other processes made decode ~10x slower in our runs.
 One GPU:
@@ -21,9 +24,11 @@ import time
 
 import torch
 
-from nanochat.common import autodetect_device_type, get_max_memory, synchronize, print0
-from nanochat.engine import Engine
-from nanochat.gpt import GPT, config_from_depth
+import torch.nn.functional as F
+
+from nanochat.common import autodetect_device_type, get_compute_dtype, get_max_memory, synchronize, print0
+from nanochat.engine import Engine, new_kv_cache
+from nanochat.gpt import GPT, config_from_depth, matvec
 
 parser = argparse.ArgumentParser(description="benchmark KV-cache inference against naive generation")
 parser.add_argument("--depth", type=int, default=4, help="model depth (random init)")
@@ -44,12 +49,16 @@ parser.add_argument("--repeats", type=int, default=3, help="timed repeats (the b
 parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
 parser.add_argument("--top-k", type=int, default=50, help="top-k for sampling (0 = off)")
 parser.add_argument("--seed", type=int, default=42, help="seed for weights, prompt and sampling")
+parser.add_argument("--dtype", type=str, default="", help="float32|bfloat16 compute dtype (empty = device default)")
+parser.add_argument("--compile", type=int, default=1, help="1 = torch.compile the decode step (0 = eager)")
 args = parser.parse_args()
 
 # -----------------------------------------------------------------------------
 device_type = args.device_type or autodetect_device_type()
 device = torch.device(device_type)
 torch.manual_seed(args.seed)
+if args.dtype:
+    get_compute_dtype(device_type, override=args.dtype, verbose=False)  # the model reads the same policy
 if args.source:
     from nanochat.checkpoint_manager import load_model
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
@@ -70,7 +79,7 @@ n_params = sum(p.numel() for p in model.parameters())
 dtype = model.compute_dtype
 print0(f"model: depth {cfg.n_layer}, d {cfg.n_embd}, heads {cfg.n_head}/{cfg.n_kv_head}, seq {cfg.sequence_len}, "
        f"vocab {V}, window {cfg.window_pattern}, {n_params / 1e6:.1f}M params, {str(dtype).replace('torch.', '')}, "
-       f"device {device}, torch threads {torch.get_num_threads()}")
+       f"device {device}, torch threads {torch.get_num_threads()}, decode {'compiled' if args.compile else 'eager'}")
 
 
 class NoStopTokenizer:
@@ -83,7 +92,7 @@ class NoStopTokenizer:
         return -1
 
 
-engine = Engine(model, NoStopTokenizer())
+engine = Engine(model, NoStopTokenizer(), compile=bool(args.compile))
 g = torch.Generator().manual_seed(args.seed)
 prompt = torch.randint(0, V, (args.prompt_len,), generator=g).tolist()
 
@@ -103,9 +112,8 @@ def timed(fn):
 
 # prefill: one batch-1 forward of the prompt into a cache
 def run_prefill():
-    cache = engine._new_cache(1, args.prompt_len, device, dtype)
-    with torch.inference_mode():
-        model(torch.tensor([prompt], device=device), kv_cache=cache)
+    cache = new_kv_cache(model, 1, args.prompt_len)
+    model.forward_cached(torch.tensor([prompt], device=device), cache, last_only=True)
 
 
 t_prefill, _ = timed(run_prefill)
@@ -125,6 +133,37 @@ def run_decode(batch):
     return t0, t1, time.perf_counter()
 
 
+# the weight-read bound: the decode step's matrix-vector products alone, same weights and dtype, done two
+# ways (the BLAS call F.linear, and the fused loop a compiled step uses); the faster one is the bound
+def matvecs(linear, w, x, h):
+    out = []  # returned, so that no compiler can drop the work
+    for lw in w["layers"]:
+        out += [linear(x, lw["qkv"]), linear(x, lw["proj"]), linear(x, lw["fc"]), linear(h, lw["mlp_proj"])]
+    return out + [linear(x, w["head"])]
+
+
+compiled_matvecs = torch.compile(matvecs, dynamic=False)
+
+
+@torch.inference_mode()
+def matvec_rate(iters=200):
+    w = model._inference_weights()
+    x = torch.randn(1, cfg.n_embd, device=device, dtype=dtype)
+    h = torch.randn(1, 4 * cfg.n_embd, device=device, dtype=dtype)
+    rates = []
+    for fn, linear in ((matvecs, F.linear), (compiled_matvecs, matvec)):
+        best = float("inf")
+        for _ in range(1 + args.repeats):  # the first round is a warm-up
+            synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn(linear, w, x, h)
+            synchronize(device)
+            best = min(best, time.perf_counter() - t0)
+        rates.append(iters / best)
+    return rates
+
+
 def decode_rate(batch):
     best_decode, best_total = float("inf"), float("inf")
     run_decode(batch)  # warm-up
@@ -134,8 +173,12 @@ def decode_rate(batch):
     return batch * (args.gen_tokens - 1) / best_decode, best_total
 
 
+bound1 = matvec_rate()
 dec1, total1 = decode_rate(1)
 decB, totalB = decode_rate(args.batch)
+# measured before and after the decode runs, so a noisy moment does not flatter the ratio
+blas, fused = (max(a, b) for a, b in zip(bound1, matvec_rate()))
+bound = max(blas, fused)
 
 
 # naive: the model's generate() recomputes the whole sequence for every token
@@ -144,22 +187,28 @@ def run_naive():
                                           top_k=args.top_k or None, seed=args.seed))
 
 
-t_naive, _ = timed(run_naive)
-naive_rate = args.naive_tokens / t_naive
-# the engine doing the naive run's exact work (same prompt, same number of tokens, batch 1), end to end
-t_engine_same, _ = timed(lambda: sum(1 for _ in engine.generate(prompt, max_tokens=args.naive_tokens,
-                                                                temperature=args.temperature,
-                                                                top_k=args.top_k or None, seed=args.seed)))
+if args.naive_tokens > 0:
+    t_naive, _ = timed(run_naive)
+    naive_rate = args.naive_tokens / t_naive
+    # the engine doing the naive run's exact work (same prompt, same number of tokens, batch 1), end to end
+    t_engine_same, _ = timed(lambda: sum(1 for _ in engine.generate(prompt, max_tokens=args.naive_tokens,
+                                                                    temperature=args.temperature,
+                                                                    top_k=args.top_k or None, seed=args.seed)))
 kv_bytes = 2 * cfg.n_layer * args.batch * (args.prompt_len + args.gen_tokens) * cfg.n_kv_head * \
     (cfg.n_embd // cfg.n_head) * torch.tensor([], dtype=dtype).element_size()
 
 print0(f"prompt {args.prompt_len} tokens, {args.gen_tokens} generated per row, best of {args.repeats}")
 print0(f"prefill (batch 1):          {args.prompt_len / t_prefill:10.0f} tok/s  ({t_prefill * 1e3:.1f} ms)")
-print0(f"decode batch 1:             {dec1:10.0f} tok/s  ({1e3 / dec1:.2f} ms/token)")
-print0(f"decode batch {args.batch:<3d}:           {decB:10.0f} tok/s  ({1e3 * args.batch / decB:.2f} ms/step)")
-print0(f"naive generate (batch 1):   {naive_rate:10.0f} tok/s  ({args.naive_tokens} tokens)")
-print0(f"KV-cache speed-up, same {args.naive_tokens}-token job end to end: {t_naive / t_engine_same:.1f}x; "
-       f"decode tok/s over naive tok/s: {dec1 / naive_rate:.1f}x")
+print0(f"weight-read bound (batch 1): {bound:9.0f} tok/s  (the matrix-vector products alone: {blas:.0f} as "
+       f"F.linear calls, {fused:.0f} as a compiled fused loop)")
+print0(f"decode batch 1:             {dec1:10.0f} tok/s  ({1e3 / dec1:.2f} ms/token; {dec1 / bound:.0%} of the bound, "
+       f"{dec1 / blas:.0%} of the F.linear loop)")
+print0(f"decode batch {args.batch:<3d}:           {decB:10.0f} tok/s  ({1e3 * args.batch / decB:.2f} ms/step, "
+       f"{decB / bound:.2f}x the batch-1 bound)")
+if args.naive_tokens > 0:
+    print0(f"naive generate (batch 1):   {naive_rate:10.0f} tok/s  ({args.naive_tokens} tokens)")
+    print0(f"KV-cache speed-up, same {args.naive_tokens}-token job end to end: {t_naive / t_engine_same:.1f}x; "
+           f"decode tok/s over naive tok/s: {dec1 / naive_rate:.1f}x")
 print0(f"KV cache at batch {args.batch}: {kv_bytes / 2**20:.1f} MiB; "
        f"peak memory: {get_max_memory(device) / 2**20:.0f} MiB "
        f"({'max allocated' if device.type == 'cuda' else 'process peak RSS'})")

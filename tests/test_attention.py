@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import nanochat.attention as attn
-from nanochat.attention import KVCache, flash_attn_func, flash_attn_with_kvcache, reference_attention
+from nanochat.attention import KVCache, flash_attn_decode, flash_attn_func, flash_attn_with_kvcache, reference_attention
 
 
 @pytest.fixture(autouse=True)
@@ -102,6 +102,45 @@ def test_kvcache_ragged_rows(left):
                                   torch.arange(n + Tn), window_left=left)[:, n:]
         torch.testing.assert_close(y[b:b + 1], ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(k_cache[b, n:n + Tn], kn[b])
+
+
+@pytest.mark.parametrize("left", [-1, 3])
+def test_decode_step_ragged_rows(left):
+    # the fixed-shape decode attention: one token per row, rows at their own positions, the whole cache
+    # masked rather than sliced; stale values past a row's position must not leak in
+    B, H, Hkv, D = 3, 4, 2, 8
+    lens = [5, 0, 9]
+    q, k, v = rand_qkv(B=B, T=12, H=H, Hkv=Hkv, D=D, seed=2)
+    k_cache = torch.full((B, 16, Hkv, D), 7.0)
+    v_cache = torch.full((B, 16, Hkv, D), 7.0)
+    for b, n in enumerate(lens):
+        k_cache[b, :n], v_cache[b, :n] = k[b, :n], v[b, :n]
+    pick = lambda x: torch.stack([x[b, n:n + 1] for b, n in enumerate(lens)])  # noqa: E731
+    y = flash_attn_decode(pick(q), k_cache, v_cache, pick(k), pick(v), torch.tensor(lens, dtype=torch.int32),
+                          window_size=(left, 0))
+    for b, n in enumerate(lens):
+        ref = reference_attention(q[b:b + 1, :n + 1], k[b:b + 1, :n + 1], v[b:b + 1, :n + 1],
+                                  torch.arange(n + 1), window_left=left)[:, n:]
+        torch.testing.assert_close(y[b:b + 1], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_kvcache_rows_view_and_insert_row():
+    big = KVCache(4, num_heads=2, seq_len=8, head_dim=4, num_layers=3, device="cpu")
+    big.prev_embedding = torch.zeros(4, 1, 5)
+    src = KVCache(1, num_heads=2, seq_len=8, head_dim=4, num_layers=3, device="cpu")
+    src.k_cache.normal_(), src.v_cache.normal_()
+    src.advance(3)
+    src.prev_embedding = torch.ones(1, 1, 5)
+    big.insert_row(2, src)
+    assert big.cache_seqlens.tolist() == [0, 0, 3, 0]
+    assert torch.equal(big.k_cache[:, 2, :3], src.k_cache[:, 0, :3]) and torch.all(big.k_cache[:, 2, 3:] == 0)
+    assert big.prev_embedding[:, 0, 0].tolist() == [0, 0, 1, 0]
+    view = big.rows(3)  # shares storage: a step on the view lands in the big cache
+    view.store_step(torch.full((3, 3, 2, 4), 5.0), torch.full((3, 3, 2, 4), 6.0))
+    view.advance(1)
+    assert big.cache_seqlens.tolist() == [1, 1, 4, 0]
+    assert torch.all(big.k_cache[:, 2, 3] == 5) and torch.all(big.v_cache[:, 0, 0] == 6)
+    assert torch.all(big.k_cache[:, 3] == 0)
 
 
 def test_kvcache_overflow_is_an_error():

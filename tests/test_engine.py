@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nanochat.engine import Engine, sample_next_token, use_calculator
+from nanochat.attention import KVCache
+from nanochat.engine import BatchEngine, Engine, QueueFull, sample_next_token, top_p_truncate, use_calculator
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import RustBPETokenizer
 
@@ -90,7 +91,6 @@ def test_greedy_matches_naive_generate(tokenizer, prompt_text):
 
 def test_kv_cache_logits_match_full_forward(tokenizer):
     # the decode path's logits (not just the argmax) agree with the uncached forward
-    from nanochat.attention import KVCache
     V = tokenizer.get_vocab_size()
     model = make_model(V)
     cfg = model.config
@@ -98,10 +98,31 @@ def test_kv_cache_logits_match_full_forward(tokenizer):
     with torch.inference_mode():
         full = model(ids)  # (1, 20, V)
         cache = KVCache(1, cfg.n_kv_head, 20, cfg.n_embd // cfg.n_head, cfg.n_layer, "cpu", torch.float32)
-        pre = model(ids[:, :8], kv_cache=cache)
-        steps = [model(ids[:, t:t + 1], kv_cache=cache) for t in range(8, 20)]
+        pre = model.forward_cached(ids[:, :8], cache)
+        steps = [model.forward_cached(ids[:, t:t + 1], cache) for t in range(8, 20)]
     got = torch.cat([pre] + steps, dim=1)
     torch.testing.assert_close(got, full, atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_decode_matches_eager(tokenizer):
+    # the one compile test (it costs a compilation): greedy tokens and logits of the torch.compile'd
+    # decode step equal the eager path's in fp32, with rows at different positions and a sliding window
+    V = tokenizer.get_vocab_size()
+    model = make_model(V, n_layer=2, zero_specials_from=first_special(tokenizer))
+    prompt = tokenizer.encode("The quick brown fox", prepend="<|bos|>")
+    eager = Engine(model, tokenizer).generate_batch(prompt, num_samples=2, max_tokens=20, temperature=0.0)
+    compiled = Engine(model, tokenizer, compile=True).generate_batch(prompt, num_samples=2, max_tokens=20,
+                                                                     temperature=0.0)
+    assert compiled == eager
+    cfg = model.config
+    caches = [KVCache(2, cfg.n_kv_head, 64, cfg.n_embd // cfg.n_head, cfg.n_layer, "cpu") for _ in range(2)]
+    ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(0))
+    for cache in caches:  # ragged rows: row 1 starts 5 positions later
+        model.forward_cached(ids[:, :7], cache)
+        cache.cache_seqlens[0] = 2
+    steps = [[model.forward_cached(ids[:, t:t + 1], c, compile=flag) for t in range(7, 12)]
+             for c, flag in zip(caches, (False, True))]
+    torch.testing.assert_close(torch.cat(steps[1], 1), torch.cat(steps[0], 1), atol=1e-4, rtol=1e-4)
 
 
 def test_seeded_reproducibility(tokenizer):
@@ -200,6 +221,33 @@ def test_sample_next_token():
     with pytest.raises(ValueError):
         sample_next_token(logits, g, temperature=-0.5)
 
+def test_top_p_truncate_by_hand():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])  # sorted, descending
+    kept = lambda top_p: (top_p_truncate(probs, top_p) > 0).sum().item()  # noqa: E731
+    assert [kept(0.79), kept(0.81), kept(0.1), kept(0.96), kept(1.0)] == [2, 3, 1, 4, 4]
+    torch.testing.assert_close(top_p_truncate(probs, 0.79), torch.tensor([[0.5, 0.3, 0.0, 0.0]]))
+
+
+def test_top_p_sampling_frequencies():
+    # unsorted logits whose softmax is [0.15, 0.5, 0.05, 0.3]; nucleus 0.9 keeps {1, 3, 0} (mass 0.95)
+    p = torch.tensor([0.15, 0.5, 0.05, 0.3])
+    logits = p.log()[None]
+    g = torch.Generator().manual_seed(0)
+    draws = torch.cat([sample_next_token(logits, g, 1.0, top_p=0.9) for _ in range(4000)], dim=1)
+    freq = torch.bincount(draws[0], minlength=4).float() / draws.size(1)
+    want = torch.tensor([0.15, 0.5, 0.0, 0.3]) / 0.95
+    torch.testing.assert_close(freq, want, atol=0.03, rtol=0)
+    assert freq[2] == 0
+    # with top_k=2 first, the nucleus is taken inside the top 2: 0.5 / 0.8 = 0.625 < 0.7, so both stay
+    draws = torch.cat([sample_next_token(logits, g, 1.0, top_k=2, top_p=0.7) for _ in range(2000)], dim=1)
+    assert set(draws[0].tolist()) == {1, 3}
+    draws = torch.cat([sample_next_token(logits, g, 1.0, top_k=2, top_p=0.6) for _ in range(200)], dim=1)
+    assert set(draws[0].tolist()) == {1}
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="top_p"):
+            sample_next_token(logits, g, 1.0, top_p=bad)
+
+
 # -----------------------------------------------------------------------------
 # tool use, driven by a scripted stub model
 
@@ -219,7 +267,7 @@ class ScriptModel(nn.Module):
         self.calls = 0
         self.inputs = []
 
-    def forward(self, idx, kv_cache=None):
+    def forward_cached(self, idx, kv_cache, last_only=False, compile=False):
         B, T = idx.shape
         step = self.calls
         self.calls += 1
@@ -404,3 +452,117 @@ def test_calculator_matches_python_on_random_arithmetic():
         want = eval(expr)  # trusted: we built the string from integers and operators
         assert got is not None
         assert math.isclose(float(got), want, rel_tol=1e-9, abs_tol=1e-9), expr
+
+# -----------------------------------------------------------------------------
+# BatchEngine (continuous batching)
+
+
+def test_batch_engine_matches_solo_runs(tokenizer):
+    # 16 concurrent mixed requests through 4 rows: each one's tokens equal its solo Engine run
+    V = tokenizer.get_vocab_size()
+    model = make_model(V, zero_specials_from=first_special(tokenizer))
+    g = torch.Generator().manual_seed(5)
+    reqs = []
+    for i in range(16):
+        prompt = torch.randint(0, first_special(tokenizer), (1 + (7 * i) % 13,), generator=g).tolist()
+        sampling = dict(temperature=0.0) if i % 3 else dict(temperature=0.9, top_k=20 if i % 2 else None,
+                                                             top_p=0.9, seed=i)
+        reqs.append((prompt, 3 + (5 * i) % 17, sampling))
+    batch = BatchEngine(model, tokenizer, max_rows=4, max_queue=16).start()
+    try:
+        streams = [batch.submit(p, n, **kw) for p, n, kw in reqs]
+        with ThreadPoolExecutor(16) as ex:
+            outs = list(ex.map(list, streams))
+        stats = batch.stats()
+    finally:
+        batch.stop()
+    engine = Engine(model, tokenizer)
+    for (prompt, n, kw), out, stream in zip(reqs, outs, streams):
+        results, _ = engine.generate_batch(prompt, max_tokens=n, **kw)
+        assert out == results[0][len(prompt):]
+        assert stream.finish_reason == "length" and len(out) == n
+    assert stats["total_tokens"] == sum(n for _, n, _ in reqs)
+    assert stats["active_rows"] == 0 and stats["queue_depth"] == 0 and stats["max_rows"] == 4
+    assert stats["tok_per_s"] > 0
+
+
+def test_batch_engine_cancel_frees_the_row(tokenizer):
+    V = tokenizer.get_vocab_size()
+    model = make_model(V, n_layer=1, zero_specials_from=first_special(tokenizer))
+    batch = BatchEngine(model, tokenizer, max_rows=1).start()
+    try:
+        long = batch.submit([1, 2, 3], max_tokens=60, temperature=0.0)
+        assert isinstance(long.get(timeout=30), int)
+        waiting = batch.submit([4, 5], max_tokens=3, temperature=0.0)  # needs the only row
+        long.cancel()
+        assert len(list(waiting)) == 3 and waiting.finish_reason == "length"
+        rest = list(long)
+        assert long.finish_reason == "cancelled" and len(rest) < 59
+        assert long.get() is None  # a finished stream keeps answering None
+    finally:
+        batch.stop()
+
+
+def test_batch_engine_queue_full_and_stop(tokenizer):
+    V = tokenizer.get_vocab_size()
+    batch = BatchEngine(make_model(V, n_layer=1), tokenizer, max_rows=1, max_queue=2)  # not started
+    a, b = batch.submit([1], 5), batch.submit([2], 5)
+    assert batch.stats()["queue_depth"] == 2
+    with pytest.raises(QueueFull):
+        batch.submit([3], 5)
+    with pytest.raises(ValueError, match="top_p"):
+        batch.submit([3], 5, top_p=2.0)
+    with pytest.raises(ValueError, match="token ids"):
+        batch.submit([V], 5)
+    batch.stop()
+    assert list(a) == [] and a.finish_reason == "cancelled" and b.finish_reason == "cancelled"
+
+
+class NextTokenModel(nn.Module):
+    """Predicts table[last input token] (default otherwise), whatever the row or step."""
+
+    def __init__(self, vocab_size, table, default):
+        super().__init__()
+        self.config = GPTConfig(sequence_len=64, vocab_size=vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=8)
+        self.dummy = nn.Parameter(torch.zeros(1))
+        self.compute_dtype = torch.float32
+        self.table, self.default = table, default
+
+    def forward_cached(self, idx, kv_cache, last_only=False, compile=False):
+        B, T = idx.shape
+        kv_cache.advance(T)
+        if kv_cache.prev_embedding is None:
+            kv_cache.prev_embedding = torch.zeros(B, 1, self.config.n_embd)
+        logits = torch.zeros(B, 1 if last_only else T, self.config.vocab_size)
+        for b in range(B):
+            logits[b, -1, self.table.get(int(idx[b, -1]), self.default)] = 10.0
+        return logits
+
+
+def test_batch_engine_tool_use_per_row(tokenizer):
+    V = tokenizer.get_vocab_size()
+    sp = tokenizer.encode_special
+    ps, pe, os_, oe, end = (sp("<|python_start|>"), sp("<|python_end|>"), sp("<|output_start|>"),
+                            sp("<|output_end|>"), sp("<|assistant_end|>"))
+    two, plus, three = (tokenizer.encode(c)[0] for c in "2+3")
+    five = tokenizer.encode("5")
+    q, a, x = (tokenizer.encode(c)[0] for c in "qax")
+    # a prompt ending in q calls the calculator on "2+3"; one ending in a answers x and stops; while the
+    # tool output is forced, the model proposes x (discarded)
+    table = {q: ps, ps: two, two: plus, plus: three, three: pe, pe: x, os_: x, oe: end, a: x, x: end}
+    for f in five:
+        table[f] = x
+    model = NextTokenModel(V, table, default=end)
+    batch = BatchEngine(model, tokenizer, max_rows=2).start()
+    try:
+        streams = [batch.submit([1, q], 30, temperature=0.0), batch.submit([1, a], 30, temperature=0.0),
+                   batch.submit([2, q], 30, temperature=0.0)]
+        outs = [list(s) for s in streams]
+    finally:
+        batch.stop()
+    want_tool = [ps, two, plus, three, pe, os_] + five + [oe]
+    assert outs == [want_tool, [x], want_tool]
+    assert [s.finish_reason for s in streams] == ["stop"] * 3
+    solo = Engine(NextTokenModel(V, table, default=end), tokenizer)
+    assert solo.generate_batch([1, q], max_tokens=30, temperature=0.0)[0][0][2:] == want_tool
+

@@ -267,7 +267,7 @@ def test_kv_cache_decode_matches_forward(chunks, n_kv_head, pattern):
     cache = new_cache(m, 2, 24)
     outs, t = [], 0
     for n in chunks:
-        outs.append(m(x[:, t:t + n], kv_cache=cache))
+        outs.append(m.forward_cached(x[:, t:t + n], cache))
         t += n
     assert cache.get_pos() == 24
     torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-4, rtol=1e-4)
@@ -279,7 +279,7 @@ def test_kv_cache_decode_past_sequence_len():
     x = tokens(1, 20)
     full = m(x)
     cache = new_cache(m, 1, 20)
-    outs = [m(x[:, :5], kv_cache=cache)] + [m(x[:, t:t + 1], kv_cache=cache) for t in range(5, 20)]
+    outs = [m.forward_cached(x[:, :5], cache)] + [m.forward_cached(x[:, t:t + 1], cache) for t in range(5, 20)]
     torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-4, rtol=1e-4)
 
 
@@ -288,10 +288,10 @@ def test_prefill_replicated_rows_equal_independent_runs():
     prompt = tokens(1, 7)
     cont = tokens(3, 5, seed=3)  # a different continuation per row
     c1 = new_cache(m, 1, 16)
-    m(prompt, kv_cache=c1)
+    m.forward_cached(prompt, c1)
     cN = new_cache(m, 3, 16)
     cN.prefill(c1)
-    outs = [m(cont[:, :2], kv_cache=cN)] + [m(cont[:, t:t + 1], kv_cache=cN) for t in range(2, 5)]
+    outs = [m.forward_cached(cont[:, :2], cN)] + [m.forward_cached(cont[:, t:t + 1], cN) for t in range(2, 5)]
     got = torch.cat(outs, dim=1)  # (3, 5, V)
     for r in range(3):
         ref = m(torch.cat([prompt[0], cont[r]])[None])[:, 7:]
