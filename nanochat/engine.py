@@ -152,23 +152,32 @@ def _sample_from_probs(probs, rng):
     return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.size(-1) - 1)  # (B, 1)
 
 
-def sample_next_token(logits, rng, temperature=1.0, top_k=None):
+def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
     """
     logits (B, V) -> next token ids (B, 1) int64. temperature 0 = argmax (rng unused); top_k None/0 =
-    sample from the full softmax; otherwise from the top min(top_k, V) logits. Rows are sampled
+    sample from the full softmax; otherwise from the top min(top_k, V) logits. top_p None/1 = no nucleus
+    filter; otherwise sample from the smallest set of most likely tokens whose probability reaches top_p
+    (Holtzman et al. 2019, https://arxiv.org/abs/1904.09751), after top_k. Rows are sampled
     independently from the one generator `rng`.
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1, keepdim=True)
+    idx = None
     if top_k is not None and top_k > 0:
         k = min(int(top_k), logits.size(-1))
-        vals, idx = torch.topk(logits, k, dim=-1)  # (B, k)
-        probs = torch.softmax(vals.float() / temperature, dim=-1)
-        return idx.gather(1, _sample_from_probs(probs, rng))  # map the position in the top k back to ids
+        logits, idx = torch.topk(logits, k, dim=-1)  # (B, k)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    return _sample_from_probs(probs, rng)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # keep a token while the mass of the more likely ones is still below top_p; the first always stays
+        keep = (sorted_probs.cumsum(dim=-1) - sorted_probs) < top_p
+        keep[:, 0] = True
+        choice = order.gather(1, _sample_from_probs(sorted_probs * keep, rng))
+    else:
+        choice = _sample_from_probs(probs, rng)
+    return choice if idx is None else idx.gather(1, choice)  # map a position in the top k back to ids
 
 # -----------------------------------------------------------------------------
 # Engine
@@ -224,7 +233,7 @@ class Engine:
         return [self.output_start] + self.tokenizer.encode(result) + [self.output_end]
 
     @torch.inference_mode()
-    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42, top_p=None):
         """
         Stream one column per step: (token_column, mask_column), lists of num_samples ints; mask 1 = the
         token was sampled, 0 = forced by the tool. Completed rows keep receiving (meaningless) tokens;
@@ -266,7 +275,7 @@ class Engine:
         rows = [_RowState() for _ in range(B)]
         num_generated = 0
         while True:
-            sampled = sample_next_token(logits, rng, temperature, top_k)  # (B, 1)
+            sampled = sample_next_token(logits, rng, temperature, top_k, top_p)  # (B, 1)
             sampled_list = sampled.view(-1).tolist()
             token_column, mask_column = sampled_list, [1] * B
             any_forced = False
@@ -320,3 +329,150 @@ class Engine:
             if all(done):
                 break
         return results, masks
+
+# -----------------------------------------------------------------------------
+# TEMPORARY stand-in for the continuous-batching engine (owner: h1-infer). It has the agreed public
+# interface (QueueFull, BatchEngine, Stream) so the server can be built and tested against it, but its
+# loop steps each active request's own Engine.generate in turn instead of decoding the rows as one batch.
+# Drop this whole section in favour of the real BatchEngine at merge.
+
+import collections
+import queue
+import random
+import threading
+
+
+class QueueFull(Exception):
+    """submit() found the wait queue full: retry later."""
+
+
+class Stream:
+    """The tokens of one submitted request, produced by the BatchEngine's loop thread."""
+
+    def __init__(self):
+        self._tokens = queue.Queue()
+        self._cancelled = threading.Event()
+        self.finish_reason = None
+        self.error = None
+
+    def get(self, timeout=None):
+        item = self._tokens.get(timeout=timeout)
+        if item is None:
+            self._tokens.put(None)  # stay finished for every later call
+        return item
+
+    def __iter__(self):
+        while (token := self.get()) is not None:
+            yield token
+
+    def cancel(self):
+        self._cancelled.set()
+
+    def _finish(self, reason, error=None):
+        if self.finish_reason is None:
+            self.finish_reason, self.error = reason, error
+            self._tokens.put(None)
+
+
+class BatchEngine:
+
+    def __init__(self, model, tokenizer, max_rows=8, max_queue=64):
+        self.engine = Engine(model, tokenizer)
+        self.model, self.max_rows, self.max_queue = model, max_rows, max_queue
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._waiting = collections.deque()  # (stream, generate kwargs)
+        self._rows = []  # [stream, generator, generated, max_tokens]
+        self._recent = collections.deque()  # (time, tokens) of the last few seconds
+        self._thread, self._stopping = None, False
+        self.total_tokens = 0
+
+    def start(self):
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="batch-engine")
+        self._thread.start()
+
+    def stop(self):
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self._lock:
+            for stream, _ in self._waiting:
+                stream._finish("cancelled")
+            for row in self._rows:
+                row[1].close()
+                row[0]._finish("cancelled")
+            self._waiting.clear()
+            self._rows.clear()
+
+    def submit(self, tokens, max_tokens, temperature=1.0, top_k=None, top_p=None, seed=None):
+        if not isinstance(tokens, (list, tuple)) or not tokens or not all(isinstance(t, int) for t in tokens):
+            raise ValueError("tokens must be a non-empty list of ints (the prompt's token ids)")
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+        seed = random.randrange(2**31) if seed is None else seed
+        kwargs = dict(tokens=list(tokens), max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                      top_p=top_p, seed=seed)
+        stream = Stream()
+        with self._lock:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting")
+            self._waiting.append((stream, kwargs))
+        self._wake.set()
+        return stream
+
+    def stats(self):
+        with self._lock:
+            now = time.monotonic()
+            while self._recent and self._recent[0][0] < now - 5.0:
+                self._recent.popleft()
+            span = now - self._recent[0][0] if self._recent else 0.0
+            rate = sum(n for _, n in self._recent) / span if span > 0.5 else 0.0
+            return {"queue_depth": len(self._waiting), "active_rows": len(self._rows), "max_rows": self.max_rows,
+                    "tok_per_s": rate, "total_tokens": self.total_tokens}
+
+    def _loop(self):
+        device = next(self.model.parameters()).device
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # a new thread starts on cuda:0
+        while not self._stopping:
+            self._wake.clear()
+            with self._lock:
+                while self._waiting and len(self._rows) < self.max_rows:
+                    stream, kw = self._waiting.popleft()
+                    gen = self.engine.generate(kw.pop("tokens"), max_tokens=kw["max_tokens"],
+                                               temperature=kw["temperature"], top_k=kw["top_k"],
+                                               top_p=kw["top_p"], seed=kw["seed"])
+                    self._rows.append([stream, gen, 0, kw["max_tokens"]])
+                rows = list(self._rows)
+            if not rows:
+                self._wake.wait(0.1)
+                continue
+            for row in rows:
+                reason = self._step(row)
+                if reason is not None:
+                    row[1].close()
+                    with self._lock:
+                        self._rows.remove(row)
+                    row[0]._finish(*reason)
+
+    def _step(self, row):
+        """One token for one row; returns (finish_reason, error) when the row is done, else None."""
+        stream, gen = row[0], row[1]
+        if stream._cancelled.is_set():
+            return ("cancelled",)
+        try:
+            token = next(gen)[0][0]
+        except StopIteration:
+            return ("length",)
+        except Exception as e:
+            return ("error", f"{type(e).__name__}: {e}")
+        if token in (self.engine.assistant_end, self.engine.bos):
+            return ("stop",)
+        stream._tokens.put(token)
+        row[2] += 1
+        with self._lock:
+            self.total_tokens += 1
+            self._recent.append((time.monotonic(), 1))
+        return ("length",) if row[2] >= row[3] else None
