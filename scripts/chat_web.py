@@ -541,6 +541,24 @@ def load_replicas(args):
     return replicas
 
 
+def serve_in_thread(app, host="127.0.0.1", port=0):
+    """Run `app` with uvicorn in a background thread (tests, benchmarks): (base url, stop function)."""
+    import uvicorn
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True, name="uvicorn")
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started:
+        if not thread.is_alive() or time.time() > deadline:
+            raise RuntimeError("uvicorn did not start (see its log above)")
+        time.sleep(0.02)
+
+    def stop():
+        server.should_exit = True
+        thread.join(30)
+    return f"http://{host}:{server.servers[0].sockets[0].getsockname()[1]}", stop
+
+
 def main():
     import uvicorn
     args = parser.parse_args()

@@ -14,7 +14,7 @@ import pytest
 from conftest import make_tiny_chat_model
 
 from nanochat.engine import Engine
-from scripts.chat_web import Replica, ServeConfig, create_app, make_replica
+from scripts.chat_web import Replica, ServeConfig, create_app, make_replica, serve_in_thread
 
 CONTEXT = 64  # the tiny model's sequence_len: replies are clamped to what is left of it
 
@@ -412,30 +412,11 @@ def test_logging_survives_any_string(tiny, capsys):
 # Live servers: the official openai client, continuous batching, disconnects and the queue limit
 
 
-def serve(app):
-    """Run `app` with uvicorn on 127.0.0.1 and a free port in a thread: (url, stop function)."""
-    import uvicorn
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(1500):
-        if server.started:
-            break
-        thread.join(0.02)
-    assert server.started, "uvicorn did not start"
-    port = server.servers[0].sockets[0].getsockname()[1]
-
-    def stop():
-        server.should_exit = True
-        thread.join(10)
-    return f"http://127.0.0.1:{port}", stop
-
-
 @pytest.fixture(scope="module")
 def live_server(tiny):
     """The tiny model (fp32) behind a live server; 4 rows, so 16 concurrent requests also exercise the queue."""
     tok, model = tiny
-    url, stop = serve(create_app([make_replica(0, "cpu", model, tok, max_rows=4)], ServeConfig(model_name="nanochat-test")))
+    url, stop = serve_in_thread(create_app([make_replica(0, "cpu", model, tok, max_rows=4)], ServeConfig(model_name="nanochat-test")))
     yield url
     stop()
 
@@ -496,7 +477,7 @@ def long_server():
     """A tiny model with a 2048-token context whose greedy replies run long (random weights rarely stop),
     behind a server with one row and one queue place: room for a client killed mid-stream and a full queue."""
     tok, model = make_tiny_chat_model(2048)
-    url, stop = serve(create_app([make_replica(0, "cpu", model, tok, max_rows=1, max_queue=1)]))
+    url, stop = serve_in_thread(create_app([make_replica(0, "cpu", model, tok, max_rows=1, max_queue=1)]))
     yield url
     stop()
 
