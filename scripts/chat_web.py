@@ -287,11 +287,15 @@ class Reply:
             raise RequestError(f"conversation is {len(self.prompt)} tokens but the model's context is "
                                f"{self.replica.context_len}; start a new conversation or shorten it", "messages")
         self.request, self.prompt_tokens = request, len(self.prompt)
+        # top_p 0 (allowed by the OpenAI API) keeps only the most likely token, which is what top_k 1 does
+        top_k, top_p = (1, None) if request.top_p == 0 else (request.top_k or None, request.top_p)
         try:  # a reply cut at the context's end finishes with finish_reason "length"
             self.stream = self.replica.engine.submit(self.prompt, min(request.max_tokens, room),
-                                                     temperature=request.temperature, top_k=request.top_k or None,
-                                                     top_p=request.top_p if request.top_p < 1.0 else None,
+                                                     temperature=request.temperature, top_k=top_k,
+                                                     top_p=top_p if top_p is not None and top_p < 1.0 else None,
                                                      seed=request.seed)
+        except ValueError as e:  # a combination the engine refuses
+            raise RequestError(str(e))
         except QueueFull:
             stats = self.replica.engine.stats()
             wait = 1 + stats["queue_depth"] // max(1, stats["max_rows"])  # rough: a second per batch queued ahead
