@@ -110,8 +110,9 @@ def run_load(url, clients, requests, max_tokens):
             "ttft_p95": percentile(ttft, 0.95), "itl_p50": percentile(itl, 0.5)}
 
 
-def main():
-    args = parser.parse_args()
+def server_process(args, mode, urls, done):
+    """A child process: load or build the model, serve it in `mode`, report the url, run until `done` is set.
+    The server lives in its own process so that the clients' Python work does not compete for its GIL."""
     import torch
     from scripts.chat_web import ServeConfig, create_app, make_replica, serve_in_thread
     device = torch.device(args.device_type)
@@ -121,27 +122,41 @@ def main():
     else:
         model, tok = random_model(args.depth, args.vocab_size, device), tokenizer_of_size(args.vocab_size)
     cfg = model.config
-    print(f"model: depth {cfg.n_layer}, width {cfg.n_embd}, vocab {cfg.vocab_size}, context {cfg.sequence_len}, "
-          f"{'checkpoint ' + args.source if args.source else 'random weights'}; torch threads "
+    print(f"{mode} server: depth {cfg.n_layer}, width {cfg.n_embd}, vocab {cfg.vocab_size}, context "
+          f"{cfg.sequence_len}, {'checkpoint ' + args.source if args.source else 'random weights'}, torch threads "
           f"{torch.get_num_threads()}", flush=True)
+    replica = make_replica(0, device, model, tok, max_rows=1 if mode == "worker" else args.max_rows, max_queue=4096)
+    url, stop = serve_in_thread(create_app([replica], ServeConfig(model_name="bench", serve_mode=mode)))
+    urls.put((mode, url))
+    done.wait()
+    stop()
+
+
+def main():
+    import multiprocessing
+    args = parser.parse_args()
     modes = args.modes.split(",")
-    servers = {}
-    for mode in modes:  # both servers share the model; only one has requests at any time
-        replica = make_replica(0, device, model, tok, max_rows=1 if mode == "worker" else args.max_rows,
-                               max_queue=4096)
-        servers[mode] = serve_in_thread(create_app([replica], ServeConfig(model_name="bench", serve_mode=mode)))
-        run_load(servers[mode][0], 1, 1, 8)  # warm-up
+    ctx = multiprocessing.get_context("spawn")
+    urls, done = ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=server_process, args=(args, mode, urls, done), daemon=True) for mode in modes]
     rows = {}
     try:
+        for p in procs:  # one at a time: loading and tokenizer training do not overlap
+            p.start()
+            mode, url = urls.get(timeout=600)
+            run_load(url, 1, 1, 8)  # warm-up
+            rows[mode] = url
+        servers, rows = rows, {}
         for clients in [int(c) for c in args.clients.split(",")]:
             for mode in modes:
-                rows[mode, clients] = r = run_load(servers[mode][0], clients, args.requests, args.max_tokens)
+                rows[mode, clients] = r = run_load(servers[mode], clients, args.requests, args.max_tokens)
                 print(f"{mode:>6} {clients:>3} clients: {r['tok_per_s']:8.1f} tok/s ({r['tokens']} tokens in "
                       f"{r['wall_s']:.1f} s)  TTFT p50 {r['ttft_p50'] * 1000:7.1f} ms  p95 {r['ttft_p95'] * 1000:7.1f} ms"
                       f"  inter-token p50 {r['itl_p50'] * 1000:6.1f} ms", flush=True)
     finally:
-        for _, stop in servers.values():
-            stop()
+        done.set()
+        for p in procs:
+            p.join(30)
     if ("batch", 8) in rows and ("worker", 8) in rows:
         print(f"8 clients: batch / worker aggregate tok/s = "
               f"{rows['batch', 8]['tok_per_s'] / rows['worker', 8]['tok_per_s']:.2f}x (target >= 3x)")

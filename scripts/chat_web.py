@@ -42,7 +42,9 @@ import time
 import uuid
 import asyncio
 import argparse
+import itertools
 import threading
+import collections
 from dataclasses import dataclass
 from contextlib import asynccontextmanager
 
@@ -267,9 +269,6 @@ def parse_chat_request(body, config, roles=("system", "user", "assistant")):
 # Generation: the replica's decode loop produces tokens; a pump thread hands them to the event loop
 
 
-_NO_TOKEN_YET = object()
-
-
 class Reply:
     """One request on the least busy replica: its prompt, its engine stream, its text and outcome."""
 
@@ -309,51 +308,50 @@ class Reply:
 
     async def pieces(self, http_request):
         """
-        Text pieces as tokens arrive, never splitting a UTF-8 character. Stops early when the client has
-        gone; in every case the stream is cancelled on exit, which frees the row at the next decode step.
+        Text pieces as tokens arrive, never splitting a UTF-8 character; under load one piece carries every
+        token that arrived since the last. Stops early when the client has gone; in every case the stream is
+        cancelled on exit, which frees its row at the next decode step.
         """
-        loop, tokens = asyncio.get_running_loop(), asyncio.Queue()
+        loop, arrived, ready = asyncio.get_running_loop(), collections.deque(), asyncio.Event()
 
-        def pump():
-            def put(item):
-                try:
-                    loop.call_soon_threadsafe(tokens.put_nowait, item)
-                except RuntimeError:  # the event loop is gone (server shutting down)
-                    pass
-            for token in self.stream:
-                put(token)
-            put(None)
+        def pump():  # the event loop is woken once per batch of tokens, not once per token
+            for token in itertools.chain(self.stream, [None]):
+                arrived.append(token)
+                if not ready.is_set():
+                    try:
+                        loop.call_soon_threadsafe(ready.set)
+                    except RuntimeError:  # the event loop is gone (server shutting down)
+                        return
 
-        tok, ids, emitted = self.replica.tokenizer, [], ""
+        tok, pending, texts, finished = self.replica.tokenizer, [], [], False
         next_check = loop.time() + DISCONNECT_CHECK_S
         threading.Thread(target=pump, daemon=True, name="reply-pump").start()
         try:
-            while True:
+            while not finished:
                 try:
-                    token = await asyncio.wait_for(tokens.get(), DISCONNECT_CHECK_S)
+                    await asyncio.wait_for(ready.wait(), DISCONNECT_CHECK_S)
                 except asyncio.TimeoutError:
-                    token = _NO_TOKEN_YET
+                    pass
+                ready.clear()
                 if loop.time() >= next_check:
                     next_check = loop.time() + DISCONNECT_CHECK_S
                     if await http_request.is_disconnected():
                         return
-                if token is None:
-                    break
-                if token is _NO_TOKEN_YET:
-                    continue
-                ids.append(token)
-                self.completion_tokens = len(ids)
-                text = tok.decode(ids)  # hold back while the text ends in half a UTF-8 character
-                if not text.endswith("\ufffd") and len(text) > len(emitted):
-                    piece, emitted = text[len(emitted):], text
-                    yield piece
-            # the full decode is the reply; one cut inside a multi-byte character reports what it has
-            self.text = tok.decode(ids)
-            if len(self.text) > len(emitted) and self.text.startswith(emitted):
-                yield self.text[len(emitted):]
+                while arrived and not finished:
+                    token = arrived.popleft()
+                    finished = token is None
+                    if not finished:
+                        pending.append(token)
+                        self.completion_tokens += 1
+                text = tok.decode(pending)  # hold back while it ends in half a UTF-8 character
+                if text and (finished or not text.endswith("\ufffd")):
+                    texts.append(text)
+                    pending = []
+                    yield text
             if self.stream.finish_reason == "error":
                 raise RuntimeError(self.stream.error)
         finally:
+            self.text = "".join(texts)
             self.stream.cancel()
 
 
