@@ -34,6 +34,7 @@ parser.add_argument("--max-tokens", type=int, default=64, help="tokens per reply
 parser.add_argument("--max-rows", type=int, default=32, help="batch mode: requests decoded together")
 parser.add_argument("--modes", type=str, default="batch,worker", help="comma-separated serve modes to compare")
 parser.add_argument("--device-type", type=str, default="cpu", help="cuda|cpu|mps")
+parser.add_argument("--repeats", type=int, default=1, help="runs of each load, interleaved; medians are reported")
 
 WORDS = ["rivers", "the moon", "bread", "chess", "volcanoes", "music", "bees", "glass", "trains", "salt"]
 
@@ -146,13 +147,21 @@ def main():
             mode, url = urls.get(timeout=600)
             run_load(url, 1, 1, 8)  # warm-up
             rows[mode] = url
-        servers, rows = rows, {}
-        for clients in [int(c) for c in args.clients.split(",")]:
-            for mode in modes:
-                rows[mode, clients] = r = run_load(servers[mode], clients, args.requests, args.max_tokens)
-                print(f"{mode:>6} {clients:>3} clients: {r['tok_per_s']:8.1f} tok/s ({r['tokens']} tokens in "
-                      f"{r['wall_s']:.1f} s)  TTFT p50 {r['ttft_p50'] * 1000:7.1f} ms  p95 {r['ttft_p95'] * 1000:7.1f} ms"
-                      f"  inter-token p50 {r['itl_p50'] * 1000:6.1f} ms", flush=True)
+        servers, runs = rows, {}
+        for _ in range(args.repeats):
+            for clients in [int(c) for c in args.clients.split(",")]:
+                for mode in modes:
+                    r = run_load(servers[mode], clients, args.requests, args.max_tokens)
+                    runs.setdefault((mode, clients), []).append(r)
+                    print(f"{mode:>6} {clients:>3} clients: {r['tok_per_s']:8.1f} tok/s ({r['tokens']} tokens in "
+                          f"{r['wall_s']:.1f} s)  TTFT p50 {r['ttft_p50'] * 1000:7.1f} ms  p95 "
+                          f"{r['ttft_p95'] * 1000:7.1f} ms  inter-token p50 {r['itl_p50'] * 1000:6.1f} ms", flush=True)
+        rows = {key: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for key, rs in runs.items()}
+        if args.repeats > 1:
+            print(f"medians of {args.repeats} runs:")
+            for (mode, clients), r in rows.items():
+                print(f"{mode:>6} {clients:>3} clients: {r['tok_per_s']:8.1f} tok/s  TTFT p50 {r['ttft_p50'] * 1000:7.1f} "
+                      f"ms  p95 {r['ttft_p95'] * 1000:7.1f} ms  inter-token p50 {r['itl_p50'] * 1000:6.1f} ms")
     finally:
         done.set()
         for p in procs:
