@@ -31,7 +31,7 @@ parser.add_argument("--vocab-size", type=int, default=8192, help="random model: 
 parser.add_argument("--clients", type=str, default="1,8,32", help="comma-separated concurrent client counts")
 parser.add_argument("--requests", type=int, default=2, help="requests per client, one after the other")
 parser.add_argument("--max-tokens", type=int, default=64, help="tokens per reply (greedy; a reply may stop early)")
-parser.add_argument("--max-rows", type=int, default=32, help="batch mode: requests decoded together")
+parser.add_argument("--max-rows", type=int, default=8, help="batch mode: requests decoded together (the server default)")
 parser.add_argument("--modes", type=str, default="batch,worker", help="comma-separated serve modes to compare")
 parser.add_argument("--device-type", type=str, default="cpu", help="cuda|cpu|mps")
 parser.add_argument("--repeats", type=int, default=1, help="runs of each load, interleaved; medians are reported")
