@@ -60,23 +60,39 @@ class ReplyPrinter:
             self.shown = text
 
 
+def reply_parts(tokenizer, tokens):
+    """
+    A generated reply as assistant content parts, split at the tool tokens, so that the next turn's prompt
+    renders it with its tool calls (<|python_start|>12*3<|python_end|><|output_start|>36<|output_end|>) intact.
+    """
+    kinds = {tokenizer.encode_special("<|python_start|>"): "python", tokenizer.encode_special("<|output_start|>"):
+             "python_output", tokenizer.encode_special("<|python_end|>"): "text",
+             tokenizer.encode_special("<|output_end|>"): "text"}
+    parts, kind, run = [], "text", []
+    for token in tokens + [None]:
+        if token is None or token in kinds:
+            if run or kind != "text":
+                parts.append({"type": kind, "text": tokenizer.decode(run)})
+            kind, run = kinds.get(token, "text"), []
+        else:
+            run.append(token)
+    return parts or [{"type": "text", "text": ""}]  # an empty reply still takes its turn
+
+
 def chat_loop(engine, tokenizer, read=input, write=None, prompt="", temperature=0.6, top_k=50, max_tokens=256,
               seed=None, context_len=None):
     """
-    The conversation: one growing token list from <|bos|>. Each turn streams the reply through
-    `write`. `read(prompt_text)` returns the next user line (EOFError/KeyboardInterrupt end the chat).
-    With `prompt`, answer it alone and return. Returns the conversation's tokens.
+    The conversation: a list of messages, rendered into the prompt by the tokenizer each turn. Each reply
+    streams through `write`. `read(prompt_text)` returns the next user line (EOFError/KeyboardInterrupt end
+    the chat). With `prompt`, answer it alone and return. Returns the conversation's messages.
     """
     def default_write(s):
         sys.stdout.write(s)
         sys.stdout.flush()
     write = write or default_write
-    bos = tokenizer.get_bos_token_id()
-    user_start, user_end = tokenizer.encode_special("<|user_start|>"), tokenizer.encode_special("<|user_end|>")
-    assistant_start = tokenizer.encode_special("<|assistant_start|>")
-    assistant_end = tokenizer.encode_special("<|assistant_end|>")
+    stops = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
     rng = random.Random(seed)
-    tokens = [bos]
+    messages = []
     if not prompt:
         write("nanochat: type a message; 'clear' starts over, 'quit' or Ctrl-D exits\n")
     while True:
@@ -84,27 +100,25 @@ def chat_loop(engine, tokenizer, read=input, write=None, prompt="", temperature=
             text = prompt if prompt else read("\nUser: ")
         except (EOFError, KeyboardInterrupt):
             write("\n")
-            return tokens
+            return messages
         text = text.strip()
         command = text.lower()
         if command in ("quit", "exit"):
-            return tokens
+            return messages
         if command == "clear":
-            tokens = [bos]
+            messages = []
             write("(new conversation)\n")
             continue
         if not text:
             continue
-        turn = [user_start] + tokenizer.encode(text) + [user_end, assistant_start]
-        budget = max_tokens
-        if context_len is not None:
-            budget = min(max_tokens, context_len - len(tokens) - len(turn))
-            if budget <= 0:
-                write("(the conversation fills the model's context: type 'clear' to start over)\n")
-                if prompt:
-                    return tokens
-                continue
-        tokens += turn
+        turn = messages + [{"role": "user", "content": text}]
+        tokens = tokenizer.render_for_completion({"messages": turn + [{"role": "assistant", "content": ""}]})
+        budget = max_tokens if context_len is None else min(max_tokens, context_len - len(tokens))
+        if budget <= 0:
+            write("(the conversation fills the model's context: type 'clear' to start over)\n")
+            if prompt:
+                return messages
+            continue
         if not prompt:
             write("\nAssistant: ")
         printer = ReplyPrinter(tokenizer, write)
@@ -112,21 +126,19 @@ def chat_loop(engine, tokenizer, read=input, write=None, prompt="", temperature=
         try:
             for column, _ in engine.generate(tokens, num_samples=1, max_tokens=budget, temperature=temperature,
                                              top_k=top_k or None, seed=rng.randrange(2**31)):
-                token = column[0]
-                if token in (assistant_end, bos):
+                if column[0] in stops:
                     break
-                reply.append(token)
-                printer.add(token)
+                reply.append(column[0])
+                printer.add(column[0])
         except KeyboardInterrupt:
             printer.flush()
             write("\n")
-            return tokens
+            return messages
         printer.flush()
         write("\n")
-        # the stored turn always ends with <|assistant_end|>, also when max tokens cut the reply
-        tokens += reply + [assistant_end]
+        messages = turn + [{"role": "assistant", "content": reply_parts(tokenizer, reply)}]
         if prompt:
-            return tokens
+            return messages
 
 
 def main():

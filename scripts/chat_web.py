@@ -1,17 +1,23 @@
 """
-Serve a chat model over HTTP: a single-page chat UI, the reference's streaming endpoint and an
-OpenAI-compatible API (REFERENCE 10.6-10.8, decision D13).
+Serve a chat model over HTTP: a single-page chat UI, a streaming endpoint for it and an OpenAI-compatible API.
 
 Launch:
-    python -m scripts.chat_web                       # one worker (GPU 0, or CPU/MPS), http://localhost:8000
+    python -m scripts.chat_web                       # one replica (GPU 0, or CPU/MPS), http://localhost:8000
     python -m scripts.chat_web -n 8                  # 8 GPUs: one model replica per GPU, requests spread over them
-    python -m scripts.chat_web -i mid -p 8080 --host 127.0.0.1
+    python -m scripts.chat_web -i mid -p 8080 --host 127.0.0.1 --max-rows 16
+    python -m scripts.chat_web --serve-mode worker   # one request at a time per replica (for comparison)
+
+Serving: each replica runs one decode loop (nanochat.engine.BatchEngine) that batches up to --max-rows
+requests. A request joins the batch once its prompt is processed and leaves it at its own stop token or
+max_tokens; up to --max-queue more wait, and beyond that a request is answered 429 with Retry-After.
+A client that disconnects frees its row at the next decode step. `--serve-mode worker` gives each replica a
+single row: the one-request-per-worker server of earlier versions, kept for benchmarks.
 
 Routes:
     GET  /                      the chat UI (nanochat/ui.html)
     GET  /logo.svg              the logo
-    POST /chat/completions      reference stream: data: {"token": "...", "gpu": i} ... data: {"done": true}
-    GET  /health, GET /stats    readiness and worker-pool occupancy
+    POST /chat/completions      the UI's stream: data: {"token": "...", "gpu": i} ... data: {"done": true}
+    GET  /health, GET /stats    readiness; queue depth, active rows and recent tok/s per replica
     POST /v1/chat/completions   OpenAI-compatible, stream or not
     GET  /v1/models             the one model served
 
@@ -20,20 +26,25 @@ OpenAI client example:
     client = OpenAI(base_url="http://localhost:8000/v1", api_key="none")
     client.chat.completions.create(model="nanochat", messages=[{"role": "user", "content": "Hi"}])
 
-Sampling: temperature and top-k (the engine has no nucleus sampling). `top_p` is accepted and validated
-for compatibility but ignored; pass `top_k` (e.g. `extra_body={"top_k": 20}`) to narrow sampling.
-`seed` makes a request reproducible; without it every request gets a fresh random seed.
-Tool calls (calculator) appear in the text as their literal special tokens, as in the reference.
+Both POST routes take temperature, top_k (`extra_body={"top_k": 20}` in the openai client), top_p, seed and
+max_tokens (or max_completion_tokens), and validate them, n (only 1) and stream (a boolean) the same way.
+Without a seed every request samples with a fresh random one. Errors are JSON in each route's shape:
+{"detail": "..."} for /chat/completions, {"error": {"message", "type", "param", "code"}} for /v1. A stream
+always ends with its terminal event ({"done": true} or [DONE]), after an in-band error event if generation
+failed. Tool calls (calculator) appear in the text as their literal special tokens.
 """
 
 import os
+import re
+import sys
 import json
 import time
 import uuid
-import random
 import asyncio
 import argparse
+import itertools
 import threading
+import collections
 from dataclasses import dataclass
 from contextlib import asynccontextmanager
 
@@ -42,6 +53,7 @@ parser.add_argument("-n", "--num-gpus", type=int, default=1, help="model replica
 parser.add_argument("-i", "--source", type=str, default="sft", help="checkpoint source: base|mid|sft|rl, or hf:DIR (an exported model)")
 parser.add_argument("-t", "--temperature", type=float, default=0.8, help="default sampling temperature")
 parser.add_argument("-k", "--top-k", type=int, default=50, help="default top-k (0 = no filter)")
+parser.add_argument("--top-p", type=float, default=1.0, help="default nucleus top-p (1 = no filter)")
 parser.add_argument("-m", "--max-tokens", type=int, default=512, help="default max tokens per reply")
 parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag to load (default: largest)")
 parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: last)")
@@ -49,76 +61,128 @@ parser.add_argument("-p", "--port", type=int, default=8000, help="port to listen
 parser.add_argument("--host", type=str, default="0.0.0.0", help="interface to bind")
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (default: autodetect)")
 parser.add_argument("-d", "--dtype", type=str, default="", help="bfloat16|float16|float32 (default: project policy)")
+parser.add_argument("--serve-mode", type=str, default="batch", choices=["batch", "worker"],
+                    help="batch: continuous batching of --max-rows requests per replica; worker: one at a time")
+parser.add_argument("--max-rows", type=int, default=8, help="requests decoded together per replica (batch mode)")
+parser.add_argument("--max-queue", type=int, default=64, help="requests waiting per replica before 429")
 
-# Input limits (REFERENCE 10.6): every request is checked against them and answered 400 when outside.
+# Input limits: every request is checked against them and answered 4xx when outside.
+MAX_BODY_BYTES = 1 << 20  # 413 above: the longest valid conversation (32k characters) fits many times over
+MAX_JSON_DEPTH = 32  # a valid request nests 5 deep; checked before parsing so no input can recurse deeply
 MAX_MESSAGES = 500
 MAX_MESSAGE_CHARS = 8000
 MAX_TOTAL_CHARS = 32000
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.0, 2.0
 MIN_TOP_K, MAX_TOP_K = 0, 200
 MIN_MAX_TOKENS, MAX_MAX_TOKENS = 1, 4096
+# OpenAI parameters that would change the reply but are not implemented: refused rather than ignored
+UNSUPPORTED = ("stop", "logprobs", "top_logprobs", "tools", "tool_choice", "functions", "function_call",
+               "response_format", "logit_bias", "presence_penalty", "frequency_penalty")
+DISCONNECT_CHECK_S = 0.2  # how often a streaming reply asks whether its client is still there
 
 UI_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "ui.html")
 LOGO_PATH = os.path.join(os.path.dirname(UI_PATH), "logo.svg")
 
 # -----------------------------------------------------------------------------
-# Workers: one model replica each, handed out through an asyncio.Queue (REFERENCE 10.7)
+# Replicas: one model copy each, with its own decode loop
+
 
 @dataclass
-class Worker:
+class Replica:
     gpu_id: int
     device: str
-    engine: object      # nanochat.engine.Engine
+    engine: object      # nanochat.engine.BatchEngine (started and stopped by the app's lifespan)
     tokenizer: object   # nanochat.tokenizer.RustBPETokenizer
     context_len: int    # prompt + reply may not exceed the positions the model was trained for
 
 
-def make_worker(gpu_id, device, model, tokenizer):
-    from nanochat.engine import Engine
+def make_replica(gpu_id, device, model, tokenizer, max_rows=8, max_queue=64):
+    from nanochat.engine import BatchEngine
     model.eval()
-    return Worker(gpu_id, str(device), Engine(model, tokenizer), tokenizer, model.config.sequence_len)
-
-
-class WorkerPool:
-    """A request takes a worker for its whole reply, so replies never interleave on one model."""
-
-    def __init__(self, workers):
-        self.workers = list(workers)
-        self.queue = asyncio.Queue()  # created inside the running loop (lifespan)
-        for w in self.workers:
-            self.queue.put_nowait(w)
-
-    async def acquire(self):
-        return await self.queue.get()
-
-    def release(self, worker):
-        self.queue.put_nowait(worker)
+    return Replica(gpu_id, str(device), BatchEngine(model, tokenizer, max_rows=max_rows, max_queue=max_queue),
+                   tokenizer, model.config.sequence_len)
 
 
 @dataclass
 class ServeConfig:
     temperature: float = 0.8
     top_k: int = 50
+    top_p: float = 1.0
     max_tokens: int = 512
     model_name: str = "nanochat"
+    serve_mode: str = "batch"
+
+
+def safe_text(text):
+    """`text` with anything UTF-8 cannot encode (a lone surrogate a client sent) written as an escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def log(text):
+    """Console logging that no client string can break (unencodable characters, a closed stdout)."""
+    encoding = sys.stdout.encoding or "utf-8"
+    try:
+        print(text.encode(encoding, "backslashreplace").decode(encoding), flush=True)
+    except (OSError, ValueError):
+        pass
 
 # -----------------------------------------------------------------------------
-# Request validation: one parser for both APIs, raising RequestError -> 400
+# Request parsing and validation: one parser for both routes, raising RequestError -> 4xx
+
 
 class RequestError(Exception):
-    def __init__(self, message, param=None):
+    def __init__(self, message, param=None, status=400, headers=None):
         super().__init__(message)
-        self.message, self.param = message, param
+        self.message, self.param, self.status, self.headers = safe_text(message), param, status, headers
 
 
 @dataclass
 class ChatRequest:
-    messages: list      # [(role, text)] with role user|assistant (system already merged)
+    messages: list      # [{"role", "content": str}], as the tokenizer's chat renderer takes them
     temperature: float
     top_k: int
+    top_p: float
     max_tokens: int
-    seed: int
-    stream: bool
+    seed: int           # None: a fresh random seed
+    stream: bool        # None when the request did not say
+
+
+_JSON_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_JSON_BRACKETS = re.compile(rb"[\[\]{}]")
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(raw):
+    """The request body as JSON; nesting deeper than MAX_JSON_DEPTH is refused before the recursive parser runs."""
+    depth = 0
+    for bracket in _JSON_BRACKETS.finditer(_JSON_STRINGS.sub(b'""', raw)):
+        depth += 1 if bracket.group() in (b"[", b"{") else -1
+        if depth > MAX_JSON_DEPTH:
+            raise RequestError(f"request body nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except ValueError as e:  # UnicodeDecodeError included
+        raise RequestError(f"request body is not valid JSON: {e}")
+
+
+async def read_json(request):
+    from starlette.requests import ClientDisconnect
+    declared = request.headers.get("content-length", "")
+    too_big = RequestError(f"request body is larger than {MAX_BODY_BYTES} bytes", status=413)
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_big
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                raise too_big
+    except ClientDisconnect:
+        raise RequestError("the client disconnected while sending the request")
+    return parse_json(bytes(body))
 
 
 def _number(body, key, lo, hi, default, integer=False):
@@ -130,34 +194,36 @@ def _number(body, key, lo, hi, default, integer=False):
         kind = "an integer" if integer else "a number"
         raise RequestError(f"'{key}' must be {kind}, got {json.dumps(value)[:40]}", key)
     if not lo <= value <= hi:
-        raise RequestError(f"'{key}' must be between {lo} and {hi}, got {value}", key)
+        raise RequestError(f"'{key}' must be between {lo} and {hi}, got {str(value)[:40]}", key)
     return value
 
 
 def _content_text(content, i):
     """Message content as text: a string, or (OpenAI style) a list of {"type": "text", "text": ...} parts."""
     if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise RequestError(f"messages[{i}].content: only text parts are supported", "messages")
-            texts.append(part["text"])
-        content = "".join(texts)
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            raise RequestError(f"messages[{i}].content: only text parts are supported", "messages")
+        content = "".join(p["text"] for p in content)
     if not isinstance(content, str):
-        raise RequestError(f"messages[{i}].content must be a string", "messages")
+        raise RequestError(f"messages[{i}].content must be a string or a list of text parts", "messages")
     if not content:
         raise RequestError(f"messages[{i}].content is empty", "messages")
     if len(content) > MAX_MESSAGE_CHARS:
         raise RequestError(f"messages[{i}].content is {len(content)} characters; the limit is {MAX_MESSAGE_CHARS}",
                            "messages")
+    try:
+        content.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(f"messages[{i}].content is not valid Unicode (an unpaired surrogate such as \\ud800); "
+                           f"send surrogates in pairs", "messages")
     return content
 
 
-def parse_chat_request(body, config, openai):
+def parse_chat_request(body, config, roles=("system", "user", "assistant")):
     """
-    Validate a chat request body against the limits of REFERENCE 10.6. `openai=True` additionally
-    allows system messages at the start (merged into the first user turn, like render_conversation),
-    list-of-text-parts content, top_p, n=1, max_completion_tokens and stream.
+    Check the HTTP shape of a chat request (types, limits, allowed roles) and apply the defaults. The
+    conversation rules (alternation, where a system message may go) are the tokenizer's, checked when
+    the prompt is rendered.
     """
     if not isinstance(body, dict):
         raise RequestError("request body must be a JSON object")
@@ -166,180 +232,142 @@ def parse_chat_request(body, config, openai):
         raise RequestError("'messages' must be a non-empty list of {role, content} objects", "messages")
     if len(messages) > MAX_MESSAGES:
         raise RequestError(f"too many messages: {len(messages)}; the limit is {MAX_MESSAGES}", "messages")
-    system, parsed, total = [], [], 0
+    parsed, total = [], 0
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict):
             raise RequestError(f"messages[{i}] must be an object with 'role' and 'content'", "messages")
-        role = msg.get("role")
-        allowed = ("system", "user", "assistant") if openai else ("user", "assistant")
-        if role not in allowed:
-            raise RequestError(f"messages[{i}].role must be one of {', '.join(allowed)}; got {json.dumps(role)[:40]}",
-                               "messages")
-        text = _content_text(msg.get("content"), i)
-        total += len(text)
-        if role == "system":
-            if parsed:
-                raise RequestError(f"messages[{i}]: system messages are only allowed at the start", "messages")
-            system.append(text)
-        else:
-            parsed.append((role, text))
+        if msg.get("role") not in roles:
+            raise RequestError(f"messages[{i}].role must be one of {', '.join(roles)}; got "
+                               f"{json.dumps(msg.get('role'))[:40]}", "messages")
+        parsed.append({"role": msg["role"], "content": _content_text(msg.get("content"), i)})
+        total += len(parsed[-1]["content"])
     if total > MAX_TOTAL_CHARS:
         raise RequestError(f"conversation is {total} characters; the limit is {MAX_TOTAL_CHARS}", "messages")
-    if system:
-        # no system token exists: fold it into the first user turn, as render_conversation does
-        if not parsed or parsed[0][0] != "user":
-            raise RequestError("a system message must be followed by a user message", "messages")
-        parsed[0] = ("user", "\n\n".join(system) + "\n\n" + parsed[0][1])
-    temperature = _number(body, "temperature", MIN_TEMPERATURE, MAX_TEMPERATURE, config.temperature)
-    top_k = _number(body, "top_k", MIN_TOP_K, MAX_TOP_K, config.top_k, integer=True)
+    if parsed[-1]["role"] != "user":
+        raise RequestError(f"messages[{len(parsed) - 1}]: the last message must be the user's (the reply is the "
+                           f"assistant's turn)", "messages")
+    for key in UNSUPPORTED:
+        if body.get(key) not in (None, False, 0, "", [], {}):
+            raise RequestError(f"'{key}' is not supported by this server; leave it out", key)
+    n = body.get("n")
+    if n is not None and (type(n) is not int or n != 1):
+        raise RequestError(f"'n' must be 1 (one reply per request), got {json.dumps(n)[:40]}", "n")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise RequestError(f"'stream' must be true or false, got {json.dumps(stream)[:40]}", "stream")
     max_tokens = _number(body, "max_tokens", MIN_MAX_TOKENS, MAX_MAX_TOKENS, None, integer=True)
-    if openai:
-        _number(body, "top_p", 0.0, 1.0, None)  # accepted for compatibility, not applied (see docstring)
-        if max_tokens is None:
-            max_tokens = _number(body, "max_completion_tokens", MIN_MAX_TOKENS, MAX_MAX_TOKENS, None, integer=True)
-        if _number(body, "n", 1, 1, 1, integer=True) != 1:
-            raise RequestError("only n=1 is supported", "n")
+    if max_tokens is None:
+        max_tokens = _number(body, "max_completion_tokens", MIN_MAX_TOKENS, MAX_MAX_TOKENS, None, integer=True)
     seed = _number(body, "seed", -2**63, 2**63 - 1, None, integer=True)
-    stream = body.get("stream", False) if openai else True
-    if not isinstance(stream, bool):
-        raise RequestError("'stream' must be true or false", "stream")
-    return ChatRequest(parsed, float(temperature), int(top_k), max_tokens or config.max_tokens,
-                       random.randrange(2**31) if seed is None else seed % 2**31, stream)
-
-
-def build_prompt(tokenizer, messages):
-    """[<|bos|>] + each turn wrapped in its start/end tokens + <|assistant_start|> (REFERENCE 10.6)."""
-    bos = tokenizer.get_bos_token_id()
-    ids = [bos]
-    for role, text in messages:
-        ids += tokenizer.encode(text, prepend=f"<|{role}_start|>", append=f"<|{role}_end|>")
-    ids.append(tokenizer.encode_special("<|assistant_start|>"))
-    return ids
+    return ChatRequest(parsed,
+                       float(_number(body, "temperature", MIN_TEMPERATURE, MAX_TEMPERATURE, config.temperature)),
+                       int(_number(body, "top_k", MIN_TOP_K, MAX_TOP_K, config.top_k, integer=True)),
+                       float(_number(body, "top_p", 0.0, 1.0, config.top_p)),
+                       max_tokens or config.max_tokens, None if seed is None else seed % 2**31, stream)
 
 # -----------------------------------------------------------------------------
-# Generation: the engine runs in a thread; text pieces come back through an asyncio.Queue
-
-_END = object()
+# Generation: the replica's decode loop produces tokens; a pump thread hands them to the event loop
 
 
 class Reply:
-    """Streams one reply's text pieces and records its outcome (finish_reason, token count, gpu)."""
+    """One request on the least busy replica: its prompt, its engine stream, its text and outcome."""
 
-    def __init__(self, pool, request):
-        # every worker holds a replica of the same checkpoint, so any one can tokenize and size the prompt
-        first = pool.workers[0]
-        self.pool, self.request = pool, request
-        self.prompt = build_prompt(first.tokenizer, request.messages)
-        self.prompt_tokens = len(self.prompt)
-        room = first.context_len - len(self.prompt)
+    def __init__(self, replicas, request):
+        from nanochat.engine import QueueFull
+        self.replica = min(replicas, key=lambda r: (lambda s: s["active_rows"] + s["queue_depth"])(r.engine.stats()))
+        tok = self.replica.tokenizer
+        try:  # the tokenizer's chat renderer checks the conversation rules and builds the prompt
+            self.prompt = tok.render_for_completion({"messages": request.messages + [{"role": "assistant",
+                                                                                       "content": ""}]})
+        except ValueError as e:
+            raise RequestError(str(e), "messages")
+        room = self.replica.context_len - len(self.prompt)
         if room <= 0:
             raise RequestError(f"conversation is {len(self.prompt)} tokens but the model's context is "
-                               f"{first.context_len}; start a new conversation or shorten it", "messages")
-        self.max_tokens = min(request.max_tokens, room)  # a reply cut here ends with finish_reason "length"
-        self.completion_tokens = 0
-        self.finish_reason = None
-        self.gpu_id = None
-        self.text = ""
+                               f"{self.replica.context_len}; start a new conversation or shorten it", "messages")
+        self.request, self.prompt_tokens = request, len(self.prompt)
+        # top_p 0 (allowed by the OpenAI API) keeps only the most likely token, which is what top_k 1 does
+        top_k, top_p = (1, None) if request.top_p == 0 else (request.top_k or None, request.top_p)
+        try:  # a reply cut at the context's end finishes with finish_reason "length"
+            self.stream = self.replica.engine.submit(self.prompt, min(request.max_tokens, room),
+                                                     temperature=request.temperature, top_k=top_k,
+                                                     top_p=top_p if top_p is not None and top_p < 1.0 else None,
+                                                     seed=request.seed)
+        except ValueError as e:  # a combination the engine refuses
+            raise RequestError(str(e))
+        except QueueFull:
+            stats = self.replica.engine.stats()
+            wait = 1 + stats["queue_depth"] // max(1, stats["max_rows"])  # rough: a second per batch queued ahead
+            raise RequestError(f"the server is busy ({stats['queue_depth']} requests waiting); retry in {wait} s",
+                               status=429, headers={"Retry-After": str(wait)})
+        self.text, self.completion_tokens = "", 0
 
-    async def pieces(self):
-        """Async iterator of text pieces; holds one worker from the first token to the last."""
-        worker = await self.pool.acquire()
-        self.gpu_id = worker.gpu_id
-        tok, prompt, max_tokens = worker.tokenizer, self.prompt, self.max_tokens
-        stops = {tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()}
-        loop = asyncio.get_running_loop()
-        queue = asyncio.Queue()
-        cancel = threading.Event()
-        # The worker goes back to the pool once both the generation thread and this stream are done:
-        # not before the reply has been streamed out (REFERENCE 10.7), and never while the model still
-        # runs (a disconnected client cancels the stream, but the thread finishes its current step).
-        owners, owners_lock = [2], threading.Lock()
+    @property
+    def finish_reason(self):
+        return self.stream.finish_reason
 
-        def done_with_worker():
-            with owners_lock:
-                owners[0] -= 1
-                last = owners[0] == 0
-            if last:
-                try:
-                    loop.call_soon_threadsafe(self.pool.release, worker)
-                except RuntimeError:  # the loop is gone (server shutting down)
-                    pass
+    async def pieces(self, http_request):
+        """
+        Text pieces as tokens arrive, never splitting a UTF-8 character; under load one piece carries every
+        token that arrived since the last. Stops early when the client has gone; in every case the stream is
+        cancelled on exit, which frees its row at the next decode step.
+        """
+        loop, arrived, ready = asyncio.get_running_loop(), collections.deque(), asyncio.Event()
 
-        def send(item):
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the loop is gone (server shutting down): nobody is listening
-                pass
+        def pump():  # the event loop is woken once per batch of tokens, not once per token
+            for token in itertools.chain(self.stream, [None]):
+                arrived.append(token)
+                if not ready.is_set():
+                    try:
+                        loop.call_soon_threadsafe(ready.set)
+                    except RuntimeError:  # the event loop is gone (server shutting down)
+                        return
 
-        def run():
-            finish = "length"
-            try:
-                if worker.device.startswith("cuda"):
-                    import torch
-                    torch.cuda.set_device(worker.device)  # a new thread starts on cuda:0; replica i lives on cuda:i
-                n = 0
-                for column, _ in worker.engine.generate(prompt, num_samples=1, max_tokens=max_tokens,
-                                                        temperature=self.request.temperature,
-                                                        top_k=self.request.top_k or None, seed=self.request.seed):
-                    if cancel.is_set():
-                        break
-                    token = column[0]
-                    if token in stops:
-                        finish = "stop"
-                        break
-                    n += 1
-                    send(token)
-                    if n >= max_tokens:
-                        break
-                send(("finish", finish))
-            except BaseException as e:  # surfaces in the consumer
-                send(e)
-            finally:
-                send(_END)
-                done_with_worker()
-
-        ids, emitted = [], ""
+        tok, pending, texts, finished = self.replica.tokenizer, [], [], False
+        next_check = loop.time() + DISCONNECT_CHECK_S
+        threading.Thread(target=pump, daemon=True, name="reply-pump").start()
         try:
-            try:
-                threading.Thread(target=run, daemon=True, name=f"generate-gpu{worker.gpu_id}").start()
-            except BaseException:
-                done_with_worker()  # the thread's share: it never ran
-                raise
-            while (item := await queue.get()) is not _END:
-                if isinstance(item, BaseException):
-                    raise item
-                if isinstance(item, tuple):
-                    self.finish_reason = item[1]
-                    continue
-                ids.append(item)
-                self.completion_tokens = len(ids)
-                # decode everything so far; hold back while the text ends in half a UTF-8 character
-                text = tok.decode(ids)
-                if not text.endswith("\ufffd") and len(text) > len(emitted):
-                    piece, emitted = text[len(emitted):], text
-                    yield piece
-            # the full decode is the reply; a reply cut off inside a multi-byte character reports what it has
-            self.text = tok.decode(ids)
-            if len(self.text) > len(emitted) and self.text.startswith(emitted):
-                yield self.text[len(emitted):]
+            while not finished:
+                try:
+                    await asyncio.wait_for(ready.wait(), DISCONNECT_CHECK_S)
+                except asyncio.TimeoutError:
+                    pass
+                ready.clear()
+                if loop.time() >= next_check:
+                    next_check = loop.time() + DISCONNECT_CHECK_S
+                    if await http_request.is_disconnected():
+                        return
+                while arrived and not finished:
+                    token = arrived.popleft()
+                    finished = token is None
+                    if not finished:
+                        pending.append(token)
+                        self.completion_tokens += 1
+                text = tok.decode(pending)  # hold back while it ends in half a UTF-8 character
+                if text and (finished or not text.endswith("\ufffd")):
+                    texts.append(text)
+                    pending = []
+                    yield text
+            if self.stream.finish_reason == "error":
+                raise RuntimeError(self.stream.error)
         finally:
-            cancel.set()
-            done_with_worker()
+            self.text = "".join(texts)
+            self.stream.cancel()
 
 
 def log_exchange(request, reply):
-    print("=" * 40, flush=True)
-    for role, text in request.messages:
-        print(f"[{role}]: {text}", flush=True)
-    print(f"[assistant, gpu {reply.gpu_id}, {reply.completion_tokens} tokens, {reply.finish_reason}]: "
-          f"{reply.text}", flush=True)
+    lines = ["=" * 40] + [f"[{m['role']}]: {m['content']}" for m in request.messages]
+    lines.append(f"[assistant, gpu {reply.replica.gpu_id}, {reply.completion_tokens} tokens, {reply.finish_reason}]: "
+                 f"{reply.text}")
+    log("\n".join(lines))
 
 # -----------------------------------------------------------------------------
 # The app
 
-def create_app(workers, config=None):
+
+def create_app(replicas, config=None):
     """
-    `workers`: a list of Worker, or a zero-argument callable returning one (called at start-up, so the
+    `replicas`: a list of Replica, or a zero-argument callable returning one (called at start-up, so the
     models load inside the server's lifespan). Tests pass a tiny model; main() passes checkpoint loaders.
     """
     from fastapi import FastAPI, Request
@@ -350,35 +378,62 @@ def create_app(workers, config=None):
 
     @asynccontextmanager
     async def lifespan(app):
-        loaded = workers() if callable(workers) else workers
+        loaded = replicas() if callable(replicas) else replicas
         if not loaded:
-            raise RuntimeError("no workers to serve with")
-        app.state.pool = WorkerPool(loaded)
-        print(f"serving {config.model_name} on {len(loaded)} worker(s): "
-              f"{', '.join(w.device for w in loaded)}", flush=True)
+            raise RuntimeError("no model replicas to serve with")
+        for r in loaded:
+            r.engine.start()
+        app.state.replicas = loaded
+        log(f"serving {config.model_name} ({config.serve_mode} mode) on {len(loaded)} replica(s): "
+            f"{', '.join(r.device for r in loaded)}")
         yield
-        app.state.pool = None
+        app.state.replicas = None
+        for r in loaded:
+            r.engine.stop()
 
     app = FastAPI(title="nanochat", lifespan=lifespan)
-    app.state.pool = None
+    app.state.replicas = None
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_credentials=True,
                        allow_methods=["*"], allow_headers=["*"])
 
-    def openai_error(message, status=400, param=None, type_="invalid_request_error", code=None):
-        return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
-                            status_code=status)
+    def openai_error(e):
+        kind = "rate_limit_error" if e.status == 429 else "invalid_request_error"
+        return JSONResponse({"error": {"message": e.message, "type": kind, "param": e.param, "code": None}},
+                            status_code=e.status, headers=e.headers)
 
-    async def read_json(request):
+    def reference_error(e):
+        return JSONResponse({"detail": e.message}, status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request, exc):  # a bug, not bad input: still JSON, in the route's shape
+        log(f"internal error on {request.url.path}: {exc!r}")
+        e = RequestError(f"internal server error: {type(exc).__name__}", status=500)
+        return openai_error(e) if request.url.path.startswith("/v1/") else reference_error(e)
+
+    async def start_reply(http_request, roles):
+        """The prologue both POST routes share: read, validate and submit. Raises RequestError."""
+        req = parse_chat_request(await read_json(http_request), config, roles)
+        if not app.state.replicas:
+            raise RequestError("the server is still loading its model; retry shortly", status=503,
+                               headers={"Retry-After": "5"})
+        return req, Reply(app.state.replicas, req)
+
+    def sse(obj):
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    async def event_stream(req, reply, http_request, piece_event, end_events, error_event, terminal):
+        """SSE body: one event per text piece, then `end_events()`, or `error_event` if generation failed;
+        the route's terminal event comes last either way."""
         try:
-            return await request.json()
-        except (ValueError, UnicodeDecodeError):
-            raise RequestError("request body is not valid JSON")
-
-    def get_pool():
-        pool = app.state.pool
-        if pool is None:
-            raise RuntimeError("the server has not started its workers yet")
-        return pool
+            async for piece in reply.pieces(http_request):
+                yield sse(piece_event(piece))
+            log_exchange(req, reply)
+            for event in end_events():
+                yield event
+        except Exception as e:  # headers are out already: report in-band, then end the stream properly
+            log(f"generation failed: {e!r}")
+            yield sse(error_event(safe_text(f"generation failed: {e}")))
+        yield terminal
 
     @app.get("/")
     async def root():
@@ -392,42 +447,27 @@ def create_app(workers, config=None):
 
     @app.get("/health")
     async def health():
-        pool = app.state.pool
-        return {"status": "ok", "ready": bool(pool and pool.workers),
-                "num_gpus": len(pool.workers) if pool else 0,
-                "available_workers": pool.queue.qsize() if pool else 0}
+        loaded = app.state.replicas or []
+        return {"status": "ok", "ready": bool(loaded), "num_gpus": len(loaded), "serve_mode": config.serve_mode}
 
     @app.get("/stats")
     async def stats():
-        pool = app.state.pool
-        workers_ = pool.workers if pool else []
-        free = pool.queue.qsize() if pool else 0
-        return {"total_workers": len(workers_), "available_workers": free, "busy_workers": len(workers_) - free,
-                "workers": [{"gpu_id": w.gpu_id, "device": w.device} for w in workers_]}
-
-    def sse(obj):
-        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+        per_replica = [{"gpu_id": r.gpu_id, "device": r.device, **r.engine.stats()} for r in app.state.replicas or []]
+        totals = {key: sum(s[key] for s in per_replica)
+                  for key in ("queue_depth", "active_rows", "max_rows", "tok_per_s", "total_tokens")}
+        return {"serve_mode": config.serve_mode, **totals, "replicas": per_replica}
 
     @app.post("/chat/completions")
     async def chat_completions(request: Request):
         try:
-            req = parse_chat_request(await read_json(request), config, openai=False)
-            reply = Reply(get_pool(), req)
+            req, reply = await start_reply(request, roles=("user", "assistant"))
+            if req.stream is False:
+                raise RequestError("this route always streams; use /v1/chat/completions for one JSON reply", "stream")
         except RequestError as e:
-            return JSONResponse({"detail": e.message}, status_code=400)
-
-        async def stream():
-            try:
-                async for piece in reply.pieces():
-                    yield sse({"token": piece, "gpu": reply.gpu_id})
-            except Exception as e:  # headers are out already: report in-band instead of crashing
-                print(f"generation failed: {e!r}", flush=True)
-                yield sse({"error": f"generation failed: {e}"})
-            else:
-                log_exchange(req, reply)
-            yield sse({"done": True})
-
-        return StreamingResponse(stream(), media_type="text/event-stream")
+            return reference_error(e)
+        body = event_stream(req, reply, request, lambda piece: {"token": piece, "gpu": reply.replica.gpu_id},
+                            lambda: [], lambda message: {"error": message}, sse({"done": True}))
+        return StreamingResponse(body, media_type="text/event-stream")
 
     @app.get("/v1/models")
     async def list_models():
@@ -437,20 +477,22 @@ def create_app(workers, config=None):
     @app.post("/v1/chat/completions")
     async def openai_chat_completions(request: Request):
         try:
-            req = parse_chat_request(await read_json(request), config, openai=True)
-            reply = Reply(get_pool(), req)
+            req, reply = await start_reply(request, roles=("system", "user", "assistant"))
         except RequestError as e:
-            return openai_error(e.message, param=e.param)
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
+            return openai_error(e)
+        completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def usage():
             return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
                     "total_tokens": reply.prompt_tokens + reply.completion_tokens}
 
         if not req.stream:
-            async for _ in reply.pieces():
-                pass
+            try:
+                async for _ in reply.pieces(request):
+                    pass
+            except RuntimeError as e:
+                log(f"generation failed: {e!r}")
+                return openai_error(RequestError(f"generation failed: {e}", status=500))
             log_exchange(req, reply)
             return {"id": completion_id, "object": "chat.completion", "created": created, "model": config.model_name,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
@@ -458,39 +500,32 @@ def create_app(workers, config=None):
                     "usage": usage()}
 
         def chunk(delta, finish_reason=None):
-            return sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                        "model": config.model_name,
-                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]})
+            return {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                    "model": config.model_name, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
 
-        async def stream():
-            yield chunk({"role": "assistant", "content": ""})
-            try:
-                async for piece in reply.pieces():
-                    yield chunk({"content": piece})
-            except Exception as e:
-                print(f"generation failed: {e!r}", flush=True)
-                yield sse({"error": {"message": f"generation failed: {e}", "type": "server_error",
-                                     "param": None, "code": None}})
-            else:
-                log_exchange(req, reply)
-                yield chunk({}, reply.finish_reason)
-            yield "data: [DONE]\n\n"
+        async def body():
+            yield sse(chunk({"role": "assistant", "content": ""}))
+            async for event in event_stream(
+                    req, reply, request, lambda piece: chunk({"content": piece}),
+                    lambda: [sse(chunk({}, reply.finish_reason))],
+                    lambda message: {"error": {"message": message, "type": "server_error", "param": None, "code": None}},
+                    "data: [DONE]\n\n"):
+                yield event
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        return StreamingResponse(body(), media_type="text/event-stream")
 
     return app
 
 # -----------------------------------------------------------------------------
-# Loading checkpoints into workers
+# Loading checkpoints into replicas
 
-def load_workers(args):
-    """One replica per GPU on CUDA; a single worker on CPU/MPS (REFERENCE 10.7)."""
+
+def load_replicas(args):
+    """One replica per GPU on CUDA; a single one on CPU/MPS."""
     import torch
     from nanochat.common import autodetect_device_type
     from nanochat.checkpoint_manager import load_model
     device_type = args.device_type or autodetect_device_type()
-    if args.num_gpus < 1:
-        raise SystemExit(f"--num-gpus must be at least 1, got {args.num_gpus}")
     if args.num_gpus > 1:
         if device_type != "cuda":
             raise SystemExit(f"--num-gpus={args.num_gpus} needs CUDA; on {device_type} run with -n 1")
@@ -498,27 +533,48 @@ def load_workers(args):
             raise SystemExit(f"--num-gpus={args.num_gpus} but only {torch.cuda.device_count()} GPU(s) are visible")
     if args.dtype:
         os.environ["NANOCHAT_DTYPE"] = args.dtype  # read by the model through common.get_compute_dtype
-    workers = []
+    max_rows = 1 if args.serve_mode == "worker" else args.max_rows
+    replicas = []
     for i in range(args.num_gpus):
         device = torch.device("cuda", i) if device_type == "cuda" else torch.device(device_type)
-        print(f"loading {args.source} model onto {device}...", flush=True)
+        log(f"loading {args.source} model onto {device}...")
         model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-        workers.append(make_worker(i, device, model, tokenizer))
-    return workers
+        replicas.append(make_replica(i, device, model, tokenizer, max_rows, args.max_queue))
+    return replicas
+
+
+def serve_in_thread(app, host="127.0.0.1", port=0):
+    """Run `app` with uvicorn in a background thread (tests, benchmarks): (base url, stop function)."""
+    import uvicorn
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True, name="uvicorn")
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started:
+        if not thread.is_alive() or time.time() > deadline:
+            raise RuntimeError("uvicorn did not start (see its log above)")
+        time.sleep(0.02)
+
+    def stop():
+        server.should_exit = True
+        thread.join(30)
+    return f"http://{host}:{server.servers[0].sockets[0].getsockname()[1]}", stop
 
 
 def main():
     import uvicorn
     args = parser.parse_args()
     for flag, value, lo, hi in [("--temperature", args.temperature, MIN_TEMPERATURE, MAX_TEMPERATURE),
-                                ("--top-k", args.top_k, MIN_TOP_K, MAX_TOP_K),
-                                ("--max-tokens", args.max_tokens, MIN_MAX_TOKENS, MAX_MAX_TOKENS)]:
+                                ("--top-k", args.top_k, MIN_TOP_K, MAX_TOP_K), ("--top-p", args.top_p, 0.0, 1.0),
+                                ("--max-tokens", args.max_tokens, MIN_MAX_TOKENS, MAX_MAX_TOKENS),
+                                ("--num-gpus", args.num_gpus, 1, 1024), ("--max-rows", args.max_rows, 1, 4096),
+                                ("--max-queue", args.max_queue, 0, 10**6)]:
         if not lo <= value <= hi:
             raise SystemExit(f"{flag} must be between {lo} and {hi}, got {value}")
     name = f"nanochat-{args.source}" + (f"-{args.model_tag}" if args.model_tag else "")
-    config = ServeConfig(args.temperature, args.top_k, args.max_tokens, name)
-    app = create_app(load_workers(args), config)  # load first: a bad checkpoint exits with its one line
-    print(f"chat UI at http://localhost:{args.port}/  OpenAI API at http://localhost:{args.port}/v1", flush=True)
+    config = ServeConfig(args.temperature, args.top_k, args.top_p, args.max_tokens, name, args.serve_mode)
+    app = create_app(load_replicas(args), config)  # load first: a bad checkpoint exits with its one line
+    log(f"chat UI at http://localhost:{args.port}/  OpenAI API at http://localhost:{args.port}/v1")
     uvicorn.run(app, host=args.host, port=args.port)
 
 

@@ -18,8 +18,8 @@ import websocket
 
 from conftest import make_tiny_chat_model
 
-from nanochat.engine import Engine
-from scripts.chat_web import ServeConfig, Worker, create_app
+from nanochat.engine import BatchEngine, Engine
+from scripts.chat_web import Replica, ServeConfig, create_app
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 pytestmark = [pytest.mark.slow,
@@ -62,15 +62,29 @@ class CDP:
 
 
 class SlowEngine:
-    """The real Engine, slowed down per token so that the stream is visibly incremental in the page."""
+    """The real BatchEngine, its streams slowed down per token so that the reply is visibly incremental in the page."""
 
     def __init__(self, engine, delay=0.03):
         self.engine, self.delay = engine, delay
 
-    def generate(self, *args, **kwargs):
-        for item in self.engine.generate(*args, **kwargs):
+    def submit(self, *args, **kwargs):
+        return SlowStream(self.engine.submit(*args, **kwargs), self.delay)
+
+    def __getattr__(self, name):  # start, stop, stats
+        return getattr(self.engine, name)
+
+
+class SlowStream:
+    def __init__(self, stream, delay):
+        self.stream, self.delay = stream, delay
+
+    def __iter__(self):
+        for token in self.stream:
             time.sleep(self.delay)
-            yield item
+            yield token
+
+    def __getattr__(self, name):  # finish_reason, error, cancel
+        return getattr(self.stream, name)
 
 
 def wait_for(predicate, what, timeout=60, interval=0.02):
@@ -87,7 +101,7 @@ def wait_for(predicate, what, timeout=60, interval=0.02):
 def setup():
     import uvicorn
     tok, model = make_tiny_chat_model(CONTEXT)
-    app = create_app([Worker(0, "cpu", SlowEngine(Engine(model, tok)), tok, CONTEXT)], ServeConfig())
+    app = create_app([Replica(0, "cpu", SlowEngine(BatchEngine(model, tok)), tok, CONTEXT)], ServeConfig())
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

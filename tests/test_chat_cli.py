@@ -38,24 +38,27 @@ def scripted(lines):
     return read
 
 
+def completion_prompt(tok, messages):
+    return tok.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
+
+
 def test_multi_turn_with_commands(tiny):
     tok, model = tiny
     out = []
-    tokens = chat_loop(Engine(model, tok), tok, read=scripted(["hi fox", "clear", "", "   ", "lazy dog", "café"]),
-                       write=out.append, temperature=0.0, max_tokens=12)
+    engine = Engine(model, tok)
+    messages = chat_loop(engine, tok, read=scripted(["hi fox", "clear", "", "   ", "lazy dog", "café"]),
+                         write=out.append, temperature=0.0, max_tokens=12)
     printed = "".join(out)
-    end = tok.encode_special("<|assistant_end|>")
-    # turn 1 and, after `clear`, a fresh turn 2 start from [<|bos|>]; turn 3 continues turn 2's conversation
-    p1 = tok.render_for_completion({"messages": [{"role": "user", "content": "hi fox"},
-                                                 {"role": "assistant", "content": "x"}]})
-    r1 = greedy_reply(tok, model, p1, 12)
-    p2 = tok.render_for_completion({"messages": [{"role": "user", "content": "lazy dog"},
-                                                 {"role": "assistant", "content": "x"}]})
-    r2 = greedy_reply(tok, model, p2, 12)
-    p3 = p2 + r2 + [end] + tok.encode("café", prepend="<|user_start|>", append="<|user_end|>") + \
-        [tok.encode_special("<|assistant_start|>")]
-    r3 = greedy_reply(tok, model, p3, 12)
-    assert tokens == p3 + r3 + [end]  # every stored reply ends with <|assistant_end|>
+    # turn 1 and, after `clear`, a fresh turn 2 start a new conversation; turn 3 continues turn 2's, whose
+    # reply is sent back as the text it decoded to
+    r1 = greedy_reply(tok, model, completion_prompt(tok, [{"role": "user", "content": "hi fox"}]), 12)
+    turn2 = [{"role": "user", "content": "lazy dog"}]
+    r2 = greedy_reply(tok, model, completion_prompt(tok, turn2), 12)
+    turn3 = turn2 + [{"role": "assistant", "content": tok.decode(r2)}, {"role": "user", "content": "café"}]
+    r3 = greedy_reply(tok, model, completion_prompt(tok, turn3), 12)
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+    assert [m["content"] for m in messages[::2]] == ["lazy dog", "café"]
+    assert ["".join(p["text"] for p in m["content"]) for m in messages[1::2]] == [tok.decode(r2), tok.decode(r3)]
     assert printed.count("Assistant: ") == 3 and "(new conversation)" in printed
     for reply in (r1, r2, r3):
         assert "Assistant: " + tok.decode(reply) + "\n" in printed
@@ -64,17 +67,15 @@ def test_multi_turn_with_commands(tiny):
 def test_one_shot_prompt_and_quit(tiny):
     tok, model = tiny
     out = []
-    tokens = chat_loop(Engine(model, tok), tok, read=None, write=out.append, prompt="brown fox", temperature=0.0,
-                       max_tokens=10)
-    prompt = tok.render_for_completion({"messages": [{"role": "user", "content": "brown fox"},
-                                                     {"role": "assistant", "content": "x"}]})
-    reply = greedy_reply(tok, model, prompt, 10)
+    messages = chat_loop(Engine(model, tok), tok, read=None, write=out.append, prompt="brown fox", temperature=0.0,
+                         max_tokens=10)
+    reply = greedy_reply(tok, model, completion_prompt(tok, [{"role": "user", "content": "brown fox"}]), 10)
     assert "".join(out) == tok.decode(reply) + "\n"  # just the answer: easy to use from scripts
-    assert tokens[:len(prompt)] == prompt
+    assert messages[0] == {"role": "user", "content": "brown fox"} and len(messages) == 2
     for word in ("quit", "EXIT"):
         out = []
-        tokens = chat_loop(Engine(model, tok), tok, read=scripted([word, "never read"]), write=out.append)
-        assert tokens == [tok.get_bos_token_id()] and "Assistant" not in "".join(out)
+        messages = chat_loop(Engine(model, tok), tok, read=scripted([word, "never read"]), write=out.append)
+        assert messages == [] and "Assistant" not in "".join(out)
 
 
 def test_context_full_is_reported(tiny):
@@ -100,7 +101,8 @@ def test_tool_calls_and_utf8_render_readably(tiny):
 
 
 def test_streams_through_engine_with_tools(tiny):
-    """A scripted engine emitting a tool call: the loop prints it readably and stores the raw tokens."""
+    """A scripted engine emitting a tool call: the loop prints it readably, and the next turn's prompt holds the
+    call and its output as the same special tokens."""
     tok, _ = tiny
     s = tok.encode_special
     reply = [s("<|python_start|>")] + tok.encode("2+2") + [s("<|python_end|>"), s("<|output_start|>")] + \
@@ -112,9 +114,12 @@ def test_streams_through_engine_with_tools(tiny):
                 yield [t], [1]
 
     out = []
-    tokens = chat_loop(ScriptedEngine(), tok, read=scripted(["2+2?"]), write=out.append)
+    messages = chat_loop(ScriptedEngine(), tok, read=scripted(["2+2?"]), write=out.append)
     assert "Assistant: [calc: 2+2] = 4\n" in "".join(out)
-    assert tokens[-len(reply) - 1:] == reply + [s("<|assistant_end|>")]
+    assert messages[1]["content"] == [{"type": "python", "text": "2+2"}, {"type": "python_output", "text": "4"}]
+    rendered = completion_prompt(tok, messages + [{"role": "user", "content": "ok"}])
+    start = rendered.index(s("<|python_start|>"))
+    assert rendered[start:start + len(reply) + 1] == reply + [s("<|assistant_end|>")]
 
 
 def save_tiny_checkpoint(base_dir, tok, model, source_dir="chatsft_checkpoints", tag="d2"):
@@ -139,6 +144,5 @@ def test_script_one_shot_from_checkpoint(tiny, tmp_path):
     r = subprocess.run([sys.executable, "-m", "scripts.chat_cli", "-p", "brown fox", "-t", "0", "-m", "10",
                         "--device-type", "cpu"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    prompt = tok.render_for_completion({"messages": [{"role": "user", "content": "brown fox"},
-                                                     {"role": "assistant", "content": "x"}]})
+    prompt = completion_prompt(tok, [{"role": "user", "content": "brown fox"}])
     assert r.stdout.endswith(tok.decode(greedy_reply(tok, model, prompt, 10)) + "\n")

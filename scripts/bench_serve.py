@@ -1,0 +1,178 @@
+"""
+Benchmark the chat server under concurrent users: 1, 8 and 32 clients stream replies through the official
+`openai` client from live servers (uvicorn on 127.0.0.1 in this process). Each load runs against the
+continuous-batching server (`--serve-mode batch`) and the one-request-per-replica server (`worker`), one after
+the other at each client count, so both see the same machine conditions.
+
+Reported per mode and client count: aggregate generated tok/s (the server's own token count over the wall
+time), p50/p95 time to first token (request sent -> first content chunk) and p50 inter-token latency
+(per request: time between its first and last chunk over the chunks in between).
+
+Launch:
+    python -m scripts.bench_serve                          # random d4 model (the CPU recipe's shapes, vocab 8192)
+    python -m scripts.bench_serve --source sft             # a trained checkpoint from $NANOCHAT_BASE_DIR
+    python -m scripts.bench_serve --clients 1,8 --max-tokens 32 --requests 1
+
+A random model needs a tokenizer of its vocabulary: the trained one in $NANOCHAT_BASE_DIR/tokenizer if its
+size matches, else one trained here in seconds on the pretraining shards (NANOCHAT_DATA_DIR or downloaded).
+"""
+
+import time
+import argparse
+import itertools
+import threading
+import statistics
+
+parser = argparse.ArgumentParser(description="Benchmark chat_web with concurrent openai clients")
+parser.add_argument("--source", type=str, default="", help="checkpoint source base|mid|sft|rl; empty = random model")
+parser.add_argument("--model-tag", type=str, default=None, help="model tag to load (default: largest)")
+parser.add_argument("--depth", type=int, default=4, help="random model: depth (width = 64 * depth)")
+parser.add_argument("--vocab-size", type=int, default=8192, help="random model: vocabulary size")
+parser.add_argument("--clients", type=str, default="1,8,32", help="comma-separated concurrent client counts")
+parser.add_argument("--requests", type=int, default=2, help="requests per client, one after the other")
+parser.add_argument("--max-tokens", type=int, default=64, help="tokens per reply (greedy; a reply may stop early)")
+parser.add_argument("--max-rows", type=int, default=8, help="batch mode: requests decoded together (the server default)")
+parser.add_argument("--modes", type=str, default="batch,worker", help="comma-separated serve modes to compare")
+parser.add_argument("--device-type", type=str, default="cpu", help="cuda|cpu|mps")
+parser.add_argument("--repeats", type=int, default=1, help="runs of each load, interleaved; medians are reported")
+
+WORDS = ["rivers", "the moon", "bread", "chess", "volcanoes", "music", "bees", "glass", "trains", "salt"]
+
+
+def random_model(depth, vocab_size, device):
+    """A freshly initialised GPT of the CPU recipe's shapes (head dim 64, 512-token context, full windows)."""
+    import torch
+    from nanochat.gpt import GPT, config_from_depth
+    config = config_from_depth(depth, head_dim=64, max_seq_len=512, vocab_size=vocab_size, window_pattern="L")
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model.eval()
+
+
+def tokenizer_of_size(vocab_size):
+    from nanochat.dataset import parquets_iter_batched
+    from nanochat.tokenizer import RustBPETokenizer, get_tokenizer
+    try:
+        tok = get_tokenizer()
+        if tok.get_vocab_size() == vocab_size:
+            return tok
+    except FileNotFoundError:
+        pass
+    print(f"training a {vocab_size}-token tokenizer for the random model...", flush=True)
+    texts = itertools.islice((t for batch in parquets_iter_batched("train") for t in batch), 3000)
+    tok = RustBPETokenizer.train_from_iterator(texts, vocab_size)
+    if tok.get_vocab_size() != vocab_size:
+        raise SystemExit(f"the pretraining text gave only {tok.get_vocab_size()} tokens; pass --vocab-size "
+                         f"{tok.get_vocab_size()} or train a tokenizer with scripts.tok_train")
+    return tok
+
+
+def percentile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def run_load(url, clients, requests, max_tokens):
+    """`clients` threads, each streaming `requests` replies in turn: per-request (ttft, [chunk times])."""
+    import httpx
+    from openai import OpenAI
+    client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+    results, errors = [], []
+
+    def user(c):
+        for r in range(requests):
+            messages = [{"role": "user", "content": f"Tell me about {WORDS[(c + r) % len(WORDS)]} ({c}, {r})."}]
+            try:
+                t0 = time.perf_counter()
+                stream = client.chat.completions.create(model="bench", messages=messages, max_tokens=max_tokens,
+                                                        temperature=0.0, stream=True)
+                times = [time.perf_counter() - t0 for chunk in stream if chunk.choices[0].delta.content]
+                results.append(times)
+            except Exception as e:  # reported after the run
+                errors.append(repr(e))
+
+    before = httpx.get(url + "/stats").json()["total_tokens"]
+    start = time.perf_counter()
+    threads = [threading.Thread(target=user, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    tokens = httpx.get(url + "/stats").json()["total_tokens"] - before
+    if errors:
+        raise SystemExit(f"{len(errors)} requests failed, e.g. {errors[0]}")
+    ttft = [times[0] for times in results if times]
+    itl = [(times[-1] - times[0]) / (len(times) - 1) for times in results if len(times) > 1]
+    return {"tok_per_s": tokens / wall, "tokens": tokens, "wall_s": wall, "ttft_p50": percentile(ttft, 0.5),
+            "ttft_p95": percentile(ttft, 0.95), "itl_p50": percentile(itl, 0.5)}
+
+
+def server_process(args, mode, urls, done):
+    """A child process: load or build the model, serve it in `mode`, report the url, run until `done` is set.
+    The server lives in its own process so that the clients' Python work does not compete for its GIL."""
+    import torch
+    from scripts.chat_web import ServeConfig, create_app, make_replica, serve_in_thread
+    device = torch.device(args.device_type)
+    if args.source:
+        from nanochat.checkpoint_manager import load_model
+        model, tok, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag)
+    else:
+        model, tok = random_model(args.depth, args.vocab_size, device), tokenizer_of_size(args.vocab_size)
+    cfg = model.config
+    print(f"{mode} server: depth {cfg.n_layer}, width {cfg.n_embd}, vocab {cfg.vocab_size}, context "
+          f"{cfg.sequence_len}, {'checkpoint ' + args.source if args.source else 'random weights'}, torch threads "
+          f"{torch.get_num_threads()}", flush=True)
+    replica = make_replica(0, device, model, tok, max_rows=1 if mode == "worker" else args.max_rows, max_queue=4096)
+    url, stop = serve_in_thread(create_app([replica], ServeConfig(model_name="bench", serve_mode=mode)))
+    urls.put((mode, url))
+    done.wait()
+    stop()
+
+
+def main():
+    import multiprocessing
+    args = parser.parse_args()
+    modes = args.modes.split(",")
+    ctx = multiprocessing.get_context("spawn")
+    urls, done = ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=server_process, args=(args, mode, urls, done), daemon=True) for mode in modes]
+    rows = {}
+    try:
+        for p in procs:  # one at a time: loading and tokenizer training do not overlap
+            p.start()
+            mode, url = urls.get(timeout=600)
+            run_load(url, 1, 1, 8)  # warm-up
+            rows[mode] = url
+        servers, runs = rows, {}
+        for _ in range(args.repeats):
+            for clients in [int(c) for c in args.clients.split(",")]:
+                for mode in modes:
+                    r = run_load(servers[mode], clients, args.requests, args.max_tokens)
+                    runs.setdefault((mode, clients), []).append(r)
+                    print(f"{mode:>6} {clients:>3} clients: {r['tok_per_s']:8.1f} tok/s ({r['tokens']} tokens in "
+                          f"{r['wall_s']:.1f} s)  TTFT p50 {r['ttft_p50'] * 1000:7.1f} ms  p95 "
+                          f"{r['ttft_p95'] * 1000:7.1f} ms  inter-token p50 {r['itl_p50'] * 1000:6.1f} ms", flush=True)
+        rows = {key: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for key, rs in runs.items()}
+        if args.repeats > 1:
+            print(f"medians of {args.repeats} runs:")
+            for (mode, clients), r in rows.items():
+                print(f"{mode:>6} {clients:>3} clients: {r['tok_per_s']:8.1f} tok/s  TTFT p50 {r['ttft_p50'] * 1000:7.1f} "
+                      f"ms  p95 {r['ttft_p95'] * 1000:7.1f} ms  inter-token p50 {r['itl_p50'] * 1000:6.1f} ms")
+    finally:
+        done.set()
+        for p in procs:
+            p.join(30)
+    if ("batch", 8) in rows and ("worker", 8) in rows:
+        print(f"8 clients: batch / worker aggregate tok/s = "
+              f"{rows['batch', 8]['tok_per_s'] / rows['worker', 8]['tok_per_s']:.2f}x (target >= 3x)")
+    if ("batch", 1) in rows and ("batch", 8) in rows:
+        print(f"batch mode: p95 TTFT at 8 clients / 1 client = "
+              f"{rows['batch', 8]['ttft_p95'] / rows['batch', 1]['ttft_p95']:.2f}x (target <= 2x)")
+
+
+if __name__ == "__main__":
+    main()
