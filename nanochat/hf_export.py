@@ -345,7 +345,8 @@ def load_exported(hf_dir, device, phase):
     model.to_empty(device=device)
     model.init_weights()  # rotary buffers and the per-device compute dtype
     model_state = model.state_dict()
-    _check_state_dict(state, model_state, config)
+    _check_state_dict(state, model_state, os.path.join(hf_dir, WEIGHTS_FILE), config_path,
+                      "export the checkpoint again with python -m scripts.export")
     state = {k: v.to(device=device, dtype=model_state[k].dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.train() if phase == "train" else model.eval()
