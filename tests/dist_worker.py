@@ -77,6 +77,9 @@ def main(out_dir):
     opt2.load_state_dict(ckpt["optim"])
     train(model2, opt2, SAVE_AT, STEPS, rank, world)
     torch.save(model2.state_dict(), os.path.join(out_dir, f"resumed_rank{rank}.pt"))
+    # both ranks finish all communication before either tears gloo down: a rank destroying its process
+    # group while its peer is still mid-collective can abort the process at exit
+    dist.barrier()
     dist.destroy_process_group()
 
 
