@@ -6,6 +6,8 @@ backend (Dynamo + AOT autograd, the stages where graph breaks and recompiles com
 the GPU test compiles with Inductor.
 """
 
+import dataclasses
+
 import pytest
 import torch
 import torch._dynamo
@@ -13,7 +15,8 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import nanochat.attention as attn
 import nanochat.optim as optim
-from nanochat.gpt import GPT, GPTConfig, cpu_kernels
+from conftest import tiny_gpt
+from nanochat.gpt import GPTConfig, cpu_kernels
 
 CFG = GPTConfig(sequence_len=64, vocab_size=256, n_layer=3, n_head=2, n_kv_head=1, n_embd=64, window_pattern="SSL",
                 short_window=16)
@@ -32,12 +35,7 @@ def fresh_dynamo(monkeypatch):
 
 
 def make_model(device="cpu", cfg=CFG):
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = GPT(cfg)
-    model.to_empty(device=device)
-    model.init_weights()
-    return model
+    return tiny_gpt(device=device, **dataclasses.asdict(cfg))
 
 
 def test_model_forward_backward_one_graph_equal_to_eager():

@@ -1,12 +1,15 @@
 """The CUDA path against the CPU path (same weights): forward and backward, and KV-cache decode.
 All `gpu`-marked: they run in runs/gpu_check.sh and are skipped on machines without CUDA."""
 
+import dataclasses
+
 import pytest
 import torch
 
 import nanochat.attention as attn
 from nanochat.attention import KVCache
-from nanochat.gpt import GPT, GPTConfig
+from conftest import tiny_gpt
+from nanochat.gpt import GPTConfig
 
 pytestmark = pytest.mark.gpu
 
@@ -23,12 +26,7 @@ def auto_backend():
 
 def model_on(device, dtype, monkeypatch):
     monkeypatch.setenv("NANOCHAT_DTYPE", dtype)
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = GPT(CFG)
-    model.to_empty(device=device)
-    model.init_weights()
-    return model
+    return tiny_gpt(device=device, **dataclasses.asdict(CFG))
 
 
 def test_cuda_forward_backward_matches_cpu(monkeypatch):
