@@ -12,6 +12,7 @@ Build: `with torch.device("meta"): model = GPT(cfg)`, then `model.to_empty(devic
 """
 
 import math
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -109,14 +110,36 @@ class ReluSquareCPU(torch.autograd.Function):
         return g * two_r
 
 
+# The hand-written CPU autograd paths above and HeadSoftcapCE below are for eager CPU training. Under
+# torch.compile they step aside: inductor fuses the stock ops' forward and backward itself, and tracing
+# HeadSoftcapCE's in-place chunk loop made it copy the whole (N, V) logits once per chunk (out of memory).
+# cpu_kernels(False) turns them off, e.g. to trace or measure the CUDA code path on a CPU.
+_CPU_KERNELS = True
+
+
+@contextlib.contextmanager
+def cpu_kernels(enabled: bool):
+    """Switch the CPU-only custom autograd paths on or off inside the block (restored on exit)."""
+    global _CPU_KERNELS
+    before, _CPU_KERNELS = _CPU_KERNELS, bool(enabled)
+    try:
+        yield
+    finally:
+        _CPU_KERNELS = before
+
+
+def _use_cpu_kernels(x):
+    return _CPU_KERNELS and x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def norm(x):
-    if x.device.type == "cpu" and x.requires_grad:
+    if x.requires_grad and _use_cpu_kernels(x):
         return RMSNormCPU.apply(x)
     return F.rms_norm(x, (x.size(-1),))
 
 
 def relu_square(x):
-    if x.device.type == "cpu" and x.requires_grad:
+    if x.requires_grad and _use_cpu_kernels(x):
         return ReluSquareCPU.apply(x)
     return F.relu(x).square()
 
@@ -300,8 +323,9 @@ class GPT(nn.Module):
         return self.transformer.wte.weight.device
 
     @torch.no_grad()
-    def init_weights(self):
-        """Initialization of REFERENCE 5.6 (NEW); call after to_empty()."""
+    def init_weights(self, dtype=None):
+        """Initialization of REFERENCE 5.6 (NEW); call after to_empty(). dtype: the compute dtype
+        (default: the process's policy, see common.get_compute_dtype)."""
         cfg, d = self.config, self.config.n_embd
         s = math.sqrt(3) / math.sqrt(d)  # U(-s, s) has std 1/sqrt(d)
         # embeddings may have been cast to bf16 by an earlier init: back to fp32 masters first
@@ -327,7 +351,7 @@ class GPT(nn.Module):
         self.smear_lambda.zero_()
         self.backout_lambda.fill_(0.2)
         device = self.get_device()
-        self.compute_dtype = get_compute_dtype(device.type, verbose=False)
+        self.compute_dtype = dtype or get_compute_dtype(device.type, verbose=False)
         # embeddings are lookups, not matmuls: store them in the compute dtype (fp16 keeps fp32 for range)
         if self.compute_dtype == torch.bfloat16:
             self.transformer.wte.to(dtype=torch.bfloat16)
@@ -398,7 +422,7 @@ class GPT(nn.Module):
 
         # only the first V rows of the padded head are real tokens: skip the padded ones entirely
         w_head = self.lm_head.weight[:V].to(dtype)
-        if targets is not None and self.fused_loss and x.device.type == "cpu" and dtype == torch.float32:
+        if targets is not None and self.fused_loss and dtype == torch.float32 and _use_cpu_kernels(x):
             return HeadSoftcapCE.apply(x.view(B * T, -1), w_head, targets.reshape(-1), SOFTCAP, loss_reduction)
         logits = F.linear(x, w_head).float()  # (B, T, V) fp32
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)

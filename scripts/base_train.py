@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, get_compute_dtype,
+from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, resolve_precision,
                              get_wandb, get_max_memory, parse_bool)
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.dataloader import PretrainLoader
@@ -40,7 +40,7 @@ parser = argparse.ArgumentParser(description="Pretrain the base model")
 parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
 parser.add_argument("--dtype", type=str, default="", help="compute dtype override: bfloat16|float16|float32")
-parser.add_argument("--compile", type=parse_bool, default=None, help="torch.compile the model (default: on for CUDA)")
+parser.add_argument("--compile", type=parse_bool, default=None, help="torch.compile the model (default: the precision policy)")
 # model
 parser.add_argument("--depth", type=int, default=20, help="number of layers; width, heads and LRs follow from it")
 parser.add_argument("--aspect-ratio", type=int, default=64, help="model width = depth * aspect ratio (rounded to head dim)")
@@ -81,8 +81,7 @@ user_config = vars(args).copy()
 
 is_dist, rank, local_rank, world_size, device = compute_init(args.device_type)
 master = rank == 0
-dtype = get_compute_dtype(device.type, args.dtype or None)
-use_compile = args.compile if args.compile is not None else device.type == "cuda"
+dtype, use_compile, _ = resolve_precision(device.type, args.dtype or None, args.compile)
 user_config.update(device_type=device.type, dtype=str(dtype).removeprefix("torch."), compile=use_compile)  # as resolved
 wandb_run = get_wandb(args.run, "nanochat", user_config, master)
 

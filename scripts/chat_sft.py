@@ -18,7 +18,7 @@ import argparse
 
 import torch
 
-from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, get_compute_dtype, get_wandb,
+from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, resolve_precision, get_wandb,
                              get_max_memory)
 from nanochat.checkpoint_manager import load_model
 from nanochat import checkpoint_manager as ckpt
@@ -67,7 +67,7 @@ alpha = args.dft_alpha if args.loss == "dft" else 0.0
 
 is_dist, rank, local_rank, world_size, device = compute_init(args.device_type)
 master = rank == 0
-dtype = get_compute_dtype(device.type, args.dtype or None)
+dtype, _, _ = resolve_precision(device.type, args.dtype or None, compile=False)  # variable-length batches: eager
 wandb_run = get_wandb(args.run, "nanochat-sft", user_config, master)
 
 train_ds, val_ds = mixtures_from_args(args)

@@ -18,7 +18,7 @@ import argparse
 
 import torch
 
-from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, get_compute_dtype, get_wandb,
+from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, resolve_precision, get_wandb,
                              get_max_memory, parse_bool)
 from nanochat.checkpoint_manager import load_model
 from nanochat import checkpoint_manager as ckpt
@@ -36,7 +36,7 @@ parser = argparse.ArgumentParser(description="Midtrain a base model on a convers
 parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
 parser.add_argument("--dtype", type=str, default="", help="compute dtype override: bfloat16|float16|float32")
-parser.add_argument("--compile", type=parse_bool, default=None, help="torch.compile the model (default: on for CUDA)")
+parser.add_argument("--compile", type=parse_bool, default=None, help="torch.compile the model (default: the precision policy)")
 parser.add_argument("--model-tag", type=str, default=None, help="base checkpoint tag (default: largest d<N>)")
 parser.add_argument("--model-step", type=int, default=None, help="base checkpoint step (default: last)")
 parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = one epoch of the mixture)")
@@ -60,8 +60,7 @@ user_config = vars(args).copy()
 
 is_dist, rank, local_rank, world_size, device = compute_init(args.device_type)
 master = rank == 0
-dtype = get_compute_dtype(device.type, args.dtype or None)
-use_compile = args.compile if args.compile is not None else device.type == "cuda"
+dtype, use_compile, _ = resolve_precision(device.type, args.dtype or None, args.compile)
 user_config.update(device_type=device.type, dtype=str(dtype).removeprefix("torch."), compile=use_compile)  # as resolved
 wandb_run = get_wandb(args.run, "nanochat-mid", user_config, master)
 
