@@ -6,7 +6,7 @@ The GPT (REFERENCE 5, NEW architecture):
 - GQA, a per-layer sliding-window pattern (last layer always full)
 - value embeddings on alternate layers mixed into v by per-head gates
 - per-layer resid/x0 scalars, smear (bigram mixing of embeddings) and backout (subtract a mid-layer state)
-On CPU in fp32, training uses HeadSoftcapCE (head matmul + soft-cap + CE fused; same math, fewer passes).
+On CPU in fp32 eager, training uses HeadSoftcapCE (head matmul + soft-cap + CE fused; same math, fewer passes).
 
 Build: `with torch.device("meta"): model = GPT(cfg)`, then `model.to_empty(device=d)`, `model.init_weights()`.
 """
@@ -306,7 +306,7 @@ class GPT(nn.Module):
         self.register_buffer("sin", torch.empty(1, self.rotary_len, 1, self.head_dim // 2), persistent=False)
         self.compute_dtype = None  # decided in init_weights from the device (REFERENCE 5.7)
         get_backend()  # pick (and log) the attention backend now, outside any torch.compile trace
-        self.fused_loss = True  # CPU fp32 training uses HeadSoftcapCE (tests compare it to the plain path)
+        self.fused_loss = True  # CPU fp32 eager training uses HeadSoftcapCE (tests compare it to the plain path)
 
     @staticmethod
     def _compute_window_sizes(config):
