@@ -118,33 +118,35 @@ def probe_cpu_bf16_speedup(m=1024, k=256, n=1024, seconds=0.03):
 def resolve_precision(device_type, dtype=None, compile=None, verbose=True):
     """
     The training precision policy: (compute dtype, whether to torch.compile, reason), from the device and
-    the --dtype / --compile flags (None or "" = decide). CUDA: bf16 on SM80+ and compile. MPS: fp32,
-    eager (inductor's MPS backend is young). CPU: bf16 + compile when the probe above measures bf16 matmul
-    at least BF16_MIN_SPEEDUP x faster than fp32, else fp32 eager. Weights and optimizer state stay fp32
-    either way. Exports the dtype as $NANOCHAT_DTYPE so the model built next initialises in it.
+    the --dtype / --compile flags (None or "" = decide). CUDA: bf16 on SM80+, compiled. MPS: fp32 eager
+    (inductor's MPS backend is young). CPU: bf16 when the probe above measures bf16 matmul at least
+    BF16_MIN_SPEEDUP x faster than fp32, else fp32; compiled in bf16 (inductor fuses the bf16<->fp32
+    casts around every op), eager in fp32 (compile buys fp32 little on a CPU and costs start-up time).
+    Weights and optimizer state stay fp32 either way. Exports the dtype as $NANOCHAT_DTYPE (also read as
+    an override, like --dtype) so the model built next initialises in it.
     """
     global _EXPORTED_DTYPE
     env = os.environ.get("NANOCHAT_DTYPE")
     choice = dtype or (env if env != _EXPORTED_DTYPE else None)  # a value we exported ourselves is no user's choice
     if choice and choice not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {choice!r} (from --dtype or NANOCHAT_DTYPE)")
-    if device_type == "cuda":
+    if choice:
+        out_dtype, reason = _DTYPES[choice], ("--dtype" if dtype else "$NANOCHAT_DTYPE") + " set explicitly"
+    elif device_type == "cuda":
         fast = torch.cuda.get_device_capability()[0] >= 8
-        auto_dtype, auto_compile = (torch.bfloat16 if fast else torch.float32), True
+        out_dtype = torch.bfloat16 if fast else torch.float32
         reason = "CUDA compute capability " + (">= 8.0" if fast else "< 8.0 has no fast bf16")
     elif device_type == "cpu":
         ratio = probe_cpu_bf16_speedup()
         fast = ratio >= BF16_MIN_SPEEDUP
-        auto_dtype, auto_compile = (torch.bfloat16, True) if fast else (torch.float32, False)
+        out_dtype = torch.bfloat16 if fast else torch.float32
         reason = f"CPU bf16 matmul measured {ratio:.1f}x fp32 ({'>=' if fast else '<'} {BF16_MIN_SPEEDUP}x)"
     else:
-        auto_dtype, auto_compile, reason = torch.float32, False, f"default on {device_type}"
-    out_dtype = _DTYPES[choice] if choice else auto_dtype
-    out_compile = auto_compile if compile is None else bool(compile)
-    overridden = [f for f, v in (("--dtype", dtype), ("$NANOCHAT_DTYPE", choice and not dtype), ("--compile", compile))
-                  if v not in (None, "", False) or (f == "--compile" and v is False)]
-    if overridden:
-        reason += f"; {' and '.join(overridden)} set explicitly"
+        out_dtype, reason = torch.float32, f"default on {device_type}"
+    if compile is None:
+        out_compile = device_type == "cuda" or (device_type == "cpu" and out_dtype == torch.bfloat16)
+    else:
+        out_compile, reason = bool(compile), reason + "; --compile set explicitly"
     _EXPORTED_DTYPE = os.environ["NANOCHAT_DTYPE"] = str(out_dtype).removeprefix("torch.")  # read by init_weights
     if verbose:
         print0(f"precision: {str(out_dtype).removeprefix('torch.')}, compile={int(out_compile)} ({reason})")

@@ -42,10 +42,17 @@ def test_cpu_follows_the_probe(monkeypatch, ratio, want):
 def test_flags_override_the_probe(monkeypatch):
     with_probe(monkeypatch, 4.5)
     assert resolve_precision("cpu", "float32", False, verbose=False)[:2] == (torch.float32, False)
-    assert resolve_precision("cpu", "float32", None, verbose=False)[:2] == (torch.float32, True)
+    assert resolve_precision("cpu", "float32", True, verbose=False)[:2] == (torch.float32, True)
+    assert resolve_precision("cpu", "float32", None, verbose=False)[:2] == (torch.float32, False)  # fp32: eager
     with_probe(monkeypatch, 0.5)
-    assert resolve_precision("cpu", "bfloat16", True, verbose=False)[:2] == (torch.bfloat16, True)
+    assert resolve_precision("cpu", "bfloat16", None, verbose=False)[:2] == (torch.bfloat16, True)  # bf16: compiled
     assert resolve_precision("cpu", None, True, verbose=False)[:2] == (torch.float32, True)
+
+
+def test_explicit_dtype_needs_no_probe(monkeypatch):
+    monkeypatch.setattr(common, "_BF16_PROBE", None)
+    assert resolve_precision("cpu", "float32", verbose=False)[:2] == (torch.float32, False)
+    assert common._BF16_PROBE is None
 
 
 def test_env_dtype_is_a_user_choice_but_our_own_export_is_not(monkeypatch):
