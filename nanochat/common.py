@@ -87,6 +87,72 @@ def get_compute_dtype(device_type, override=None, verbose=True):
     return dtype
 
 
+_BF16_PROBE = None  # (bf16 / fp32 matmul speed ratio) of this CPU, measured once per process
+_EXPORTED_DTYPE = None  # the $NANOCHAT_DTYPE resolve_precision last set
+BF16_MIN_SPEEDUP = 1.5  # below this, bf16's rounding is not worth it: the elementwise work stays the same
+
+
+def probe_cpu_bf16_speedup(m=1024, k=256, n=1024, seconds=0.03):
+    """
+    How much faster this CPU multiplies in bf16 than in fp32, at a training-like shape (tokens x width
+    times width x 4*width). CPUs with native bf16 dot products (AVX512-BF16, AMX) run it 2-10x faster;
+    others emulate it and run it slower than fp32. Best of a few short windows of each, interleaved, so a
+    busy moment on a shared machine does not decide it; about 0.2 s, cached per process.
+    """
+    global _BF16_PROBE
+    if _BF16_PROBE is None:
+        best = {}
+        mats = {dt: (torch.randn(m, k, dtype=dt), torch.randn(k, n, dtype=dt)) for dt in (torch.float32, torch.bfloat16)}
+        for _ in range(3):
+            for dt, (a, b) in mats.items():
+                a @ b  # warm-up (and first-touch of the output pages)
+                iters, t0 = 0, time.perf_counter()
+                while (dt_s := time.perf_counter() - t0) < seconds or iters < 2:
+                    a @ b
+                    iters += 1
+                best[dt] = min(best.get(dt, float("inf")), dt_s / iters)
+        _BF16_PROBE = best[torch.float32] / best[torch.bfloat16]
+    return _BF16_PROBE
+
+
+def resolve_precision(device_type, dtype=None, compile=None, verbose=True):
+    """
+    The training precision policy: (compute dtype, whether to torch.compile, reason), from the device and
+    the --dtype / --compile flags (None or "" = decide). CUDA: bf16 on SM80+, compiled. MPS: fp32 eager
+    (inductor's MPS backend is young). CPU: bf16 when the probe above measures bf16 matmul at least
+    BF16_MIN_SPEEDUP x faster than fp32, else fp32; compiled in bf16 (inductor fuses the bf16<->fp32
+    casts around every op), eager in fp32 (compile buys fp32 little on a CPU and costs start-up time).
+    Weights and optimizer state stay fp32 either way. Exports the dtype as $NANOCHAT_DTYPE (also read as
+    an override, like --dtype) so the model built next initialises in it.
+    """
+    global _EXPORTED_DTYPE
+    env = os.environ.get("NANOCHAT_DTYPE")
+    choice = dtype or (env if env != _EXPORTED_DTYPE else None)  # a value we exported ourselves is no user's choice
+    if choice and choice not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {choice!r} (from --dtype or NANOCHAT_DTYPE)")
+    if choice:
+        out_dtype, reason = _DTYPES[choice], ("--dtype" if dtype else "$NANOCHAT_DTYPE") + " set explicitly"
+    elif device_type == "cuda":
+        fast = torch.cuda.get_device_capability()[0] >= 8
+        out_dtype = torch.bfloat16 if fast else torch.float32
+        reason = "CUDA compute capability " + (">= 8.0" if fast else "< 8.0 has no fast bf16")
+    elif device_type == "cpu":
+        ratio = probe_cpu_bf16_speedup()
+        fast = ratio >= BF16_MIN_SPEEDUP
+        out_dtype = torch.bfloat16 if fast else torch.float32
+        reason = f"CPU bf16 matmul measured {ratio:.1f}x fp32 ({'>=' if fast else '<'} {BF16_MIN_SPEEDUP}x)"
+    else:
+        out_dtype, reason = torch.float32, f"default on {device_type}"
+    if compile is None:
+        out_compile = device_type == "cuda" or (device_type == "cpu" and out_dtype == torch.bfloat16)
+    else:
+        out_compile, reason = bool(compile), reason + "; --compile set explicitly"
+    _EXPORTED_DTYPE = os.environ["NANOCHAT_DTYPE"] = str(out_dtype).removeprefix("torch.")  # read by init_weights
+    if verbose:
+        print0(f"precision: {str(out_dtype).removeprefix('torch.')}, compile={int(out_compile)} ({reason})")
+    return out_dtype, out_compile, reason
+
+
 def compute_init(device_type="", seed=42):
     """
     Set up the device, seeds and (under torchrun) the process group.

@@ -1,17 +1,16 @@
 """
-The GPT (REFERENCE 5, NEW architecture):
+The GPT: a modern decoder-only transformer in the modded-nanogpt / nanochat lineage:
 - rotary position embeddings (base 100k, half-split pairing), no learned positions
 - QK-norm (then x1.2), parameter-free RMS norm everywhere, no biases
 - ReLU^2 MLP, untied lm_head, vocab padded to a multiple of 64, fp32 logits soft-capped at 15
 - GQA, a per-layer sliding-window pattern (last layer always full)
 - value embeddings on alternate layers mixed into v by per-head gates
 - per-layer resid/x0 scalars, smear (bigram mixing of embeddings) and backout (subtract a mid-layer state)
-On CPU in fp32, training uses HeadSoftcapCE (head matmul + soft-cap + CE fused; same math, fewer passes).
+On CPU in fp32 eager, training uses HeadSoftcapCE (head matmul + soft-cap + CE fused; same math, fewer passes).
 
 Build: `with torch.device("meta"): model = GPT(cfg)`, then `model.to_empty(device=d)`, `model.init_weights()`.
 """
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat.cpu_ops import RMSNormCPU, ReluSquareCPU, HeadSoftcapCE, cpu_kernels, use_cpu_kernels  # noqa: F401
 from nanochat.common import get_compute_dtype
 from nanochat.attention import flash_attn_func, flash_attn_with_kvcache, flash_attn_decode, get_backend
 
@@ -28,23 +28,6 @@ QK_SCALE = 1.2        # applied to q and k after QK-norm ("sharper attention")
 VE_GATE_CHANNELS = 12  # input channels of the value-embedding gate
 VE_GATE_SCALE = 3.0
 SMEAR_CHANNELS = 24
-CE_CHUNK_ELEMS = 1 << 20  # fused loss: logits per chunk (4 MB fp32)
-
-# The CPU-only custom autograd paths (RMSNormCPU, ReluSquareCPU, HeadSoftcapCE) run only while this is
-# true. Tests turn it off to trace and measure, on a CPU, exactly the code path a GPU runs.
-_CPU_KERNELS = True
-
-
-@contextlib.contextmanager
-def cpu_kernels(enabled: bool):
-    """Temporarily enable/disable the CPU-only fused paths (restored on exit)."""
-    global _CPU_KERNELS
-    prev, _CPU_KERNELS = _CPU_KERNELS, enabled
-    try:
-        yield
-    finally:
-        _CPU_KERNELS = prev
-
 
 @dataclass
 class GPTConfig:
@@ -60,7 +43,7 @@ class GPTConfig:
 
 def config_from_depth(depth, aspect_ratio=64, head_dim=128, max_seq_len=2048, vocab_size=32768,
                       window_pattern="SSSL", n_kv_head=None):
-    """The depth dial (REFERENCE 5.1): width = depth*aspect rounded up to a multiple of head_dim."""
+    """The depth dial: width = depth*aspect rounded up to a multiple of head_dim."""
     if depth < 1 or aspect_ratio < 1 or head_dim < 1:
         raise ValueError(f"depth, aspect_ratio and head_dim must be positive, got {depth}, {aspect_ratio}, {head_dim}")
     n_embd = -(-depth * aspect_ratio // head_dim) * head_dim
@@ -87,52 +70,14 @@ def embedding(num, dim):
     return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
 
 
-class RMSNormCPU(torch.autograd.Function):
-    """
-    Parameter-free RMS norm with a hand-written backward. On CPU the stock rms_norm is a chain of
-    elementwise ops (pow, mean, rsqrt, mul) whose autograd makes several extra passes over the
-    activations; this one keeps y and 1/rms and does the backward in three passes:
-    dx = rstd * (g - y * mean(g * y)).
-    """
-
-    @staticmethod
-    def forward(ctx, x):
-        rstd = torch.rsqrt(x.square().mean(-1, keepdim=True) + torch.finfo(x.dtype).eps)
-        y = x * rstd
-        ctx.save_for_backward(y, rstd)
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        y, rstd = ctx.saved_tensors
-        dot = (g * y).mean(-1, keepdim=True)
-        return torch.addcmul(g, y, dot, value=-1).mul_(rstd)
-
-
-class ReluSquareCPU(torch.autograd.Function):
-    """relu(x)^2 whose backward is one multiply: d/dx = 2*relu(x), kept from the forward."""
-
-    @staticmethod
-    def forward(ctx, x):
-        r = torch.relu(x)
-        y = r * r
-        ctx.save_for_backward(r.mul_(2))
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        (two_r,) = ctx.saved_tensors
-        return g * two_r
-
-
 def norm(x):
-    if _CPU_KERNELS and x.device.type == "cpu" and x.requires_grad:
+    if x.requires_grad and use_cpu_kernels(x):
         return RMSNormCPU.apply(x)
     return F.rms_norm(x, (x.size(-1),))
 
 
 def relu_square(x):
-    if _CPU_KERNELS and x.device.type == "cpu" and x.requires_grad:
+    if x.requires_grad and use_cpu_kernels(x):
         return ReluSquareCPU.apply(x)
     return F.relu(x).square()
 
@@ -142,56 +87,6 @@ def apply_rotary(x, cos, sin):
     h = x.size(-1) // 2
     x1, x2 = x[..., :h], x[..., h:]
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
-
-
-class HeadSoftcapCE(torch.autograd.Function):
-    """
-    lm_head matmul + soft-cap + cross-entropy in one op, for CPU training. The unfused chain makes ~15
-    full passes over the (N, V) logits (div, tanh, mul, log_softmax, nll and their backwards, a zeros
-    fill), which on a CPU costs as much time as the head matmul itself. Here the elementwise work runs
-    on cache-sized row chunks, in place in the single (N, V) buffer that later becomes the gradient.
-    Same math as `cap * tanh(x @ w.T / cap)` -> F.cross_entropy(ignore_index=-1); single backward only.
-    """
-
-    @staticmethod
-    def forward(ctx, x, w, targets, cap, reduction):
-        # x (N, d), w (V, d), targets (N,) with -1 = ignored
-        z = x @ w.t()  # (N, V) raw logits
-        N, V = z.shape
-        step = max(1, CE_CHUNK_ELEMS // V)  # rows per chunk: elementwise work stays in L2/L3
-        lse = torch.empty(N, dtype=z.dtype, device=z.device)
-        for i in range(0, N, step):
-            zc = z[i:i + step]
-            zc.div_(cap).tanh_()  # z holds tanh(l / cap) from here on
-            torch.logsumexp(zc * cap, dim=1, out=lse[i:i + step])
-        valid = targets != -1
-        tgt = targets.clamp(min=0)
-        nll = (lse - cap * z.gather(1, tgt.unsqueeze(1)).squeeze(1)) * valid
-        n_valid = valid.sum()
-        ctx.save_for_backward(x, w, z, lse, tgt, valid, n_valid)
-        ctx.cap, ctx.reduction, ctx.step = cap, reduction, step
-        if reduction == "none":
-            return nll
-        return nll.sum() if reduction == "sum" else nll.sum() / n_valid
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, w, z, lse, tgt, valid, n_valid = ctx.saved_tensors
-        cap, step = ctx.cap, ctx.step
-        if ctx.reduction == "mean":
-            grad = grad / n_valid
-        scale = grad * valid  # (N,): 0 on ignored rows
-        rows = torch.arange(step, device=z.device)
-        for i in range(0, z.size(0), step):
-            zc = z[i:i + step]  # (n, V) tanh values -> overwritten by d loss / d raw logits
-            n = zc.size(0)
-            dcap = 1 - zc.square()  # d(cap * tanh(l / cap)) / dl
-            zc.mul_(cap).sub_(lse[i:i + step, None]).exp_()  # softmax of the capped logits
-            zc[rows[:n], tgt[i:i + step]] -= 1
-            zc.mul_(dcap).mul_(scale[i:i + step, None])
-        gx = z @ w if ctx.needs_input_grad[0] else None
-        gw = z.t() @ x if ctx.needs_input_grad[1] else None
-        return gx, gw, None, None, None
 
 
 def matvec(x, w):
@@ -286,9 +181,9 @@ class GPT(nn.Module):
         self.rotary_len = 10 * config.sequence_len  # decode may run past the training length
         self.register_buffer("cos", torch.empty(1, self.rotary_len, 1, self.head_dim // 2), persistent=False)
         self.register_buffer("sin", torch.empty(1, self.rotary_len, 1, self.head_dim // 2), persistent=False)
-        self.compute_dtype = None  # decided in init_weights from the device (REFERENCE 5.7)
+        self.compute_dtype = None  # decided in init_weights from the device (bf16 where the hardware multiplies it fast)
         get_backend()  # pick (and log) the attention backend now, outside any torch.compile trace
-        self.fused_loss = True  # CPU fp32 training uses HeadSoftcapCE (tests compare it to the plain path)
+        self.fused_loss = True  # CPU fp32 eager training uses HeadSoftcapCE (tests compare it to the plain path)
 
     @staticmethod
     def _compute_window_sizes(config):
@@ -305,8 +200,9 @@ class GPT(nn.Module):
         return self.transformer.wte.weight.device
 
     @torch.no_grad()
-    def init_weights(self):
-        """Initialization of REFERENCE 5.6 (NEW); call after to_empty()."""
+    def init_weights(self, dtype=None):
+        """Initialization (zero output projections, small uniform q/k/v and MLP-in, small head); call after to_empty(). dtype: the compute dtype
+        (default: the process's policy, see common.get_compute_dtype)."""
         cfg, d = self.config, self.config.n_embd
         s = math.sqrt(3) / math.sqrt(d)  # U(-s, s) has std 1/sqrt(d)
         # embeddings may have been cast to bf16 by an earlier init: back to fp32 masters first
@@ -332,7 +228,7 @@ class GPT(nn.Module):
         self.smear_lambda.zero_()
         self.backout_lambda.fill_(0.2)
         device = self.get_device()
-        self.compute_dtype = get_compute_dtype(device.type, verbose=False)
+        self.compute_dtype = dtype or get_compute_dtype(device.type, verbose=False)
         # embeddings are lookups, not matmuls: store them in the compute dtype (fp16 keeps fp32 for range)
         if self.compute_dtype == torch.bfloat16:
             self.transformer.wte.to(dtype=torch.bfloat16)
@@ -386,7 +282,7 @@ class GPT(nn.Module):
 
         # only the first V rows of the padded head are real tokens: skip the padded ones entirely
         w_head = self.lm_head.weight[:V].to(dtype)
-        if targets is not None and _CPU_KERNELS and self.fused_loss and x.device.type == "cpu" and dtype == torch.float32:
+        if targets is not None and self.fused_loss and dtype == torch.float32 and use_cpu_kernels(x):
             return HeadSoftcapCE.apply(x.view(B * T, -1), w_head, targets.reshape(-1), SOFTCAP, loss_reduction)
         logits = F.linear(x, w_head).float()  # (B, T, V) fp32
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
@@ -540,7 +436,7 @@ class GPT(nn.Module):
         return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
 
     def estimate_flops(self):
-        """Training FLOPs per token (forward + backward), REFERENCE 5.8."""
+        """Training FLOPs per token (forward + backward): 6 per matmul weight plus attention's 12 * heads * head_dim * window per layer (the PaLM appendix B accounting)."""
         T = self.config.sequence_len
         attn = sum(12 * self.config.n_head * self.head_dim * min(left, T) for left, _ in self.window_sizes)
         return 6 * self._matmul_params() + attn
@@ -564,7 +460,7 @@ class GPT(nn.Module):
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
                          scalar_lr=0.5):
-        """AdamW for embeddings/head/scalars (width-scaled LRs), Muon per matrix shape (REFERENCE 6.1 NEW)."""
+        """AdamW for embeddings/head/scalars (width-scaled LRs), Muon per matrix shape."""
         from nanochat.optim import MuonAdamW
         s = (self.config.n_embd / 768) ** -0.5
 

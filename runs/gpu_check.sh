@@ -63,7 +63,7 @@ step pytest-gpu pytest.log python -m pytest -q -m gpu -p no:cacheprovider tests/
     tests/test_compile.py tests/test_gpu_parity.py
 
 # 3. training throughput at d20 (compiled, SSSL windows, 2048 context, batch sized by the memory estimate)
-D20="--depth=20 --max-seq-len=2048 --window-pattern=SSSL --vocab-size=32768 --compile=1 --device-batch-size=auto"
+D20="--depth=20 --max-seq-len=2048 --window-pattern=SSSL --vocab-size=32768 --compile=1 --device-batch-size=auto --baseline=0"
 step bench-train-bf16 train_bf16.log python -m scripts.bench_train $D20 --steps=8 --warmup-steps=3 --profile=1
 step bench-train-fp8 train_fp8.log python -m scripts.bench_train $D20 --steps=8 --warmup-steps=3 --fp8
 

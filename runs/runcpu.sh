@@ -6,6 +6,8 @@
 # Online (downloads 2 pretraining shards, the eval bundle and the Hub datasets):
 #   bash runs/runcpu.sh
 # Every stage's command is printed before it runs; a failing stage stops the script with its name.
+# The training stages pick their precision at start-up (logged as "precision: ..."): bf16 + torch.compile
+# where this CPU's bf16 matmul measures >= 1.5x fp32, fp32 eager elsewhere; --dtype/--compile override it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, get_compute_dtype,
+from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, resolve_precision,
                              get_max_memory, parse_bool)
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.dataloader import PretrainLoader
@@ -45,7 +45,7 @@ parser = argparse.ArgumentParser(description="Pretrain the base model")
 parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
 parser.add_argument("--dtype", type=str, default="", help="compute dtype override: bfloat16|float16|float32")
-parser.add_argument("--compile", type=parse_bool, default=None, help="torch.compile the model (default: on for CUDA)")
+parser.add_argument("--compile", type=parse_bool, default=None, help="torch.compile the model (default: the precision policy)")
 parser.add_argument("--attn", type=str, default="auto", choices=["auto", "fa3", "flex", "sdpa"], help="attention backend (auto = FA3 on Hopper, else FlexAttention on CUDA, else SDPA)")
 parser.add_argument("--fp8", action="store_true", help="fp8 matmuls in the linear layers (tensorwise scaling; Hopper GPUs); evals stay bf16")
 # model
@@ -90,8 +90,7 @@ attn_backend = set_attn_backend(args.attn)
 print0(f"attention backend: {attn_backend} ({attn_backend_reason()})")
 if args.fp8:
     check_fp8_supported(device)
-dtype = get_compute_dtype(device.type, args.dtype or None)
-use_compile = args.compile if args.compile is not None else device.type == "cuda"
+dtype, use_compile, _ = resolve_precision(device.type, args.dtype or None, args.compile)
 user_config, wandb_run = start_run(args, "nanochat", device, dtype, use_compile, rank)
 
 tokenizer = get_tokenizer()

@@ -21,7 +21,7 @@ import dataclasses
 
 import torch
 
-from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, get_compute_dtype,
+from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, resolve_precision,
                              get_max_memory)
 from nanochat.checkpoint_manager import load_model
 from nanochat.attention import set_backend_from_flag as set_attn_backend
@@ -72,7 +72,7 @@ alpha = args.dft_alpha if args.loss == "dft" else 0.0
 
 is_dist, rank, local_rank, world_size, device = compute_init(args.device_type)
 set_attn_backend(args.attn)
-dtype = get_compute_dtype(device.type, args.dtype or None)
+dtype, _, _ = resolve_precision(device.type, args.dtype or None, compile=False)  # variable-length batches: eager
 user_config, wandb_run = start_run(args, "nanochat-sft", device, dtype, rank=rank)
 
 train_ds, val_ds = mixtures_from_args(args)

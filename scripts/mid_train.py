@@ -18,7 +18,7 @@ import argparse
 
 import torch
 
-from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, get_compute_dtype,
+from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, resolve_precision,
                              get_max_memory, parse_bool)
 from nanochat.checkpoint_manager import load_model
 from nanochat.attention import set_backend_from_flag as set_attn_backend
@@ -37,7 +37,7 @@ parser = argparse.ArgumentParser(description="Midtrain a base model on a convers
 parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
 parser.add_argument("--dtype", type=str, default="", help="compute dtype override: bfloat16|float16|float32")
-parser.add_argument("--compile", type=parse_bool, default=None, help="torch.compile the model (default: on for CUDA)")
+parser.add_argument("--compile", type=parse_bool, default=None, help="torch.compile the model (default: the precision policy)")
 parser.add_argument("--attn", type=str, default="auto", choices=["auto", "fa3", "flex", "sdpa"], help="attention backend (auto = FA3 on Hopper, else FlexAttention on CUDA, else SDPA)")
 parser.add_argument("--model-tag", type=str, default=None, help="base checkpoint tag (default: largest d<N>)")
 parser.add_argument("--model-step", type=int, default=None, help="base checkpoint step (default: last)")
@@ -61,8 +61,7 @@ args = parser.parse_args()
 
 is_dist, rank, local_rank, world_size, device = compute_init(args.device_type)
 set_attn_backend(args.attn)
-dtype = get_compute_dtype(device.type, args.dtype or None)
-use_compile = args.compile if args.compile is not None else device.type == "cuda"
+dtype, use_compile, _ = resolve_precision(device.type, args.dtype or None, args.compile)
 user_config, wandb_run = start_run(args, "nanochat-mid", device, dtype, use_compile, rank)
 
 train_ds, val_ds = mixtures_from_args(args)

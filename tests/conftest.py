@@ -179,6 +179,8 @@ def script_env(base_dir, data_dir, **extra):
     env.update({"NANOCHAT_BASE_DIR": base_dir, "NANOCHAT_DATA_DIR": data_dir, "OMP_NUM_THREADS": "1",
                 "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"})
     env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None)
+    # fp32 eager whatever the machine's bf16 probe says: tests compare exact losses and must not compile
+    env.setdefault("NANOCHAT_DTYPE", "float32")
     env.update(extra)
     return env
 

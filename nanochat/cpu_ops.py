@@ -1,0 +1,121 @@
+"""
+Hand-written autograd paths for eager CPU training. On a CPU the stock ops make several extra passes over
+the activations in their backward (and the head's soft-cap + cross-entropy chain makes ~15 passes over the
+(N, V) logits); these keep what the backward needs and do it in fewer passes. Same math as the stock ops:
+tests compare them. nanochat.gpt picks them through use_cpu_kernels(x).
+"""
+
+import contextlib
+
+import torch
+
+CE_CHUNK_ELEMS = 1 << 20  # fused loss: logits per chunk (4 MB fp32)
+
+# These hand-written autograd paths are for eager CPU training. Under
+# torch.compile they step aside: inductor fuses the stock ops' forward and backward itself, and tracing
+# HeadSoftcapCE's in-place chunk loop made it copy the whole (N, V) logits once per chunk (out of memory).
+# cpu_kernels(False) turns them off, e.g. to trace or measure the CUDA code path on a CPU.
+_CPU_KERNELS = True
+
+
+@contextlib.contextmanager
+def cpu_kernels(enabled: bool):
+    """Switch the CPU-only custom autograd paths on or off inside the block (restored on exit)."""
+    global _CPU_KERNELS
+    before, _CPU_KERNELS = _CPU_KERNELS, bool(enabled)
+    try:
+        yield
+    finally:
+        _CPU_KERNELS = before
+
+
+def use_cpu_kernels(x):
+    return _CPU_KERNELS and x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+class RMSNormCPU(torch.autograd.Function):
+    """
+    Parameter-free RMS norm with a hand-written backward. On CPU the stock rms_norm is a chain of
+    elementwise ops (pow, mean, rsqrt, mul) whose autograd makes several extra passes over the
+    activations; this one keeps y and 1/rms and does the backward in three passes:
+    dx = rstd * (g - y * mean(g * y)).
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        rstd = torch.rsqrt(x.square().mean(-1, keepdim=True) + torch.finfo(x.dtype).eps)
+        y = x * rstd
+        ctx.save_for_backward(y, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        y, rstd = ctx.saved_tensors
+        dot = (g * y).mean(-1, keepdim=True)
+        return torch.addcmul(g, y, dot, value=-1).mul_(rstd)
+
+
+class ReluSquareCPU(torch.autograd.Function):
+    """relu(x)^2 whose backward is one multiply: d/dx = 2*relu(x), kept from the forward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        r = torch.relu(x)
+        y = r * r
+        ctx.save_for_backward(r.mul_(2))
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (two_r,) = ctx.saved_tensors
+        return g * two_r
+
+
+class HeadSoftcapCE(torch.autograd.Function):
+    """
+    lm_head matmul + soft-cap + cross-entropy in one op, for CPU training. The unfused chain makes ~15
+    full passes over the (N, V) logits (div, tanh, mul, log_softmax, nll and their backwards, a zeros
+    fill), which on a CPU costs as much time as the head matmul itself. Here the elementwise work runs
+    on cache-sized row chunks, in place in the single (N, V) buffer that later becomes the gradient.
+    Same math as `cap * tanh(x @ w.T / cap)` -> F.cross_entropy(ignore_index=-1); single backward only.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, targets, cap, reduction):
+        # x (N, d), w (V, d), targets (N,) with -1 = ignored
+        z = x @ w.t()  # (N, V) raw logits
+        N, V = z.shape
+        step = max(1, CE_CHUNK_ELEMS // V)  # rows per chunk: elementwise work stays in L2/L3
+        lse = torch.empty(N, dtype=z.dtype, device=z.device)
+        for i in range(0, N, step):
+            zc = z[i:i + step]
+            zc.div_(cap).tanh_()  # z holds tanh(l / cap) from here on
+            torch.logsumexp(zc * cap, dim=1, out=lse[i:i + step])
+        valid = targets != -1
+        tgt = targets.clamp(min=0)
+        nll = (lse - cap * z.gather(1, tgt.unsqueeze(1)).squeeze(1)) * valid
+        n_valid = valid.sum()
+        ctx.save_for_backward(x, w, z, lse, tgt, valid, n_valid)
+        ctx.cap, ctx.reduction, ctx.step = cap, reduction, step
+        if reduction == "none":
+            return nll
+        return nll.sum() if reduction == "sum" else nll.sum() / n_valid
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, z, lse, tgt, valid, n_valid = ctx.saved_tensors
+        cap, step = ctx.cap, ctx.step
+        if ctx.reduction == "mean":
+            grad = grad / n_valid
+        scale = grad * valid  # (N,): 0 on ignored rows
+        rows = torch.arange(step, device=z.device)
+        for i in range(0, z.size(0), step):
+            zc = z[i:i + step]  # (n, V) tanh values -> overwritten by d loss / d raw logits
+            n = zc.size(0)
+            dcap = 1 - zc.square()  # d(cap * tanh(l / cap)) / dl
+            zc.mul_(cap).sub_(lse[i:i + step, None]).exp_()  # softmax of the capped logits
+            zc[rows[:n], tgt[i:i + step]] -= 1
+            zc.mul_(dcap).mul_(scale[i:i + step, None])
+        gx = z @ w if ctx.needs_input_grad[0] else None
+        gw = z.t() @ x if ctx.needs_input_grad[1] else None
+        return gx, gw, None, None, None
