@@ -315,17 +315,19 @@ class BatchEngine:
     """
     Continuous batching (Orca, Yu et al. 2022): one background thread runs decode steps over up to
     max_rows requests at once. A submitted request waits in a bounded queue, gets its prompt prefilled
-    at batch 1 into a free row of one shared KV cache (each row at its own position), and leaves at its
+    (together with the others waiting, see _admit) into a free row of one shared KV cache (each row at its
+    own position), and leaves at its
     own stop token or max_tokens, freeing the row for the next. Each request has its own sampling
     parameters and random generator, so its tokens (greedy, or seeded) are the same as its solo
     Engine.generate run whatever else shares the batch.
     """
 
-    def __init__(self, model, tokenizer, max_rows=8, max_queue=64, compile=False):
-        if max_rows < 1 or max_queue < 0:
-            raise ValueError(f"max_rows must be >= 1 and max_queue >= 0, got {max_rows}, {max_queue}")
+    def __init__(self, model, tokenizer, max_rows=8, max_queue=64, compile=False, prefill_tokens=2048):
+        if max_rows < 1 or max_queue < 0 or prefill_tokens < 1:
+            raise ValueError(f"max_rows and prefill_tokens must be >= 1 and max_queue >= 0, "
+                             f"got {max_rows}, {prefill_tokens}, {max_queue}")
         self.model, self.tools, self.compile = model, _Tools(tokenizer), compile
-        self.max_rows, self.max_queue = max_rows, max_queue
+        self.max_rows, self.max_queue, self.prefill_tokens = max_rows, max_queue, prefill_tokens
         self.device = next(model.parameters()).device
         self.capacity = model.config.sequence_len  # positions per row
         self._cache = None  # built by the loop thread
@@ -412,26 +414,45 @@ class BatchEngine:
                     self._end_all("error", f"{type(e).__name__}: {e}")
 
     def _admit(self):
-        """Prefill waiting requests into free rows (the lowest free row first, to keep the batch short)."""
-        while True:
-            with self._cond:
-                if not self._waiting or None not in self._rows:
-                    return
-                req = self._waiting.popleft()
-            if req.stream.cancelled:
-                req.stream._finish("cancelled")
-                continue
-            slot = self._rows.index(None)
-            try:
-                T = len(req.tokens)
-                pc = new_kv_cache(self.model, 1, T)
-                ids = torch.tensor([req.tokens], dtype=torch.long, device=self.device)
-                self._logits[slot] = self.model.forward_cached(ids, pc, last_only=True)[0, -1]
-                self._cache.insert_row(slot, pc)
-            except Exception as e:
+        """
+        Prefill the oldest waiting requests that fit in free rows in one forward (the lowest free rows first,
+        to keep the batch short): prompts right-padded to the longest, which causal attention keeps out of
+        every real token's view; each row's logits and smear state are taken at its own last real token and
+        only its real positions are copied into its slot. A group holds at most prefill_tokens padded tokens
+        (one longer prompt goes alone), so the running rows wait at most about that much prefill per step.
+        """
+        with self._cond:
+            free = [slot for slot, r in enumerate(self._rows) if r is None]
+            group, longest = [], 0
+            while self._waiting and len(group) < len(free):
+                req = self._waiting[0]
+                if req.stream.cancelled:
+                    self._waiting.popleft().stream._finish("cancelled")
+                    continue
+                if group and max(longest, len(req.tokens)) * (len(group) + 1) > self.prefill_tokens:
+                    break
+                group.append(self._waiting.popleft())
+                longest = max(longest, len(req.tokens))
+        if not group:
+            return
+        slots = free[:len(group)]
+        try:
+            lengths = [len(req.tokens) for req in group]
+            ids = torch.zeros(len(group), longest, dtype=torch.long)  # pad id 0: never attended to, never kept
+            for i, req in enumerate(group):
+                ids[i, :lengths[i]] = torch.tensor(req.tokens)
+            last = torch.tensor(lengths, device=self.device) - 1
+            pc = new_kv_cache(self.model, len(group), longest)
+            logits = self.model.forward_cached(ids.to(self.device), pc, last_positions=last)[:, 0]  # (n, V)
+            for i, slot in enumerate(slots):
+                self._cache.insert_row(slot, pc, src=i, length=lengths[i])
+                self._logits[slot] = logits[i]
+        except Exception as e:
+            for req in group:
                 req.stream._finish("error", f"{type(e).__name__}: {e}")
-                continue
-            with self._cond:
+            return
+        with self._cond:
+            for slot, req in zip(slots, group):
                 self._rows[slot] = req
 
     def _free(self, slot, reason, error=None):
