@@ -515,7 +515,7 @@ def test_batch_engine_prefill_groups_stay_under_the_token_budget(tokenizer):
     # oldest first, at most prefill_tokens padded tokens per group (a longer prompt alone); replies unchanged
     V = tokenizer.get_vocab_size()
     model = make_model(V, n_layer=2, zero_specials_from=first_special(tokenizer))
-    prompts = [[5] * 3, [6] * 4, [7] * 30, [8] * 2, [9] * 5, [10] * 1]
+    prompts = [[5] * 3, [6] * 4, [7] * 30, [8] * 2, [9] * 5, [10] * 2]
     shapes, forward = [], model.forward_cached
     model.forward_cached = lambda idx, cache, **kw: (shapes.append(tuple(idx.shape)), forward(idx, cache, **kw))[1]
     batch = BatchEngine(model, tokenizer, max_rows=8, prefill_tokens=12)
@@ -526,8 +526,8 @@ def test_batch_engine_prefill_groups_stay_under_the_token_budget(tokenizer):
     finally:
         batch.stop()
         del model.forward_cached
-    # 2 rows x 4 = 8 fit; adding the 30-token prompt would pad 3 x 30; then it alone; then 3 x 5 = 15 > 12
-    assert [s for s in shapes if s[1] > 1] == [(2, 4), (1, 30), (2, 5)]
+    # 2 rows x 4 = 8 fit; adding the 30-token prompt would pad 3 x 30; then it alone; 3 x 5 = 15 > 12 splits the rest
+    assert [s for s in shapes if s[1] > 1] == [(2, 4), (1, 30), (2, 5), (1, 2)]
     engine = Engine(model, tokenizer)
     for prompt, out in zip(prompts, outs):
         assert out == engine.generate_batch(prompt, max_tokens=4, temperature=0.0)[0][0][len(prompt):]
