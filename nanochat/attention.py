@@ -497,17 +497,18 @@ class KVCache:
         self.k_cache[:, rows, pos] = k
         self.v_cache[:, rows, pos] = v
 
-    def insert_row(self, row, other):
-        """Copy a batch-1 cache's contents into row `row` (continuous batching: a request joins)."""
-        if other.batch_size != 1 or (self.num_layers, self.num_heads, self.head_dim) != \
+    def insert_row(self, row, other, src=0, length=None):
+        """Copy row `src` of another cache, its first `length` positions (default: all it holds), into row
+        `row` (continuous batching: a request joins; a right-padded batched prefill keeps each real length)."""
+        if not 0 <= src < other.batch_size or (self.num_layers, self.num_heads, self.head_dim) != \
                 (other.num_layers, other.num_heads, other.head_dim):
-            raise ValueError("insert_row() needs a batch-1 cache of the same (layers, heads, head_dim)")
-        pos = other.get_pos()
-        if pos > self.seq_len:
-            raise ValueError(f"other holds {pos} tokens but this cache has room for {self.seq_len}")
-        self.k_cache[:, row, :pos] = other.k_cache[:, 0, :pos]
-        self.v_cache[:, row, :pos] = other.v_cache[:, 0, :pos]
+            raise ValueError("insert_row() needs a source row of a cache of the same (layers, heads, head_dim)")
+        pos = int(other.cache_seqlens[src]) if length is None else length
+        if pos > min(self.seq_len, other.seq_len):
+            raise ValueError(f"cannot copy {pos} positions between caches of {other.seq_len} and {self.seq_len}")
+        self.k_cache[:, row, :pos] = other.k_cache[:, src, :pos]
+        self.v_cache[:, row, :pos] = other.v_cache[:, src, :pos]
         self.cache_seqlens[row] = pos
         if self.prev_embedding is None or other.prev_embedding is None:
             raise ValueError("insert_row() needs prev_embedding on both caches (allocate it, prefill other)")
-        self.prev_embedding[row] = other.prev_embedding[0]
+        self.prev_embedding[row] = other.prev_embedding[src]

@@ -315,17 +315,19 @@ class BatchEngine:
     """
     Continuous batching (Orca, Yu et al. 2022): one background thread runs decode steps over up to
     max_rows requests at once. A submitted request waits in a bounded queue, gets its prompt prefilled
-    at batch 1 into a free row of one shared KV cache (each row at its own position), and leaves at its
+    (together with the others waiting, see _admit) into a free row of one shared KV cache (each row at its
+    own position), and leaves at its
     own stop token or max_tokens, freeing the row for the next. Each request has its own sampling
     parameters and random generator, so its tokens (greedy, or seeded) are the same as its solo
     Engine.generate run whatever else shares the batch.
     """
 
-    def __init__(self, model, tokenizer, max_rows=8, max_queue=64, compile=False):
-        if max_rows < 1 or max_queue < 0:
-            raise ValueError(f"max_rows must be >= 1 and max_queue >= 0, got {max_rows}, {max_queue}")
+    def __init__(self, model, tokenizer, max_rows=8, max_queue=64, compile=False, prefill_tokens=2048):
+        if max_rows < 1 or max_queue < 0 or prefill_tokens < 1:
+            raise ValueError(f"max_rows and prefill_tokens must be >= 1 and max_queue >= 0, "
+                             f"got {max_rows}, {prefill_tokens}, {max_queue}")
         self.model, self.tools, self.compile = model, _Tools(tokenizer), compile
-        self.max_rows, self.max_queue = max_rows, max_queue
+        self.max_rows, self.max_queue, self.prefill_tokens = max_rows, max_queue, prefill_tokens
         self.device = next(model.parameters()).device
         self.capacity = model.config.sequence_len  # positions per row
         self._cache = None  # built by the loop thread
@@ -399,40 +401,67 @@ class BatchEngine:
             self._cache.prev_embedding = torch.zeros(self.max_rows, 1, cfg.n_embd, dtype=self._cache.k_cache.dtype,
                                                      device=self.device)
             self._logits = torch.zeros(self.max_rows, cfg.vocab_size, device=self.device)
+            self._column = [None] * self.max_rows  # per slot: the token its next decode step feeds in
             while True:
                 with self._cond:
                     while not self._stopping and not self._waiting and all(r is None for r in self._rows):
                         self._cond.wait()
                     if self._stopping:
                         return
-                self._admit()
                 try:
+                    # requests that arrive over a few ms (HTTP) join before the next decode step rather than
+                    # one group per step; the running rows wait for at most ~prefill_tokens of prefill
+                    spent = 0
+                    while spent < self.prefill_tokens and (n := self._admit()):
+                        spent += n
                     self._step()
                 except Exception as e:  # a failing step ends every running request, not the server
                     self._end_all("error", f"{type(e).__name__}: {e}")
 
     def _admit(self):
-        """Prefill waiting requests into free rows (the lowest free row first, to keep the batch short)."""
-        while True:
-            with self._cond:
-                if not self._waiting or None not in self._rows:
-                    return
-                req = self._waiting.popleft()
-            if req.stream.cancelled:
-                req.stream._finish("cancelled")
-                continue
-            slot = self._rows.index(None)
-            try:
-                T = len(req.tokens)
-                pc = new_kv_cache(self.model, 1, T)
-                ids = torch.tensor([req.tokens], dtype=torch.long, device=self.device)
-                self._logits[slot] = self.model.forward_cached(ids, pc, last_only=True)[0, -1]
-                self._cache.insert_row(slot, pc)
-            except Exception as e:
+        """
+        Prefill the oldest waiting requests that fit in free rows in one forward (the lowest free rows first,
+        to keep the batch short): prompts right-padded to the longest, which causal attention keeps out of
+        every real token's view; each row's logits and smear state are taken at its own last real token and
+        only its real positions are copied into its slot. A group holds at most prefill_tokens padded tokens
+        (one longer prompt goes alone). The first token of each admitted row is emitted at once.
+        Returns the padded tokens prefilled (0: nothing admitted).
+        """
+        with self._cond:
+            free = [slot for slot, r in enumerate(self._rows) if r is None]
+            group, longest = [], 0
+            while self._waiting and len(group) < len(free):
+                req = self._waiting[0]
+                if req.stream.cancelled:
+                    self._waiting.popleft().stream._finish("cancelled")
+                    continue
+                if group and max(longest, len(req.tokens)) * (len(group) + 1) > self.prefill_tokens:
+                    break
+                group.append(self._waiting.popleft())
+                longest = max(longest, len(req.tokens))
+        if not group:
+            return 0
+        slots = free[:len(group)]
+        try:
+            lengths = [len(req.tokens) for req in group]
+            ids = torch.zeros(len(group), longest, dtype=torch.long)  # pad id 0: never attended to, never kept
+            for i, req in enumerate(group):
+                ids[i, :lengths[i]] = torch.tensor(req.tokens)
+            last = torch.tensor(lengths, device=self.device) - 1
+            pc = new_kv_cache(self.model, len(group), longest)
+            logits = self.model.forward_cached(ids.to(self.device), pc, last_positions=last)[:, 0]  # (n, V)
+            for i, slot in enumerate(slots):
+                self._cache.insert_row(slot, pc, src=i, length=lengths[i])
+                self._logits[slot] = logits[i]
+        except Exception as e:
+            for req in group:
                 req.stream._finish("error", f"{type(e).__name__}: {e}")
-                continue
-            with self._cond:
+            return len(group) * longest
+        with self._cond:
+            for slot, req in zip(slots, group):
                 self._rows[slot] = req
+        self._emit(slots)  # first tokens out now, not after the next decode step
+        return len(group) * longest
 
     def _free(self, slot, reason, error=None):
         req = self._rows[slot]
@@ -445,18 +474,20 @@ class BatchEngine:
             if req is not None:
                 self._free(slot, reason, error)
 
-    def _step(self):
-        """Sample one token for every active row, hand it to its stream, then one decode step for those
-        that go on. A row's tokens depend only on its own logits and generator."""
-        greedy = self._logits.argmax(dim=-1).tolist()
-        column, n_out = [0] * self.max_rows, 0
-        for slot, req in enumerate(self._rows):
+    def _emit(self, slots):
+        """Sample the next token of the rows in `slots` from their logits and hand it to their streams; a row
+        that goes on keeps it in _column for the next decode step. A row's tokens depend only on its own
+        logits and generator."""
+        greedy = self._logits[slots].argmax(dim=-1).tolist()
+        n_out = 0
+        for slot, best in zip(slots, greedy):
+            req = self._rows[slot]
             if req is None:
                 continue
             if req.stream.cancelled:
                 self._free(slot, "cancelled")
                 continue
-            sampled = greedy[slot] if req.temperature == 0 else \
+            sampled = best if req.temperature == 0 else \
                 int(sample_next_token(self._logits[slot:slot + 1], req.rng, req.temperature, req.top_k, req.top_p))
             tok, _ = req.row.step(sampled, self.tools)
             req.generated += 1
@@ -468,10 +499,14 @@ class BatchEngine:
             if req.generated >= req.max_tokens:
                 self._free(slot, "length")
                 continue
-            column[slot] = tok
+            self._column[slot] = tok
         with self._cond:
             self.total_tokens += n_out
             self._recent.append((time.monotonic(), n_out))
+
+    def _step(self):
+        """Emit a token for every active row not served yet, then one decode step for those that go on."""
+        self._emit([slot for slot, req in enumerate(self._rows) if req is not None and self._column[slot] is None])
         active = [slot for slot, req in enumerate(self._rows) if req is not None]
         if not active:
             return
@@ -482,5 +517,7 @@ class BatchEngine:
         for slot in range(n):
             if self._rows[slot] is None:
                 view.cache_seqlens[slot] = 0
-        ids = torch.tensor(column[:n], dtype=torch.long, device=self.device).view(n, 1)
+        column = [0 if self._rows[slot] is None else self._column[slot] for slot in range(n)]
+        self._column = [None] * self.max_rows
+        ids = torch.tensor(column, dtype=torch.long, device=self.device).view(n, 1)
         self._logits[:n] = self.model.forward_cached(ids, view, compile=self.compile)[:, -1]

@@ -325,18 +325,20 @@ class GPT(nn.Module):
         self._inference_cache = (key, w)
         return w
 
-    def _cached_layers(self, w, idx, prev, cos, sin, attend, last_only=False):
+    def _cached_layers(self, w, idx, prev, cos, sin, attend, last_only=False, last_positions=None):
         """forward()'s math for tokens continuing a cache. idx (B, T); prev (B, 1, d): the pre-smear embedding
         before idx[:, 0] (None at a sequence start); attend(i, q, k, v) stores/attends layer i's k, v. Returns
-        fp32 logits (B, T or 1, V) and the last pre-smear embedding (B, 1, d). No module calls and in-place
-        elementwise work: a decode step is ~100 tiny ops, so their count, not the FLOPs, sets its speed."""
+        fp32 logits (B, T or 1, V) and the last pre-smear embedding (B, 1, d). last_positions (B,) long: take
+        both at each row's own position instead (right-padded rows of different lengths). No module calls and
+        in-place elementwise work: a decode step is ~100 tiny ops, so their count, not the FLOPs, sets its speed."""
         B, T = idx.shape
         H, Hkv, hd = self.config.n_head, self.config.n_kv_head, self.head_dim
         # fused loops beat BLAS calls for a few rows on a CPU; a GPU keeps its matmul kernels
         small_cpu = idx.device.type == "cpu" and B * T <= 8
         linear = matvec if torch.compiler.is_compiling() and small_cpu else F.linear
         x = norm(F.embedding(idx, w["wte"]))  # (B, T, d)
-        new_prev = x[:, -1:]
+        rows = None if last_positions is None else torch.arange(B, device=idx.device)
+        new_prev = x[:, -1:] if rows is None else x[rows, last_positions].unsqueeze(1)
         # smear (see forward)
         if prev is not None:
             prev = prev if T == 1 else torch.cat([prev, x[:, :-1]], dim=1)
@@ -364,8 +366,8 @@ class GPT(nn.Module):
                 x_backout = x
         if x_backout is not None:
             x = x - w["backout"] * x_backout
-        if last_only:
-            x = x[:, -1:]
+        if last_only or rows is not None:
+            x = x[:, -1:] if rows is None else x[rows, last_positions].unsqueeze(1)
         logits = linear(norm(x), w["head"]).float()
         return SOFTCAP * torch.tanh(logits / SOFTCAP), new_prev
 
@@ -392,10 +394,11 @@ class GPT(nn.Module):
         return self._compiled_decode
 
     @torch.inference_mode()
-    def forward_cached(self, idx, kv_cache, last_only=False, compile=False):
+    def forward_cached(self, idx, kv_cache, last_only=False, compile=False, last_positions=None):
         """
         idx (B, T) continues each row of kv_cache at that row's position (kv_cache.cache_seqlens; rows
         may differ) -> fp32 logits (B, T, V), or (B, 1, V) with last_only. Writes and advances the cache.
+        last_positions (B,) long (right-padded prompts): logits (B, 1, V) and prev_embedding at each row's own index.
         Same math as forward(). A single-token step on a started cache (decode) runs at fixed shapes and,
         with compile=True, through torch.compile (compiled once per batch size and cache length, so
         callers should round cache lengths up to a few sizes); prefills and chunks run eagerly.
@@ -424,7 +427,7 @@ class GPT(nn.Module):
                 return flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=kv_cache.cache_seqlens,
                                                causal=True, window_size=self.window_sizes[i])
 
-            logits, new_prev = self._cached_layers(w, idx, prev, cos, sin, attend, last_only)
+            logits, new_prev = self._cached_layers(w, idx, prev, cos, sin, attend, last_only, last_positions)
             kv_cache.prev_embedding = new_prev.clone() if prev is None else prev.copy_(new_prev)
         kv_cache.advance(T)  # after the last layer, so every layer saw the same positions
         return logits

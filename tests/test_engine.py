@@ -486,6 +486,55 @@ def test_batch_engine_matches_solo_runs(tokenizer):
     assert stats["tok_per_s"] > 0
 
 
+def test_batch_engine_batched_prefill_matches_solo_runs(tokenizer):
+    # 8 prompts of different lengths (some longer than the 6-token window) wait before the loop starts: they
+    # are prefilled together, right-padded, and each greedy or seeded reply equals its solo Engine run
+    V = tokenizer.get_vocab_size()
+    model = make_model(V, zero_specials_from=first_special(tokenizer))
+    g = torch.Generator().manual_seed(7)
+    lengths = [13, 1, 7, 20, 2, 9, 4, 16]
+    prompts = [torch.randint(0, first_special(tokenizer), (n,), generator=g).tolist() for n in lengths]
+    samplings = [dict(temperature=0.0) if i % 4 else dict(temperature=0.8, top_p=0.9, seed=i) for i in range(8)]
+    shapes, forward = [], model.forward_cached
+    model.forward_cached = lambda idx, cache, **kw: (shapes.append(tuple(idx.shape)), forward(idx, cache, **kw))[1]
+    batch = BatchEngine(model, tokenizer, max_rows=8)
+    try:
+        streams = [batch.submit(p, 12, **kw) for p, kw in zip(prompts, samplings)]
+        batch.start()
+        outs = [list(s) for s in streams]
+    finally:
+        batch.stop()
+        del model.forward_cached
+    assert [s for s in shapes if s[1] > 1] == [(8, 20)]  # one prefill for all eight
+    engine = Engine(model, tokenizer)
+    for prompt, kw, out in zip(prompts, samplings, outs):
+        assert out == engine.generate_batch(prompt, max_tokens=12, **kw)[0][0][len(prompt):]
+
+
+def test_batch_engine_prefill_groups_stay_under_the_token_budget(tokenizer):
+    # oldest first, at most prefill_tokens padded tokens per group (a longer prompt alone); replies unchanged
+    V = tokenizer.get_vocab_size()
+    model = make_model(V, n_layer=2, zero_specials_from=first_special(tokenizer))
+    prompts = [[5] * 3, [6] * 4, [7] * 30, [8] * 2, [9] * 5, [10] * 2]
+    shapes, forward = [], model.forward_cached
+    model.forward_cached = lambda idx, cache, **kw: (shapes.append(tuple(idx.shape)), forward(idx, cache, **kw))[1]
+    batch = BatchEngine(model, tokenizer, max_rows=8, prefill_tokens=12)
+    try:
+        streams = [batch.submit(p, 4, temperature=0.0) for p in prompts]
+        batch.start()
+        outs = [list(s) for s in streams]
+    finally:
+        batch.stop()
+        del model.forward_cached
+    # 2 rows x 4 = 8 fit; adding the 30-token prompt would pad 3 x 30; then it alone; 3 x 5 = 15 > 12 splits the rest
+    assert [s for s in shapes if s[1] > 1] == [(2, 4), (1, 30), (2, 5), (1, 2)]
+    engine = Engine(model, tokenizer)
+    for prompt, out in zip(prompts, outs):
+        assert out == engine.generate_batch(prompt, max_tokens=4, temperature=0.0)[0][0][len(prompt):]
+    with pytest.raises(ValueError, match="prefill_tokens"):
+        BatchEngine(model, tokenizer, prefill_tokens=0)
+
+
 def test_batch_engine_cancel_frees_the_row(tokenizer):
     V = tokenizer.get_vocab_size()
     model = make_model(V, n_layer=1, zero_specials_from=first_special(tokenizer))
@@ -528,14 +577,15 @@ class NextTokenModel(nn.Module):
         self.compute_dtype = torch.float32
         self.table, self.default = table, default
 
-    def forward_cached(self, idx, kv_cache, last_only=False, compile=False):
+    def forward_cached(self, idx, kv_cache, last_only=False, compile=False, last_positions=None):
         B, T = idx.shape
         kv_cache.advance(T)
         if kv_cache.prev_embedding is None:
             kv_cache.prev_embedding = torch.zeros(B, 1, self.config.n_embd)
-        logits = torch.zeros(B, 1 if last_only else T, self.config.vocab_size)
+        logits = torch.zeros(B, 1 if last_only or last_positions is not None else T, self.config.vocab_size)
         for b in range(B):
-            logits[b, -1, self.table.get(int(idx[b, -1]), self.default)] = 10.0
+            last = -1 if last_positions is None else int(last_positions[b])
+            logits[b, -1, self.table.get(int(idx[b, last]), self.default)] = 10.0
         return logits
 
 
