@@ -30,6 +30,12 @@ def tokenizer():
     return RustBPETokenizer.train_from_iterator(iter(CORPUS * 20), 300)
 
 
+def tool_tokens(tokenizer):
+    """The ids of <|python_start|>, <|python_end|>, <|output_start|>, <|output_end|>, <|assistant_end|>."""
+    return tuple(tokenizer.encode_special(f"<|{name}|>")
+                 for name in ("python_start", "python_end", "output_start", "output_end", "assistant_end"))
+
+
 def make_model(vocab_size, seed=0, n_layer=3, zero_specials_from=None, logit_std=1.0):
     """
     A tiny real GPT (GQA, a short sliding window so decode crosses it) with random weights everywhere,
@@ -283,9 +289,7 @@ class ScriptModel(nn.Module):
 
 def test_tool_output_is_forced_with_mask_zero(tokenizer):
     V = tokenizer.get_vocab_size()
-    sp = tokenizer.encode_special
-    ps, pe, os_, oe, end = (sp("<|python_start|>"), sp("<|python_end|>"), sp("<|output_start|>"),
-                            sp("<|output_end|>"), sp("<|assistant_end|>"))
+    ps, pe, os_, oe, end = tool_tokens(tokenizer)
     expr = tokenizer.encode("2+3")
     five = tokenizer.encode("5")
     filler = tokenizer.encode("x")[0]
@@ -313,9 +317,7 @@ def test_tool_output_is_forced_with_mask_zero(tokenizer):
 def test_tool_rows_are_independent(tokenizer):
     # row 0 computes 2+3, row 1 asks for something the calculator refuses: no output forced there
     V = tokenizer.get_vocab_size()
-    sp = tokenizer.encode_special
-    ps, pe, os_, oe, end = (sp("<|python_start|>"), sp("<|python_end|>"), sp("<|output_start|>"),
-                            sp("<|output_end|>"), sp("<|assistant_end|>"))
+    ps, pe, os_, oe, end = tool_tokens(tokenizer)
     good, bad = tokenizer.encode("2+3"), tokenizer.encode("2*x")
     n = max(len(good), len(bad))
     pad = tokenizer.encode(" ")[0]
@@ -591,9 +593,7 @@ class NextTokenModel(nn.Module):
 
 def test_batch_engine_tool_use_per_row(tokenizer):
     V = tokenizer.get_vocab_size()
-    sp = tokenizer.encode_special
-    ps, pe, os_, oe, end = (sp("<|python_start|>"), sp("<|python_end|>"), sp("<|output_start|>"),
-                            sp("<|output_end|>"), sp("<|assistant_end|>"))
+    ps, pe, os_, oe, end = tool_tokens(tokenizer)
     two, plus, three = (tokenizer.encode(c)[0] for c in "2+3")
     five = tokenizer.encode("5")
     q, a, x = (tokenizer.encode(c)[0] for c in "qax")
