@@ -242,10 +242,8 @@ def load_task_data(path):
 
 
 def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None, batch_tokens=8192):
-    """
-    Run every CORE task of the bundle. Returns {"results": {label: accuracy}, "centered": {label: c},
-    "core": mean of centered over the tasks present, "missing": [labels whose data file is absent]}.
-    """
+    """Every CORE task of the bundle -> {"results": {label: accuracy}, "centered": {label: c}, "core": mean of
+    centered over the tasks present, "missing": [labels whose data file is absent]}."""
     tasks = load_bundle(get_bundle_dir(bundle_dir))
     results, centered, missing = {}, {}, []
     labels = {label for label, *_ in tasks}

@@ -151,10 +151,8 @@ def specs_from_args(args):
 
 
 def mixtures_from_args(args):
-    """
-    (train mixture, val mixture) built from the parsed flags, printed as they are resolved. A bad flag or
-    a source that cannot be loaded exits with a message (not a traceback) before any model is loaded.
-    """
+    """(train mixture, val mixture) from the parsed flags, printed as resolved. A bad flag or an unloadable
+    source exits with a message (not a traceback) before any model is loaded."""
     from nanochat.common import print0
     try:
         train_spec, val_spec = specs_from_args(args)
