@@ -1,17 +1,10 @@
 """
-The CORE benchmark (DCLM, https://arxiv.org/abs/2406.11794): in-context evaluation on the eval bundle's
-tasks of three kinds, scored without generation.
-
-* multiple_choice: one prompt per choice, the choice with the lowest mean loss over its answer tokens wins.
-* schema: one prompt per context, same continuation; the context whose continuation has the lowest mean
-  loss wins.
-* language_modeling: greedy exact match of the continuation given the context.
-
-Accuracies are centered by each task's random baseline, CORE is their mean. Tasks whose data file is
-missing from the bundle are reported by name and left out of the mean.
-
-Bundle location: `bundle_dir` argument, else $NANOCHAT_DATA_DIR/eval_bundle, else
-$NANOCHAT_BASE_DIR/eval_bundle (downloaded once from EVAL_BUNDLE_URL under a file lock).
+The CORE benchmark (DCLM, https://arxiv.org/abs/2406.11794): in-context evaluation without generation.
+multiple_choice: one prompt per choice, lowest mean loss over the answer tokens wins; schema: one prompt per
+context, same continuation, lowest mean continuation loss wins; language_modeling: greedy exact match.
+Accuracies are centered on each task's random baseline; CORE is their mean (tasks whose data file is missing are
+named and left out). Bundle: `bundle_dir`, else $NANOCHAT_DATA_DIR/eval_bundle, else $NANOCHAT_BASE_DIR/eval_bundle
+(downloaded once from EVAL_BUNDLE_URL under a file lock).
 """
 
 import os
@@ -52,27 +45,8 @@ def render_prompts_lm(item, delimiter, fewshot):
     return [without.strip(), without + item["continuation"]]
 
 
-def _common_prefix_len(rows):
-    n = min(len(r) for r in rows)
-    for i in range(n):
-        if any(r[i] != rows[0][i] for r in rows):
-            return i
-    return n
-
-
-def _common_suffix_len(rows):
-    n = min(len(r) for r in rows)
-    for i in range(1, n + 1):
-        if any(r[-i] != rows[0][-i] for r in rows):
-            return i - 1
-    return n
-
-
 def prepare_item(idx, data, tokenizer, task_meta, max_seq_len=None):
-    """
-    Token rows and answer spans of item `idx`: (rows, spans, gold) where rows[i] is a list of ids
-    (BOS first) and spans[i] = (start, end) marks the answer tokens of row i.
-    """
+    """(rows, spans, gold) of item idx: rows[i] a list of ids (BOS first), spans[i] = (start, end) its answer."""
     item = data[idx]
     task_type, delim = task_meta["task_type"], task_meta["continuation_delimiter"]
     k = min(task_meta["num_fewshot"], len(data) - 1)
@@ -84,30 +58,27 @@ def prepare_item(idx, data, tokenizer, task_meta, max_seq_len=None):
     bos = tokenizer.get_bos_token_id()
     if task_type == "multiple_choice":
         rows = tokenizer.encode(render_prompts_mc(item, delim, fewshot), prepend=bos)
-        start = _common_prefix_len(rows)
+        start = len(os.path.commonprefix(rows))  # element-wise on lists of ids
         spans = [(start, len(r)) for r in rows]
         gold = item["gold"]
     elif task_type == "schema":
         rows = tokenizer.encode(render_prompts_schema(item, delim, fewshot), prepend=bos)
-        s = _common_suffix_len(rows)
+        s = len(os.path.commonprefix([r[::-1] for r in rows]))
         spans = [(len(r) - s, len(r)) for r in rows]
         gold = item["gold"]
     elif task_type == "language_modeling":
         without, with_ = tokenizer.encode(render_prompts_lm(item, delim, fewshot), prepend=bos)
         # the reference asserts `without` is a prefix of `with`; on a rare tokenizer merge across the
         # boundary we score from the first differing token instead of crashing a long evaluation
-        start = _common_prefix_len([without, with_])
+        start = len(os.path.commonprefix([without, with_]))
         rows, spans, gold = [with_], [(start, len(with_))], None
     else:
         raise ValueError(f"unknown icl_task_type {task_type!r}; expected one of {TASK_TYPES}")
     if max_seq_len is not None:
         # keep the last max_seq_len tokens of long prompts and shift the spans with them
-        cropped_rows, cropped_spans = [], []
-        for r, (s, e) in zip(rows, spans):
-            cut = max(0, len(r) - max_seq_len)
-            cropped_rows.append(r[cut:])
-            cropped_spans.append((s - cut, e - cut))
-        rows, spans = cropped_rows, cropped_spans
+        cuts = [max(0, len(r) - max_seq_len) for r in rows]
+        rows = [r[c:] for r, c in zip(rows, cuts)]
+        spans = [(s - c, e - c) for (s, e), c in zip(spans, cuts)]
     # position 0 (BOS) has no prediction; a span can only reach it in degenerate cases
     spans = [(max(s, 1), max(e, 1)) for s, e in spans]
     return rows, spans, gold
@@ -126,11 +97,8 @@ def _model_max_seq_len(model):
 
 @torch.no_grad()
 def _forward_and_score(model, items, bos, device):
-    """
-    items: [(idx, rows, spans, gold, task_type)] -> {idx: correct (bool)}. All rows of all items go
-    into one right-padded (BOS) batch; the model is causal, so padding never changes a scored position.
-    Only the answer positions are scored, with one device->host copy per batch.
-    """
+    """items: [(idx, rows, spans, gold, task_type)] -> {idx: correct}. One right-padded (BOS) batch: the model is
+    causal, so padding never changes a scored position. Only answer positions are scored, one host copy per batch."""
     all_rows = [r for it in items for r in it[1]]
     all_spans = [sp for it in items for sp in it[2]]
     T = max(len(r) for r in all_rows)
@@ -138,22 +106,20 @@ def _forward_and_score(model, items, bos, device):
     for i, r in enumerate(all_rows):
         inputs[i, :len(r)] = torch.tensor(r, dtype=torch.long)
     # logits at position t predict token t+1: answer tokens [s, e) are scored at positions [s-1, e-1)
-    row_idx, pos_idx, seg_idx = [], [], []
+    row_idx, pos_idx = [], []
     for i, (s, e) in enumerate(all_spans):
         row_idx += [i] * (e - s)
         pos_idx += range(s - 1, e - 1)
-        seg_idx += [i] * (e - s)
     inputs = inputs.to(device)
     logits = model(inputs)  # (N, T, V)
     rows_t = torch.tensor(row_idx, dtype=torch.long, device=device)
     pos_t = torch.tensor(pos_idx, dtype=torch.long, device=device)
-    seg_t = torch.tensor(seg_idx, dtype=torch.long, device=device)
     picked = logits[rows_t, pos_t].float()  # (P, V)
     targets = inputs[rows_t, pos_t + 1]  # (P,)
     n = len(all_rows)
-    loss_sum = torch.zeros(n, device=device).index_add_(0, seg_t, F.cross_entropy(picked, targets, reduction="none"))
-    misses = torch.zeros(n, device=device).index_add_(0, seg_t, (picked.argmax(dim=-1) != targets).float())
-    counts = torch.bincount(seg_t, minlength=n).float()
+    loss_sum = torch.zeros(n, device=device).index_add_(0, rows_t, F.cross_entropy(picked, targets, reduction="none"))
+    misses = torch.zeros(n, device=device).index_add_(0, rows_t, (picked.argmax(dim=-1) != targets).float())
+    counts = torch.bincount(rows_t, minlength=n).float()
     # an empty answer span (a choice wholly inside the common prefix) can never win: loss +inf
     mean_loss = torch.where(counts > 0, loss_sum / counts.clamp(min=1), torch.full_like(loss_sum, float("inf")))
     mean_loss, misses = mean_loss.tolist(), misses.tolist()
@@ -169,11 +135,8 @@ def _forward_and_score(model, items, bos, device):
 
 
 def evaluate_task(model, tokenizer, data, device, task_meta, batch_tokens=8192):
-    """
-    Accuracy of `model` on one task. data: the (already shuffled/cropped) list of items; task_meta:
-    {task_type, num_fewshot, continuation_delimiter}. Ranks take items rank, rank+W, ...; several items
-    are packed into one forward until the padded batch would exceed `batch_tokens` tokens.
-    """
+    """Accuracy on one task. data: the (shuffled/cropped) items; task_meta: {task_type, num_fewshot,
+    continuation_delimiter}. Ranks take items rank, rank+W, ...; items share a forward up to `batch_tokens`."""
     is_dist = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if is_dist else (0, 1)
     max_seq_len = _model_max_seq_len(model)
@@ -258,10 +221,8 @@ def load_bundle(bundle_dir):
     import yaml
     with open(os.path.join(bundle_dir, "core.yaml"), encoding="utf-8") as f:
         config = yaml.safe_load(f)
-    baselines = {}
     with open(os.path.join(bundle_dir, "eval_meta_data.csv"), encoding="utf-8", newline="") as f:
-        for row in csv.DictReader(f):
-            baselines[row["Eval Task"].strip()] = float(row["Random baseline"])
+        baselines = {row["Eval Task"].strip(): float(row["Random baseline"]) for row in csv.DictReader(f)}
     tasks = []
     for t in config["icl_tasks"]:
         label = t["label"]
@@ -281,10 +242,8 @@ def load_task_data(path):
 
 
 def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None, batch_tokens=8192):
-    """
-    Run every CORE task of the bundle. Returns {"results": {label: accuracy}, "centered": {label: c},
-    "core": mean of centered over the tasks present, "missing": [labels whose data file is absent]}.
-    """
+    """Every CORE task of the bundle -> {"results": {label: accuracy}, "centered": {label: c}, "core": mean of
+    centered over the tasks present, "missing": [labels whose data file is absent]}."""
     tasks = load_bundle(get_bundle_dir(bundle_dir))
     results, centered, missing = {}, {}, []
     labels = {label for label, *_ in tasks}

@@ -59,9 +59,7 @@ def get_split_files(split):
         if len(files) < 2:
             raise _missing_data_error(f"need at least 2 parquet shards (train + val), found {len(files)}")
         return files[-1:] if split == "val" else files[:-1]
-    val = [f for f in files if os.path.basename(f) == shard_name(VAL_SHARD)]
-    train = [f for f in files if os.path.basename(f) != shard_name(VAL_SHARD)]
-    chosen = val if split == "val" else train
+    chosen = [f for f in files if (os.path.basename(f) == shard_name(VAL_SHARD)) == (split == "val")]
     if not chosen:
         raise _missing_data_error(f"no {split} shard found" + (f" ({shard_name(VAL_SHARD)})" if split == "val" else ""))
     return chosen
@@ -78,10 +76,8 @@ def parquets_iter_batched(split, start=0, step=1):
 # Downloading
 
 def download_shard(index, out_dir=None, base_url=None, attempts=5, backoff=1.0, timeout=30):
-    """
-    Fetch one shard; True on success. Complete files are skipped: a shard only ever gets its final
-    name by a rename after the whole body arrived and parses as parquet, so existence means complete.
-    """
+    """Fetch one shard; True on success. A shard gets its final name only by a rename once the whole body arrived
+    and parses as parquet, so an existing file is complete and skipped."""
     out_dir = out_dir or get_download_dir()
     base_url = (base_url or os.environ.get("NANOCHAT_DATASET_URL") or BASE_URL).rstrip("/")
     name = shard_name(index)
@@ -119,16 +115,13 @@ def download(num_files=-1, num_workers=4, out_dir=None, base_url=None, backoff=1
     """Download train shards 0..num_files-1 (-1: all) plus the pinned val shard. Returns #successes."""
     n = MAX_SHARD if num_files < 0 else min(num_files, MAX_SHARD)
     ids = list(range(n)) + [VAL_SHARD]
-    ok = 0
     with ThreadPoolExecutor(max_workers=num_workers) as pool:  # downloads are I/O bound: threads suffice
         futures = [pool.submit(download_shard, i, out_dir, base_url, backoff=backoff) for i in ids]
+        done = as_completed(futures)
         if progress:
             from tqdm import tqdm
-            done = tqdm(as_completed(futures), total=len(futures), desc="shards", unit="shard")
-        else:
-            done = as_completed(futures)
-        for fut in done:
-            ok += bool(fut.result())
+            done = tqdm(done, total=len(futures), desc="shards", unit="shard")
+        ok = sum(bool(fut.result()) for fut in done)
     return ok, len(ids)
 
 

@@ -1,20 +1,15 @@
 """
 Run untrusted, model-written Python (HumanEval completions) in a separate process.
 
-THIS IS NOT A SECURITY BOUNDARY. It keeps honest-but-buggy programs from hurting the evaluation run:
-infinite loops are killed, runaway allocations hit a memory limit, files are written into a throw-away
-directory, stdin is closed, the environment (API keys, tokens) is not inherited, and the most common
-destructive functions (os.system, os.remove, shutil.rmtree, subprocess.Popen, ...) are replaced by None.
-A deliberately malicious program can still undo all of that (ctypes, re-importing C modules, network
-access, reading any file the user can read). Run real untrusted code inside a container or VM.
+THIS IS NOT A SECURITY BOUNDARY. It keeps honest-but-buggy programs from hurting the evaluation run: infinite
+loops are killed, runaway allocations hit a memory limit, files go to a throw-away directory, stdin is closed,
+the environment (API keys, tokens) is not inherited, and common destructive functions (os.system, os.remove,
+shutil.rmtree, subprocess.Popen, ...) are replaced by None. A malicious program can undo all of that (ctypes,
+network, reading the user's files): run real untrusted code inside a container or VM.
 
-How it works: the parent writes a small runner script and the program into a fresh temporary directory
-that it owns, then starts `sys.executable -I runner.py` (isolated mode: no user site, PYTHON* variables
-ignored) with cwd in a second, empty temporary directory, stdin from /dev/null, stdout/stderr going to
-files (bounded by RLIMIT_FSIZE, so a print loop cannot fill the parent's memory) and a minimal
-environment. The runner sets resource limits, disables destructive functions, runs the program in fresh
-globals and reports how it ended in a small JSON status file. The parent waits `timeout` seconds and then
-kills the whole process group. Both directories are deleted afterwards.
+A runner script (`sys.executable -I`, cwd an empty temp directory) sets resource limits, disables destructive
+functions, runs the program and writes how it ended to a JSON status file; the parent kills the process group
+after `timeout` seconds and deletes both temp directories.
 """
 
 import os
@@ -22,6 +17,7 @@ import sys
 import json
 import signal
 import shutil
+import contextlib
 import tempfile
 import subprocess
 from dataclasses import dataclass
@@ -40,23 +36,17 @@ class ExecutionResult:
 
     def __repr__(self):
         parts = [f"success={self.success}"]
-        if self.timeout:
-            parts.append("timeout=True")
-        if self.memory_exceeded:
-            parts.append("memory_exceeded=True")
+        parts += [f"{flag}=True" for flag in ("timeout", "memory_exceeded") if getattr(self, flag)]
         if self.error:
             parts.append(f"error={self.error!r}")
-        if self.stdout:
-            parts.append(f"stdout={self.stdout[:200]!r}")
-        if self.stderr:
-            parts.append(f"stderr={self.stderr[:200]!r}")
+        parts += [f"{name}={getattr(self, name)[:200]!r}" for name in ("stdout", "stderr") if getattr(self, name)]
         return f"ExecutionResult({', '.join(parts)})"
 
 
 # The runner executes in the child. argv: program path, status path, timeout, memory bytes, output bytes.
 # It only uses the standard library and must set the limits *before* touching the program.
 _RUNNER = r'''
-import sys, json, builtins, traceback
+import sys, json, builtins, traceback, contextlib
 prog_path, status_path = sys.argv[1], sys.argv[2]
 timeout, max_mem, max_out = float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 with open(prog_path) as f:
@@ -66,10 +56,9 @@ status = open(status_path, "w")  # opened before the guards so the runner can st
 import os, platform, resource, signal, faulthandler, shutil, subprocess
 
 def _limit(kind, value):
-    try:
+    # ValueError/OSError: e.g. the hard limit is already lower, or the platform does not support it
+    with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(kind, (value, value))
-    except (ValueError, OSError):
-        pass  # e.g. the hard limit is already lower, or the platform does not support it
 
 if max_mem > 0 and platform.uname().system != "Darwin":  # macOS does not enforce RLIMIT_AS
     _limit(resource.RLIMIT_AS, max_mem)
@@ -82,9 +71,8 @@ signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # oversized writes raise OSError 
 
 # Disable destructive functions (reliability guard, not security).
 faulthandler.disable()
-builtins.exit = None
-builtins.quit = None
-builtins.help = None
+for name in ["exit", "quit", "help"]:
+    setattr(builtins, name, None)
 for name in ["kill", "killpg", "system", "remove", "removedirs", "rmdir", "fchdir",
              "setuid", "setgid", "setsid", "fork", "forkpty", "vfork", "execv", "execve", "execvp",
              "execl", "execlp", "execle", "spawnv", "spawnve", "spawnl", "popen", "posix_spawn",
@@ -93,14 +81,10 @@ for name in ["kill", "killpg", "system", "remove", "removedirs", "rmdir", "fchdi
              "symlink", "getcwd", "chdir", "mkfifo", "mknod", "plock", "nice", "setpriority"]:
     if hasattr(os, name):
         setattr(os, name, None)
-shutil.rmtree = None
-shutil.move = None
-shutil.chown = None
-subprocess.Popen = None
-subprocess.run = None
-subprocess.call = None
-subprocess.check_call = None
-subprocess.check_output = None
+for module, names in [(shutil, ["rmtree", "move", "chown"]),
+                      (subprocess, ["Popen", "run", "call", "check_call", "check_output"])]:
+    for name in names:
+        setattr(module, name, None)
 for name in ["ipdb", "joblib", "resource", "psutil", "tkinter"]:
     sys.modules[name] = None  # `import resource` now raises ImportError, so limits can't be raised again
 
@@ -118,14 +102,10 @@ except SystemExit as e:
         result["error"] = f"SystemExit: {e.code}"
 except BaseException as e:
     result["error"] = f"{type(e).__name__}: {e}"[:2000]
-    try:
+    with contextlib.suppress(BaseException):
         traceback.print_exc()
-    except BaseException:
-        pass
-try:
+with contextlib.suppress(BaseException):
     sys.stdout.flush()
-except BaseException:
-    pass
 status.write(json.dumps(result))
 status.close()
 '''
@@ -141,11 +121,8 @@ def _read_capped(path, limit):
 
 
 def execute_code(code, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024):
-    """
-    Run `code` (a Python program as a string) in a sandboxed child process. Never raises for problems
-    inside the program; returns an ExecutionResult. `maximum_memory_bytes` <= 0 or None disables the
-    memory limit. Safe to call from several threads at once.
-    """
+    """Run the program `code` (a str) in a sandboxed child process -> ExecutionResult; never raises for problems
+    inside the program. `maximum_memory_bytes` <= 0 or None: no memory limit. Thread-safe."""
     if not isinstance(code, str):
         raise TypeError(f"execute_code expects the program as a str, got {type(code).__name__}")
     if timeout is None or timeout <= 0:
@@ -154,11 +131,8 @@ def execute_code(code, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024):
     control_dir = tempfile.mkdtemp(prefix="nanochat_exec_ctl_")  # runner, program, outputs, status
     work_dir = tempfile.mkdtemp(prefix="nanochat_exec_cwd_")  # the program's cwd, empty
     try:
-        runner_path = os.path.join(control_dir, "runner.py")
-        prog_path = os.path.join(control_dir, "program.py")
-        status_path = os.path.join(control_dir, "status.json")
-        out_path = os.path.join(control_dir, "stdout.txt")
-        err_path = os.path.join(control_dir, "stderr.txt")
+        names = ("runner.py", "program.py", "status.json", "stdout.txt", "stderr.txt")
+        runner_path, prog_path, status_path, out_path, err_path = (os.path.join(control_dir, n) for n in names)
         with open(runner_path, "w") as f:
             f.write(_RUNNER)
         with open(prog_path, "w") as f:
@@ -179,23 +153,19 @@ def execute_code(code, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024):
                 timed_out = True
             finally:
                 # kill the whole group: the program may have started children before the guards bit
-                try:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
                 proc.wait()
         stdout = _read_capped(out_path, MAX_OUTPUT_BYTES)
         stderr = _read_capped(err_path, MAX_OUTPUT_BYTES)
-        status = None
-        if not timed_out:
-            try:
-                with open(status_path) as f:
-                    status = json.loads(f.read())
-            except (OSError, ValueError):
-                status = None
         if timed_out:
             return ExecutionResult(False, stdout, stderr, f"Execution timed out after {timeout} seconds",
                                    timeout=True)
+        try:
+            with open(status_path) as f:
+                status = json.loads(f.read())
+        except (OSError, ValueError):
+            status = None
         if status is None:
             # died without reporting: a signal (SIGXCPU from RLIMIT_CPU, SIGSEGV when malloc fails
             # under RLIMIT_AS in C code, ...) or the runner itself failed

@@ -1,18 +1,10 @@
 """
-Export a nanochat model to a Hugging Face directory, and load such a directory back.
-
-An exported directory holds
-    model.safetensors        the GPT's state_dict under its own parameter names (safetensors: no pickle)
-    config.json              the architecture, every constant spelled out, auto_map -> modeling_nanochat.py
-    modeling_nanochat.py     nanochat/hf_modeling.py: the model written for transformers (torch + transformers only)
-    tokenizer.json, tokenizer_config.json, chat_template.jinja   our BPE for the `tokenizers` library
-    generation_config.json   stops on <|assistant_end|> (and <|bos|>, like the Engine)
-    README.md                the model card
-so that `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` and `AutoTokenizer.from_pretrained(DIR)`
-work with transformers alone. `load_exported(DIR)` rebuilds nanochat's own GPT and tokenizer from it (the
-round trip behind `--source=hf:DIR`), needing only `safetensors`.
-
-transformers, tokenizers, safetensors and huggingface_hub come with the `export` extra:
+Export a nanochat model to a Hugging Face directory, and load one back. The directory holds
+model.safetensors (the GPT state_dict under its own names), config.json (auto_map -> modeling_nanochat.py, a
+copy of nanochat/hf_modeling.py), tokenizer.json + tokenizer_config.json + chat_template.jinja, generation_config.json
+(stops on <|assistant_end|> and <|bos|>, like the Engine) and README.md, so that transformers alone loads it with
+`AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` and `AutoTokenizer.from_pretrained(DIR)`.
+`load_exported(DIR)` rebuilds nanochat's GPT and tokenizer from it (`--source=hf:DIR`). Needs the `export` extra:
     pip install -e '.[export]'
 """
 
@@ -32,10 +24,9 @@ MODELING_FILE = "modeling_nanochat.py"
 WEIGHTS_FILE = "model.safetensors"
 MODEL_TYPE = "nanochat_gpt"
 
-# Renders a conversation exactly like RustBPETokenizer.render_conversation (ids, not the mask); with
-# add_generation_prompt it ends in <|assistant_start|>, like render_for_completion. The system prompt is
-# folded into the first user turn. Special-token strings typed inside message text become special tokens
-# here (transformers matches them in the rendered text); our renderer keeps them as plain text.
+# Renders ids exactly like RustBPETokenizer.render_conversation (system prompt folded into the first user turn);
+# add_generation_prompt appends <|assistant_start|>, like render_for_completion. Special-token strings inside
+# message text become special tokens here (transformers matches them in the text); our renderer keeps them plain.
 CHAT_TEMPLATE = """\
 {%- set ns = namespace(system='') -%}
 {{- '<|bos|>' -}}
@@ -83,28 +74,16 @@ def _require(module):
 
 
 def bytes_to_unicode():
-    """
-    The byte -> printable character map of byte-level BPE (GPT-2's): printable latin-1 bytes map to
-    themselves, the other 68 to chr(256 + n) in byte order. `tokenizers`' ByteLevel pre-tokenizer uses it,
-    so vocabulary strings must be written with it.
-    """
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    table, n = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + n)
-            n += 1
-    return table
+    """GPT-2's byte -> printable character map (used by `tokenizers`' ByteLevel, so vocabulary strings use it):
+    printable latin-1 bytes map to themselves, the other 68 to chr(256 + n) in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in keep]
+    return {b: chr(b) if b in keep else chr(256 + others.index(b)) for b in range(256)}
 
 
 def bpe_merges(ranks):
-    """
-    Merges that make the `tokenizers` BPE pick the same tokens as tiktoken's rank-based BPE: every split
-    of a token into two tokens is a merge, ordered by the rank of the merged token (tiktoken merges the
-    pair whose concatenation has the lowest rank), ties by the ranks of the parts.
-    """
+    """Merges that make `tokenizers`' BPE match tiktoken's: every split of a token into two tokens, ordered by
+    the merged token's rank (tiktoken merges the lowest-rank concatenation first), ties by the parts' ranks."""
     merges = []
     for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
         splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
@@ -152,8 +131,7 @@ def tokenizer_from_hf_json(path):
         data = json.load(f)
     try:
         vocab = data["model"]["vocab"]
-        pretok = data["pre_tokenizer"]["pretokenizers"][0]
-        pattern = pretok["pattern"]["Regex"]
+        pattern = data["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"]
         added = {t["content"]: t["id"] for t in data["added_tokens"] if t.get("special")}
     except (KeyError, IndexError, TypeError) as e:
         raise ValueError(f"{path}: not a byte-level BPE written by nanochat's exporter (missing {e})") from None
@@ -170,7 +148,6 @@ def tokenizer_from_hf_json(path):
 def hf_config(model, tokenizer, torch_dtype):
     """config.json's content: the transformers-side architecture, plus nanochat's GPTConfig to rebuild it here."""
     cfg = model.config
-    special = tokenizer.encode_special
     return {
         "architectures": ["NanoChatForCausalLM"],
         "auto_map": {"AutoConfig": f"{MODELING_FILE[:-3]}.NanoChatConfig",
@@ -185,9 +162,7 @@ def hf_config(model, tokenizer, torch_dtype):
         "backout_layer": cfg.n_layer // 2,
         "rope_base": float(ROPE_BASE), "softcap": SOFTCAP, "qk_scale": QK_SCALE,
         "ve_gate_channels": VE_GATE_CHANNELS, "ve_gate_scale": VE_GATE_SCALE, "smear_channels": SMEAR_CHANNELS,
-        "bos_token_id": tokenizer.get_bos_token_id(),
-        "eos_token_id": [special("<|assistant_end|>"), tokenizer.get_bos_token_id()],
-        "pad_token_id": special("<|assistant_end|>"),
+        **{k: v for k, v in generation_config(tokenizer).items() if k != "do_sample"},  # bos, eos, pad ids
         "tie_word_embeddings": False,
         "use_cache": True,
         "torch_dtype": str(torch_dtype).removeprefix("torch."),
@@ -270,10 +245,8 @@ Released under the `{license_id}` license.
 
 def export_model(model, tokenizer, meta, out_dir, state=None, dtype=None, report_path=None, repo_name=None,
                  license_id="mit"):
-    """
-    Write the Hugging Face directory for a nanochat GPT. `state` (the checkpoint's state_dict) sets each
-    tensor's dtype (default: the model's); `dtype` casts every floating tensor instead. Returns out_dir.
-    """
+    """Write the Hugging Face directory for a nanochat GPT; returns out_dir. Each tensor keeps its dtype in `state`
+    (the checkpoint's state_dict; default: the model's), unless `dtype` casts every floating tensor."""
     _require("transformers")  # checked before anything is written
     _require("safetensors")
     from safetensors.torch import save_file

@@ -1,19 +1,14 @@
 """
-A nanochat GPT for Hugging Face `transformers` (remote code). `scripts/export.py` copies this file into an
-exported model directory as `modeling_nanochat.py`; there it is loaded with
+A nanochat GPT for Hugging Face `transformers` (remote code): the exporter copies this file into a model
+directory as `modeling_nanochat.py`, loaded with `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`.
+It imports only torch and transformers (users may not have the nanochat repository). The math is nanochat/gpt.py's
+training forward (half-split rotary, QK-norm x1.2, ReLU^2 MLP, GQA, per-layer left windows, gated value embeddings,
+resid/x0 scalars, smear, backout, untied head over a padded vocab, soft-capped fp32 logits); every constant comes
+from config.json, written by the exporter from the nanochat model.
 
-    AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
-
-It needs only torch and transformers: it must not import the nanochat repository, whose users may not have
-it. The math is the same as nanochat/gpt.py (the training forward): rotary embeddings with half-split pairs,
-QK-norm then x1.2, parameter-free RMS norm, ReLU^2 MLP, GQA, a left window per layer, value embeddings mixed
-into v by per-head gates, per-layer resid/x0 scalars, smear (mix in the previous token's embedding),
-backout (subtract a mid-layer state), an untied head over a padded vocabulary, fp32 logits soft-capped.
-Every constant comes from config.json, written by the exporter from the nanochat model itself.
-
-Generation uses transformers' DynamicCache: each decode step runs only the new tokens. The smear needs the
-token before the new ones; `generate()` passes it (prepare_inputs_for_generation), and a forward that
-continues a cache by hand may pass `prev_input_ids` (B,) or rely on the last ids remembered on the cache.
+Generation uses transformers' DynamicCache, each decode step running only the new tokens. The smear needs the
+token before them: `generate()` passes it (prepare_inputs_for_generation); a forward that continues a cache by
+hand may pass `prev_input_ids` (B,) or rely on the last ids remembered on the cache.
 """
 
 import dataclasses
@@ -201,10 +196,8 @@ class NanoChatForCausalLM(PreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
                 use_cache=None, labels=None, logits_to_keep=0, prev_input_ids=None, inputs_embeds=None,
                 return_dict=None, **kwargs):
-        """
-        input_ids (B, T) -> logits (B, T, vocab_size) fp32. attention_mask (B, past + T), 1 = real token
-        (left padding). prev_input_ids (B,): the token before input_ids when continuing a cache.
-        """
+        """input_ids (B, T) -> logits (B, T, vocab_size) fp32. attention_mask (B, past + T): 1 = real token (left
+        padding). prev_input_ids (B,): the token before input_ids when continuing a cache."""
         if input_ids is None or inputs_embeds is not None:
             raise ValueError("NanoChat needs input_ids (its value embeddings and smear look tokens up by id); "
                              "inputs_embeds is not supported")
@@ -228,26 +221,23 @@ class NanoChatForCausalLM(PreTrainedModel, GenerationMixin):
         cos, sin = self._rotary_tables(position_ids, dtype)
 
         x = _norm(self.transformer.wte(input_ids).to(dtype))  # (B, T, d)
-        # smear: mix each position's embedding with the previous token's
+        # smear: mix each position's embedding with the previous token's; at sequence start (s = 1) the first
+        # position has no predecessor and is left as is
+        s = 0 if past > 0 else 1
+        prev = x[:, :-1]
         if past > 0:
             if prev_input_ids is None:
                 prev_input_ids = getattr(cache, "nanochat_last_ids", None)
             if prev_input_ids is None:
                 raise ValueError("continuing a cache needs prev_input_ids (B,): the token before input_ids")
-            prev_first = _norm(self.transformer.wte(prev_input_ids.view(B, 1)).to(dtype))
-            prev = torch.cat([prev_first, x[:, :-1]], dim=1)
-            gate = self.smear_lambda.to(dtype) * torch.sigmoid(_linear(x[..., :cfg.smear_channels], self.smear_gate.weight))
-            if key_valid is not None:  # no mixing in of a padding token
-                gate = gate * key_valid[:, past - 1:past + T - 1, None]
-            x_new = x + gate * prev
-        else:  # sequence start: the first position has no predecessor
-            gate = self.smear_lambda.to(dtype) * torch.sigmoid(_linear(x[:, 1:, :cfg.smear_channels], self.smear_gate.weight))
-            if key_valid is not None:
-                gate = gate * key_valid[:, :T - 1, None]
-            x_new = torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
+            prev = torch.cat([_norm(self.transformer.wte(prev_input_ids.view(B, 1)).to(dtype)), prev], dim=1)
+        gate = torch.sigmoid(_linear(x[:, s:, :cfg.smear_channels], self.smear_gate.weight))
+        gate = self.smear_lambda.to(dtype) * gate
+        if key_valid is not None:  # no mixing in of a padding token
+            gate = gate * key_valid[:, past + s - 1:past + T - 1, None]
+        x = x0 = torch.cat([x[:, :s], x[:, s:] + gate * prev], dim=1)
         if cache is not None:
             cache.nanochat_last_ids = input_ids[:, -1].clone()
-        x = x0 = x_new
 
         x_backout = None
         for i, block in enumerate(self.transformer.h):

@@ -1,13 +1,9 @@
 """
-Accuracy of a chat model on a task, shared by chat_eval, chat_sft and chat_rl.
-A task is anything with len(), [i] -> conversation and evaluate(conversation, answer).
-
-- categorical (ARC, MMLU): one forward per batch; the answer is the argmax of the logits at the
-  first assistant position restricted to the problem's letters. No sampling.
-- generative (GSM8K, HumanEval, SpellingBee): sample completions with the Engine; a problem passes
-  if any of its samples passes (pass@num_samples).
+Accuracy of a chat model on a task (anything with len(), [i] -> conversation, evaluate(conversation, answer)),
+shared by chat_eval, chat_sft and chat_rl. Categorical tasks (ARC, MMLU): one forward per batch, the answer is the
+argmax of the first assistant position's logits over the problem's letters. Generative tasks (GSM8K, HumanEval,
+SpellingBee): Engine samples, pass@num_samples (any sample passes).
 Problems are split across ranks and the counts all-reduced.
-ChatCORE averages the accuracies after centering each on its random-guess baseline.
 """
 
 import torch
@@ -22,10 +18,8 @@ CHAT_BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K"
 
 
 def chatcore(accuracies, baselines=CHAT_BASELINES):
-    """
-    Mean over the benchmarks of (acc - baseline) / (1 - baseline): 0 = guessing, 1 = perfect.
-    None unless every benchmark of `baselines` is in `accuracies` (a partial mean is not comparable).
-    """
+    """ChatCORE: mean of (acc - baseline) / (1 - baseline), 0 = guessing, 1 = perfect. None unless every
+    benchmark of `baselines` is in `accuracies` (a partial mean is not comparable)."""
     if not all(name in accuracies for name in baselines):
         return None
     centered = [(accuracies[name] - b) / (1.0 - b) for name, b in baselines.items()]
@@ -60,8 +54,7 @@ def run_categorical_eval(task, tokenizer, model, batch_size=8, max_problems=None
     n = len(task) if max_problems is None else min(len(task), max_problems)
     bos = tokenizer.get_bos_token_id()
     cache, passed, total = {}, 0, 0
-    batch_starts = list(range(0, n, batch_size))
-    for b in batch_starts[rank::world_size]:
+    for b in range(0, n, batch_size)[rank::world_size]:
         convs = [task[i] for i in range(b, min(b + batch_size, n))]
         prompts = [tokenizer.render_for_completion(c) for c in convs]
         width = max(len(p) for p in prompts)
@@ -94,8 +87,7 @@ def run_generative_eval(task, tokenizer, engine, num_samples=1, max_new_tokens=5
         results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
                                            temperature=temperature, top_k=top_k, seed=i)
         completions = [tokenizer.decode(r[len(prompt):]) for r in results]
-        ok = any(task.evaluate(conv, c) for c in completions)
-        passed += int(ok)
+        passed += int(any(task.evaluate(conv, c) for c in completions))
         total += 1
         if verbose:
             print(f"\r[rank {rank}] {passed}/{total} ({100 * passed / total:.1f}%)", end="", flush=True)

@@ -8,7 +8,6 @@ On disk a tokenizer is plain data, never a pickle (loading one must not run code
 """
 
 import os
-import copy
 import json
 import base64
 import threading
@@ -22,18 +21,10 @@ from nanochat.common import get_base_dir
 # GPT-4's pattern, except digit runs are split into chunks of at most 2 (better bpb at a 32K vocab).
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 
-# Order matters: the specials get ids V-9 .. V-1 in this order.
-SPECIAL_TOKENS = [
-    "<|bos|>",            # begins every document / conversation
-    "<|user_start|>",
-    "<|user_end|>",
-    "<|assistant_start|>",
-    "<|assistant_end|>",
-    "<|python_start|>",   # assistant opens a tool call
-    "<|python_end|>",
-    "<|output_start|>",   # tool output, injected by the runtime
-    "<|output_end|>",
-]
+# Order matters: the specials get ids V-9 .. V-1 in this order. <|bos|> begins every document / conversation;
+# python_start/end wrap an assistant tool call, output_start/end the tool output injected by the runtime.
+SPECIAL_TOKENS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+                  "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
 
 CONFIG_FILE = "tokenizer.json"
 RANKS_FILE = "mergeable_ranks.tiktoken"
@@ -42,11 +33,9 @@ FORMAT = "nanochat-tokenizer-v1"
 
 def validate_conversation(conversation):
     """
-    The one check of a chat conversation, used wherever one enters (training data, the server, the CLI).
-    {"messages": [...]}: an optional leading system message, then user and assistant alternating,
-    starting with user. System/user content is a non-empty string; assistant content is a non-empty
-    string or a non-empty list of {"type": "text" | "python" | "python_output", "text": str} parts.
-    Raises ValueError naming the message index (in the caller's list); returns the messages.
+    The one check of a chat conversation wherever one enters; returns its messages. {"messages": [...]}: an optional
+    leading system message, then user/assistant alternating from user. Content: non-empty str; assistant content may
+    also be a non-empty list of {"type": "text"|"python"|"python_output", "text": str}. ValueError names the index.
     """
     messages = conversation.get("messages") if isinstance(conversation, dict) else None
     if not isinstance(messages, list):
@@ -105,8 +94,6 @@ class RustBPETokenizer:
         # checkpoint fingerprint (None for a pretrained encoding, which we never save)
         self.mergeable_ranks, self.pattern = mergeable_ranks, pattern
 
-    # ---------------------------------------------------------------- construction
-
     @classmethod
     def train_from_iterator(cls, text_iterator, vocab_size):
         """Train BPE on an iterator of strings; vocab_size includes the 9 special tokens."""
@@ -154,8 +141,7 @@ class RustBPETokenizer:
             raise result["error"]
         if "enc" not in result:
             raise TimeoutError(f"fetching tiktoken encoding {name!r} took over {timeout}s (offline?)")
-        enc = result["enc"]
-        return cls(enc, "<|endoftext|>")
+        return cls(result["enc"], "<|endoftext|>")
 
     @classmethod
     def from_directory(cls, tokenizer_dir):
@@ -221,8 +207,6 @@ class RustBPETokenizer:
             json.dump(config, f, indent=2, ensure_ascii=False)
         print(f"Saved tokenizer to {tokenizer_dir}")
 
-    # ---------------------------------------------------------------- basic API
-
     def get_vocab_size(self):
         return self.enc.n_vocab
 
@@ -244,10 +228,8 @@ class RustBPETokenizer:
         return self.encode_special(token) if isinstance(token, str) else int(token)
 
     def encode(self, text, prepend=None, append=None, num_threads=8):
-        """
-        Ordinary encoding: special-token strings inside the text stay plain text. A list of strings is
-        encoded in parallel threads (tiktoken releases the GIL). prepend/append: special string or id.
-        """
+        """Special-token strings in the text stay plain text. A list of str is encoded in parallel threads
+        (tiktoken releases the GIL). prepend/append: a special token string or an id."""
         head = [] if prepend is None else [self._to_id(prepend)]
         tail = [] if append is None else [self._to_id(append)]
         if isinstance(text, str):
@@ -263,19 +245,14 @@ class RustBPETokenizer:
     def decode(self, ids):
         return self.enc.decode(ids)
 
-    # ---------------------------------------------------------------- chat rendering
-
     def render_conversation(self, conversation, max_tokens=2048):
-        """
-        Tokenize a chat conversation -> (ids, mask), mask 1 where the model is trained to predict the
-        token (assistant content, tool calls, <|assistant_end|>), 0 elsewhere (prompts and tool output).
-        """
+        """Chat conversation -> (ids, mask); mask 1 on tokens the model learns (assistant content, tool calls,
+        <|assistant_end|>), 0 on prompts and tool output."""
         messages = validate_conversation(conversation)
         if messages[0]["role"] == "system":
             # the system prompt is folded into the first user turn (there is no system token)
-            messages = copy.deepcopy(messages)
-            messages[1]["content"] = messages[0]["content"] + "\n\n" + messages[1]["content"]
-            messages = messages[1:]
+            merged = messages[0]["content"] + "\n\n" + messages[1]["content"]
+            messages = [{**messages[1], "content": merged}, *messages[2:]]
 
         ids, mask = [], []
 
@@ -319,9 +296,7 @@ class RustBPETokenizer:
         if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
             raise ValueError("render_for_completion: the last message must be an assistant message (it is replaced "
                              "by the model's completion)")
-        conversation = copy.deepcopy(conversation)
-        conversation["messages"] = conversation["messages"][:-1]
-        ids, _ = self.render_conversation(conversation)
+        ids, _ = self.render_conversation({**conversation, "messages": messages[:-1]})
         return ids + [self.encode_special("<|assistant_start|>")]
 
     def visualize_tokenization(self, ids, mask, color=True):
@@ -339,8 +314,6 @@ class RustBPETokenizer:
             out.append(f"{style}{text}{RESET}")
         return "|".join(out)
 
-
-# -------------------------------------------------------------------- module helpers
 
 def get_tokenizer_dir():
     return os.path.join(get_base_dir(), "tokenizer")

@@ -17,15 +17,12 @@ def _parse(row):
 
 
 class ARC(HubTask):
+    eval_type = "categorical"
 
     def __init__(self, subset, split, **kwargs):
         if subset not in SUBSETS or split not in SPLITS:
             raise ValueError(f"ARC subset must be one of {SUBSETS} and split one of {SPLITS}, got {subset!r}/{split!r}")
         super().__init__("allenai/ai2_arc", subset, split, parse=_parse, **kwargs)
-
-    @property
-    def eval_type(self):
-        return "categorical"
 
     def get_example(self, index):
         row = self.row(index)

@@ -1,7 +1,7 @@
 """
-Shared pieces of every task: the Task view with logical slicing, TaskMixture and
-TaskSequence, the multiple-choice renderer, and row loading from the Hugging Face Hub or from the
-offline mirror ($NANOCHAT_DATA_DIR/hub/<repo_id>/<config>/<split>.jsonl: one Hub row per line).
+Shared pieces of every task: the Task view with logical slicing, TaskMixture and TaskSequence, the
+multiple-choice renderer, and row loading from the Hugging Face Hub or the offline mirror
+($NANOCHAT_DATA_DIR/hub/<repo_id>/<config>/<split>.jsonl: one Hub row per line).
 """
 
 import os
@@ -16,15 +16,10 @@ from nanochat.tokenizer import validate_conversation
 
 logger = logging.getLogger("nanochat")
 
-# -----------------------------------------------------------------------------
-# Task views
 
 class Task:
-    """
-    A lightweight view over a dataset: `task[i]` is example `start + i*step` of the underlying rows.
-    Subclasses implement num_examples(), get_example(physical_index) and, where they apply,
-    eval_type, evaluate(conversation, response) and reward(conversation, response).
-    """
+    """A view over a dataset: `task[i]` is example `start + i*step`. Subclasses implement num_examples(),
+    get_example(physical_index) and, where they apply, eval_type, evaluate() and reward()."""
 
     def __init__(self, start=0, stop=None, step=1):
         if start < 0 or (stop is not None and stop < start) or step < 1:
@@ -109,21 +104,14 @@ class TaskSequence(Task):
 def render_mc(question, letters, choices):
     """The multiple-choice user message. The letter follows its choice (small models bind them better that
     way) with no space after '=', so it is the same token ("A", not " A") as the one-letter answer."""
-    query = f"Multiple Choice question: {question}\n"
-    query += "".join(f"- {choice}={letter}\n" for letter, choice in zip(letters, choices))
-    query += "\nRespond only with the letter of the correct answer."
-    return query
+    options = "".join(f"- {choice}={letter}\n" for letter, choice in zip(letters, choices))
+    return f"Multiple Choice question: {question}\n{options}\nRespond only with the letter of the correct answer."
 
 
 def mc_conversation(question, letters, choices, answer_letter, **extra):
-    return {
-        "messages": [
-            {"role": "user", "content": render_mc(question, letters, choices)},
-            {"role": "assistant", "content": answer_letter},
-        ],
-        "letters": list(letters),
-        **extra,
-    }
+    messages = [{"role": "user", "content": render_mc(question, letters, choices)},
+                {"role": "assistant", "content": answer_letter}]
+    return {"messages": messages, "letters": list(letters), **extra}
 
 
 def evaluate_letter(conversation, letter):
@@ -134,11 +122,8 @@ def evaluate_letter(conversation, letter):
 
 
 def parse_chat_row(messages):
-    """
-    A training conversation: whatever the tokenizer's validate_conversation accepts (the one check the
-    renderer applies later, so a bad row fails at load with its file:line, not mid-training), with at
-    least one assistant reply to learn from.
-    """
+    """A training conversation: what validate_conversation accepts (checked at load, so a bad row fails with its
+    file:line, not mid-training), with at least one assistant reply to learn from."""
     validate_conversation({"messages": messages})
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError("a training conversation needs at least one assistant reply")
@@ -148,10 +133,8 @@ def parse_chat_row(messages):
 # Row loading
 
 def read_jsonl(path, parse=None):
-    """
-    Rows of a JSONL file (blank lines skipped). `parse(obj)` validates/transforms one row and raises
-    ValueError when it is malformed; every error names the file and the line.
-    """
+    """Rows of a JSONL file (blank lines skipped). `parse(obj)` validates/transforms a row, raising ValueError if
+    it is malformed; every error names the file and line."""
     rows = []
     with open(path, "rb") as f:  # decoded line by line, so invalid UTF-8 is reported with its line
         for lineno, raw in enumerate(f, 1):
@@ -201,11 +184,8 @@ def hub_path(repo_id, config, split):
 
 
 def load_hub_rows(repo_id, config, split, parse=None):
-    """
-    Rows of a Hub dataset split: from $NANOCHAT_DATA_DIR/hub/<repo_id>/<config>/<split>.jsonl when
-    NANOCHAT_DATA_DIR is set, else `datasets.load_dataset(repo_id, config, split=split)`.
-    Supports len() and integer indexing. `parse` as in read_jsonl.
-    """
+    """Rows (len() and int indexing) of a Hub split: the mirror's hub_path() when NANOCHAT_DATA_DIR is set, else
+    `datasets.load_dataset(repo_id, config, split=split)`. `parse` as in read_jsonl."""
     if get_data_dir():
         path = hub_path(repo_id, config, split)
         if not os.path.exists(path):

@@ -38,15 +38,12 @@ def _parse(row):
 
 
 class GSM8K(HubTask):
+    eval_type = "generative"
 
     def __init__(self, subset="main", split="train", **kwargs):
         if subset not in ("main", "socratic") or split not in ("train", "test"):
             raise ValueError(f"GSM8K takes subset main|socratic and split train|test, got {subset!r}/{split!r}")
         super().__init__("openai/gsm8k", subset, split, parse=_parse, **kwargs)
-
-    @property
-    def eval_type(self):
-        return "generative"
 
     def get_example(self, index):
         row = self.row(index)

@@ -32,24 +32,16 @@ def extract_program(completion):
 
 
 class HumanEval(HubTask):
+    eval_type = "generative"
 
     def __init__(self, **kwargs):
         super().__init__("openai/openai_humaneval", "openai_humaneval", "test", parse=_parse, **kwargs)
 
-    @property
-    def eval_type(self):
-        return "generative"
-
     def get_example(self, index):
         row = self.row(index)
-        return {
-            "messages": [
-                {"role": "user", "content": row["prompt"]},
-                {"role": "assistant", "content": row["prompt"] + "\n" + row["canonical_solution"]},
-            ],
-            "entry_point": row["entry_point"],
-            "test": row["test"],
-        }
+        messages = [{"role": "user", "content": row["prompt"]},
+                    {"role": "assistant", "content": row["prompt"] + "\n" + row["canonical_solution"]}]
+        return {"messages": messages, "entry_point": row["entry_point"], "test": row["test"]}
 
     def evaluate(self, conversation, response):
         from nanochat.execution import execute_code  # imported late: only evaluation needs the sandbox

@@ -3,10 +3,8 @@ Training/validation mixtures from a small spec language; the defaults are the pu
 (github.com/karpathy/nanochat, scripts/mid_train.py and scripts/chat_sft.py).
 
 A spec is a list of entries `SOURCE[@ROWS][:REPEAT]`:
-  SOURCE   a known source (table below) or a path to a .jsonl conversation file (CustomJSON format:
-           one conversation per line, a list of messages or {"messages": [...]})
-  @ROWS    dataset sources: keep only the first ROWS rows (of the seed-42 shuffle);
-           synthetic spelling sources: generate ROWS examples (default 1000)
+  SOURCE   a known source (table below) or a path to a .jsonl conversation file (CustomJSON format)
+  @ROWS    dataset sources: the first ROWS rows (of the seed-42 shuffle); spelling sources: ROWS examples (default 1000)
   :REPEAT  list the source REPEAT times (oversampling; REPEAT passes per epoch of the mixture)
 
   source          split=train                          split=test (validation mixtures)
@@ -21,16 +19,14 @@ A spec is a list of entries `SOURCE[@ROWS][:REPEAT]`:
   FILE.jsonl      the file                             the file
   (*) with NANOCHAT_DATA_DIR set and no hub copy of smol-smoltalk, the mirror's chat/{train,test}.jsonl.
 
-Flags (add_mixture_args; mid_train and chat_sft take them):
+Flags (add_mixture_args; mid_train and chat_sft take them), applied in the order mix, add-data, drop, cap:
   --mix A,B,...          replace the whole training mixture, e.g. --mix smoltalk@5000,gsm8k,my.jsonl:2
   --add-data ENTRY       add an entry (repeatable), e.g. --add-data my_chats.jsonl:3 (3 copies)
   --drop NAME            remove every entry of a source from the training mixture (repeatable)
   --cap NAME=ROWS        set @ROWS of a training source (repeatable), e.g. --cap smoltalk=10000
   --val-mix A,B,...      replace the validation mixture (built with split=test)
-Flags apply in the order mix, add-data, drop, cap. A source that cannot be loaded stops the script
-before training with a message saying how to provide it or drop it.
-Offline (NANOCHAT_DATA_DIR=../shared/data) the mirror has no MMLU auxiliary_train, so mid training
-there needs `--drop mmlu_aux`.
+A source that cannot be loaded stops the script before training, saying how to provide it or drop it.
+Mid training on an offline mirror without MMLU auxiliary_train (the usual one has none) needs `--drop mmlu_aux`.
 """
 
 import os
@@ -136,8 +132,7 @@ def _split_list(s):
 
 def specs_from_args(args):
     """(training spec, validation spec) from the parsed flags of add_mixture_args."""
-    train = [format_entry(*parse_entry(e)) for e in _split_list(args.mix)]
-    train += [format_entry(*parse_entry(e)) for e in args.add_data]
+    train = [format_entry(*parse_entry(e)) for e in _split_list(args.mix) + args.add_data]
     names = lambda spec: [parse_entry(e)[0] for e in spec]
     for name in [d for arg in args.drop for d in _split_list(arg)]:
         if name not in names(train):
@@ -156,10 +151,8 @@ def specs_from_args(args):
 
 
 def mixtures_from_args(args):
-    """
-    (train mixture, val mixture) built from the parsed flags, printed as they are resolved. A bad flag or
-    a source that cannot be loaded exits with a message (not a traceback) before any model is loaded.
-    """
+    """(train mixture, val mixture) from the parsed flags, printed as resolved. A bad flag or an unloadable
+    source exits with a message (not a traceback) before any model is loaded."""
     from nanochat.common import print0
     try:
         train_spec, val_spec = specs_from_args(args)

@@ -16,6 +16,7 @@ def _parse(row):
 
 
 class MMLU(HubTask):
+    eval_type = "categorical"
 
     def __init__(self, subset="all", split="test", **kwargs):
         if subset == "auxiliary_train" and split == "train":  # accept the MID naming too
@@ -23,10 +24,6 @@ class MMLU(HubTask):
         if subset != "all" or split not in SPLITS:
             raise ValueError(f"MMLU takes subset='all' and split in {SPLITS}, got {subset!r}/{split!r}")
         super().__init__("cais/mmlu", subset, split, parse=_parse, **kwargs)
-
-    @property
-    def eval_type(self):
-        return "categorical"
 
     def get_example(self, index):
         row = self.row(index)

@@ -10,7 +10,7 @@ import random
 
 from nanochat.common import get_base_dir, get_data_dir, download_file_with_lock
 from tasks.common import Task
-from tasks.gsm8k import extract_answer
+from tasks.gsm8k import GSM8K
 
 WORDS_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -102,6 +102,7 @@ def _read_words(path):
 
 
 class _SpellingTask(Task):
+    eval_type = "generative"
 
     def __init__(self, size=1000, split="train", **kwargs):
         super().__init__(**kwargs)
@@ -118,10 +119,6 @@ class _SpellingTask(Task):
 
 
 class SpellingBee(_SpellingTask):
-
-    @property
-    def eval_type(self):
-        return "generative"
 
     def get_example(self, index):
         rng = self.rng_for(index)
@@ -157,9 +154,7 @@ class SpellingBee(_SpellingTask):
         ]
         return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": parts}]}
 
-    def evaluate(self, conversation, response):
-        reference = conversation["messages"][-1]["content"][-1]["text"]
-        return int(extract_answer(response) == extract_answer(reference))
+    evaluate = GSM8K.evaluate  # the same check: the number after "#### " matches the reference's
 
 
 class SimpleSpelling(_SpellingTask):
@@ -169,10 +164,6 @@ class SimpleSpelling(_SpellingTask):
         super().__init__(size, split, **kwargs)
         self.words = list(self.words)
         random.Random(42).shuffle(self.words)  # a different word order from SpellingBee
-
-    @property
-    def eval_type(self):
-        return "generative"
 
     def get_example(self, index):
         word = self.rng_for(index).choice(self.words)
