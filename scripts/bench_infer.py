@@ -1,12 +1,10 @@
 """
-Inference benchmark: prefill tok/s, KV-cache decode tok/s at batch 1 and batch N (through the Engine,
-so sampling and the tool state machine are included), each beside the weight-read bound measured in the
-same run (a plain loop of the model's matrix-vector products alone, in the same dtype: what batch-1
-decode could reach with no other work), naive generate() tok/s (full recompute per token), the KV-cache
-speed-up over naive, and peak memory.
-
-Random-init model (the default) or a trained checkpoint (--source). Stop tokens are disabled (the
-Engine gets special-token ids the model never emits) so every run decodes exactly --gen-tokens steps.
+Inference benchmark: prefill tok/s; KV-cache decode tok/s at batch 1 and batch N through the Engine (sampling
+and the tool state machine included), each beside the weight-read bound measured in the same run (the model's
+matrix-vector products alone, same dtype: what batch-1 decode could reach with no other work); naive
+generate() tok/s (full recompute per token), the KV-cache speed-up over naive, and peak memory.
+Random-init model (the default) or a trained checkpoint (--source). Stop tokens are disabled, so every run
+decodes exactly --gen-tokens steps.
 
 CPU (depth 4, head dim 64, seq 512, vocab 8192; greedy, 64-token prompt, 127 decode steps per row):
     OMP_NUM_THREADS=2 python -m scripts.bench_infer --prompt-len=64 --gen-tokens=128 --temperature=0 --naive-tokens=0
@@ -23,7 +21,6 @@ import argparse
 import time
 
 import torch
-
 import torch.nn.functional as F
 
 from nanochat.common import autodetect_device_type, get_compute_dtype, get_max_memory, synchronize, print0
@@ -95,19 +92,20 @@ class NoStopTokenizer:
 engine = Engine(model, NoStopTokenizer(), compile=bool(args.compile))
 g = torch.Generator().manual_seed(args.seed)
 prompt = torch.randint(0, V, (args.prompt_len,), generator=g).tolist()
+sampling = dict(temperature=args.temperature, top_k=args.top_k or None, seed=args.seed)
 
 
 def timed(fn):
-    """Best wall time of --repeats runs (after one warm-up), and fn's return value."""
+    """Best wall time of --repeats runs of fn (after one warm-up)."""
     fn()
-    best, out = float("inf"), None
+    best = float("inf")
     for _ in range(args.repeats):
         synchronize(device)
         t0 = time.perf_counter()
-        out = fn()
+        fn()
         synchronize(device)
         best = min(best, time.perf_counter() - t0)
-    return best, out
+    return best
 
 
 # prefill: one batch-1 forward of the prompt into a cache
@@ -116,21 +114,19 @@ def run_prefill():
     model.forward_cached(torch.tensor([prompt], device=device), cache, last_only=True)
 
 
-t_prefill, _ = timed(run_prefill)
+t_prefill = timed(run_prefill)
 
 
 # decode through the Engine: time from the first column (prefill + first sample) to the last
 def run_decode(batch):
-    stream = engine.generate(prompt, num_samples=batch, max_tokens=args.gen_tokens,
-                             temperature=args.temperature, top_k=args.top_k or None, seed=args.seed)
-    t0 = time.perf_counter()
+    stream = engine.generate(prompt, num_samples=batch, max_tokens=args.gen_tokens, **sampling)
     next(stream)
     synchronize(device)
-    t1 = time.perf_counter()
+    t0 = time.perf_counter()
     n = 1 + sum(1 for _ in stream)
     synchronize(device)
     assert n == args.gen_tokens
-    return t0, t1, time.perf_counter()
+    return time.perf_counter() - t0
 
 
 # the weight-read bound: the decode step's matrix-vector products alone, same weights and dtype, done two
@@ -152,48 +148,31 @@ def matvec_rate(iters=200):
     h = torch.randn(1, 4 * cfg.n_embd, device=device, dtype=dtype)
     rates = []
     for fn, linear in ((matvecs, F.linear), (compiled_matvecs, matvec)):
-        best = float("inf")
-        for _ in range(1 + args.repeats):  # the first round is a warm-up
-            synchronize(device)
-            t0 = time.perf_counter()
+        def loop():
             for _ in range(iters):
                 fn(linear, w, x, h)
-            synchronize(device)
-            best = min(best, time.perf_counter() - t0)
-        rates.append(iters / best)
+        rates.append(iters / timed(loop))
     return rates
 
 
 def decode_rate(batch):
-    best_decode, best_total = float("inf"), float("inf")
     run_decode(batch)  # warm-up
-    for _ in range(args.repeats):
-        t0, t1, t2 = run_decode(batch)
-        best_decode, best_total = min(best_decode, t2 - t1), min(best_total, t2 - t0)
-    return batch * (args.gen_tokens - 1) / best_decode, best_total
+    return batch * (args.gen_tokens - 1) / min(run_decode(batch) for _ in range(args.repeats))
 
 
 bound1 = matvec_rate()
-dec1, total1 = decode_rate(1)
-decB, totalB = decode_rate(args.batch)
+dec1 = decode_rate(1)
+decB = decode_rate(args.batch)
 # measured before and after the decode runs, so a noisy moment does not flatter the ratio
 blas, fused = (max(a, b) for a, b in zip(bound1, matvec_rate()))
 bound = max(blas, fused)
 
-
-# naive: the model's generate() recomputes the whole sequence for every token
-def run_naive():
-    return sum(1 for _ in model.generate(prompt, max_tokens=args.naive_tokens, temperature=args.temperature,
-                                          top_k=args.top_k or None, seed=args.seed))
-
-
 if args.naive_tokens > 0:
-    t_naive, _ = timed(run_naive)
+    # naive: the model's generate() recomputes the whole sequence for every token; against it, the engine
+    # doing the same job (same prompt, same number of tokens, batch 1), end to end
+    t_naive = timed(lambda: sum(1 for _ in model.generate(prompt, max_tokens=args.naive_tokens, **sampling)))
     naive_rate = args.naive_tokens / t_naive
-    # the engine doing the naive run's exact work (same prompt, same number of tokens, batch 1), end to end
-    t_engine_same, _ = timed(lambda: sum(1 for _ in engine.generate(prompt, max_tokens=args.naive_tokens,
-                                                                    temperature=args.temperature,
-                                                                    top_k=args.top_k or None, seed=args.seed)))
+    t_engine_same = timed(lambda: sum(1 for _ in engine.generate(prompt, max_tokens=args.naive_tokens, **sampling)))
 kv_bytes = 2 * cfg.n_layer * args.batch * (args.prompt_len + args.gen_tokens) * cfg.n_kv_head * \
     (cfg.n_embd // cfg.n_head) * torch.tensor([], dtype=dtype).element_size()
 

@@ -1,12 +1,11 @@
 """
 Benchmark the chat server under concurrent users: 1, 8 and 32 clients stream replies through the official
-`openai` client from live servers (uvicorn on 127.0.0.1 in this process). Each load runs against the
-continuous-batching server (`--serve-mode batch`) and the one-request-per-replica server (`worker`), one after
-the other at each client count, so both see the same machine conditions.
-
-Reported per mode and client count: aggregate generated tok/s (the server's own token count over the wall
-time), p50/p95 time to first token (request sent -> first content chunk) and p50 inter-token latency
-(per request: time between its first and last chunk over the chunks in between).
+`openai` client from live servers (uvicorn on 127.0.0.1, one child process per serve mode). Each load runs
+against the continuous-batching server (`--serve-mode batch`) and the one-request-per-replica server
+(`worker`), one after the other at each client count, so both see the same machine conditions. Reported per
+mode and client count: aggregate generated tok/s (the server's own token count over the wall time), p50/p95
+time to first token (request sent -> first content chunk) and p50 inter-token latency (per request: time
+between its first and last chunk over the chunks in between).
 
 Launch:
     python -m scripts.bench_serve                          # random d4 model (the CPU recipe's shapes, vocab 8192)
@@ -140,14 +139,13 @@ def main():
     ctx = multiprocessing.get_context("spawn")
     urls, done = ctx.Queue(), ctx.Event()
     procs = [ctx.Process(target=server_process, args=(args, mode, urls, done), daemon=True) for mode in modes]
-    rows = {}
+    servers, runs = {}, {}
     try:
         for p in procs:  # one at a time: loading and tokenizer training do not overlap
             p.start()
             mode, url = urls.get(timeout=600)
             run_load(url, 1, 1, 8)  # warm-up
-            rows[mode] = url
-        servers, runs = rows, {}
+            servers[mode] = url
         for _ in range(args.repeats):
             for clients in [int(c) for c in args.clients.split(",")]:
                 for mode in modes:

@@ -11,7 +11,7 @@ Commands: `quit` / `exit` end the chat, `clear` starts a new conversation; Ctrl-
 """
 
 import os
-import sys
+import functools
 import random
 import argparse
 
@@ -27,8 +27,7 @@ parser.add_argument("--seed", type=int, default=None, help="sampling seed of the
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (default: autodetect)")
 parser.add_argument("-d", "--dtype", type=str, default="", help="bfloat16|float16|float32 (default: project policy)")
 
-# How tool-use special tokens are shown: <|python_start|>12*3<|python_end|><|output_start|>36<|output_end|>
-# prints as [calc: 12*3] = 36
+# Tool-use tokens made readable: <|python_start|>12*3<|python_end|><|output_start|>36<|output_end|> -> [calc: 12*3] = 36
 TOOL_TEXT = {"<|python_start|>": "[calc: ", "<|python_end|>": "]", "<|output_start|>": " = ", "<|output_end|>": ""}
 
 
@@ -61,10 +60,8 @@ class ReplyPrinter:
 
 
 def reply_parts(tokenizer, tokens):
-    """
-    A generated reply as assistant content parts, split at the tool tokens, so that the next turn's prompt
-    renders it with its tool calls (<|python_start|>12*3<|python_end|><|output_start|>36<|output_end|>) intact.
-    """
+    """A generated reply as assistant content parts, split at the tool tokens, so that the next turn's prompt
+    renders it with its tool calls (<|python_start|>12*3<|python_end|><|output_start|>36<|output_end|>) intact."""
     kinds = {tokenizer.encode_special("<|python_start|>"): "python", tokenizer.encode_special("<|output_start|>"):
              "python_output", tokenizer.encode_special("<|python_end|>"): "text",
              tokenizer.encode_special("<|output_end|>"): "text"}
@@ -83,13 +80,10 @@ def chat_loop(engine, tokenizer, read=input, write=None, prompt="", temperature=
               seed=None, context_len=None):
     """
     The conversation: a list of messages, rendered into the prompt by the tokenizer each turn. Each reply
-    streams through `write`. `read(prompt_text)` returns the next user line (EOFError/KeyboardInterrupt end
-    the chat). With `prompt`, answer it alone and return. Returns the conversation's messages.
+    streams through `write` (default: stdout). `read(prompt_text)` returns the next user line (EOFError or
+    KeyboardInterrupt end the chat). With `prompt`, answer it alone and return. Returns the messages.
     """
-    def default_write(s):
-        sys.stdout.write(s)
-        sys.stdout.flush()
-    write = write or default_write
+    write = write or functools.partial(print, end="", flush=True)
     stops = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
     rng = random.Random(seed)
     messages = []
@@ -131,11 +125,10 @@ def chat_loop(engine, tokenizer, read=input, write=None, prompt="", temperature=
                 reply.append(column[0])
                 printer.add(column[0])
         except KeyboardInterrupt:
+            return messages
+        finally:
             printer.flush()
             write("\n")
-            return messages
-        printer.flush()
-        write("\n")
         messages = turn + [{"role": "assistant", "content": reply_parts(tokenizer, reply)}]
         if prompt:
             return messages

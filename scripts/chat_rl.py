@@ -47,16 +47,13 @@ parser.add_argument("--eval-examples", type=int, default=400, help="test questio
 parser.add_argument("--save-every", type=int, default=60, help="checkpoint every N steps")
 parser.add_argument("--output-tag", type=str, default=None, help="chatrl_checkpoints/<tag> (default d<n_layer>)")
 
-# The batch and loss math are plain functions above main() so tests can import and check them without
-# running the script (the same layout as chat_cli).
+# The batch and loss math are plain functions above main() so tests can import them without running the script
 
 
 def pad_rollouts(seqs, masks, pad_id):
-    """
-    Sequences (prompt + completion) of unequal length -> (inputs, targets), int64 (B, T-1) each, padded
-    with pad_id. Targets are -1 wherever the mask of the predicted token is 0: the prompt, the padding
-    and calculator outputs forced by the engine are never trained.
-    """
+    """Sequences (prompt + completion) of unequal length -> (inputs, targets), int64 (B, T-1) each, padded
+    with pad_id. Targets are -1 wherever the mask of the predicted token is 0: the prompt, the padding and
+    calculator outputs forced by the engine are never trained."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, T)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T), padding 0
@@ -69,12 +66,10 @@ def pad_rollouts(seqs, masks, pad_id):
 
 
 def policy_gradient_loss(model, inputs, targets, advantages, num_chunks):
-    """
-    REINFORCE loss of one forward pass: -sum over trained tokens of logp(token) * advantage of its row,
+    """REINFORCE loss of one forward pass: -sum over trained tokens of logp(token) * advantage of its row,
     divided by the number of trained tokens in the pass and by num_chunks (the passes summed into one
     optimizer step on this rank), so the step's gradient is a token-level mean (DAPO-style).
-    inputs/targets (B, T) with -1 = not trained; advantages (B,).
-    """
+    inputs/targets (B, T) with -1 = not trained; advantages (B,)."""
     valid = targets >= 0
     nll = model(inputs, targets, loss_reduction="none").view(targets.shape)  # (B, T), 0 where not trained
     logp = -nll * valid  # keep untrained positions out even if a model put something there

@@ -7,31 +7,23 @@ Launch:
     python -m scripts.chat_web -i mid -p 8080 --host 127.0.0.1 --max-rows 16
     python -m scripts.chat_web --serve-mode worker   # one request at a time per replica (for comparison)
 
-Serving: each replica runs one decode loop (nanochat.engine.BatchEngine) that batches up to --max-rows
-requests. A request joins the batch once its prompt is processed and leaves it at its own stop token or
-max_tokens; up to --max-queue more wait, and beyond that a request is answered 429 with Retry-After.
-A client that disconnects frees its row at the next decode step. `--serve-mode worker` gives each replica a
-single row: the one-request-per-worker server of earlier versions, kept for benchmarks.
+Each replica batches up to --max-rows requests in one decode loop (nanochat.engine.BatchEngine): a request
+joins once its prompt is processed and leaves at its stop token or max_tokens; up to --max-queue more wait,
+beyond that the answer is 429 with Retry-After. A disconnected client frees its row at the next decode step.
 
 Routes:
-    GET  /                      the chat UI (nanochat/ui.html)
-    GET  /logo.svg              the logo
+    GET  /, GET /logo.svg       the chat UI (nanochat/ui.html) and its logo
     POST /chat/completions      the UI's stream: data: {"token": "...", "gpu": i} ... data: {"done": true}
     GET  /health, GET /stats    readiness; queue depth, active rows and recent tok/s per replica
-    POST /v1/chat/completions   OpenAI-compatible, stream or not
+    POST /v1/chat/completions   OpenAI-compatible, stream or not: OpenAI(base_url="http://localhost:8000/v1",
+                                api_key="none").chat.completions.create(model="nanochat", messages=[...])
     GET  /v1/models             the one model served
 
-OpenAI client example:
-    from openai import OpenAI
-    client = OpenAI(base_url="http://localhost:8000/v1", api_key="none")
-    client.chat.completions.create(model="nanochat", messages=[{"role": "user", "content": "Hi"}])
-
-Both POST routes take temperature, top_k (`extra_body={"top_k": 20}` in the openai client), top_p, seed and
-max_tokens (or max_completion_tokens), and validate them, n (only 1) and stream (a boolean) the same way.
-Without a seed every request samples with a fresh random one. Errors are JSON in each route's shape:
-{"detail": "..."} for /chat/completions, {"error": {"message", "type", "param", "code"}} for /v1. A stream
-always ends with its terminal event ({"done": true} or [DONE]), after an in-band error event if generation
-failed. Tool calls (calculator) appear in the text as their literal special tokens.
+Both POST routes validate temperature, top_k (`extra_body={"top_k": 20}` in the openai client), top_p, seed
+(default: a fresh random one per request), max_tokens (or max_completion_tokens), n (only 1) and stream (a
+boolean). Errors are JSON: {"detail": "..."} on /chat/completions, {"error": {"message", "type", "param",
+"code"}} on /v1. A stream always ends with its terminal event ({"done": true} or [DONE]), after an in-band
+error event if generation failed. Tool calls (calculator) appear in the text as their literal special tokens.
 """
 
 import os
@@ -220,11 +212,8 @@ def _content_text(content, i):
 
 
 def parse_chat_request(body, config, roles=("system", "user", "assistant")):
-    """
-    Check the HTTP shape of a chat request (types, limits, allowed roles) and apply the defaults. The
-    conversation rules (alternation, where a system message may go) are the tokenizer's, checked when
-    the prompt is rendered.
-    """
+    """Check a request's HTTP shape (types, limits, allowed roles) and apply the defaults. The conversation
+    rules (alternation, where a system message may go) are the tokenizer's, checked when the prompt is rendered."""
     if not isinstance(body, dict):
         raise RequestError("request body must be a JSON object")
     messages = body.get("messages")
@@ -255,15 +244,14 @@ def parse_chat_request(body, config, roles=("system", "user", "assistant")):
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise RequestError(f"'stream' must be true or false, got {json.dumps(stream)[:40]}", "stream")
-    max_tokens = _number(body, "max_tokens", MIN_MAX_TOKENS, MAX_MAX_TOKENS, None, integer=True)
-    if max_tokens is None:
-        max_tokens = _number(body, "max_completion_tokens", MIN_MAX_TOKENS, MAX_MAX_TOKENS, None, integer=True)
+    tokens_key = "max_tokens" if body.get("max_tokens") is not None else "max_completion_tokens"
+    max_tokens = _number(body, tokens_key, MIN_MAX_TOKENS, MAX_MAX_TOKENS, config.max_tokens, integer=True)
     seed = _number(body, "seed", -2**63, 2**63 - 1, None, integer=True)
     return ChatRequest(parsed,
                        float(_number(body, "temperature", MIN_TEMPERATURE, MAX_TEMPERATURE, config.temperature)),
                        int(_number(body, "top_k", MIN_TOP_K, MAX_TOP_K, config.top_k, integer=True)),
                        float(_number(body, "top_p", 0.0, 1.0, config.top_p)),
-                       max_tokens or config.max_tokens, None if seed is None else seed % 2**31, stream)
+                       max_tokens, None if seed is None else seed % 2**31, stream)
 
 # -----------------------------------------------------------------------------
 # Generation: the replica's decode loop produces tokens; a pump thread hands them to the event loop
@@ -275,24 +263,22 @@ class Reply:
     def __init__(self, replicas, request):
         from nanochat.engine import QueueFull
         self.replica = min(replicas, key=lambda r: (lambda s: s["active_rows"] + s["queue_depth"])(r.engine.stats()))
-        tok = self.replica.tokenizer
         try:  # the tokenizer's chat renderer checks the conversation rules and builds the prompt
-            self.prompt = tok.render_for_completion({"messages": request.messages + [{"role": "assistant",
-                                                                                       "content": ""}]})
+            self.prompt = self.replica.tokenizer.render_for_completion(
+                {"messages": request.messages + [{"role": "assistant", "content": ""}]})
         except ValueError as e:
             raise RequestError(str(e), "messages")
         room = self.replica.context_len - len(self.prompt)
         if room <= 0:
             raise RequestError(f"conversation is {len(self.prompt)} tokens but the model's context is "
                                f"{self.replica.context_len}; start a new conversation or shorten it", "messages")
-        self.request, self.prompt_tokens = request, len(self.prompt)
-        # top_p 0 (allowed by the OpenAI API) keeps only the most likely token, which is what top_k 1 does
+        self.prompt_tokens = len(self.prompt)
+        # top_p 0 (allowed by the OpenAI API) keeps only the most likely token, as top_k 1 does; top_p 1 = None
         top_k, top_p = (1, None) if request.top_p == 0 else (request.top_k or None, request.top_p)
+        top_p = top_p if top_p is not None and top_p < 1.0 else None
         try:  # a reply cut at the context's end finishes with finish_reason "length"
-            self.stream = self.replica.engine.submit(self.prompt, min(request.max_tokens, room),
-                                                     temperature=request.temperature, top_k=top_k,
-                                                     top_p=top_p if top_p is not None and top_p < 1.0 else None,
-                                                     seed=request.seed)
+            self.stream = self.replica.engine.submit(self.prompt, min(request.max_tokens, room), seed=request.seed,
+                                                     temperature=request.temperature, top_k=top_k, top_p=top_p)
         except ValueError as e:  # a combination the engine refuses
             raise RequestError(str(e))
         except QueueFull:
@@ -307,11 +293,9 @@ class Reply:
         return self.stream.finish_reason
 
     async def pieces(self, http_request):
-        """
-        Text pieces as tokens arrive, never splitting a UTF-8 character; under load one piece carries every
-        token that arrived since the last. Stops early when the client has gone; in every case the stream is
-        cancelled on exit, which frees its row at the next decode step.
-        """
+        """Text pieces as tokens arrive, never splitting a UTF-8 character; under load one piece carries every
+        token that arrived since the last. Stops early when the client has gone; the stream is cancelled on exit
+        either way, which frees its row at the next decode step."""
         loop, arrived, ready = asyncio.get_running_loop(), collections.deque(), asyncio.Event()
 
         def pump():  # the event loop is woken once per batch of tokens, not once per token
@@ -366,10 +350,8 @@ def log_exchange(request, reply):
 
 
 def create_app(replicas, config=None):
-    """
-    `replicas`: a list of Replica, or a zero-argument callable returning one (called at start-up, so the
-    models load inside the server's lifespan). Tests pass a tiny model; main() passes checkpoint loaders.
-    """
+    """`replicas`: a list of Replica, or a zero-argument callable returning one (called at start-up, so the
+    models load inside the server's lifespan)."""
     from fastapi import FastAPI, Request
     from fastapi.middleware.cors import CORSMiddleware
     from fastapi.responses import JSONResponse, StreamingResponse, HTMLResponse, Response
@@ -421,9 +403,11 @@ def create_app(replicas, config=None):
     def sse(obj):
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    async def event_stream(req, reply, http_request, piece_event, end_events, error_event, terminal):
-        """SSE body: one event per text piece, then `end_events()`, or `error_event` if generation failed;
-        the route's terminal event comes last either way."""
+    async def event_stream(req, reply, http_request, head, piece_event, end_events, error_event, terminal):
+        """SSE body: `head`, one event per text piece, then `end_events()`, or `error_event` if generation
+        failed; the route's terminal event comes last either way."""
+        for event in head:
+            yield event
         try:
             async for piece in reply.pieces(http_request):
                 yield sse(piece_event(piece))
@@ -465,7 +449,7 @@ def create_app(replicas, config=None):
                 raise RequestError("this route always streams; use /v1/chat/completions for one JSON reply", "stream")
         except RequestError as e:
             return reference_error(e)
-        body = event_stream(req, reply, request, lambda piece: {"token": piece, "gpu": reply.replica.gpu_id},
+        body = event_stream(req, reply, request, [], lambda piece: {"token": piece, "gpu": reply.replica.gpu_id},
                             lambda: [], lambda message: {"error": message}, sse({"done": True}))
         return StreamingResponse(body, media_type="text/event-stream")
 
@@ -481,11 +465,6 @@ def create_app(replicas, config=None):
         except RequestError as e:
             return openai_error(e)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-
-        def usage():
-            return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
-                    "total_tokens": reply.prompt_tokens + reply.completion_tokens}
-
         if not req.stream:
             try:
                 async for _ in reply.pieces(request):
@@ -497,22 +476,18 @@ def create_app(replicas, config=None):
             return {"id": completion_id, "object": "chat.completion", "created": created, "model": config.model_name,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
                                  "finish_reason": reply.finish_reason}],
-                    "usage": usage()}
+                    "usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+                              "total_tokens": reply.prompt_tokens + reply.completion_tokens}}
 
         def chunk(delta, finish_reason=None):
             return {"id": completion_id, "object": "chat.completion.chunk", "created": created,
                     "model": config.model_name, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
 
-        async def body():
-            yield sse(chunk({"role": "assistant", "content": ""}))
-            async for event in event_stream(
-                    req, reply, request, lambda piece: chunk({"content": piece}),
-                    lambda: [sse(chunk({}, reply.finish_reason))],
-                    lambda message: {"error": {"message": message, "type": "server_error", "param": None, "code": None}},
-                    "data: [DONE]\n\n"):
-                yield event
-
-        return StreamingResponse(body(), media_type="text/event-stream")
+        body = event_stream(req, reply, request, [sse(chunk({"role": "assistant", "content": ""}))],
+                            lambda piece: chunk({"content": piece}), lambda: [sse(chunk({}, reply.finish_reason))],
+                            lambda message: {"error": {"message": message, "type": "server_error", "param": None,
+                                                       "code": None}}, "data: [DONE]\n\n")
+        return StreamingResponse(body, media_type="text/event-stream")
 
     return app
 

@@ -12,6 +12,7 @@ import time
 import argparse
 
 from nanochat.dataset import parquets_iter_batched
+from nanochat.report import get_report
 from nanochat.tokenizer import RustBPETokenizer, get_tokenizer
 
 parser = argparse.ArgumentParser(description="Evaluate tokenizer compression")
@@ -96,11 +97,10 @@ for name, tiktoken_name in (("gpt2", "gpt2"), ("gpt4", "cl100k_base")):
         print(f"NOTE: could not load tiktoken {tiktoken_name!r} ({type(e).__name__}: {str(e)[:120]}); "
               f"it is left out of the comparison")
 tokenizers["ours"] = get_tokenizer()
-for name, tok in tokenizers.items():
-    print(f"{name} vocab size: {tok.get_vocab_size():,}")
 
 results = {}  # tokenizer name -> text label -> dict(bytes, tokens, ratio)
 for name, tok in tokenizers.items():
+    print(f"{name} vocab size: {tok.get_vocab_size():,}")
     results[name] = {}
     for label, text in texts:
         ids = tok.encode(text)
@@ -171,9 +171,4 @@ if docs:
           f"= {n_tokens / dt / 1e6:.2f}M tokens/s ({n_chars / dt / 1e6:.1f}M chars/s)")
     report_lines.append(f"Encode throughput (batch, 8 threads): {n_tokens / dt / 1e6:.2f}M tokens/s")
 
-try:
-    from nanochat.report import get_report
-except ImportError:
-    get_report = None
-if get_report is not None:
-    get_report().log(section="Tokenizer evaluation", data=["\n".join(report_lines)])
+get_report().log(section="Tokenizer evaluation", data=["\n".join(report_lines)])
