@@ -392,9 +392,11 @@ def create_app(replicas, config=None):
         e = RequestError(f"internal server error: {type(exc).__name__}", status=500)
         return openai_error(e) if request.url.path.startswith("/v1/") else reference_error(e)
 
-    async def start_reply(http_request, roles):
+    async def start_reply(http_request, roles, streams_only=False):
         """The prologue both POST routes share: read, validate and submit. Raises RequestError."""
         req = parse_chat_request(await read_json(http_request), config, roles)
+        if streams_only and req.stream is False:  # refused before anything reaches the engine
+            raise RequestError("this route always streams; use /v1/chat/completions for one JSON reply", "stream")
         if not app.state.replicas:
             raise RequestError("the server is still loading its model; retry shortly", status=503,
                                headers={"Retry-After": "5"})
@@ -444,9 +446,7 @@ def create_app(replicas, config=None):
     @app.post("/chat/completions")
     async def chat_completions(request: Request):
         try:
-            req, reply = await start_reply(request, roles=("user", "assistant"))
-            if req.stream is False:
-                raise RequestError("this route always streams; use /v1/chat/completions for one JSON reply", "stream")
+            req, reply = await start_reply(request, roles=("user", "assistant"), streams_only=True)
         except RequestError as e:
             return reference_error(e)
         body = event_stream(req, reply, request, [], lambda piece: {"token": piece, "gpu": reply.replica.gpu_id},
