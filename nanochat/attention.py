@@ -1,22 +1,16 @@
 """
 Attention backends with one interface, plus the KV cache used for inference.
 
-Two functions shaped like Flash Attention 3's API, tensors in (B, T, H, D) layout:
-    flash_attn_func(q, k, v, causal=True, window_size=(-1, -1))
-    flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, causal=True,
-                            window_size=(-1, -1))
-window_size = (left, right): query at absolute position t sees keys t-left .. t (left = -1: unlimited).
+flash_attn_func / flash_attn_with_kvcache follow Flash Attention 3's API, tensors (B, T, H, D).
+window_size = (left, right): query at position t sees keys t-left .. t (left = -1: unlimited).
 GQA: k/v may have fewer heads than q; query head h reads kv head h // (H // Hkv).
 
 Backends (set_backend / --attn / env NANOCHAT_ATTN; None or "auto" picks the first that runs here):
-  fa3   Flash Attention 3 through the HF `kernels` package (Hopper GPUs, bf16/fp16). Windows are native.
-  flex  CUDA without FA3: sliding-window layers run FlexAttention with a block-sparse sliding-window
-        mask (only the blocks inside the window are computed), full-window layers SDPA is_causal.
-  sdpa  everywhere else (CPU, MPS): full-window layers SDPA is_causal; sliding-window layers a banded
-        SDPA over query chunks, each attending only to the keys its window can reach.
+  fa3   Flash Attention 3 through the HF `kernels` package (Hopper GPUs, bf16/fp16).
+  flex  CUDA without FA3: sliding windows via block-sparse FlexAttention, full windows SDPA is_causal.
+  sdpa  elsewhere: full windows SDPA is_causal, sliding windows a banded SDPA over query chunks.
 No backend builds a dense T x T mask for a training forward: cost grows with the window, not T^2.
-The choice is logged once. `reference_attention` is a slow, obviously correct path that tests compare
-the fast ones against.
+`reference_attention` is the slow, obviously correct path tests compare against.
 """
 
 import os
@@ -27,8 +21,7 @@ import torch.nn.functional as F
 
 logger = logging.getLogger("nanochat")
 
-# -----------------------------------------------------------------------------
-# Backend selection
+# Backend selection -----------------------------------------------------------
 
 BACKENDS = ("fa3", "flex", "sdpa")
 FA3_KERNEL_REPO = "varunneal/flash-attention-3"  # runs/setup_env.sh fetches it into the HF cache
@@ -69,10 +62,8 @@ def fetch_fa3_kernel():
     """Load (downloading into the HF cache when online) the FA3 kernel. runs/setup_env.sh calls this once."""
     import inspect
     from kernels import get_kernel
-    kwargs = {}
-    params = inspect.signature(get_kernel).parameters
-    if "trust_remote_code" in params:  # newer `kernels` only trust some organisations by default
-        kwargs["trust_remote_code"] = True
+    # newer `kernels` only trust some organisations by default
+    kwargs = {"trust_remote_code": True} if "trust_remote_code" in inspect.signature(get_kernel).parameters else {}
     try:
         return get_kernel(FA3_KERNEL_REPO, **kwargs)
     except (TypeError, ValueError):  # versions that insist on an explicit revision
@@ -90,16 +81,11 @@ def _flex_available():
 
 
 def set_backend(name=None):
-    """
-    Choose the attention backend: "fa3" | "flex" | "sdpa", or None / "auto" for the first that runs here
-    (env NANOCHAT_ATTN is read when name is None). Naming a backend that cannot run is an error.
-    Returns the backend chosen.
-    """
+    """Choose and return the attention backend: "fa3" | "flex" | "sdpa", or None / "auto" for the first that
+    runs here (env NANOCHAT_ATTN is read when name is None). Naming a backend that cannot run is an error."""
     global _backend, _fa3, _reason
-    name = name or os.environ.get("NANOCHAT_ATTN") or None
-    if name == "auto":
-        name = None
-    if name not in (None,) + BACKENDS:
+    name = name or os.environ.get("NANOCHAT_ATTN") or "auto"
+    if name not in ("auto",) + BACKENDS:
         raise ValueError(f"attention backend must be one of auto|{'|'.join(BACKENDS)} "
                          f"(--attn / NANOCHAT_ATTN / set_backend), got {name!r}")
     fa3 = None
@@ -153,8 +139,7 @@ def _first(out):
     # some FA3 builds return (out, softmax_lse)
     return out[0] if isinstance(out, tuple) else out
 
-# -----------------------------------------------------------------------------
-# SDPA path
+# SDPA path -------------------------------------------------------------------
 
 def _window_left(window_size):
     left = window_size[0] if window_size is not None else -1
@@ -171,49 +156,49 @@ def _build_mask(q_pos, Tk, left, device):
     return mask
 
 
-_mask_cache = {}  # (Tq, Tk, offset, left, device) -> mask; training reuses the same few masks every step
+_mask_cache = {}  # key -> mask; training reuses the same few masks every step
 
 
-def _aligned_mask(Tq, Tk, offset, left, device):
+def _cached_mask(key, build, cache=_mask_cache):
     if torch.compiler.is_compiling():  # in a compiled graph building it is fused and free
-        return _build_mask(torch.arange(Tq, device=device) + offset, Tk, left, device)
-    key = (Tq, Tk, offset, left, str(device))
-    mask = _mask_cache.get(key)
+        return build()
+    mask = cache.get(key)
     if mask is None:
-        if len(_mask_cache) > 64:
-            _mask_cache.clear()
-        mask = _mask_cache[key] = _build_mask(torch.arange(Tq, device=device) + offset, Tk, left, device)
+        if len(cache) > 64:
+            cache.clear()
+        mask = cache[key] = build()
     return mask
 
 
+def _aligned_mask(Tq, Tk, offset, left, device):
+    return _cached_mask((Tq, Tk, offset, left, str(device)),
+                        lambda: _build_mask(torch.arange(Tq, device=device) + offset, Tk, left, device))
+
+
+def _attend(q, k, v, mask=None, is_causal=False):
+    """SDPA on (B, T, H, D) tensors (GQA when k, v have fewer heads)."""
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                       is_causal=is_causal, enable_gqa=q.size(2) != k.size(2))
+    return y.transpose(1, 2)
+
+
 def _sdpa(q, k, v, offset, left, causal):
-    """
-    q (B, Tq, H, D) at absolute positions offset..offset+Tq-1; k, v (B, Tk, Hkv, D) at positions 0..Tk-1.
-    Picks the cheapest correct SDPA call: built-in causal, sliced keys for a single query, or a mask.
-    """
+    """q (B, Tq, H, D) at absolute positions offset..offset+Tq-1; k, v (B, Tk, Hkv, D) at positions 0..Tk-1.
+    Picks the cheapest correct SDPA call: built-in causal, sliced keys for a single query, or a mask."""
     Tq, Tk = q.size(1), k.size(1)
-    gqa = q.size(2) != k.size(2)
     mask, is_causal = None, False
-    if not causal:
-        pass  # full bidirectional attention over all keys
-    elif Tq == 1:
-        # decode: the visible keys are one contiguous slice, so no mask at all
-        start = max(0, offset - left) if left >= 0 else 0
-        k, v = k[:, start:offset + 1], v[:, start:offset + 1]
-    elif offset == 0 and Tq == Tk and (left < 0 or left >= Tq - 1):
+    if causal and Tq > 1 and offset == 0 and Tq == Tk and (left < 0 or left >= Tq - 1):
         is_causal = True  # training fast path: no window in effect
-    else:
-        # drop keys no query can see (left of the earliest window), then mask the rest
+    elif causal:
+        # drop keys no query can see (left of the earliest window); a single query (decode) needs no mask
         start = max(0, offset - left) if left >= 0 else 0
         k, v = k[:, start:offset + Tq], v[:, start:offset + Tq]
-        mask = _aligned_mask(Tq, k.size(1), offset - start, left, q.device)
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
-    return y.transpose(1, 2)  # (B, Tq, H, D)
+        if Tq > 1:
+            mask = _aligned_mask(Tq, k.size(1), offset - start, left, q.device)
+    return _attend(q, k, v, mask, is_causal)
 
 
-# -----------------------------------------------------------------------------
-# Sliding windows in training: cost grows with the window, never a dense T x T mask
+# Sliding windows in training: cost grows with the window, never a dense T x T mask ---
 
 def _band_mask(n, C, P, left, device):
     """(n, C, (P+1)*C) bool: query a of chunk i vs key m of the key span starting at position (i-P)*C."""
@@ -226,12 +211,10 @@ def _band_mask(n, C, P, left, device):
 
 
 def _sdpa_banded(q, k, v, left):
-    """
-    Causal sliding-window attention (window `left`, 0 <= left < T-1) as one batched SDPA over query
+    """Causal sliding-window attention (window `left`, 0 <= left < T-1) as one batched SDPA over query
     chunks of C positions: chunk i attends only to the (P+1)*C keys ending at its last query, which
     cover its window (P*C >= left). Per query it costs ~1.5x the window, whatever T is; K and V are
-    gathered 3x (P = 2), and the mask is (T/C, C, 3C), not (T, T).
-    """
+    gathered 3x (P = 2), and the mask is (T/C, C, 3C), not (T, T)."""
     B, T, H, D = q.shape
     Hkv = k.size(2)
     C = max(1, -(-left // 2))
@@ -245,14 +228,8 @@ def _sdpa_banded(q, k, v, left):
         t = F.pad(t, (0, 0, 0, 0, P * C, pad))                    # (B, (n+P)*C, Hkv, D)
         return t.unfold(1, S, C).permute(0, 1, 2, 4, 3).reshape(B * n, Hkv, S, D)
     # 4-D (B*n, heads, len, D) inputs: fused SDPA kernels take those, a 5-D batch falls back to the math kernel
-    key = ("band", B, n, C, P, left, str(q.device))
-    mask = None if torch.compiler.is_compiling() else _mask_cache.get(key)  # same for every layer and step
-    if mask is None:
-        mask = _band_mask(n, C, P, left, q.device)[None].expand(B, n, C, S).reshape(B * n, 1, C, S)
-        if not torch.compiler.is_compiling():
-            if len(_mask_cache) > 64:
-                _mask_cache.clear()
-            _mask_cache[key] = mask
+    mask = _cached_mask(("band", B, n, C, P, left, str(q.device)),  # same for every layer and step
+                        lambda: _band_mask(n, C, P, left, q.device)[None].expand(B, n, C, S).reshape(B * n, 1, C, S))
     y = F.scaled_dot_product_attention(qc.reshape(B * n, C, H, D).transpose(1, 2), windows(k), windows(v),
                                        attn_mask=mask, enable_gqa=H != Hkv)  # (B*n, H, C, D)
     return y.transpose(1, 2).reshape(B, n * C, H, D)[:, :T]
@@ -264,11 +241,9 @@ _block_masks = {}  # (T, left, device) -> BlockMask, built once outside compiled
 
 
 def sliding_window_block_mask(T, left, device, block=FLEX_BLOCK):
-    """
-    FlexAttention BlockMask for causal attention with window `left`, built from the block structure
+    """FlexAttention BlockMask for causal attention with window `left`, built from the block structure
     directly (never evaluating a T x T mask): q tile i needs kv tiles from the one holding position
-    i*block - left up to tile i; tiles strictly inside the window are "full" (no mask_mod evaluation).
-    """
+    i*block - left up to tile i; tiles strictly inside the window are "full" (no mask_mod evaluation)."""
     from torch.nn.attention.flex_attention import BlockMask
     nb = -(-T // block)
     i = torch.arange(nb, device=device)[:, None]
@@ -295,13 +270,8 @@ def _flex_window(q, k, v, left, compiled=True):
     global _flex_fn
     from torch.nn.attention.flex_attention import flex_attention
     T = q.size(1)
-    key = (T, left, str(q.device))
-    if torch.compiler.is_compiling():
-        bm = sliding_window_block_mask(T, left, q.device)  # traced into the graph (a few tiny ops)
-    else:
-        bm = _block_masks.get(key)
-        if bm is None:
-            bm = _block_masks[key] = sliding_window_block_mask(T, left, q.device)
+    # compiling: traced into the graph (a few tiny ops); eager: built once per (T, left, device)
+    bm = _cached_mask((T, left, str(q.device)), lambda: sliding_window_block_mask(T, left, q.device), _block_masks)
     if compiled and _flex_fn is None:
         # uncompiled FlexAttention is a slow dense reference; compiled it is a fused block-sparse kernel
         _flex_fn = torch.compile(flex_attention, dynamic=False)
@@ -328,11 +298,9 @@ def flash_attn_func(q, k, v, causal=True, window_size=(-1, -1)):
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, causal=True,
                             window_size=(-1, -1)):
-    """
-    Write new k, v (B, Tn, Hkv, D) into the caches (B, Tmax, Hkv, D) in place at each row's position
+    """Write new k, v (B, Tn, Hkv, D) into the caches (B, Tmax, Hkv, D) in place at each row's position
     cache_seqlens (int32, (B,)), then attend q (B, Tn, H, D) over every row's prefix plus the new
-    tokens. Does not advance cache_seqlens (the caller does, once per forward).
-    """
+    tokens. Does not advance cache_seqlens (the caller does, once per forward)."""
     if _use_fa3(q):
         return _first(_fa3.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
                                                    causal=causal, window_size=tuple(window_size)))
@@ -359,24 +327,18 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
         mask = _build_mask(q_pos, Tk, left, q.device).unsqueeze(1)  # (B, 1, Tq, Tk)
     else:
         mask = (torch.arange(Tk, device=q.device) < (cache_seqlens.long() + Tq)[:, None])[:, None, None, :]
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache[:, :Tk].transpose(1, 2),
-                                       v_cache[:, :Tk].transpose(1, 2), attn_mask=mask,
-                                       enable_gqa=q.size(2) != k_cache.size(2))
-    return y.transpose(1, 2)
+    return _attend(q, k_cache[:, :Tk], v_cache[:, :Tk], mask)
 
 
 def flash_attn_decode(q, k_cache, v_cache, k, v, cache_seqlens, window_size=(-1, -1)):
-    """
-    One new token per row at shapes fixed by the cache, for a compilable decode step: q (B, 1, H, D)
-    at each row's own position cache_seqlens (B,) int32 attends over that row's cached keys/values
-    (B, Tmax, Hkv, D) before the position, plus its own new k, v (B, 1, Hkv, D), with a mask (causal and
-    window) rather than a slice, so nothing depends on the positions' values. Returns (B, 1, H, D).
-    The caller stores k, v at the positions afterwards (see KVCache.store_step); the eager and FA3 paths
-    may already have written them there.
-    """
+    """One new token per row at shapes fixed by the cache, for a compilable decode step: q (B, 1, H, D) at each
+    row's position cache_seqlens (B,) int32 attends over that row's cached keys/values (B, Tmax, Hkv, D)
+    before it plus its own new k, v (B, 1, Hkv, D), masked rather than sliced, so nothing depends on the
+    positions' values. Returns (B, 1, H, D). The caller stores k, v afterwards (KVCache.store_step); the
+    eager and FA3 paths may already have written them."""
     if _use_fa3(q):
-        return _first(_fa3.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
-                                                   causal=True, window_size=tuple(window_size)))
+        return flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
+                                       window_size=window_size)
     B, Tmax = k_cache.shape[:2]
     pos = cache_seqlens.long()
     if not torch.compiler.is_compiling():
@@ -384,15 +346,11 @@ def flash_attn_decode(q, k_cache, v_cache, k, v, cache_seqlens, window_size=(-1,
         k_cache[rows, pos], v_cache[rows, pos] = k[:, 0], v[:, 0]
         Tk = int(pos.max()) + 1  # eager: attend over the filled part only (one host sync)
         mask = _build_mask(pos[:, None], Tk, _window_left(window_size), q.device)  # (B, 1, Tk)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache[:, :Tk].transpose(1, 2),
-                                           v_cache[:, :Tk].transpose(1, 2), attn_mask=mask[:, None],
-                                           enable_gqa=q.size(2) != k_cache.size(2))
-        return y.transpose(1, 2)
+        return _attend(q, k_cache[:, :Tk], v_cache[:, :Tk], mask[:, None])
     mask = _build_mask(pos[:, None], Tmax, _window_left(window_size), q.device)  # (B, 1, Tmax)
-    # Compiled: no writes (an in-place write into a graph input makes inductor copy the whole cache every
-    # step) and no SDPA (it would copy the cache into its (B, H, T, D) layout). Broadcast products and
-    # sums instead, which inductor fuses into loops reading the cache in place; the new key joins the
-    # softmax as one extra column.
+    # Compiled: no writes (inductor would copy the whole cache, a graph input, every step) and no SDPA (it
+    # would copy the cache into its (B, H, T, D) layout): broadcast products and sums, fused into loops
+    # reading the cache in place; the new key joins the softmax as one extra column.
     H, Hkv, D = q.size(2), k_cache.size(2), q.size(3)
     qg = q.view(B, 1, Hkv, H // Hkv, D).float() * D ** -0.5
     mask = mask & (torch.arange(Tmax, device=q.device) < pos[:, None, None])  # cached keys only
@@ -407,10 +365,8 @@ def flash_attn_decode(q, k_cache, v_cache, k, v, cache_seqlens, window_size=(-1,
 
 
 def reference_attention(q, k, v, q_pos, window_left=-1, causal=True):
-    """
-    Slow, explicit attention for tests. q (B, Tq, H, D); k, v (B, Tk, Hkv, D) at positions 0..Tk-1;
-    q_pos: absolute positions of the queries, (Tq,) or (B, Tq). Computed in fp32.
-    """
+    """Slow, explicit attention for tests. q (B, Tq, H, D); k, v (B, Tk, Hkv, D) at positions 0..Tk-1;
+    q_pos: absolute positions of the queries, (Tq,) or (B, Tq). Computed in fp32."""
     B, Tq, H, D = q.shape
     Tk, Hkv = k.size(1), k.size(2)
     rep = H // Hkv
@@ -426,16 +382,12 @@ def reference_attention(q, k, v, q_pos, window_left=-1, causal=True):
     att = torch.softmax(scores, dim=-1)
     return (att @ vf).permute(0, 2, 1, 3).to(q.dtype)                   # (B, Tq, H, D)
 
-# -----------------------------------------------------------------------------
-# KV cache
+# KV cache --------------------------------------------------------------------
 
 class KVCache:
-    """
-    Keys/values of every layer for B rows: k_cache, v_cache (L, B, Tmax, Hkv, hd) in the compute dtype,
-    cache_seqlens int32 (B,) = tokens stored per row. The model writes layer i through
-    get_layer_cache(i) and advances the positions once after its last layer. prev_embedding (B, 1, d)
-    holds the last position's pre-smear normalized embedding (the model's smear reads it).
-    """
+    """Keys/values of every layer for B rows: k_cache, v_cache (L, B, Tmax, Hkv, hd) in the compute dtype,
+    cache_seqlens int32 (B,) = tokens stored per row (the model advances them once after its last layer).
+    prev_embedding (B, 1, d): the last position's pre-smear normalized embedding (the smear reads it)."""
 
     def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device, dtype=torch.float32):
         self.batch_size, self.num_heads, self.seq_len = batch_size, num_heads, seq_len
@@ -476,8 +428,7 @@ class KVCache:
         self.v_cache[:, :, :pos] = other.v_cache[:, :, :pos]
         self.cache_seqlens.fill_(pos)
         if other.prev_embedding is not None:
-            pe = other.prev_embedding
-            self.prev_embedding = pe.expand(self.batch_size, *pe.shape[1:]).clone()
+            self.prev_embedding = other.prev_embedding.expand(self.batch_size, *other.prev_embedding.shape[1:]).clone()
 
     def rows(self, n):
         """A cache over rows [0, n) that shares this one's storage (writes and advances land here)."""

@@ -2,20 +2,21 @@
 The calculator tool the chat model calls between <|python_start|> and <|python_end|>.
 
 A whitelist evaluator over Python's `ast`, not `eval`: numbers, + - * / // ( ), unary minus/plus, and
-`'string literal'.count('string literal')`. Everything else is refused. Every operand is bounded
-(expression length, integer size), so one evaluation costs microseconds whatever the input; a deadline is
-still checked while walking the tree. Neither needs signals, so it works in any thread.
+`'string literal'.count('string literal')`; everything else is refused. Operands are bounded (expression
+length, integer size) and a deadline is checked while walking the tree; no signals, so any thread works.
 """
 
 import ast
 import math
+import operator
 import time
-
 
 MAX_EXPR_CHARS = 1000  # longer "expressions" are not calculator calls
 MAX_INT_BITS = 1024  # any integer literal or intermediate beyond ~308 digits is refused
 MAX_DEPTH = 64  # nesting depth of the syntax tree (parentheses, unary minus chains)
 CALC_TIMEOUT = 3.0  # seconds; the reference's SIGALRM budget, enforced here by a deadline
+_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+           ast.FloorDiv: operator.floordiv}
 
 
 class _Refused(Exception):
@@ -61,22 +62,12 @@ def _eval_node(node, deadline, depth):
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
         v = _eval_node(node.operand, deadline, depth + 1)
         return _check_number(-v if isinstance(node.op, ast.USub) else +v)
-    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv)):
-        # `**` (ast.Pow) is refused on purpose: one short token sequence can ask for an astronomically
-        # large number, and GSM8K-style calculator calls never use it (the reference refuses it too).
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+        # `**` (ast.Pow) is refused on purpose: a few tokens can ask for an astronomically large number, and
+        # GSM8K-style calls never use it. Operands are <= MAX_INT_BITS, so even a product is cheap.
         a = _eval_node(node.left, deadline, depth + 1)
         b = _eval_node(node.right, deadline, depth + 1)
-        if isinstance(node.op, ast.Add):
-            r = a + b
-        elif isinstance(node.op, ast.Sub):
-            r = a - b
-        elif isinstance(node.op, ast.Mult):
-            r = a * b  # both operands are <= MAX_INT_BITS, so this is cheap; the result is checked
-        elif isinstance(node.op, ast.Div):
-            r = a / b
-        else:
-            r = a // b
-        return _check_number(r)
+        return _check_number(_BINOPS[type(node.op)](a, b))
     if isinstance(node, ast.Call):
         # exactly  'literal'.count('literal')  - no keywords, no start/end, no chained methods
         f = node.func
@@ -89,9 +80,8 @@ def _eval_node(node, deadline, depth):
 
 
 def _format_result(x):
-    # integers print as integers; floats that are whole numbers print without ".0" (the GSM8K annotations
-    # the model was trained on write "<<10/2=5>>"), other floats with 12 significant digits so that
-    # 0.1+0.2 gives "0.3" rather than "0.30000000000000004".
+    # whole-number floats print without ".0" (the GSM8K annotations the model learned write "<<10/2=5>>"),
+    # other floats with 12 significant digits (0.1+0.2 gives "0.3", not "0.30000000000000004")
     if isinstance(x, int):
         return str(x)
     if x.is_integer() and abs(x) < 1e16:
@@ -100,11 +90,8 @@ def _format_result(x):
 
 
 def use_calculator(expr, timeout=CALC_TIMEOUT):
-    """
-    Evaluate a calculator expression the model wrote. Returns the result as a string, or None when the
-    expression is refused (anything outside the whitelist), invalid, or fails (division by zero, ...).
-    Never raises, never uses signals; safe to call from any thread.
-    """
+    """The result of a calculator expression the model wrote, as a string; None when it is refused (outside
+    the whitelist), invalid, or fails (division by zero, ...). Never raises; safe from any thread."""
     if not isinstance(expr, str) or len(expr) > MAX_EXPR_CHARS:
         return None
     expr = _strip_commas_outside_strings(expr).strip()
@@ -112,8 +99,6 @@ def use_calculator(expr, timeout=CALC_TIMEOUT):
         return None
     deadline = time.monotonic() + timeout
     try:
-        tree = ast.parse(expr, mode="eval")
-        return _format_result(_eval_node(tree, deadline, 0))
-    except (_Refused, SyntaxError, ValueError, ZeroDivisionError, OverflowError, ArithmeticError,
-            RecursionError, MemoryError, TypeError):
+        return _format_result(_eval_node(ast.parse(expr, mode="eval"), deadline, 0))
+    except (_Refused, SyntaxError, ValueError, ArithmeticError, RecursionError, MemoryError, TypeError):
         return None

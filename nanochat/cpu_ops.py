@@ -1,8 +1,8 @@
 """
-Hand-written autograd paths for eager CPU training. On a CPU the stock ops make several extra passes over
-the activations in their backward (and the head's soft-cap + cross-entropy chain makes ~15 passes over the
-(N, V) logits); these keep what the backward needs and do it in fewer passes. Same math as the stock ops:
-tests compare them. nanochat.gpt picks them through use_cpu_kernels(x).
+Hand-written autograd paths for eager CPU training: the stock ops' backward makes several extra passes
+over the activations (the head's soft-cap + cross-entropy chain ~15 over the (N, V) logits); these keep
+what the backward needs and do it in fewer passes. Same math as the stock ops (tests compare them).
+nanochat.gpt picks them through use_cpu_kernels(x).
 """
 
 import contextlib
@@ -11,10 +11,9 @@ import torch
 
 CE_CHUNK_ELEMS = 1 << 20  # fused loss: logits per chunk (4 MB fp32)
 
-# These hand-written autograd paths are for eager CPU training. Under
-# torch.compile they step aside: inductor fuses the stock ops' forward and backward itself, and tracing
-# HeadSoftcapCE's in-place chunk loop made it copy the whole (N, V) logits once per chunk (out of memory).
-# cpu_kernels(False) turns them off, e.g. to trace or measure the CUDA code path on a CPU.
+# Under torch.compile these step aside: inductor fuses the stock ops' forward and backward itself, and
+# tracing HeadSoftcapCE's in-place chunk loop made it copy the whole (N, V) logits once per chunk (out of
+# memory). cpu_kernels(False) turns them off, e.g. to trace or measure the CUDA code path on a CPU.
 _CPU_KERNELS = True
 
 
@@ -34,12 +33,7 @@ def use_cpu_kernels(x):
 
 
 class RMSNormCPU(torch.autograd.Function):
-    """
-    Parameter-free RMS norm with a hand-written backward. On CPU the stock rms_norm is a chain of
-    elementwise ops (pow, mean, rsqrt, mul) whose autograd makes several extra passes over the
-    activations; this one keeps y and 1/rms and does the backward in three passes:
-    dx = rstd * (g - y * mean(g * y)).
-    """
+    """Parameter-free RMS norm keeping y and 1/rms; backward in three passes: dx = rstd * (g - y * mean(g * y))."""
 
     @staticmethod
     def forward(ctx, x):
@@ -72,13 +66,9 @@ class ReluSquareCPU(torch.autograd.Function):
 
 
 class HeadSoftcapCE(torch.autograd.Function):
-    """
-    lm_head matmul + soft-cap + cross-entropy in one op, for CPU training. The unfused chain makes ~15
-    full passes over the (N, V) logits (div, tanh, mul, log_softmax, nll and their backwards, a zeros
-    fill), which on a CPU costs as much time as the head matmul itself. Here the elementwise work runs
-    on cache-sized row chunks, in place in the single (N, V) buffer that later becomes the gradient.
-    Same math as `cap * tanh(x @ w.T / cap)` -> F.cross_entropy(ignore_index=-1); single backward only.
-    """
+    """lm_head matmul + soft-cap + cross-entropy in one op (CPU training): the elementwise work runs on
+    cache-sized row chunks, in place in the single (N, V) buffer that later becomes the gradient.
+    Same math as `cap * tanh(x @ w.T / cap)` -> F.cross_entropy(ignore_index=-1); single backward only."""
 
     @staticmethod
     def forward(ctx, x, w, targets, cap, reduction):

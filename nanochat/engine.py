@@ -1,22 +1,15 @@
 """
 Fast inference with a KV cache, and the calculator tool wired into the token stream.
 
-Engine: one request, `num_samples` rows sharing its prompt. One batch-1 prefill, the KV cache replicated
-to the rows, then one decode step per generated column.
-BatchEngine: continuous batching. Many requests, each in its own row of one cache at its own position,
-joining and leaving a running decode loop (a background thread).
+Engine: one request, `num_samples` rows sharing its prompt (one batch-1 prefill replicated to the rows).
+BatchEngine: continuous batching; requests join and leave a running decode loop (a background thread),
+each in its own row of one cache at its own position.
+Tool use: tokens between <|python_start|> and <|python_end|> go to `use_calculator`; its result is forced
+back into that row as <|output_start|> result <|output_end|> (mask 0), one token per step.
 
-The engine knows nothing about text except for tool use: between <|python_start|> and <|python_end|> the
-tokens are decoded and handed to `use_calculator`; a result is forced back into that row as
-<|output_start|> result <|output_end|> (mask 0), one token per step.
-
-    engine = Engine(model, tokenizer)
-    for token_column, mask_column in engine.generate(prompt_ids, num_samples=4, max_tokens=64):
+    for token_column, mask_column in Engine(model, tokenizer).generate(prompt_ids, num_samples=4, max_tokens=64):
         ...
-    results, masks = engine.generate_batch(prompt_ids, num_samples=4, max_tokens=64)
-
-    batch = BatchEngine(model, tokenizer, max_rows=8).start()
-    for token in batch.submit(prompt_ids, max_tokens=64, temperature=0.8, top_p=0.95, seed=1):
+    for token in BatchEngine(model, tokenizer, max_rows=8).start().submit(prompt_ids, max_tokens=64, seed=1):
         ...
 """
 
@@ -30,30 +23,23 @@ import torch
 
 from nanochat.attention import KVCache
 from nanochat.calculator import use_calculator  # noqa: F401  (also importable from here)
+from nanochat.common import get_compute_dtype
 
-# -----------------------------------------------------------------------------
-# Sampling
+# Sampling --------------------------------------------------------------------
 
 
 def _sample_from_probs(probs, rng):
-    """
-    One draw per row from unnormalized probabilities (B, K) by inverse CDF: a single uniform per row and a
-    binary search. Exact like torch.multinomial, but ~10-20x faster on CPU at large K (multinomial spends
-    ~0.3 ms per row of 8192 there), which matters for full-vocabulary sampling at batch > 1.
-    """
+    """One draw per row from unnormalized probabilities (B, K) -> (B, 1), by inverse CDF. Exact like
+    torch.multinomial, but ~10-20x faster on CPU at large K (full-vocabulary sampling at batch > 1)."""
     cdf = probs.cumsum(dim=-1)  # (B, K)
     u = torch.rand(probs.size(0), 1, generator=rng, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
-    # first index whose cdf exceeds u; a zero-probability entry has cdf equal to its predecessor's, so it
-    # can never be chosen. clamp guards the u == total rounding edge.
-    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.size(-1) - 1)  # (B, 1)
+    # a zero-probability entry has its predecessor's cdf, so it is never chosen; clamp: the u == total edge
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.size(-1) - 1)
 
 
 def top_p_truncate(probs, top_p):
-    """
-    Nucleus truncation (Holtzman et al. 2019, https://arxiv.org/abs/1904.09751) of probabilities sorted in
-    descending order along the last dim: keep the smallest prefix whose mass reaches top_p (always at
-    least the first token), zero the rest. The result is not renormalized (sampling does not need it).
-    """
+    """Nucleus truncation (https://arxiv.org/abs/1904.09751) of probabilities sorted descending on the last
+    dim: keep the smallest prefix whose mass reaches top_p (at least one token), zero the rest (unnormalized)."""
     mass_before = probs.cumsum(dim=-1) - probs
     return probs.masked_fill(mass_before >= top_p * probs.sum(dim=-1, keepdim=True), 0.0)
 
@@ -69,11 +55,8 @@ def check_sampling(temperature, top_k, top_p):
 
 
 def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
-    """
-    logits (B, V) -> next token ids (B, 1) int64. temperature 0 = argmax (rng unused). Otherwise sample
-    from softmax(logits / temperature) restricted to the top min(top_k, V) logits (top_k None/0 = all),
-    then to the nucleus of mass top_p (None/1 = all). Rows are sampled independently from `rng`.
-    """
+    """logits (B, V) -> token ids (B, 1) int64. temperature 0 = argmax; else sample softmax(logits / temperature)
+    over the top min(top_k, V) logits (None/0 = all), then the top_p nucleus (None/1 = all), rows independently."""
     check_sampling(temperature, top_k, top_p)
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1, keepdim=True)
@@ -89,8 +72,7 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
     choice = _sample_from_probs(probs, rng)
     return choice if idx is None else idx.gather(1, choice)  # map positions in the sorted list back to ids
 
-# -----------------------------------------------------------------------------
-# Per-row tool use and stopping (shared by Engine and BatchEngine)
+# Per-row tool use and stopping (shared by Engine and BatchEngine) ------------
 
 
 class _Tools:
@@ -106,24 +88,17 @@ class _Tools:
 
     def result_tokens(self, expr_tokens):
         result = use_calculator(self.tokenizer.decode(expr_tokens))
-        if result is None:
-            return None
-        return [self.output_start] + self.tokenizer.encode(result) + [self.output_end]
+        return None if result is None else [self.output_start] + self.tokenizer.encode(result) + [self.output_end]
 
 
 class _Row:
-    """
-    One sequence's state in a decode loop: a tool result waiting to be forced into it, the calculator
-    expression being written, and whether it has ended. step() turns the sampled token into the one the
-    row actually takes, and its mask (1 = sampled, 0 = forced by the tool).
-    """
+    """One sequence in a decode loop: tool tokens to force, the expression being written, whether it ended.
+    step() maps the sampled token to (token the row takes, mask: 1 = sampled, 0 = forced by the tool)."""
     __slots__ = ("forced", "in_python", "expr_tokens", "completed")
 
     def __init__(self):
-        self.forced = []  # tokens to force into this row, next one at the end (list used as a stack)
-        self.in_python = False
-        self.expr_tokens = []
-        self.completed = False
+        self.forced, self.expr_tokens = [], []  # forced: tokens to force into this row, a stack (next at the end)
+        self.in_python = self.completed = False
 
     def step(self, sampled, tools):
         tok, mask = (self.forced.pop(), 0) if self.forced else (sampled, 1)
@@ -153,11 +128,8 @@ def cache_len_bucket(n):
 def new_kv_cache(model, batch_size, seq_len):
     """An empty KV cache for `model` in the dtype its attention layers produce k/v in."""
     cfg = model.config
-    dtype = getattr(model, "compute_dtype", None)
     device = next(model.parameters()).device
-    if dtype is None:
-        from nanochat.common import get_compute_dtype
-        dtype = get_compute_dtype(device.type, verbose=False)
+    dtype = getattr(model, "compute_dtype", None) or get_compute_dtype(device.type, verbose=False)
     return KVCache(batch_size=batch_size, num_heads=cfg.n_kv_head, seq_len=seq_len, head_dim=cfg.n_embd // cfg.n_head,
                    num_layers=cfg.n_layer, device=device, dtype=dtype)
 
@@ -178,8 +150,7 @@ def check_request(model, tokens, max_tokens, temperature, top_k, top_p):
         raise ValueError(f"max_tokens must be a non-negative int, got {max_tokens!r}")
     return max_tokens
 
-# -----------------------------------------------------------------------------
-# Engine: one request, num_samples rows sharing its prompt
+# Engine: one request, num_samples rows sharing its prompt --------------------
 
 
 class Engine:
@@ -187,18 +158,12 @@ class Engine:
     def __init__(self, model, tokenizer, compile=False):
         """compile=True runs the decode step through torch.compile (first use of each batch size and
         cache length pays the compilation; output equals the eager path's in fp32)."""
-        self.model = model
-        self.tokenizer = tokenizer
-        self.tools = _Tools(tokenizer)
-        self.compile = compile
+        self.model, self.tokenizer, self.tools, self.compile = model, tokenizer, _Tools(tokenizer), compile
 
     @torch.inference_mode()
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42):
-        """
-        Stream one column per step: (token_column, mask_column), lists of num_samples ints; mask 1 = the
-        token was sampled, 0 = forced by the tool. Completed rows keep receiving (meaningless) tokens;
-        callers ignore them. max_tokens None = until every row ends or the model's sequence_len is full.
-        """
+        """Yield (token_column, mask_column) per step, lists of num_samples ints (mask 0 = forced by the tool).
+        Completed rows keep receiving tokens callers ignore. max_tokens None = fill the model's sequence_len."""
         max_tokens = check_request(self.model, tokens, max_tokens, temperature, top_k, top_p)
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
@@ -206,11 +171,9 @@ class Engine:
             return
         model, B, T = self.model, num_samples, len(tokens)
         device = next(model.parameters()).device
-        rng = torch.Generator(device=device)
-        rng.manual_seed(seed)
+        rng = torch.Generator(device=device).manual_seed(seed)
 
-        # 1) prefill the prompt once at batch 1, then replicate it into a decode cache with room for every
-        # token we may forward
+        # 1) prefill the prompt once at batch 1, then replicate it into a decode cache with room for every token
         prefill_cache = new_kv_cache(model, 1, T)
         ids = torch.tensor([tokens], dtype=torch.long, device=device)  # (1, T)
         logits = model.forward_cached(ids, prefill_cache, last_only=True)[:, -1, :]  # (1, V)
@@ -224,8 +187,7 @@ class Engine:
         for num_generated in range(1, max_tokens + 1):
             sampled = sample_next_token(logits, rng, temperature, top_k, top_p)  # (B, 1)
             sampled_list = sampled.view(-1).tolist()
-            columns = [row.step(s, self.tools) for row, s in zip(rows, sampled_list)]
-            token_column, mask_column = [c[0] for c in columns], [c[1] for c in columns]
+            token_column, mask_column = map(list, zip(*(row.step(s, self.tools) for row, s in zip(rows, sampled_list))))
             yield token_column, mask_column
             if num_generated == max_tokens or all(row.completed for row in rows):
                 return
@@ -235,28 +197,22 @@ class Engine:
             logits = model.forward_cached(ids, cache, compile=self.compile)[:, -1, :]  # (B, V)
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):
-        """
-        Non-streaming: returns (results, masks), num_samples lists each = prompt + generated tokens, the
-        terminal <|assistant_end|>/<|bos|> excluded; masks 0 for the prompt and forced tokens, 1 sampled.
-        """
+        """(results, masks): per sample, prompt + generated tokens without the terminal <|assistant_end|>/<|bos|>;
+        mask 0 for the prompt and forced tokens, 1 sampled."""
         results = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
         done = [False] * num_samples
         for token_column, mask_column in self.generate(tokens, num_samples, **kwargs):
             for i, (tok, m) in enumerate(zip(token_column, mask_column)):
-                if done[i]:
-                    continue
-                if tok in self.tools.stops:
-                    done[i] = True
-                else:
+                done[i] = done[i] or tok in self.tools.stops
+                if not done[i]:
                     results[i].append(tok)
                     masks[i].append(m)
             if all(done):
                 break
         return results, masks
 
-# -----------------------------------------------------------------------------
-# Continuous batching: one decode loop per model replica, requests joining and leaving it
+# Continuous batching: one decode loop per model replica, requests joining and leaving it ---
 
 
 class QueueFull(Exception):
@@ -264,18 +220,12 @@ class QueueFull(Exception):
 
 
 class Stream:
-    """
-    The tokens of one BatchEngine request, produced by the decode loop thread. Iterate (blocking), or
-    get() one token at a time; finish_reason says why it ended: "stop" (the model's end token),
-    "length" (max_tokens), "cancelled" (cancel() or engine stop) or "error" (then `error` says what).
-    """
+    """The tokens of one BatchEngine request: iterate (blocking) or get(). finish_reason: "stop" (end token),
+    "length" (max_tokens), "cancelled" (cancel() or engine stop) or "error" (then `error` says what)."""
 
     def __init__(self):
-        self._queue = queue.Queue()
-        self._ended = False
-        self.finish_reason = None
-        self.error = None
-        self.cancelled = False
+        self._queue, self._ended = queue.Queue(), False
+        self.finish_reason, self.error, self.cancelled = None, None, False
 
     def __iter__(self):
         while (tok := self.get()) is not None:
@@ -293,9 +243,6 @@ class Stream:
         """Stop generating; the row is freed at the decode loop's next step."""
         self.cancelled = True
 
-    def _put(self, tok):
-        self._queue.put(tok)
-
     def _finish(self, reason, error=None):
         if self.finish_reason is None:
             self.finish_reason, self.error = reason, error
@@ -312,15 +259,10 @@ class _Request:
 
 
 class BatchEngine:
-    """
-    Continuous batching (Orca, Yu et al. 2022): one background thread runs decode steps over up to
-    max_rows requests at once. A submitted request waits in a bounded queue, gets its prompt prefilled
-    (together with the others waiting, see _admit) into a free row of one shared KV cache (each row at its
-    own position), and leaves at its
-    own stop token or max_tokens, freeing the row for the next. Each request has its own sampling
-    parameters and random generator, so its tokens (greedy, or seeded) are the same as its solo
-    Engine.generate run whatever else shares the batch.
-    """
+    """Continuous batching (Orca, Yu et al. 2022): one thread decodes up to max_rows requests at once. A request
+    waits in a bounded queue, is prefilled (with the others waiting, see _admit) into a free row of one shared
+    KV cache, and leaves at its stop token or max_tokens. Each request has its own sampling parameters and
+    generator, so its tokens (greedy, or seeded) equal its solo Engine.generate run."""
 
     def __init__(self, model, tokenizer, max_rows=8, max_queue=64, compile=False, prefill_tokens=2048):
         if max_rows < 1 or max_queue < 0 or prefill_tokens < 1:
@@ -366,8 +308,7 @@ class BatchEngine:
         if len(tokens) >= self.capacity:
             raise ValueError(f"prompt of {len(tokens)} tokens leaves no room in the model's context "
                              f"({self.capacity}); shorten the conversation")
-        rng = torch.Generator(device=self.device)
-        rng.manual_seed(seed if seed is not None else random.getrandbits(63))
+        rng = torch.Generator(device=self.device).manual_seed(seed if seed is not None else random.getrandbits(63))
         req = _Request(list(tokens), min(max_tokens, self.capacity - len(tokens)), temperature, top_k, top_p, rng)
         with self._cond:
             if len(self._waiting) >= self.max_queue:
@@ -419,14 +360,10 @@ class BatchEngine:
                     self._end_all("error", f"{type(e).__name__}: {e}")
 
     def _admit(self):
-        """
-        Prefill the oldest waiting requests that fit in free rows in one forward (the lowest free rows first,
-        to keep the batch short): prompts right-padded to the longest, which causal attention keeps out of
-        every real token's view; each row's logits and smear state are taken at its own last real token and
-        only its real positions are copied into its slot. A group holds at most prefill_tokens padded tokens
-        (one longer prompt goes alone). The first token of each admitted row is emitted at once.
-        Returns the padded tokens prefilled (0: nothing admitted).
-        """
+        """Prefill the oldest waiting requests that fit in free rows (lowest first) in one forward, right-padded
+        (causal attention hides the padding; logits and smear state are taken at each row's last real token),
+        at most prefill_tokens padded tokens (a longer prompt goes alone), and emit their first tokens.
+        Returns the padded tokens prefilled (0: nothing admitted)."""
         with self._cond:
             free = [slot for slot, r in enumerate(self._rows) if r is None]
             group, longest = [], 0
@@ -456,11 +393,11 @@ class BatchEngine:
         except Exception as e:
             for req in group:
                 req.stream._finish("error", f"{type(e).__name__}: {e}")
-            return len(group) * longest
-        with self._cond:
-            for slot, req in zip(slots, group):
-                self._rows[slot] = req
-        self._emit(slots)  # first tokens out now, not after the next decode step
+        else:
+            with self._cond:
+                for slot, req in zip(slots, group):
+                    self._rows[slot] = req
+            self._emit(slots)  # first tokens out now, not after the next decode step
         return len(group) * longest
 
     def _free(self, slot, reason, error=None):
@@ -475,9 +412,8 @@ class BatchEngine:
                 self._free(slot, reason, error)
 
     def _emit(self, slots):
-        """Sample the next token of the rows in `slots` from their logits and hand it to their streams; a row
-        that goes on keeps it in _column for the next decode step. A row's tokens depend only on its own
-        logits and generator."""
+        """Sample the next token of the rows in `slots` (from their own logits and generator) into their
+        streams; a row that goes on keeps it in _column for the next decode step."""
         greedy = self._logits[slots].argmax(dim=-1).tolist()
         n_out = 0
         for slot, best in zip(slots, greedy):
@@ -494,7 +430,7 @@ class BatchEngine:
             if req.row.completed:
                 self._free(slot, "stop")
                 continue
-            req.stream._put(tok)
+            req.stream._queue.put(tok)
             n_out += 1
             if req.generated >= req.max_tokens:
                 self._free(slot, "length")

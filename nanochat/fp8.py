@@ -1,16 +1,12 @@
 """
 FP8 training for the linear layers (`--fp8` in base_train): tensorwise dynamic scaling.
 
-Every matmul of a converted linear (the forward, the gradient of the input, the gradient of the weight)
-quantizes its two operands with one scale per tensor, computed fresh on each call:
-    scale = FP8_MAX / max(|x|)      (in float64, amax floored at 1e-12), x_fp8 = clamp(x * scale) cast
-then runs torch._scaled_mm with the inverse scales, producing bf16. Inputs and weights use float8_e4m3fn
-(max 448, more mantissa); output gradients float8_e5m2 (max 57344, more range). See "FP8 Formats for Deep
-Learning", Micikevicius et al. 2022 (arXiv 2209.05433).
-
-Only linears with in and out features divisible by 16 and >= 128 are converted (cuBLAS fp8 needs
-multiples of 16; small ones gain nothing). The master weights stay fp32 and are shared: evaluation
-runs the same modules as plain bf16 linears inside `bf16_linears(model)`.
+Every matmul of a converted linear (forward, input grad, weight grad) quantizes both operands with one scale
+per tensor, fresh on each call: scale = FP8_MAX / max(|x|) (float64, amax floored at 1e-12), then runs
+torch._scaled_mm with the inverse scales, producing bf16. Inputs and weights use float8_e4m3fn, output
+gradients float8_e5m2 (more range); see Micikevicius et al. 2022, arXiv 2209.05433.
+Only linears with in and out features divisible by 16 (cuBLAS fp8) and >= 128 (smaller gain nothing) are
+converted. The fp32 master weights are shared: evaluation runs them as plain bf16 linears in `bf16_linears(model)`.
 """
 
 import contextlib
@@ -54,10 +50,6 @@ def _mm(a, b, a_inv, b_inv):
     return torch._scaled_mm(a, b, scale_a=a_inv, scale_b=b_inv, out_dtype=torch.bfloat16)
 
 
-def _col_major(t):
-    return t.t().contiguous().t()
-
-
 class FP8Matmul(torch.autograd.Function):
     """y = x @ w.T with all three matmuls in fp8. x (M, K), w (N, K) -> y (M, N) bf16."""
 
@@ -73,8 +65,8 @@ class FP8Matmul(torch.autograd.Function):
     def backward(ctx, g):
         xq, x_inv, wq, w_inv = ctx.saved_tensors
         gq, g_inv = quantize(g, E5M2)
-        grad_x = _mm(gq, _col_major(wq), g_inv, w_inv)                      # (M, N) @ (N, K)
-        grad_w = _mm(gq.t().contiguous(), _col_major(xq), g_inv, x_inv)      # (N, M) @ (M, K)
+        grad_x = _mm(gq, wq.t().contiguous().t(), g_inv, w_inv)  # (M, N) @ (N, K) column-major
+        grad_w = _mm(gq.t().contiguous(), xq.t().contiguous().t(), g_inv, x_inv)  # (N, M) @ (M, K)
         return grad_x.to(ctx.x_dtype), grad_w.to(ctx.w_dtype)
 
 
@@ -90,12 +82,10 @@ def _eligible(m):
 
 def convert_to_fp8(model):
     """Switch every eligible linear of the model to fp8 matmuls (in place; weights untouched). Returns the count."""
-    n = 0
-    for m in model.modules():
-        if type(m) is Linear and _eligible(m):
-            m.__class__ = FP8Linear
-            n += 1
-    return n
+    converted = [m for m in model.modules() if type(m) is Linear and _eligible(m)]
+    for m in converted:
+        m.__class__ = FP8Linear
+    return len(converted)
 
 
 @contextlib.contextmanager

@@ -90,9 +90,8 @@ def apply_rotary(x, cos, sin):
 
 
 def matvec(x, w):
-    """x @ w.T for a few rows of x, as a broadcast product and a sum. Under torch.compile on a CPU this is
-    one fused loop streaming the weight: at decode sizes ~2-5x faster than the BLAS call F.linear makes,
-    whose per-call cost dominates such small products."""
+    """x @ w.T for a few rows of x as a broadcast product and sum: under torch.compile on a CPU one fused loop
+    streaming the weight, at decode sizes ~2-5x faster than F.linear's BLAS call (per-call cost dominates)."""
     return (x.unsqueeze(-2) * w).sum(-1)
 
 
@@ -109,9 +108,7 @@ class Linear(nn.Linear):
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
-        self.layer_idx = layer_idx
-        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
-        self.head_dim = config.n_embd // config.n_head
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.n_embd // config.n_head
         d, hd = config.n_embd, self.head_dim
         self.c_q = Linear(d, self.n_head * hd)
         self.c_k = Linear(d, self.n_kv_head * hd)
@@ -166,10 +163,8 @@ class GPT(nn.Module):
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         self.window_sizes = self._compute_window_sizes(config)
         V_pad, d, L = padded_vocab_size(config.vocab_size), config.n_embd, config.n_layer
-        self.transformer = nn.ModuleDict(dict(
-            wte=embedding(V_pad, d),
-            h=nn.ModuleList([Block(config, i) for i in range(L)]),
-        ))
+        self.transformer = nn.ModuleDict(dict(wte=embedding(V_pad, d),
+                                              h=nn.ModuleList([Block(config, i) for i in range(L)])))
         self.lm_head = Linear(d, V_pad)
         kv_dim = config.n_kv_head * self.head_dim
         self.value_embeds = nn.ModuleDict({str(i): embedding(V_pad, kv_dim) for i in range(L) if has_value_embed(i, L)})
@@ -181,7 +176,7 @@ class GPT(nn.Module):
         self.rotary_len = 10 * config.sequence_len  # decode may run past the training length
         self.register_buffer("cos", torch.empty(1, self.rotary_len, 1, self.head_dim // 2), persistent=False)
         self.register_buffer("sin", torch.empty(1, self.rotary_len, 1, self.head_dim // 2), persistent=False)
-        self.compute_dtype = None  # decided in init_weights from the device (bf16 where the hardware multiplies it fast)
+        self.compute_dtype = None  # set by init_weights from the device (bf16 where the hardware multiplies it fast)
         get_backend()  # pick (and log) the attention backend now, outside any torch.compile trace
         self.fused_loss = True  # CPU fp32 eager training uses HeadSoftcapCE (tests compare it to the plain path)
 
@@ -201,8 +196,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, dtype=None):
-        """Initialization (zero output projections, small uniform q/k/v and MLP-in, small head); call after to_empty(). dtype: the compute dtype
-        (default: the process's policy, see common.get_compute_dtype)."""
+        """Initialize (zero output projections, small uniform q/k/v and MLP-in, small head) after to_empty().
+        dtype: the compute dtype (default: the process's policy, see common.get_compute_dtype)."""
         cfg, d = self.config, self.config.n_embd
         s = math.sqrt(3) / math.sqrt(d)  # U(-s, s) has std 1/sqrt(d)
         # embeddings may have been cast to bf16 by an earlier init: back to fp32 masters first
@@ -232,8 +227,7 @@ class GPT(nn.Module):
         # embeddings are lookups, not matmuls: store them in the compute dtype (fp16 keeps fp32 for range)
         if self.compute_dtype == torch.bfloat16:
             self.transformer.wte.to(dtype=torch.bfloat16)
-            for ve in self.value_embeds.values():
-                ve.to(dtype=torch.bfloat16)
+            self.value_embeds.to(dtype=torch.bfloat16)
         self._init_rotary(device)
 
     def _init_rotary(self, device):
@@ -246,11 +240,8 @@ class GPT(nn.Module):
         self.sin = angle.sin().to(dtype)[None, :, None, :]
 
     def forward(self, idx, targets=None, loss_reduction="mean", last_only=False):
-        """
-        idx (B, T) int64 -> fp32 logits (B, T, V), or the loss when targets (B, T) are given (-1 = ignore).
-        last_only: return only the last position's logits, (B, 1, V). Inference with a KV cache is
-        forward_cached().
-        """
+        """idx (B, T) int64 -> fp32 logits (B, T, V), or the loss when targets (B, T) are given (-1 = ignore).
+        last_only: only the last position's logits, (B, 1, V). KV-cached inference is forward_cached()."""
         B, T = idx.shape
         V = self.config.vocab_size
         self._ensure_compute_dtype()
@@ -260,18 +251,16 @@ class GPT(nn.Module):
         cos, sin = self.cos[:, :T], self.sin[:, :T]
 
         x = norm(self.transformer.wte(idx).to(dtype))  # (B, T, d)
-        # smear: mix each position's embedding with the previous one's (gate starts at 0); the first
-        # position has no predecessor
+        # smear: mix each position's embedding with the previous one's (gate starts at 0; the first has none)
         gate = self.smear_lambda.to(dtype) * torch.sigmoid(self.smear_gate(x[:, 1:, :SMEAR_CHANNELS]))
         x = x0 = torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
 
-        L = self.config.n_layer
         x_backout = None
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx).to(dtype) if str(i) in self.value_embeds else None
             x = block(x, ve, cos, sin, self.window_sizes[i])
-            if i == L // 2:
+            if i == self.config.n_layer // 2:
                 x_backout = x
         if x_backout is not None:
             x = x - self.backout_lambda.to(dtype) * x_backout
@@ -290,8 +279,7 @@ class GPT(nn.Module):
             return logits
         return F.cross_entropy(logits.view(-1, V), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction)
 
-    # -------------------------------------------------------------------------
-    # inference with a KV cache: the one cached path (the Engine's prefill and decode steps)
+    # inference with a KV cache: the one cached path (the Engine's prefill and decode steps) ---
 
     def _ensure_compute_dtype(self):
         if self.compute_dtype is None:  # weights loaded without init_weights(): decide now, once
@@ -395,14 +383,11 @@ class GPT(nn.Module):
 
     @torch.inference_mode()
     def forward_cached(self, idx, kv_cache, last_only=False, compile=False, last_positions=None):
-        """
-        idx (B, T) continues each row of kv_cache at that row's position (kv_cache.cache_seqlens; rows
-        may differ) -> fp32 logits (B, T, V), or (B, 1, V) with last_only. Writes and advances the cache.
-        last_positions (B,) long (right-padded prompts): logits (B, 1, V) and prev_embedding at each row's own index.
-        Same math as forward(). A single-token step on a started cache (decode) runs at fixed shapes and,
-        with compile=True, through torch.compile (compiled once per batch size and cache length, so
-        callers should round cache lengths up to a few sizes); prefills and chunks run eagerly.
-        """
+        """idx (B, T) continues each row of kv_cache at its own position -> fp32 logits (B, T, V), or (B, 1, V)
+        with last_only or last_positions (B,) long (right-padded prompts: logits and prev_embedding at each row's
+        index). Writes and advances the cache. Same math as forward(). A decode step (one token, started cache)
+        runs at fixed shapes, with compile=True through torch.compile (once per batch size and cache length:
+        round cache lengths to a few sizes); prefills and chunks run eagerly."""
         self._ensure_compute_dtype()
         B, T = idx.shape
         if kv_cache.seq_len > self.rotary_len:
@@ -432,17 +417,12 @@ class GPT(nn.Module):
         kv_cache.advance(T)  # after the last layer, so every layer saw the same positions
         return logits
 
-    # -------------------------------------------------------------------------
-    # accounting
-
-    def _matmul_params(self):
-        return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-
     def estimate_flops(self):
-        """Training FLOPs per token (forward + backward): 6 per matmul weight plus attention's 12 * heads * head_dim * window per layer (the PaLM appendix B accounting)."""
+        """Training FLOPs per token (forward + backward), the PaLM appendix B accounting: 6 per matmul weight
+        plus attention's 12 * heads * head_dim * window per layer."""
         T = self.config.sequence_len
         attn = sum(12 * self.config.n_head * self.head_dim * min(left, T) for left, _ in self.window_sizes)
-        return 6 * self._matmul_params() + attn
+        return 6 * sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear)) + attn
 
     def num_scaling_params(self):
         """Parameter counts by kind; scaling laws use transformer_matrices + lm_head."""
@@ -457,9 +437,6 @@ class GPT(nn.Module):
         counts["total"] = sum(counts.values())
         assert counts["total"] == sum(p.numel() for p in self.parameters()), "a parameter is not accounted for"
         return counts
-
-    # -------------------------------------------------------------------------
-    # optimizer
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
                          scalar_lr=0.5):
@@ -489,8 +466,7 @@ class GPT(nn.Module):
         assert n_grouped == len(list(self.parameters())), "every parameter must be in exactly one group"
         return MuonAdamW(groups)
 
-    # -------------------------------------------------------------------------
-    # naive sampling (the slow reference beside the Engine)
+    # naive sampling (the slow reference beside the Engine) -------------------
 
     @torch.inference_mode()
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):

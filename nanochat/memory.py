@@ -1,31 +1,26 @@
 """
 Training memory, estimated before anything is allocated, so a run fits by construction.
 
-estimate_memory(config, device_batch_size, dtype, ...) counts, in bytes, what one training step holds
-at its peak (the end of the forward / start of the backward of the last micro-batch):
+estimate_memory(config, device_batch_size, dtype, ...) counts the bytes one training step holds at its peak
+(end of the forward / start of the backward of the last micro-batch):
   weights        fp32 masters (embeddings in the compute dtype when it is bf16, as GPT.init_weights does)
-  grads          one per parameter, in the parameter's dtype (they persist across micro-batches)
-  optimizer      AdamW moments (2 x fp32) for embeddings, head and scalars; Muon momentum (fp32) plus its
-                 factored second moment for the block matrices
+  grads          one per parameter, in its dtype (they persist across micro-batches)
+  optimizer      AdamW moments (2 x fp32) for embeddings, head, scalars; Muon momentum (fp32) + factored 2nd moment
   weight_copies  the compute-dtype copy of every linear weight that the forward casts and autograd keeps
-  activations    tensors saved for backward, per layer, for the actual dtype / fp8 / compile / window /
-                 attention-backend configuration
-  logits         the fp32 head: (N, V) tensors kept for backward, plus the fp32 gradient the backward
-                 creates next to them
+  activations    saved for backward, per layer, for the dtype / fp8 / compile / window / attention backend
+  logits         the fp32 (N, V) head tensors kept for backward, plus the fp32 gradient created next to them
   transient      the largest short-lived buffer outside those (the optimizer's stacked fp32 group)
 auto_device_batch_size() picks the largest batch whose estimate fits the free GPU memory with a margin.
-
-The per-layer activation count follows the forward of nanochat.gpt on the GPU code path (no CPU-only
-fused ops); tests/test_memory.py checks it against the bytes autograd actually saves, on a CPU.
+The activation count follows nanochat.gpt's GPU code path; tests/test_memory.py checks it against the bytes
+autograd actually saves, on a CPU.
 """
 
 import torch
 
 # compiled training keeps fewer activations: Inductor's min-cut partitioner recomputes cheap pointwise
-# results (norm upcasts, residual mixes, relu) in the backward instead of saving them. Measured with
-# saved-tensor hooks around the compiled model on a CPU (GPU code path, bf16): 0.83 of the eager bytes per
-# layer, and one fp32 (N, V) head tensor saved instead of two. runs/gpu_check.sh prints the estimate
-# next to torch.cuda.max_memory_allocated.
+# results (norm upcasts, residual mixes, relu) in the backward. Measured with saved-tensor hooks around the
+# compiled model on a CPU (GPU code path, bf16): 0.83 of the eager bytes per layer, and one fp32 (N, V) head
+# tensor saved instead of two. runs/gpu_check.sh prints the estimate next to torch.cuda.max_memory_allocated.
 COMPILE_ACTIVATION_FACTOR = 0.83
 MARGIN = 0.90  # use at most this fraction of the free memory (allocator fragmentation, CUDA workspaces)
 
@@ -35,9 +30,7 @@ def _param_counts(config):
     with torch.device("meta"):
         model = GPT(config)
     counts = model.num_scaling_params()
-    V = config.vocab_size
-    counts["head_used"] = V * config.n_embd  # forward uses lm_head[:V] (the padded rows are never read)
-    counts["block_matrices"] = counts["transformer_matrices"]
+    counts["head_used"] = config.vocab_size * config.n_embd  # forward uses lm_head[:V], never the padded rows
     shapes = {}
     for p in model.transformer.h.parameters():
         shapes[tuple(p.shape)] = shapes.get(tuple(p.shape), 0) + p.numel()
@@ -51,8 +44,7 @@ def _layer_activation_bytes(config, N, dtype, fp8, backend, layer_idx, window_le
     from nanochat.gpt import has_value_embed
     e = torch.finfo(dtype).bits // 8
     d, H, Hkv = config.n_embd, config.n_head, config.n_kv_head
-    hd = d // H
-    kv = Hkv * hd
+    kv = Hkv * (d // H)
     lin = 1 if fp8 else e  # inputs of the linear layers are kept quantized under fp8
     T = config.sequence_len
     # RMS norm keeps its input upcast to fp32 plus fp32 1/rms per row (stock rms_norm decomposition)
@@ -81,11 +73,9 @@ def _layer_activation_bytes(config, N, dtype, fp8, backend, layer_idx, window_le
 
 def estimate_memory(config, device_batch_size, dtype=torch.bfloat16, fp8=False, compile=True, backend="fa3",
                     world_size=1):
-    """
-    Peak training memory per device, in bytes, as a dict (see the module docstring) with a "total".
+    """Peak training memory per device, in bytes, as a dict (see the module docstring) with a "total".
     backend: the attention backend ("fa3" | "flex" | "sdpa"); only "sdpa" with sliding windows saves more.
-    world_size: optimizer state is sharded over ranks (ZeRO-2 style), weights and grads are not.
-    """
+    world_size: optimizer state is sharded over ranks (ZeRO-2 style), weights and grads are not."""
     if device_batch_size < 1:
         raise ValueError(f"device_batch_size must be >= 1, got {device_batch_size}")
     c = _param_counts(config)
@@ -93,14 +83,11 @@ def estimate_memory(config, device_batch_size, dtype=torch.bfloat16, fp8=False, 
     N = device_batch_size * config.sequence_len
     V, d = config.vocab_size, config.n_embd
     emb = c["wte"] + c["value_embeds"]
-    emb_bytes = e if dtype == torch.bfloat16 else 4
-    other = c["total"] - emb
-    weights = emb * emb_bytes + other * 4
-    grads = weights
+    weights = emb * (e if dtype == torch.bfloat16 else 4) + (c["total"] - emb) * 4
     adamw = c["lm_head"] + emb + c["scalars"]
-    optimizer = (adamw * 8 + c["block_matrices"] * 4) / world_size
+    optimizer = (adamw * 8 + c["transformer_matrices"] * 4) / world_size
     # fp8 linears keep their fp8 weight; the head stays in the compute dtype
-    weight_copies = c["block_matrices"] * (1 if fp8 else e) + c["head_used"] * e
+    weight_copies = c["transformer_matrices"] * (1 if fp8 else e) + c["head_used"] * e
     acts = sum(_layer_activation_bytes(config, N, dtype, fp8, backend, i, left)
                for i, (left, _) in enumerate(c["window_sizes"]))
     # outside the blocks: embedding norm, smear, x0, final norm and the head's input
@@ -111,9 +98,8 @@ def estimate_memory(config, device_batch_size, dtype=torch.bfloat16, fp8=False, 
     # then creates one fp32 gradient of the same size next to them
     logits = (1 if compile else 2) * N * V * 4 + N * V * 4
     transient = 3 * c["largest_muon_group"] * 4
-    out = dict(weights=weights, grads=grads, optimizer=optimizer, weight_copies=weight_copies,
-               activations=acts, logits=logits, transient=transient)
-    out = {k: int(v) for k, v in out.items()}
+    out = {k: int(v) for k, v in dict(weights=weights, grads=weights, optimizer=optimizer, weight_copies=weight_copies,
+                                      activations=acts, logits=logits, transient=transient).items()}
     out["total"] = sum(out.values())
     return out
 
@@ -126,12 +112,10 @@ def format_estimate(est):
 
 def auto_device_batch_size(config, device, dtype=torch.bfloat16, fp8=False, compile=True, backend="fa3",
                            world_size=1, total_batch_size=None, max_batch=1024, free_bytes=None, margin=MARGIN):
-    """
-    Largest power-of-two device batch whose estimate fits `free_bytes` (default: the device's free memory
+    """Largest power-of-two device batch whose estimate fits `free_bytes` (default: the device's free memory
     now) times `margin`. With total_batch_size (tokens per optimizer step) the batch must also divide it
     exactly: total_batch_size % (batch * seq_len * world_size) == 0, so gradient accumulation is exact.
-    Returns (batch, estimate dict). Raises when not even one sequence fits.
-    """
+    Returns (batch, estimate dict). Raises when not even one sequence fits."""
     device = torch.device(device)
     if free_bytes is None:
         if device.type != "cuda":
@@ -142,14 +126,12 @@ def auto_device_batch_size(config, device, dtype=torch.bfloat16, fp8=False, comp
     budget = free_bytes * margin
     T = config.sequence_len
     best = None
-    b = 1
-    while b <= max_batch:
+    for b in (2 ** i for i in range(max_batch.bit_length())):  # powers of two up to max_batch
         if total_batch_size is None or total_batch_size % (b * T * world_size) == 0:
             est = estimate_memory(config, b, dtype, fp8=fp8, compile=compile, backend=backend, world_size=world_size)
             if est["total"] > budget:
                 break
             best = (b, est)
-        b *= 2
     if best is None:
         est = estimate_memory(config, 1, dtype, fp8=fp8, compile=compile, backend=backend, world_size=world_size)
         raise RuntimeError(f"not even one sequence of {T} tokens fits: {format_estimate(est)} vs "

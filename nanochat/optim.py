@@ -1,17 +1,14 @@
 """
-One optimizer for the whole model: AdamW for embeddings, value embeddings, the head and
-the scalars; Muon (Nesterov momentum -> MuonEq -> Polar Express -> Muon+ -> NorMuon -> cautious weight
-decay) for the matrices inside the blocks, one group per matrix shape, processed as one stacked
-(K, rows, cols) tensor so every Muon operation is a single batched kernel.
+One optimizer for the whole model: AdamW for embeddings, value embeddings, the head and the scalars; Muon
+(Nesterov momentum -> MuonEq -> Polar Express -> Muon+ -> NorMuon -> cautious weight decay) for the block
+matrices, one group per shape, stacked (K, rows, cols) so every Muon operation is one batched kernel.
 
-Single process: no collectives. Under torch.distributed with world_size > 1 the same class runs a
-ZeRO-2 style step (https://arxiv.org/abs/1910.02054): the model is not DDP-wrapped; step() averages the gradients itself
-(reduce-scatter), updates the shard this rank owns (optimizer state exists only for that shard) and
-all-gathers the new weights. So state_dict() is per rank and resuming needs the same world size.
+Under torch.distributed with world_size > 1 it runs a ZeRO-2 style step (https://arxiv.org/abs/1910.02054):
+the model is not DDP-wrapped; step() reduce-scatters the gradients, updates the shard this rank owns (state
+exists only for it) and all-gathers the new weights. So state_dict() is per rank (resume at the same world size).
 
-Schedules set group["lr"], group["momentum"] and group["weight_decay"] before each step. On CUDA the
-Muon math is torch.compile'd with those values passed as 0-D CPU tensors, so changing them every step
-never triggers a recompile.
+Schedules set group["lr"], group["momentum"] and group["weight_decay"] before each step. On CUDA the Muon
+math is torch.compile'd with those passed as 0-D CPU tensors, so changing them never recompiles.
 """
 
 import os
@@ -30,9 +27,10 @@ POLAR_EXPRESS_COEFFS = [
 ]
 SMALL_PARAM_NUMEL = 1024  # AdamW params below this are all-reduced and replicated, not sharded
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+_GROUP_DEFAULTS = {"adamw": dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
+                   "muon": dict(momentum=0.95, ns_steps=5, beta2=0.9, weight_decay=0.0)}
 
-# -----------------------------------------------------------------------------
-# The math, as plain functions on tensors (tests call them directly)
+# The math, as plain functions on tensors (tests call them directly) ----------
 
 def polar_express(X, ns_steps=5):
     """Approximate the orthogonal polar factor U V^T of each matrix in X (..., rows, cols).
@@ -48,13 +46,10 @@ def polar_express(X, ns_steps=5):
 
 
 def muon_math(grad, param, mom_buf, var_buf, lr, wd, momentum, beta2, ns_steps: int, ortho_dtype: torch.dtype):
-    """
-    One Muon step on a stack of K matrices (Muon: https://kellerjordan.github.io/posts/muon/; NorMuon's
-    variance normalization: https://arxiv.org/abs/2510.05491; cautious weight decay: decay only where the
-    update and the weight share a sign). grad, param: (K, rows, cols) fp32;
-    mom_buf: (K, rows, cols) fp32; var_buf: (K, rows, 1) or (K, 1, cols) fp32, updated in place.
-    lr (already shape-scaled), wd, momentum, beta2: 0-D CPU tensors. Returns the new params (K, rows, cols).
-    """
+    """One Muon step on a stack of K matrices (Muon: https://kellerjordan.github.io/posts/muon/; NorMuon's
+    variance normalization: https://arxiv.org/abs/2510.05491). grad, param, mom_buf: (K, rows, cols) fp32;
+    var_buf: (K, rows, 1) or (K, 1, cols) fp32, updated in place. lr (already shape-scaled), wd, momentum,
+    beta2: 0-D CPU tensors. Returns the new params (K, rows, cols)."""
     rows, cols = grad.shape[-2], grad.shape[-1]
     # 1. Nesterov momentum: buf <- mu*buf + (1-mu)*g ; u <- (1-mu)*g + mu*buf
     # (plain mul/add rather than lerp: lerp refuses a CPU 0-D weight next to CUDA tensors in eager mode)
@@ -65,7 +60,7 @@ def muon_math(grad, param, mom_buf, var_buf, lr, wd, momentum, beta2, ns_steps: 
     U = U * ((fro / math.sqrt(rows)) / U.norm(dim=-1, keepdim=True).clamp_min(1e-6))
     # 4. Frobenius normalize so the spectral norm is < 1 before the polynomial iteration
     X = U / (U.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)
-    # 5. Polar Express in the orthogonalization dtype (bf16 on GPUs, fp32 on CPUs: D11)
+    # 5. Polar Express in the orthogonalization dtype (bf16 on GPUs, fp32 on CPUs)
     X = polar_express(X.to(ortho_dtype), ns_steps).float()
     # 6. Muon+: renormalize to the Frobenius norm of an exactly orthogonal matrix
     O = X * (math.sqrt(min(rows, cols)) / X.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6))
@@ -104,9 +99,7 @@ def adamw_math(p, grad, state, lr, beta1, beta2, eps, wd):
     torch.optim.AdamW. bf16 params are updated through an fp32 copy and written back."""
     p32, g = p.float(), grad.float()
     if not state:
-        state["step"] = 0
-        state["exp_avg"] = torch.zeros_like(p32)
-        state["exp_avg_sq"] = torch.zeros_like(p32)
+        state.update(step=0, exp_avg=torch.zeros_like(p32), exp_avg_sq=torch.zeros_like(p32))
     state["step"] += 1
     t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
     p32.mul_(1 - lr * wd)
@@ -118,18 +111,18 @@ def adamw_math(p, grad, state, lr, beta1, beta2, eps, wd):
     if p32 is not p:
         p.copy_(p32)
 
-# -----------------------------------------------------------------------------
-# Collectives. NCCL has reduce_scatter_tensor / all_gather_into_tensor / AVG; gloo has none of the
-# three, so on gloo a reduce-scatter is all_reduce(SUM) of the full tensor followed by slicing and
-# dividing by W, and an all-gather is dist.all_gather into a list of views of the output.
+# Collectives -----------------------------------------------------------------
+# NCCL has reduce_scatter_tensor / all_gather_into_tensor / AVG; gloo has none of the three, so there a
+# reduce-scatter is all_reduce(SUM) + slice + divide by W, and an all-gather is dist.all_gather into views.
 
 class _Pending:
-    """An async collective plus what to do once it has finished (gloo post-processing)."""
+    """An async collective (None: a local step) plus what to do once it has finished (gloo post-processing)."""
     def __init__(self, work, finish=None):
         self.work, self.finish = work, finish
 
     def wait(self):
-        self.work.wait()
+        if self.work is not None:
+            self.work.wait()
         return self.finish() if self.finish is not None else None
 
 
@@ -155,40 +148,28 @@ def _all_gather(full, chunk, world):
         return _Pending(dist.all_gather_into_tensor(full, chunk, async_op=True))
     return _Pending(dist.all_gather(list(full.chunk(world)), chunk.clone(), async_op=True))
 
-# -----------------------------------------------------------------------------
 
 class MuonAdamW(torch.optim.Optimizer):
-    """
-    MuonAdamW(param_groups) with each group a dict:
+    """MuonAdamW(param_groups) with each group a dict:
       kind="adamw": params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
       kind="muon":  params (all the same 2-D shape), lr, momentum=0.95, ns_steps=5, beta2=0.9, weight_decay=0.0
     Every group also gets initial_lr (= lr at construction) for LR schedules.
     muon_dtype: orthogonalization dtype; default $NANOCHAT_MUON_DTYPE, else bf16 on CUDA (fp32 on GPUs
-    without bf16) and fp32 elsewhere (bf16 matmul is slow or emulated on many CPUs).
-    """
+    without bf16) and fp32 elsewhere (bf16 matmul is slow or emulated on many CPUs)."""
 
     def __init__(self, param_groups, muon_dtype=None):
         groups = []
         for i, g in enumerate(param_groups):
-            g = dict(g)
-            g["params"] = [p for p in g["params"]]
             kind = g.get("kind")
-            if kind == "adamw":
-                g.setdefault("betas", (0.9, 0.999))
-                g.setdefault("eps", 1e-8)
-            elif kind == "muon":
-                shapes = {tuple(p.shape) for p in g["params"]}
-                if len(shapes) != 1 or len(next(iter(shapes))) != 2:
-                    raise ValueError(f"muon group {i} must hold 2-D params of one shape, got shapes {sorted(shapes)}; "
-                                     "make one group per distinct matrix shape")
-                g.setdefault("momentum", 0.95)
-                g.setdefault("ns_steps", 5)
-                g.setdefault("beta2", 0.9)
-            else:
+            if kind not in _GROUP_DEFAULTS:
                 raise ValueError(f"param group {i} needs kind='adamw' or kind='muon', got {kind!r}")
+            g = {**_GROUP_DEFAULTS[kind], **g, "params": list(g["params"])}
+            shapes = {tuple(p.shape) for p in g["params"]}
+            if kind == "muon" and (len(shapes) != 1 or len(next(iter(shapes))) != 2):
+                raise ValueError(f"muon group {i} must hold 2-D params of one shape, got shapes {sorted(shapes)}; "
+                                 "make one group per distinct matrix shape")
             if "lr" not in g:
                 raise ValueError(f"param group {i} ({kind}) has no 'lr'")
-            g.setdefault("weight_decay", 0.0)
             g.setdefault("initial_lr", g["lr"])
             groups.append(g)
         super().__init__(groups, defaults={})
@@ -204,9 +185,7 @@ class MuonAdamW(torch.optim.Optimizer):
     def _ortho_dtype(self, device):
         if self.muon_dtype is not None:
             return self.muon_dtype
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
     @staticmethod
     def _dist_info():
@@ -308,15 +287,14 @@ class MuonAdamW(torch.optim.Optimizer):
                     out[:n_own] = self._muon_group(group, g[:n_own].contiguous(), owned)
                 # the reduced grad stack is free now: gather the new matrices into it
                 gathers.append(_all_gather(stack, out, world))
-                gathers.append(_Pending(_Done(), lambda ps=ps, stack=stack: torch._foreach_copy_(
+                gathers.append(_Pending(None, lambda ps=ps, stack=stack: torch._foreach_copy_(
                     ps, [t.to(ps[0].dtype) for t in stack[:len(ps)].unbind(0)])))
         # Phase 3: wait for every gather (and copy the gathered Muon matrices into their params).
         for pending in gathers:
             pending.wait()
 
-    # -------------------------------------------------------------------------
-    # Per-rank state. We do not use torch's default load_state_dict: it would cast our fp32 moments
-    # to the param dtype (bf16 embeddings on CUDA), which loses the exact resume.
+    # Per-rank state. Not torch's default load_state_dict: it would cast our fp32 moments to the param
+    # dtype (bf16 embeddings on CUDA), which loses the exact resume.
 
     def state_dict(self):
         index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
@@ -343,9 +321,3 @@ class MuonAdamW(torch.optim.Optimizer):
             self.state[p] = {k: (v.to(p.device, copy=True) if torch.is_tensor(v) else v) for k, v in s.items()}
         for g, s in zip(self.param_groups, saved):
             g.update({k: v for k, v in s.items() if k != "params"})
-
-
-class _Done:
-    """A finished 'work' handle, so local follow-up steps can sit in the same wait list as collectives."""
-    def wait(self):
-        return True
