@@ -158,17 +158,14 @@ def compute_init(device_type="", seed=42):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     is_dist, rank, local_rank, world_size = get_dist_info()
+    device = torch.device("cuda", local_rank) if is_dist and device_type == "cuda" else torch.device(device_type)
     if is_dist:
-        if device_type == "cuda":
-            device = torch.device("cuda", local_rank)
+        if device.type == "cuda":
             torch.cuda.set_device(device)
             dist.init_process_group(backend="nccl", device_id=device)
         else:
-            device = torch.device(device_type)
             dist.init_process_group(backend="gloo")
         dist.barrier()
-    else:
-        device = torch.device(device_type)
     if rank == 0:
         logger.info(f"device: {device} | world size: {world_size}")
     return is_dist, rank, local_rank, world_size, device

@@ -224,11 +224,11 @@ class Report:
         self.report_dir = report_dir
 
     def log(self, section, data):
-        """Write report/<slug>.md: '## section', a timestamp, then each truthy item of `data`."""
+        """Write report/<slug>.md: '## section', a timestamp, then each truthy item of `data`: dicts as
+        "- key: value" lines, strings verbatim."""
         path = os.path.join(self.report_dir, f"{slugify(section)}.md")
         with open(path, "w", encoding="utf-8") as f:
-            f.write(f"## {section}\n")
-            f.write(f"timestamp: {_now()}\n\n")
+            f.write(f"## {section}\ntimestamp: {_now()}\n\n")
             after_list = False
             for item in data:
                 if not item:
