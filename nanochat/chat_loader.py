@@ -1,15 +1,13 @@
 """
-Batches of conversations for the chat stages.
+Batches of conversations for the chat stages, walking the dataset strided by rank:
 
-- MidPacker (mid_train): whole conversations packed best-fit into rows of T+1 tokens, padding
-  instead of cropping (a conversation is never split across rows); every token is a target except
-  the padding. Packed on a background thread.
+- MidPacker (mid_train): whole conversations packed best-fit into rows of T+1 tokens on a background
+  thread, padded rather than split across rows; every token but the padding is a target.
 - SFTBatcher (chat_sft): one conversation per row, padded per batch; only the tokens the mask marks
   (assistant replies) are targets.
 
-Both walk the dataset strided by rank and have a small JSON-able state_dict() so a resumed
-run sees exactly the batches an uninterrupted one would: conversations are re-rendered
-from their indices, which is cheap and deterministic.
+Both have a small JSON-able state_dict(): a resumed run re-renders conversations from their indices and
+sees exactly the batches an uninterrupted one would.
 """
 
 import queue
@@ -21,11 +19,11 @@ import torch
 from nanochat.dataloader import put_unless_stopped, start_producer
 
 
-def _world():
+def _world(rank, world_size):
+    """The given rank and world size, else the process group's, else (0, 1)."""
     import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    r, w = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    return r if rank is None else rank, w if world_size is None else world_size
 
 
 class _MidPacking:
@@ -69,13 +67,10 @@ class _MidPacking:
             self._refill()
             pos = 0
             while pos < T + 1:
-                space = T + 1 - pos
-                best = -1
-                for j, (_, ids) in enumerate(self.buffer):  # largest conversation that fits
-                    if len(ids) <= space and (best < 0 or len(ids) > len(self.buffer[best][1])):
-                        best = j
-                if best < 0:
+                fits = [j for j, (_, ids) in enumerate(self.buffer) if len(ids) <= T + 1 - pos]
+                if not fits:
                     break
+                best = max(fits, key=lambda j: len(self.buffer[j][1]))  # the largest that fits (first on ties)
                 _, ids = self.buffer.pop(best)
                 rows[b, pos:pos + len(ids)] = torch.tensor(ids, dtype=torch.long)
                 pos += len(ids)
@@ -103,17 +98,12 @@ def _produce_mid(packing, q, stop, pin):
 
 
 class MidPacker:
-    """
-    Iterator of (inputs (B,T) int64, targets (B,T) int64) packing whole conversations. A background
-    thread packs a few batches ahead (queue_size), so the training thread only takes them; the state,
-    progress and counts describe the batches handed out, so a checkpoint resumes exactly.
-    """
+    """Iterator of (inputs, targets), (B, T) int64, packed a few batches ahead (queue_size) by a background
+    thread; the state, progress and counts describe the batches handed out, so a checkpoint resumes exactly."""
 
     def __init__(self, dataset, tokenizer, B, T, device="cpu", buffer_size=100, rank=None, world_size=None,
                  state=None, queue_size=4):
-        r, w = _world()
-        rank = r if rank is None else rank
-        world_size = w if world_size is None else world_size
+        rank, world_size = _world(rank, world_size)
         if len(dataset) == 0:
             raise ValueError("the training mixture is empty: check the mixture flags")
         self.num_conversations, self.device = len(dataset), torch.device(device)
@@ -160,21 +150,16 @@ class MidPacker:
 
 
 def collate_sft(rendered, pad_id):
-    """
-    rendered: list of (ids, mask). Returns inputs, targets (B, max_len-1) where targets are -1 on
-    padding and wherever the mask says the token is not trained.
-    """
+    """rendered: list of (ids, mask). Returns inputs, targets (B, max_len-1); targets are -1 on padding and
+    wherever the mask says the token is not trained."""
     ncols = max(len(ids) for ids, _ in rendered) - 1
     inputs = torch.full((len(rendered), ncols), pad_id, dtype=torch.long)
     targets = torch.full((len(rendered), ncols), -1, dtype=torch.long)
     for i, (ids, mask) in enumerate(rendered):
         n = len(ids)
         ids_t = torch.tensor(ids, dtype=torch.long)
-        mask_t = torch.tensor(mask, dtype=torch.bool)
         inputs[i, :n - 1] = ids_t[:-1]
-        row_targets = ids_t[1:].clone()
-        row_targets[~mask_t[1:]] = -1
-        targets[i, :n - 1] = row_targets
+        targets[i, :n - 1] = ids_t[1:].masked_fill(~torch.tensor(mask[1:], dtype=torch.bool), -1)
     return inputs, targets
 
 
@@ -184,9 +169,7 @@ class SFTBatcher:
     def __init__(self, dataset, tokenizer, B, device="cpu", max_tokens=2048, rank=None, world_size=None, state=None):
         self.dataset, self.tokenizer, self.B, self.device = dataset, tokenizer, B, torch.device(device)
         self.max_tokens = max_tokens
-        r, w = _world()
-        self.rank = r if rank is None else rank
-        self.world_size = w if world_size is None else world_size
+        self.rank, self.world_size = _world(rank, world_size)
         if len(dataset) == 0:
             raise ValueError("the SFT mixture is empty: check the mixture flags")
         self.cursor = (state or {"cursor": self.rank})["cursor"]

@@ -1,25 +1,19 @@
 """
-Saving and loading checkpoints.
-
-A checkpoint of step S in a directory is three kinds of files:
+Saving and loading checkpoints. Step S of a directory is:
 
     model_{S:06d}.pt          model.state_dict() (rank 0)
-    optim_{S:06d}_rank{r}.pt  whatever per-rank dict the script passes (optimizer shard, loader state,
-                              RNG states...), one per rank, optional
-    meta_{S:06d}.json         step, the full model config, user config, loop state, tokenizer identity...
+    optim_{S:06d}_rank{r}.pt  the script's per-rank dict (optimizer shard, loader state, RNG...), optional
+    meta_{S:06d}.json         step, full model config, user config, loop state, tokenizer identity...
 
-Writes are atomic: every file goes to a temporary name and is renamed into place, and the meta json is
-written last (after a barrier when several ranks save), so a step counts as complete exactly when its
-meta exists. A crash mid-save leaves the previous step as the latest loadable one.
+Each file is written to a temporary name and renamed into place; the meta goes last (after a barrier
+under several ranks), so a step is complete exactly when its meta exists and a crash mid-save leaves the
+previous step loadable. Files are read with torch.load(weights_only=True), so no code runs on load: the
+per-rank dict may hold only tensors, plain containers, numbers, strings, bools and None (convert numpy
+states with torch.from_numpy or .tolist()).
 
-Every file is read with torch.load(weights_only=True): no code runs on load. So the per-rank dict must
-hold only tensors, plain containers (dict/list/tuple), numbers, strings, bools and None: e.g.
-torch.get_rng_state() and random.getstate() are fine, numpy arrays/states are not (convert them with
-torch.from_numpy or .tolist() first).
-
-A file that cannot be used (truncated, zeroed, edited, or of another model's shape), a tokenizer file
-included, raises CheckpointError: one line naming the file, what is wrong and what to do. A script that
-dies of it prints that line without a traceback and exits with status 1.
+A file that cannot be used (truncated, zeroed, edited, another model's shape), tokenizer files included,
+raises CheckpointError: one line naming the file, what is wrong and what to do, which a dying script
+prints without a traceback (exit status 1).
 """
 
 import os
@@ -44,8 +38,7 @@ SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "cha
 
 
 class CheckpointError(ValueError):
-    """A checkpoint or tokenizer file that cannot be used. The message is one line: the file, what is wrong
-    with it and what to do. A script that dies of one prints just that line (see _excepthook)."""
+    """A checkpoint or tokenizer file that cannot be used; the message is one line (see _excepthook)."""
 
 
 def _excepthook(exc_type, exc, tb, _previous=sys.excepthook):
@@ -68,10 +61,14 @@ def _reason(e):
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
+def _meta_steps(checkpoint_dir):
+    """Sorted steps with a meta json in the directory."""
+    return sorted(int(m.group(1)) for path in glob.glob(os.path.join(checkpoint_dir, "meta_*.json"))
+                  if (m := re.fullmatch(r"meta_(\d+)\.json", os.path.basename(path))))
+
+
 def _complete_steps(checkpoint_dir):
-    steps = sorted(int(m.group(1)) for path in glob.glob(os.path.join(checkpoint_dir, "meta_*.json"))
-                   if (m := re.fullmatch(r"meta_(\d+)\.json", os.path.basename(path))))
-    return ", ".join(map(str, steps)) or "none"
+    return ", ".join(map(str, _meta_steps(checkpoint_dir))) or "none"
 
 
 def _other_step_hint(checkpoint_dir):
@@ -110,46 +107,36 @@ def load_tensor_file(path, device, fix, expect=dict):
 # Saving
 
 
-def _atomic_torch_save(obj, path):
+def _atomic_save(path, write, mode="wb"):
+    """write(f) into a temporary file, fsync it, then rename it to `path`."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
+    with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def _atomic_json_save(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _dist_ready():
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def _save_meta(meta, path):
+    _atomic_save(path, lambda f: json.dump(meta, f, indent=2), "w")
 
 
 def save_checkpoint(checkpoint_dir, step, model_state, optim_state, meta, rank=0):
-    """
-    Save step `step`: rank 0 writes the model, every rank its optim_state (if not None), and rank 0
-    writes the meta json last. Under torch.distributed every rank must call this (it has a barrier).
-    """
+    """Save step `step`: rank 0 writes the model, every rank its optim_state (if not None), and rank 0
+    writes the meta json last. Under torch.distributed every rank must call this (it has a barrier)."""
     os.makedirs(checkpoint_dir, exist_ok=True)
-    model_path = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
     meta_path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
-    if rank == 0 and os.path.exists(meta_path):
-        os.remove(meta_path)  # re-saving a step: it is incomplete until the new meta lands
     if rank == 0:
-        _atomic_torch_save(model_state, model_path)
+        if os.path.exists(meta_path):
+            os.remove(meta_path)  # re-saving a step: it is incomplete until the new meta lands
+        _atomic_save(os.path.join(checkpoint_dir, f"model_{step:06d}.pt"), lambda f: torch.save(model_state, f))
     if optim_state is not None:
-        _atomic_torch_save(optim_state, os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt"))
-    if _dist_ready():
+        optim_path = os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt")
+        _atomic_save(optim_path, lambda f: torch.save(optim_state, f))
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()  # every rank's shard is on disk before the step is declared complete
     if rank == 0:
-        _atomic_json_save(meta, meta_path)
+        _save_meta(meta, meta_path)
         logger.info(f"saved checkpoint step {step} to {checkpoint_dir}")
 
 
@@ -172,10 +159,6 @@ def load_meta(checkpoint_dir, step):
     path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no complete checkpoint of step {step} in {checkpoint_dir} (missing {path})")
-    return _read_meta(path, checkpoint_dir)
-
-
-def _read_meta(path, checkpoint_dir):
     return load_json_file(path, _other_step_hint(checkpoint_dir))
 
 
@@ -188,7 +171,7 @@ def _model_config(meta, where, fix):
 def update_meta(checkpoint_dir, step, meta, rank=0):
     """Rewrite the meta of a complete step (e.g. to add the final evaluation run after saving it)."""
     if rank == 0:
-        _atomic_json_save(meta, os.path.join(checkpoint_dir, f"meta_{step:06d}.json"))
+        _save_meta(meta, os.path.join(checkpoint_dir, f"meta_{step:06d}.json"))
 
 
 def config_to_dict(config):
@@ -206,7 +189,7 @@ def check_resume_config(meta, config, tokenizer, checkpoint_dir=""):
              if saved.get(k) != now.get(k)]
     if diffs:
         raise CheckpointError(f"cannot resume {checkpoint_dir}: the model config differs ({'; '.join(diffs)}); "
-                         f"rerun with the flags of the original run")
+                              f"rerun with the flags of the original run")
     _check_tokenizer(tokenizer, meta, checkpoint_dir)
 
 
@@ -220,11 +203,8 @@ def tokenizer_info(tokenizer):
 
 def find_last_step(checkpoint_dir):
     """Largest complete step (its meta json and model file exist) in the directory."""
-    steps = []
-    for path in glob.glob(os.path.join(checkpoint_dir, "meta_*.json")):
-        m = re.fullmatch(r"meta_(\d+)\.json", os.path.basename(path))
-        if m and os.path.exists(os.path.join(checkpoint_dir, f"model_{int(m.group(1)):06d}.pt")):
-            steps.append(int(m.group(1)))
+    steps = [s for s in _meta_steps(checkpoint_dir)
+             if os.path.exists(os.path.join(checkpoint_dir, f"model_{s:06d}.pt"))]
     if not steps:
         raise FileNotFoundError(f"no complete checkpoint (meta_*.json + model_*.pt) in {checkpoint_dir}")
     return max(steps)
@@ -250,12 +230,12 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
     if not os.path.exists(meta_path) or not os.path.exists(model_path):
         raise FileNotFoundError(f"step {step} in {checkpoint_dir} is missing or incomplete (needs {os.path.basename(model_path)} "
                                 f"and {os.path.basename(meta_path)}); the complete steps are the ones with a meta json")
-    meta = _read_meta(meta_path, checkpoint_dir)
-    model_state = load_tensor_file(model_path, device, _other_step_hint(checkpoint_dir))
+    fix = _other_step_hint(checkpoint_dir)
+    meta = load_json_file(meta_path, fix)
+    model_state = load_tensor_file(model_path, device, fix)
     bad = [k for k, v in model_state.items() if not (isinstance(k, str) and torch.is_tensor(v))]
     if bad:
-        raise CheckpointError(f"{model_path} is not a model state dict (entry {bad[0]!r} is not a named tensor); "
-                              f"{_other_step_hint(checkpoint_dir)}")
+        raise CheckpointError(f"{model_path} is not a model state dict (entry {bad[0]!r} is not a named tensor); {fix}")
     optim_state = None
     if load_optimizer:
         optim_path = os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt")
@@ -339,10 +319,8 @@ def _config_from_meta(meta, meta_path, fix):
     if unknown:
         logger.warning(f"ignoring unknown model_config keys {unknown} in {meta_path}")
     for name, f in known.items():
-        if name not in cfg:
-            continue
-        default, value = f.default, cfg[name]
-        if default is MISSING or default is None:
+        default, value = f.default, cfg.get(name)
+        if name not in cfg or default is MISSING or default is None:
             continue
         want = (int, float) if type(default) is float else type(default)
         if not isinstance(value, want) or (type(default) is not bool and isinstance(value, bool)) \
@@ -379,11 +357,8 @@ def _check_tokenizer(tokenizer, meta, checkpoint_dir):
 
 
 def build_model(checkpoint_dir, step, device, phase, tokenizer=None):
-    """
-    (model, tokenizer, meta) from a checkpoint step, on `device`, in eval() or train() mode. Tensors are
-    cast to the dtypes the freshly-initialised model uses on this device (GPU bf16 embeddings -> CPU fp32
-    and back). `tokenizer` defaults to get_tokenizer(); it must match the one the model was trained with.
-    """
+    """(model, tokenizer, meta) of a step on `device` in eval() or train() mode, tensors cast to the dtypes the
+    fresh model uses there. `tokenizer` (default get_tokenizer()) must be the one the model was trained with."""
     from nanochat.gpt import GPT
     if phase not in ("train", "eval"):
         raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
@@ -400,8 +375,7 @@ def build_model(checkpoint_dir, step, device, phase, tokenizer=None):
         tokenizer = get_tokenizer()
     _check_tokenizer(tokenizer, meta, checkpoint_dir)
 
-    # build on the meta device first: an edited config is caught by the shape check below before any
-    # memory is allocated for it
+    # on the meta device first: the shape check below catches an edited config before any memory is allocated
     try:
         with torch.device("meta"):
             model = GPT(config)

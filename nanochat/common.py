@@ -65,11 +65,8 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 
 def get_compute_dtype(device_type, override=None, verbose=True):
-    """
-    The dtype activations run in. Policy: $NANOCHAT_DTYPE (or `override`) if given, else bf16 on
-    CUDA SM80+, fp32 everywhere else (older GPUs lack fast bf16; CPUs/MPS are run in fp32 for
-    exactness and because bf16 speed on CPUs varies wildly).
-    """
+    """The dtype activations run in: `override` or $NANOCHAT_DTYPE if given, else bf16 on CUDA SM80+ and fp32
+    elsewhere (older GPUs lack fast bf16; bf16 speed on CPUs varies wildly, and fp32 is exact)."""
     choice = override or os.environ.get("NANOCHAT_DTYPE")
     if choice:
         if choice not in _DTYPES:
@@ -93,12 +90,9 @@ BF16_MIN_SPEEDUP = 1.5  # below this, bf16's rounding is not worth it: the eleme
 
 
 def probe_cpu_bf16_speedup(m=1024, k=256, n=1024, seconds=0.03):
-    """
-    How much faster this CPU multiplies in bf16 than in fp32, at a training-like shape (tokens x width
-    times width x 4*width). CPUs with native bf16 dot products (AVX512-BF16, AMX) run it 2-10x faster;
-    others emulate it and run it slower than fp32. Best of a few short windows of each, interleaved, so a
-    busy moment on a shared machine does not decide it; about 0.2 s, cached per process.
-    """
+    """How much faster this CPU multiplies in bf16 than fp32 at a training-like shape (native bf16 dot
+    products, AVX512-BF16 or AMX: 2-10x; emulated: slower). Best of a few interleaved short windows, so a busy
+    moment on a shared machine does not decide it; about 0.2 s, cached per process."""
     global _BF16_PROBE
     if _BF16_PROBE is None:
         best = {}
@@ -116,15 +110,11 @@ def probe_cpu_bf16_speedup(m=1024, k=256, n=1024, seconds=0.03):
 
 
 def resolve_precision(device_type, dtype=None, compile=None, verbose=True):
-    """
-    The training precision policy: (compute dtype, whether to torch.compile, reason), from the device and
-    the --dtype / --compile flags (None or "" = decide). CUDA: bf16 on SM80+, compiled. MPS: fp32 eager
-    (inductor's MPS backend is young). CPU: bf16 when the probe above measures bf16 matmul at least
-    BF16_MIN_SPEEDUP x faster than fp32, else fp32; compiled in bf16 (inductor fuses the bf16<->fp32
-    casts around every op), eager in fp32 (compile buys fp32 little on a CPU and costs start-up time).
-    Weights and optimizer state stay fp32 either way. Exports the dtype as $NANOCHAT_DTYPE (also read as
-    an override, like --dtype) so the model built next initialises in it.
-    """
+    """The training precision policy: (compute dtype, whether to torch.compile, reason) from the device and the
+    --dtype / --compile flags (None or "" = decide). CUDA: bf16 on SM80+, compiled. MPS: fp32 eager. CPU: bf16,
+    compiled (inductor fuses the casts around every op), when the probe measures bf16 matmul >= BF16_MIN_SPEEDUP
+    x fp32, else fp32 eager (compile buys fp32 little on a CPU). Weights and optimizer state stay fp32. Exports
+    the dtype as $NANOCHAT_DTYPE (also read as an override, like --dtype) for the model built next."""
     global _EXPORTED_DTYPE
     env = os.environ.get("NANOCHAT_DTYPE")
     choice = dtype or (env if env != _EXPORTED_DTYPE else None)  # a value we exported ourselves is no user's choice
@@ -154,11 +144,8 @@ def resolve_precision(device_type, dtype=None, compile=None, verbose=True):
 
 
 def compute_init(device_type="", seed=42):
-    """
-    Set up the device, seeds and (under torchrun) the process group.
-    Returns (is_distributed, rank, local_rank, world_size, device).
-    NCCL on CUDA, gloo on CPU; works across nodes since torchrun supplies MASTER_ADDR/PORT.
-    """
+    """Set up the device, seeds and (under torchrun) the process group: NCCL on CUDA, gloo on CPU.
+    Returns (is_distributed, rank, local_rank, world_size, device)."""
     device_type = device_type or autodetect_device_type()
     if device_type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device-type=cuda was asked for but no CUDA GPU is visible")
@@ -171,17 +158,14 @@ def compute_init(device_type="", seed=42):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     is_dist, rank, local_rank, world_size = get_dist_info()
+    device = torch.device("cuda", local_rank) if is_dist and device_type == "cuda" else torch.device(device_type)
     if is_dist:
-        if device_type == "cuda":
-            device = torch.device("cuda", local_rank)
+        if device.type == "cuda":
             torch.cuda.set_device(device)
             dist.init_process_group(backend="nccl", device_id=device)
         else:
-            device = torch.device(device_type)
             dist.init_process_group(backend="gloo")
         dist.barrier()
-    else:
-        device = torch.device(device_type)
     if rank == 0:
         logger.info(f"device: {device} | world size: {world_size}")
     return is_dist, rank, local_rank, world_size, device
@@ -216,8 +200,7 @@ class DummyWandb:
     def log(self, *args, **kwargs):
         pass
 
-    def finish(self):
-        pass
+    finish = log
 
 
 def get_wandb(run, project, config, master_process=True):
@@ -249,11 +232,8 @@ def get_datasheet_peak_flops(device):
 
 
 def measure_matmul_peak(device, dtype=torch.float32, n=None, seconds=1.0, windows=4):
-    """
-    Achieved FLOP/s of a square matmul on this device: the denominator of 'measured MFU'.
-    The best of several short windows, so a moment of contention from other processes does not
-    lower the peak (which would inflate every MFU figure computed against it).
-    """
+    """Achieved FLOP/s of a square matmul on this device (the denominator of measured MFU): the best of
+    several short windows, so contention from other processes does not lower it and inflate every MFU."""
     n = n or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -277,11 +257,8 @@ def measure_matmul_peak(device, dtype=torch.float32, n=None, seconds=1.0, window
 # Downloads
 
 def download_file_with_lock(url, path, postprocess=None, timeout=60):
-    """
-    Fetch `url` to `path` once. A file lock makes concurrent ranks wait instead of racing;
-    the bytes go to a temp file first so a crash never leaves a half file under the real name.
-    `postprocess(path)` (e.g. unzip) runs under the same lock.
-    """
+    """Fetch `url` to `path` once, under a file lock (concurrent ranks wait), via a temp file (a crash leaves
+    no half file under the real name); `postprocess(path)` (e.g. unzip) runs under the same lock."""
     from filelock import FileLock
     if os.path.exists(path):
         return path
@@ -301,11 +278,6 @@ def download_file_with_lock(url, path, postprocess=None, timeout=60):
 
 # -----------------------------------------------------------------------------
 # Misc
-
-def set_seed(seed):
-    random.seed(seed)
-    torch.manual_seed(seed)
-
 
 def parse_bool(s):
     """argparse type for flags like --compile=0/1/true/false."""

@@ -1,15 +1,10 @@
 """
-Pretraining loader: rank-sharded document stream, background tokenization, BOS-aligned best-fit
-packing and exact resume.
+Pretraining loader: rank-sharded document stream, background tokenization, BOS-aligned best-fit packing
+and exact resume. PretrainLoader(tokenizer, B, T, split, device, state=sd) yields (x, y), (B, T) int64 on
+`device`; state_dict() is JSON-able and describes the batches consumed so far.
 
-    loader = PretrainLoader(tokenizer, B=32, T=2048, split="train", device="cuda")
-    for step, (x, y) in zip(range(n), loader): ...      # x, y: (B, T) int64 on device
-    sd = loader.state_dict()                             # JSON-able, describes batches consumed so far
-    loader = PretrainLoader(tokenizer, 32, 2048, "train", device="cuda", state=sd)  # same next batches
-
-A document is named by (epoch, file index, row group, row). The state is the stream cursor (next doc
-to read) plus the names of the docs sitting in the packing buffer; on resume those few docs are read
-and tokenized again, so resuming costs one buffer's worth of tokenization, not a replay.
+A document is named by (epoch, file index, row group, row). The state is the stream cursor (next doc to
+read) plus the names of the docs in the packing buffer, which are read and tokenized again on resume.
 """
 
 import bisect
@@ -34,12 +29,9 @@ def _read_texts(pf, rg):
 
 
 def build_plan(files, rank, world_size):
-    """
-    This rank's share of one epoch: [(file_idx, row_group, first_row, row_step)] in file order.
-    Row groups are strided over the flat list of all row groups (not per file) so that small shards
-    with fewer row groups than ranks still feed every rank; if the whole split has fewer row groups
-    than ranks (a tiny val shard on 8 GPUs), every rank reads every row group and strides rows instead.
-    """
+    """This rank's share of one epoch: [(file_idx, row_group, first_row, row_step)] in file order. Row groups
+    are strided over all row groups (not per file), so small shards still feed every rank; a split with fewer
+    row groups than ranks (a tiny val shard on 8 GPUs) has every rank read every row group, striding rows."""
     units = [(fi, rg) for fi, path in enumerate(files) for rg in range(pq.ParquetFile(path).num_row_groups)]
     if len(units) >= world_size:
         return [(fi, rg, 0, 1) for fi, rg in units[rank::world_size]]
@@ -140,9 +132,6 @@ class PretrainLoader:
         args = (self.files, self.plan, tokenizer, self.bos, self.cursor, self._queue, self._stop, self.rank, split)
         self._thread = start_producer(_produce, args, self._stop)
 
-    def _encode(self, texts):
-        return _encode(self.tokenizer, self.bos, texts)
-
     def _next_doc(self):
         while not self._chunk:
             item = self._queue.get()
@@ -226,10 +215,9 @@ class PretrainLoader:
         # re-tokenize the buffered docs, reading each row group once; re-adding them in saved key
         # order with fresh insertion numbers reproduces the same order, ties included
         ids = [tuple(d) for d in state["buffer"]]
-        texts = {}
-        for fi, rg in sorted({(d[1], d[2]) for d in ids}):
-            texts[(fi, rg)] = _read_texts(pq.ParquetFile(self.files[fi]), rg)
-        tokens = self._encode([texts[(d[1], d[2])][d[3]] for d in ids]) if ids else []
+        texts = {(fi, rg): _read_texts(pq.ParquetFile(self.files[fi]), rg)
+                 for fi, rg in sorted({(d[1], d[2]) for d in ids})}
+        tokens = _encode(self.tokenizer, self.bos, [texts[(d[1], d[2])][d[3]] for d in ids]) if ids else []
         for doc_id, tok in zip(ids, tokens):
             self._add(doc_id, tok)
 

@@ -1,30 +1,18 @@
 """
-The report card: every stage logs a markdown section into
-$NANOCHAT_BASE_DIR/report/, and `generate` stitches them into report.md with a summary table,
-the total wall-clock time, an estimated cost and PNG plots of each stage's curves.
+The report card: every stage logs a markdown section into $NANOCHAT_BASE_DIR/report/, and `generate`
+stitches them into report.md with a summary table, the wall-clock time, an estimated cost and PNG plots.
 
     python -m nanochat.report reset      # start of a run: header.md (date, git, hardware, versions, code size)
     python -m nanochat.report generate   # end of a run: report/report.md, copied to ./report.md
 
-Hooks for the stage scripts (only rank 0 writes; other ranks get a no-op object):
+In a stage (only rank 0 writes; other ranks get a no-op object):
 
-    from nanochat.report import get_report
     report = get_report()
-    report.log(section="Base model training", data=[
-        user_config,                                  # dict -> "- key: value" lines
-        {"Minimum validation bpb": min_val_bpb},      # floats print with 4 decimals
-        "any markdown string is written verbatim",
-    ])
-    # curves for the plots: one call per curve, steps and values are plain lists of numbers;
-    # generate() draws report/<section-slug>_<name>.png and links it under the section.
-    report.log_curve("Base model training", "loss", steps, train_losses)
-    report.log_curve("Base model training", "val_bpb", eval_steps, val_bpbs)
-    # or all at once: names starting with "val" pair with "val_step", the others with "step"
-    report.log_curves("Base model training", {"step": steps, "loss": train_losses,
-                                              "val_step": eval_steps, "val_bpb": val_bpbs})
+    report.log(section="Base model training", data=[user_config, {"Minimum validation bpb": 0.81}, "markdown"])
+    report.log_curve("Base model training", "loss", steps, train_losses)  # plotted by generate()
+    report.log_curves("Base model training", {"step": steps, "loss": losses, "val_step": vsteps, "val_bpb": vals})
 
-A resumed stage should log the whole curve (e.g. keep the history in its checkpoint's meta) since
-log_curve replaces a curve of the same name.
+log_curve replaces a curve of the same name, so a resumed stage should log the whole curve.
 """
 
 import os
@@ -64,6 +52,16 @@ def slugify(section):
 
 def _now():
     return datetime.datetime.now().strftime(TIME_FORMAT)
+
+
+def _read(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def _write(path, text):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def _format_value(value):
@@ -115,9 +113,7 @@ def hourly_rate(gpu):
     """$/hour of the whole node (typical on-demand cloud prices per GPU), None without GPUs."""
     if gpu["count"] == 0:
         return None
-    name = gpu["names"][0]
-    price = next((p for key, p in GPU_PRICES if key in name), 2.00)
-    return price * gpu["count"]
+    return next((p for key, p in GPU_PRICES if key in gpu["names"][0]), 2.00) * gpu["count"]
 
 
 def bloat_info(root=REPO_ROOT):
@@ -172,10 +168,8 @@ def generate_header():
 
 
 def extract_metrics(text, keys):
-    """
-    {key: value-string} from lines like "- MMLU: 0.3111" or "CORE metric: 0.22". A line matches a key
-    when the label before the first ':' (minus a leading '- ') is the key or starts with "key ".
-    """
+    """{key: value-string} from lines like "- MMLU: 0.3111" or "CORE metric: 0.22". A line matches a key
+    when the label before the first ':' (minus a leading '- ') is the key or starts with "key "."""
     out = {}
     for line in text.split("\n"):
         if ":" not in line:
@@ -230,11 +224,11 @@ class Report:
         self.report_dir = report_dir
 
     def log(self, section, data):
-        """Write report/<slug>.md: '## section', a timestamp, then each truthy item of `data`."""
+        """Write report/<slug>.md: '## section', a timestamp, then each truthy item of `data`: dicts as
+        "- key: value" lines, strings verbatim."""
         path = os.path.join(self.report_dir, f"{slugify(section)}.md")
         with open(path, "w", encoding="utf-8") as f:
-            f.write(f"## {section}\n")
-            f.write(f"timestamp: {_now()}\n\n")
+            f.write(f"## {section}\ntimestamp: {_now()}\n\n")
             after_list = False
             for item in data:
                 if not item:
@@ -257,23 +251,17 @@ class Report:
         if len(steps) != len(values):
             raise ValueError(f"curve {name!r}: {len(steps)} steps but {len(values)} values")
         path = os.path.join(self.report_dir, f"{slugify(section)}_curves.json")
-        curves = {}
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                curves = json.load(f)
+        curves = json.loads(_read(path)) if os.path.exists(path) else {}
         curves[name] = {"steps": steps, "values": values}
         tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(curves, f)
+        _write(tmp, json.dumps(curves))
         os.replace(tmp, path)
         return path
 
     def log_curves(self, section, curves):
-        """
-        Several curves at once, as the training scripts keep them: {"step": [...], "loss": [...],
+        """Several curves at once, as the training scripts keep them: {"step": [...], "loss": [...],
         "val_step": [...], "val_bpb": [...]}. A name starting with "val" is plotted against "val_step",
-        any other against "step"; a value of the form (steps, values) carries its own x-axis.
-        """
+        any other against "step"; a value of the form (steps, values) carries its own x-axis."""
         for name, values in curves.items():
             if name in ("step", "val_step"):
                 continue
@@ -295,16 +283,14 @@ class Report:
         report_md = os.path.join(self.report_dir, "report.md")
         if os.path.exists(report_md):
             os.remove(report_md)
-        with open(os.path.join(self.report_dir, "header.md"), "w", encoding="utf-8") as f:
-            f.write(generate_header())
+        _write(os.path.join(self.report_dir, "header.md"), generate_header())
         print(f"Reset report and wrote header to {self.report_dir}/header.md")
 
     def generate(self, copy_to_cwd=True):
         """report/report.md = header + sections (+ plots) + summary; copied to ./report.md."""
         header_path = os.path.join(self.report_dir, "header.md")
         if os.path.exists(header_path):
-            with open(header_path, encoding="utf-8") as f:
-                header = f.read()
+            header = _read(header_path)
         else:
             print(f"Warning: {header_path} missing (run `python -m nanochat.report reset` at the start)")
             header = "# nanochat training report\n\n"
@@ -320,14 +306,12 @@ class Report:
             if not os.path.exists(path):
                 print(f"Warning: {path} does not exist, skipping")
                 continue
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
+            text = _read(path)
             parts.append(text)
             # plots of this stage's curves, linked relative to report.md (same directory)
             curves_path = os.path.join(self.report_dir, f"{file[:-3]}_curves.json")
             if os.path.exists(curves_path):
-                with open(curves_path, encoding="utf-8") as f:
-                    curves = json.load(f)
+                curves = json.loads(_read(curves_path))
                 for name, png in plot_curves(curves, os.path.join(self.report_dir, file[:-3]), title=section):
                     parts.append(f"![{section}: {name}]({os.path.basename(png)})\n\n")
             if file == "base-model-evaluation.md":
@@ -340,9 +324,8 @@ class Report:
                 end_time = _parse_time(text, "timestamp:") or end_time
 
         # summary: bloat, metric table, wall clock and cost
-        names = sorted({k for m in metrics.values() for k in m})
-        names = ([n for n in names if n == "CORE"] + [n for n in names if n not in ("CORE", "ChatCORE")]
-                 + [n for n in names if n == "ChatCORE"])
+        # CORE first, ChatCORE last, the rest alphabetical
+        names = sorted({k for m in metrics.values() for k in m}, key=lambda n: (n != "CORE", n == "ChatCORE", n))
         stages = ["BASE", "MID", "SFT", "RL"]
         summary = ["## Summary", ""]
         if bloat:
@@ -364,8 +347,7 @@ class Report:
         parts.append("\n".join(summary))
 
         report_md = os.path.join(self.report_dir, "report.md")
-        with open(report_md, "w", encoding="utf-8") as f:
-            f.write("".join(p if p.endswith("\n") else p + "\n" for p in parts))
+        _write(report_md, "".join(p if p.endswith("\n") else p + "\n" for p in parts))
         print(f"Generated report at {report_md}")
         if copy_to_cwd:
             self._copy_to_cwd(report_md)
@@ -373,8 +355,7 @@ class Report:
 
     def _copy_to_cwd(self, report_md):
         """./report.md with image links rewritten relative to the CWD, so the plots still show."""
-        with open(report_md, encoding="utf-8") as f:
-            text = f.read()
+        text = _read(report_md)
         try:
             rel = os.path.relpath(self.report_dir, os.getcwd())
         except ValueError:  # different drive on Windows
@@ -382,8 +363,7 @@ class Report:
         text = re.sub(r"!\[([^\]]*)\]\(([^)/]+\.png)\)", lambda m: f"![{m.group(1)}]({rel}/{m.group(2)})", text)
         dest = os.path.join(os.getcwd(), "report.md")
         if os.path.abspath(dest) != os.path.abspath(report_md):
-            with open(dest, "w", encoding="utf-8") as f:
-                f.write(text)
+            _write(dest, text)
             print(f"Copied report to {dest}")
 
 
@@ -392,17 +372,7 @@ class DummyReport:
     def log(self, *args, **kwargs):
         pass
 
-    def log_curve(self, *args, **kwargs):
-        pass
-
-    def log_curves(self, *args, **kwargs):
-        pass
-
-    def reset(self, *args, **kwargs):
-        pass
-
-    def generate(self, *args, **kwargs):
-        pass
+    log_curve = log_curves = reset = generate = log
 
 
 def get_report():
@@ -418,7 +388,4 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Reset or generate the nanochat report card")
     parser.add_argument("command", nargs="?", default="generate", choices=["generate", "reset"])
     args = parser.parse_args()
-    if args.command == "reset":
-        get_report().reset()
-    else:
-        get_report().generate()
+    getattr(get_report(), args.command)()

@@ -1,8 +1,7 @@
 """
-What the training stages (base_train, mid_train, chat_sft, chat_rl) share, so they cannot drift:
-schedules, the run's counters (RunState), the per-step log line, the one host sync of a step with
-its NaN guard, MFU against a peak that never overstates, evaluation mode, checkpoints with exact
-resume, and strict-JSON metas. The scripts keep their own data, loss and loop, top to bottom.
+What the training stages share, so they cannot drift: schedules, the run's counters (RunState), the step
+line, the step's one host sync with its NaN guard, MFU, evaluation mode, exact-resume checkpoints and
+strict-JSON metas. The scripts keep their own data, loss and loop.
 """
 
 import contextlib
@@ -15,12 +14,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from nanochat import checkpoint_manager as ckpt
 from nanochat.common import (print0, format_eta, get_datasheet_peak_flops, measure_matmul_peak, compute_cleanup,
                              get_wandb)
 
 def start_run(args, wandb_project, device, dtype, use_compile=None, rank=0):
-    """The run's configuration as reported (the flags plus the settings resolved for this machine) and
-    its wandb run (a no-op off rank 0 or with --run=dummy)."""
+    """(user_config: the flags plus the settings resolved for this machine, wandb run or a no-op)."""
     user_config = vars(args).copy()
     user_config.update(device_type=device.type, dtype=str(dtype).removeprefix("torch."))
     if use_compile is not None:
@@ -41,11 +40,8 @@ def lr_multiplier_base(it, num_iterations, warmup_iters, warmdown_iters, final_l
 
 
 def muon_momentum_base(it, num_iterations, warmdown_iters):
-    """
-    Muon momentum: 0.85 -> 0.97 over the first 400 steps, flat 0.97, then 0.97 -> 0.90 during the LR
-    warm-down. Where the two overlap (runs shorter than ~400 + warm-down steps) the warm-up wins, so
-    short runs keep the low early momentum that stabilises the first steps.
-    """
+    """Muon momentum: 0.85 -> 0.97 over 400 steps, flat, then -> 0.90 during the LR warm-down. Where the
+    two overlap the warm-up wins: short runs keep the low early momentum that stabilises the first steps."""
     warmdown_start = num_iterations - warmdown_iters
     if it < 400:
         return 0.85 + (0.97 - 0.85) * it / 400
@@ -100,12 +96,9 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Prefetcher:
-    """
-    A loader that can run one batch ahead: prefetch() packs the next batch (and starts its copy to the
-    device) while the device still computes, so the step's host sync does not leave the device idle.
+    """A loader that runs one batch ahead: prefetch() packs the next batch while the device still computes.
     state_dict(), epoch and progress describe the batches handed out, never the one held back, so a
-    checkpoint resumes exactly where the loop was.
-    """
+    checkpoint resumes exactly where the loop was."""
 
     def __init__(self, loader):
         self.loader, self._held = loader, None
@@ -139,11 +132,8 @@ class Prefetcher:
 
 
 def accumulate_gradients(model, batches, steps):
-    """
-    Forward/backward over `steps` micro-batches, each loss scaled by 1/steps. Returns the summed loss as
-    a device tensor: no host sync here, the device runs while the host prepares the next batch. The
-    next step's first batch is prefetched before returning, ahead of the step's one sync.
-    """
+    """Forward/backward over `steps` micro-batches, each loss scaled by 1/steps; then prefetch the next
+    step's first batch. Returns the summed loss as a device tensor (no host sync)."""
     loss_sum = None
     for _ in range(steps):
         x, y = next(batches)
@@ -155,25 +145,17 @@ def accumulate_gradients(model, batches, steps):
 
 
 def guarded_step(step, optimizer, model, loss, extras=()):
-    """
-    The one host sync of an optimizer step: the loss (summed over micro-steps, as a device tensor), a
-    non-finite flag for the loss and the gradients, and `extras` (device scalars to sum over ranks) go
-    through one all-reduce and one copy to the host. If anything was NaN/inf on any rank the run stops
-    before the update, so no poisoned state can reach a checkpoint; otherwise the optimizer steps.
-    Returns (mean loss over ranks, list of the extras summed over ranks) as Python floats.
-    """
+    """The one host sync of an optimizer step: the loss (device tensor), a NaN/inf flag for loss and gradients,
+    and `extras` (device scalars) are summed over ranks in one all-reduce and copied to the host at once.
+    Anything non-finite on any rank stops the run before the update, so no poisoned state reaches a
+    checkpoint. Returns (mean loss over ranks, list of the extras summed over ranks) as floats."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm(grads) if grads else loss.new_zeros(())
     dtype = torch.float32 if loss.device.type == "mps" else torch.float64  # MPS has no float64
     bad = ~torch.isfinite(loss) | ~torch.isfinite(grad_norm)
-    stats = torch.stack([loss.to(dtype), bad.to(dtype), *[e.to(dtype) for e in extras]])
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-        world_size = dist.get_world_size()
-    else:
-        world_size = 1
+    stats = all_reduce_sum(torch.stack([loss.to(dtype), bad.to(dtype), *[e.to(dtype) for e in extras]]))
     loss_sum, bad, *extras = stats.tolist()  # the sync
-    loss_value = loss_sum / world_size
+    loss_value = loss_sum / (dist.get_world_size() if _distributed() else 1)
     if bad > 0:
         raise NonFiniteLossError(
             f"non-finite loss or gradient at step {step} (loss={loss_value}); stopping without saving this state. "
@@ -185,14 +167,10 @@ def guarded_step(step, optimizer, model, loss, extras=()):
 
 
 def check_finite_params(model, step, device):
-    """
-    Before a save: refuse to checkpoint non-finite weights. The guard runs before each update, but an
-    update itself can overflow (a huge LR), and the loop saves step S before computing step S's loss,
-    so without this the poisoned weights of step S would reach disk.
-    """
+    """Refuse to save non-finite weights: an update itself can overflow (a huge LR), and the loop saves
+    step S before computing step S's loss, so the guard above would not catch it in time."""
     norms = [p.detach().float().norm() for p in model.parameters()]
-    bad = any_rank(bool(norms) and not math.isfinite(torch.stack(norms).norm().item()), device)
-    if bad:
+    if any_rank(bool(norms) and not math.isfinite(torch.stack(norms).norm().item()), device):
         raise NonFiniteLossError(
             f"non-finite weights at step {step} (the update of step {step - 1} overflowed); not saving step {step}. "
             f"The last good checkpoint is untouched: lower the learning rate, then resume with "
@@ -245,12 +223,9 @@ def set_rng_state(state):
 
 @dataclass
 class PeakFlops:
-    """
-    MFU's denominator: $NANOCHAT_PEAK_FLOPS if set, else the datasheet bf16 peak of a known GPU, else
-    the matmul peak measured on this machine in the compute dtype. A measured peak is re-probed at
-    evaluations and only ever raised: a probe taken while other processes compete for the machine reads
-    low and would inflate every MFU computed against it, so the highest seen is the honest one.
-    """
+    """MFU's denominator: $NANOCHAT_PEAK_FLOPS, else a known GPU's datasheet bf16 peak, else the matmul peak
+    measured here in the compute dtype. A measured peak is re-probed at evaluations and only ever raised:
+    a probe under contention reads low and would inflate every MFU computed against it."""
     flops: float
     source: str  # "NANOCHAT_PEAK_FLOPS" | "datasheet" | "measured"
     measured_at: str = "start"
@@ -291,10 +266,8 @@ class PeakFlops:
 
 @dataclass
 class StepTimer:
-    """
-    Wall clock per step; steps <= `skip` (compilation warm-up) do not count towards the mean. It does no
-    device sync of its own: the step ends with its one host sync, which is where stop() is called.
-    """
+    """Wall clock per step; steps <= `skip` (compile warm-up) are not counted. No device sync of its own:
+    stop() is called after the step's one host sync."""
     skip: int = 0
     total_time: float = 0.0
     timed_steps: int = 0
@@ -335,10 +308,8 @@ class Speed:
 
 @dataclass
 class RunState:
-    """
-    The counters of a training run: what the step log shows and what a resumed run restores.
-    `val_name` ("val_bpb" or "val_loss") names the validation figure in the meta and the curves.
-    """
+    """The counters of a training run: what the step log shows and a resumed run restores. `val_name`
+    ("val_bpb" or "val_loss") names the validation figure in the meta and the curves."""
     val_name: str
     step: int = 0
     smooth_loss: float = 0.0  # EMA of the train loss (bias-corrected when read)
@@ -411,26 +382,28 @@ def mean_mfu(run, speed):
     return None if mean is None else speed.mfu(mean)
 
 # -----------------------------------------------------------------------------
-# Distributed helpers
+# Distributed helpers (identities on one process)
+
+def _distributed():
+    return dist.is_available() and dist.is_initialized()
+
 
 def all_reduce_mean(value, device):
-    """Mean of a python float over ranks (identity on one process)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    """Mean of a python float over ranks."""
+    if not _distributed():
         return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.item() / dist.get_world_size()
+    return all_reduce_sum(torch.tensor([value], dtype=torch.float64, device=device)).item() / dist.get_world_size()
 
 
 def all_reduce_sum(tensor):
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
 def any_rank(flag, device):
     """True if `flag` is True on any rank (e.g. 'this rank ran out of data')."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _distributed():
         return bool(flag)
     t = torch.tensor([1 if flag else 0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -440,25 +413,17 @@ def any_rank(flag, device):
 # Losses of the chat stages
 
 def supervised_loss(model, x, y, num_tokens_step, world_size, dft_alpha=0.0):
-    """
-    Loss of one micro-batch such that summing backward() over the step's micro-batches (and averaging
-    gradients over ranks, as the optimizer does) gives the gradient of
-        sum over all supervised tokens of the step of w_t * CE_t, divided by their number
-    so every supervised token of the step weighs the same however the rows are batched, with
-    w_t = alpha * sg(p_t) + (1 - alpha), p_t = the model's probability of the target (Dynamic
-    Fine-Tuning, https://arxiv.org/abs/2508.05629; alpha 0 is plain cross-entropy). A micro-batch with
-    no supervised token adds 0. `num_tokens_step` may be a device tensor (no host sync).
-    Returns (loss tensor, sum of p_t over this micro-batch's supervised tokens as a device scalar).
-    """
+    """Loss of one micro-batch such that summing backward() over the step's micro-batches (gradients averaged
+    over ranks by the optimizer) gives the gradient of sum(w_t * CE_t) / (number of supervised tokens of the
+    step): every supervised token weighs the same however rows are batched. w_t = alpha * sg(p_t) + 1 - alpha,
+    p_t the model's probability of the target (Dynamic Fine-Tuning, https://arxiv.org/abs/2508.05629; alpha 0
+    is plain cross-entropy). `num_tokens_step` may be a device tensor (no host sync).
+    Returns (loss tensor, sum of p_t over this micro-batch's supervised tokens as a device scalar)."""
     nll = model(x, y, loss_reduction="none").view(-1)  # (B*T,), 0 where y == -1
     valid = (y.view(-1) >= 0)
     nll = nll * valid  # keep ignored positions out even if a model returned something there
     p = torch.exp(-nll.detach()) * valid
-    if dft_alpha != 0.0:
-        weights = dft_alpha * p + (1.0 - dft_alpha)
-        weighted = (weights * nll).sum()
-    else:
-        weighted = nll.sum()
+    weighted = nll.sum() if dft_alpha == 0.0 else ((dft_alpha * p + (1.0 - dft_alpha)) * nll).sum()
     denom = num_tokens_step.clamp(min=1) if torch.is_tensor(num_tokens_step) else max(num_tokens_step, 1)
     # ranks' gradients are averaged by the optimizer, so scale by world_size to get a plain sum
     loss = weighted * world_size / denom
@@ -479,9 +444,8 @@ def strict_json(obj):
 
 
 def stage_meta(run, config, user_config, tokenizer, world_size, **extra):
-    """The meta every stage writes: the step, its own validation figure (None unless measured at this very
+    """The meta every stage writes: the step, its validation figure (None unless measured at this very
     step), the full model config, the flags, the loop state for resume and the tokenizer's identity."""
-    from nanochat import checkpoint_manager as ckpt
     meta = {"step": run.step, run.val_name: run.val_now(), "model_config": ckpt.config_to_dict(config),
             "user_config": user_config, "world_size": world_size, **extra, "loop_state": run.loop_state(),
             "tokenizer": ckpt.tokenizer_info(tokenizer)}
@@ -490,11 +454,9 @@ def stage_meta(run, config, user_config, tokenizer, world_size, **extra):
 
 @dataclass
 class Checkpoints:
-    """
-    Where and how a run saves: model + this rank's optimizer shard + loader position + RNG, so a resumed
+    """Where and how a run saves: model + this rank's optimizer shard + loader position + RNG, so a resumed
     run continues exactly; non-finite weights are refused. Every rank calls save() (it has a barrier).
-    `write=False` (a dry run) saves nothing.
-    """
+    `write=False` (a dry run) saves nothing."""
     directory: str
     model: torch.nn.Module
     optimizer: object
@@ -505,11 +467,9 @@ class Checkpoints:
     resumed_from: int = -1
 
     def evaluate_and_save(self, step, last_step, evaluate, make_meta, batches):
-        """
-        The top of each loop iteration: the evaluations due now, then a save when due (so the meta holds
-        them). On the last step the finished model is saved first, before the final evaluation, which may
-        be slow or killed; that evaluation's results then join the step's meta. Returns last_step.
-        """
+        """The top of each loop iteration: the evaluations due now, then a save when due (so the meta holds
+        them). The last step is saved before its final evaluation (slow, may be killed), whose results then
+        join the step's meta. Returns last_step."""
         if last_step:
             self.save(step, make_meta(), batches.state_dict())
         evaluate(step, last_step)
@@ -520,7 +480,6 @@ class Checkpoints:
         return last_step
 
     def save(self, step, meta, loader_state):
-        from nanochat import checkpoint_manager as ckpt
         if not self.write:
             return
         check_finite_params(self.model, step, self.device)
@@ -528,18 +487,12 @@ class Checkpoints:
         ckpt.save_checkpoint(self.directory, step, self.model.state_dict(), state, strict_json(meta), rank=self.rank)
 
     def rewrite_meta(self, step, meta):
-        """The last step is saved before its (slow, interruptible) evaluation; then its results join the meta."""
-        from nanochat import checkpoint_manager as ckpt
         if self.write:
             ckpt.update_meta(self.directory, step, strict_json(meta), rank=self.rank)
 
     def resume(self, step, run):
-        """
-        Restore a saved step into the model, the optimizer (this rank's shard), the RNG and `run`.
-        Returns the loader state. Call it last before the loop: anything drawing random numbers
-        afterwards would shift the restored RNG.
-        """
-        from nanochat import checkpoint_manager as ckpt
+        """Restore a saved step into the model, the optimizer (this rank's shard), the RNG and `run`; returns
+        the loader state. Call it last before the loop: drawing random numbers after it shifts the RNG."""
         model_state, state, meta = ckpt.load_checkpoint(self.directory, step, self.device, load_optimizer=True,
                                                         rank=self.rank)
         ckpt.restore_training_state(self.model, self.optimizer, model_state, state, self.directory, step, self.rank)
@@ -553,11 +506,8 @@ class Checkpoints:
 # Evaluations that fit the model
 
 class FittingProblems:
-    """
-    The first `max_problems` problems of a task whose prompt fits the model's context (`max_len` tokens);
-    longer ones are skipped and counted in `skipped`, instead of failing the evaluation. Quacks like the
-    task (len, [i], evaluate) for nanochat.task_eval.
-    """
+    """The first `max_problems` problems of a task whose prompt fits the context (`max_len` tokens); longer
+    ones are skipped and counted in `skipped`. Quacks like the task (len, [i], evaluate) for task_eval."""
 
     def __init__(self, task, tokenizer, max_len, max_problems=None):
         self.task = task
