@@ -10,8 +10,6 @@ SpellingBee (generation), and compute ChatCORE.
 import argparse
 import time
 
-import torch
-
 from nanochat.common import compute_init, compute_cleanup, print0, get_compute_dtype
 from nanochat.checkpoint_manager import load_model
 from nanochat.engine import Engine
