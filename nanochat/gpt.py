@@ -6,7 +6,8 @@ The GPT: a modern decoder-only transformer in the modded-nanogpt / nanochat line
 - GQA, a per-layer sliding-window pattern (last layer always full)
 - value embeddings on alternate layers mixed into v by per-head gates
 - per-layer resid/x0 scalars, smear (bigram mixing of embeddings) and backout (subtract a mid-layer state)
-On CPU in fp32 eager, training uses HeadSoftcapCE (head matmul + soft-cap + CE fused; same math, fewer passes).
+On CPU, training's loss is fused: HeadSoftcapCE in fp32 eager (head matmul + soft-cap + CE), SoftcapCE under
+torch.compile (soft-cap + CE, one pass each way); same math, fewer passes.
 
 Build: `with torch.device("meta"): model = GPT(cfg)`, then `model.to_empty(device=d)`, `model.init_weights()`.
 """
@@ -18,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.cpu_ops import RMSNormCPU, ReluSquareCPU, HeadSoftcapCE, cpu_kernels, use_cpu_kernels  # noqa: F401
+from nanochat.cpu_ops import (RMSNormCPU, ReluSquareCPU, HeadSoftcapCE, cpu_kernels, use_cpu_kernels,  # noqa: F401
+                              use_compiled_cpu_loss, softcap_cross_entropy)
 from nanochat.common import get_compute_dtype
 from nanochat.attention import flash_attn_func, flash_attn_with_kvcache, flash_attn_decode, get_backend
 
@@ -273,6 +275,9 @@ class GPT(nn.Module):
         w_head = self.lm_head.weight[:V].to(dtype)
         if targets is not None and self.fused_loss and dtype == torch.float32 and use_cpu_kernels(x):
             return HeadSoftcapCE.apply(x.view(B * T, -1), w_head, targets.reshape(-1), SOFTCAP, loss_reduction)
+        if targets is not None and use_compiled_cpu_loss(x):
+            return softcap_cross_entropy(F.linear(x, w_head).view(B * T, V), targets.reshape(-1), SOFTCAP,
+                                         loss_reduction)
         logits = F.linear(x, w_head).float()  # (B, T, V) fp32
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         if targets is None:
@@ -439,8 +444,10 @@ class GPT(nn.Module):
         return counts
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
-                         scalar_lr=0.5):
-        """AdamW for embeddings/head/scalars (width-scaled LRs), Muon per matrix shape."""
+                         scalar_lr=0.5, compile=None):
+        """AdamW for embeddings/head/scalars (width-scaled LRs), Muon per matrix shape. compile: torch.compile
+        the optimizer step (pass the precision policy's choice; None: on CUDA only). Muon orthogonalizes in
+        bf16 where the model computes in bf16 (the precision policy found bf16 matmuls fast here)."""
         from nanochat.optim import MuonAdamW
         s = (self.config.n_embd / 768) ** -0.5
 
@@ -464,7 +471,8 @@ class GPT(nn.Module):
                                momentum=0.95, ns_steps=5, beta2=0.9, weight_decay=weight_decay))
         n_grouped = sum(len(g["params"]) for g in groups)
         assert n_grouped == len(list(self.parameters())), "every parameter must be in exactly one group"
-        return MuonAdamW(groups)
+        muon_dtype = torch.bfloat16 if self.compute_dtype == torch.bfloat16 else None
+        return MuonAdamW(groups, muon_dtype=muon_dtype, compile=compile)
 
     # naive sampling (the slow reference beside the Engine) -------------------
 

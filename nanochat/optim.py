@@ -7,8 +7,9 @@ Under torch.distributed with world_size > 1 it runs a ZeRO-2 style step (https:/
 the model is not DDP-wrapped; step() reduce-scatters the gradients, updates the shard this rank owns (state
 exists only for it) and all-gathers the new weights. So state_dict() is per rank (resume at the same world size).
 
-Schedules set group["lr"], group["momentum"] and group["weight_decay"] before each step. On CUDA the Muon
-math is torch.compile'd with those passed as 0-D CPU tensors, so changing them never recompiles.
+Schedules set group["lr"], group["momentum"] and group["weight_decay"] before each step. When compiled (on
+CUDA by default, anywhere with compile=True) the math gets those as 0-D CPU tensors, so changing them never
+recompiles; on one process the whole step (every group) is then one graph.
 """
 
 import os
@@ -33,15 +34,16 @@ _GROUP_DEFAULTS = {"adamw": dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 # The math, as plain functions on tensors (tests call them directly) ----------
 
 def polar_express(X, ns_steps=5):
-    """Approximate the orthogonal polar factor U V^T of each matrix in X (..., rows, cols).
+    """Approximate the orthogonal polar factor U V^T of each matrix in X (K, rows, cols).
     X must already have spectral norm <= 1 (we divide by the Frobenius norm before calling)."""
     tall = X.size(-2) > X.size(-1)
     for i in range(ns_steps):
         a, b, c = POLAR_EXPRESS_COEFFS[min(i, len(POLAR_EXPRESS_COEFFS) - 1)]
-        # The Gram matrix is taken on the small side: (cols, cols) for tall, (rows, rows) for wide
+        # The Gram matrix is taken on the small side: (cols, cols) for tall, (rows, rows) for wide.
+        # baddbmm: each scale-and-add rides on its matmul (no separate passes; no kernels to compile)
         A = X.mT @ X if tall else X @ X.mT
-        B = b * A + c * (A @ A)
-        X = a * X + (X @ B if tall else B @ X)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        X = torch.baddbmm(X, X, B, beta=a) if tall else torch.baddbmm(X, B, X, beta=a)
     return X
 
 
@@ -78,16 +80,24 @@ def muon_math(grad, param, mom_buf, var_buf, lr, wd, momentum, beta2, ns_steps: 
 
 
 _compiled_muon_math = None
+_compiled_step_math = None
 _compile_backend = "inductor"  # tests swap in a counting backend to check graph breaks and recompiles
 
 
-def _muon_fn(device):
-    """The Muon math, torch.compile'd on CUDA (fuses the elementwise chains; the 0-D hyper-parameter
-    tensors keep changing values from triggering recompiles), eager elsewhere.
-    NANOCHAT_OPTIM_COMPILE=0 turns compilation off, =1 forces it on any device (tests, CPU experiments)."""
-    global _compiled_muon_math
+def _compile_enabled(device, compile=None):
+    """NANOCHAT_OPTIM_COMPILE=0/1 forces compilation off/on (tests, experiments); else `compile` (the training
+    precision policy's choice, passed down by the scripts); else on CUDA only."""
     mode = os.environ.get("NANOCHAT_OPTIM_COMPILE", "auto")
-    if mode == "0" or (mode != "1" and device.type != "cuda"):
+    if mode in ("0", "1"):
+        return mode == "1"
+    return device.type == "cuda" if compile is None else bool(compile)
+
+
+def _muon_fn(device, compile=None):
+    """The Muon math for one group (the distributed step), torch.compile'd when _compile_enabled (fuses the
+    elementwise chains; the 0-D hyper-parameter tensors keep changing values from triggering recompiles)."""
+    global _compiled_muon_math
+    if not _compile_enabled(device, compile):
         return muon_math
     if _compiled_muon_math is None:
         _compiled_muon_math = torch.compile(muon_math, dynamic=False, fullgraph=True, backend=_compile_backend)
@@ -110,6 +120,32 @@ def adamw_math(p, grad, state, lr, beta1, beta2, eps, wd):
     p32.addcdiv_(m, denom, value=-step_size)
     if p32 is not p:
         p.copy_(p32)
+
+
+def step_math(adamw_groups, muon_groups, ortho_dtype: torch.dtype):
+    """A whole single-process step as one function (compiled as one graph): the same math as adamw_math and
+    muon_math, every hyper-parameter a 0-D tensor (the Adam bias corrections too, so the step count never
+    recompiles). adamw_groups: (params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, wd, bc1, bc2);
+    muon_groups: (params, grads, momentum_buffer, second_momentum_buffer, lr, wd, momentum, beta2, ns_steps)."""
+    for params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, wd, bc1, bc2 in adamw_groups:
+        for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+            g = g.float()
+            m.add_((g - m) * (1 - beta1))  # lerp_, whose weight may not be a CPU tensor beside CUDA ones
+            v.mul_(beta2).add_((1 - beta2) * g * g)
+            denom = v.sqrt() / bc2.sqrt() + eps
+            p.copy_(p.float() * (1 - lr * wd) - (lr / bc1) * m / denom)
+    for params, grads, mom_buf, var_buf, lr, wd, momentum, beta2, ns_steps in muon_groups:
+        new = muon_math(torch.stack(grads).float(), torch.stack(params).float(), mom_buf, var_buf, lr, wd, momentum,
+                        beta2, ns_steps, ortho_dtype)
+        for i, p in enumerate(params):
+            p.copy_(new[i])
+
+
+def _step_fn():
+    global _compiled_step_math
+    if _compiled_step_math is None:
+        _compiled_step_math = torch.compile(step_math, dynamic=False, fullgraph=True, backend=_compile_backend)
+    return _compiled_step_math
 
 # Collectives -----------------------------------------------------------------
 # NCCL has reduce_scatter_tensor / all_gather_into_tensor / AVG; gloo has none of the three, so there a
@@ -154,10 +190,12 @@ class MuonAdamW(torch.optim.Optimizer):
       kind="adamw": params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
       kind="muon":  params (all the same 2-D shape), lr, momentum=0.95, ns_steps=5, beta2=0.9, weight_decay=0.0
     Every group also gets initial_lr (= lr at construction) for LR schedules.
-    muon_dtype: orthogonalization dtype; default $NANOCHAT_MUON_DTYPE, else bf16 on CUDA (fp32 on GPUs
-    without bf16) and fp32 elsewhere (bf16 matmul is slow or emulated on many CPUs)."""
+    muon_dtype: orthogonalization dtype; $NANOCHAT_MUON_DTYPE overrides it; default bf16 on CUDA (fp32 on GPUs
+    without bf16) and fp32 elsewhere (bf16 matmul is slow or emulated on many CPUs: GPT.setup_optimizers asks
+    for bf16 where the model computes in bf16).
+    compile: torch.compile the step (None: on CUDA only; $NANOCHAT_OPTIM_COMPILE=0/1 overrides it)."""
 
-    def __init__(self, param_groups, muon_dtype=None):
+    def __init__(self, param_groups, muon_dtype=None, compile=None):
         groups = []
         for i, g in enumerate(param_groups):
             kind = g.get("kind")
@@ -173,14 +211,22 @@ class MuonAdamW(torch.optim.Optimizer):
             g.setdefault("initial_lr", g["lr"])
             groups.append(g)
         super().__init__(groups, defaults={})
-        choice = muon_dtype or os.environ.get("NANOCHAT_MUON_DTYPE")
+        choice = os.environ.get("NANOCHAT_MUON_DTYPE") or muon_dtype
         if choice is not None and not isinstance(choice, torch.dtype):
             if choice not in _DTYPES:
                 raise ValueError(f"NANOCHAT_MUON_DTYPE / muon_dtype must be one of {sorted(_DTYPES)}, got {choice!r}")
             choice = _DTYPES[choice]
         self.muon_dtype = choice
-        # 0-D CPU tensors carrying the scheduled values into the (compiled) Muon math
-        self._hp = {k: torch.tensor(0.0, dtype=torch.float32) for k in ("lr", "wd", "momentum", "beta2")}
+        self.compile = compile
+        # 0-D CPU tensors carrying the scheduled values into the (compiled) math, per group
+        self._hp = {}
+
+    def _hparams(self, group, **values):
+        """The group's hyper-parameters as 0-D fp32 CPU tensors (the same tensors every step, refilled)."""
+        hp = self._hp.setdefault(id(group), {})
+        for k, v in values.items():
+            hp.setdefault(k, torch.tensor(0.0, dtype=torch.float32)).fill_(v)
+        return [hp[k] for k in values]
 
     def _ortho_dtype(self, device):
         if self.muon_dtype is not None:
@@ -193,22 +239,26 @@ class MuonAdamW(torch.optim.Optimizer):
             return dist.get_rank(), dist.get_world_size()
         return 0, 1
 
+    def _muon_state(self, group, n, rows, cols, device):
+        """Muon's stacked buffers, kept on the group's first param."""
+        state = self.state[group["params"][0]]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros((n, rows, cols), dtype=torch.float32, device=device)
+            vshape = (n, rows, 1) if rows >= cols else (n, 1, cols)
+            state["second_momentum_buffer"] = torch.zeros(vshape, dtype=torch.float32, device=device)
+        return state["momentum_buffer"], state["second_momentum_buffer"]
+
+    def _muon_hparams(self, group):
+        rows, cols = group["params"][0].shape
+        return self._hparams(group, lr=group["lr"] * math.sqrt(max(1.0, rows / cols)),
+                             wd=group["weight_decay"], momentum=group["momentum"], beta2=group["beta2"])  # (6.3)
+
     def _muon_group(self, group, grads, params):
         """Run Muon on stacks grads/params (n, rows, cols); state lives on the group's first param."""
-        state = self.state[group["params"][0]]
-        n, rows, cols = grads.shape
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(grads, dtype=torch.float32)
-            vshape = (n, rows, 1) if rows >= cols else (n, 1, cols)
-            state["second_momentum_buffer"] = torch.zeros(vshape, dtype=torch.float32, device=grads.device)
-        hp = self._hp
-        hp["lr"].fill_(group["lr"] * math.sqrt(max(1.0, rows / cols)))  # shape LR scaling (6.3)
-        hp["wd"].fill_(group["weight_decay"])
-        hp["momentum"].fill_(group["momentum"])
-        hp["beta2"].fill_(group["beta2"])
-        fn = _muon_fn(grads.device)
-        return fn(grads.float(), params.float(), state["momentum_buffer"], state["second_momentum_buffer"],
-                  hp["lr"], hp["wd"], hp["momentum"], hp["beta2"], group["ns_steps"], self._ortho_dtype(grads.device))
+        mom, var = self._muon_state(group, *grads.shape, grads.device)
+        fn = _muon_fn(grads.device, self.compile)
+        return fn(grads.float(), params.float(), mom, var, *self._muon_hparams(group), group["ns_steps"],
+                  self._ortho_dtype(grads.device))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -224,6 +274,9 @@ class MuonAdamW(torch.optim.Optimizer):
         return loss
 
     def _step_single(self):
+        params = [p for g in self.param_groups for p in g["params"]]
+        if params and _compile_enabled(params[0].device, self.compile) and all(p.grad is not None for p in params):
+            return self._step_compiled()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -238,6 +291,36 @@ class MuonAdamW(torch.optim.Optimizer):
                                        "over the whole group, so all of them need a grad (or none)")
                 new = self._muon_group(group, torch.stack([p.grad for p in params]), torch.stack(params))
                 torch._foreach_copy_(params, list(new.unbind(0)))
+
+    def _step_compiled(self):
+        """Every group in one compiled graph (step_math); the state keeps adamw_math's layout, so checkpoints
+        and the eager path are interchangeable."""
+        adamw_groups, muon_groups = [], []
+        for group in self.param_groups:
+            params, grads = group["params"], [p.grad for p in group["params"]]
+            if group["kind"] == "adamw":
+                states = [self.state[p] for p in params]
+                for p, st in zip(params, states):
+                    if not st:
+                        st.update(step=0, exp_avg=torch.zeros_like(p, dtype=torch.float32),
+                                  exp_avg_sq=torch.zeros_like(p, dtype=torch.float32))
+                    st["step"] += 1
+                t = states[0]["step"]
+                if any(st["step"] != t for st in states):  # a param that once had no grad lags: keep exact Adam
+                    b1, b2 = group["betas"]
+                    for p, st in zip(params, states):
+                        st["step"] -= 1
+                        adamw_math(p, p.grad, st, group["lr"], b1, b2, group["eps"], group["weight_decay"])
+                    continue
+                b1, b2 = group["betas"]
+                hp = self._hparams(group, lr=group["lr"], beta1=b1, beta2=b2, eps=group["eps"], wd=group["weight_decay"],
+                                   bc1=1 - b1 ** t, bc2=1 - b2 ** t)
+                adamw_groups.append((params, grads, [st["exp_avg"] for st in states],
+                                     [st["exp_avg_sq"] for st in states], *hp))
+            else:
+                mom, var = self._muon_state(group, len(params), *params[0].shape, params[0].device)
+                muon_groups.append((params, grads, mom, var, *self._muon_hparams(group), group["ns_steps"]))
+        _step_fn()(adamw_groups, muon_groups, self._ortho_dtype(self.param_groups[0]["params"][0].device))
 
     def _step_distributed(self, rank, world):
         # Phase 1: launch every gradient reduction, group by group, without waiting.

@@ -152,7 +152,8 @@ weight_decay = args.weight_decay * batch_lr_scale * (ref_tokens / target_tokens)
 optimizer = orig_model.setup_optimizers(unembedding_lr=args.unembedding_lr * batch_lr_scale,
                                         embedding_lr=args.embedding_lr * batch_lr_scale,
                                         matrix_lr=args.matrix_lr * batch_lr_scale,
-                                        weight_decay=weight_decay, scalar_lr=args.scalar_lr * batch_lr_scale)
+                                        weight_decay=weight_decay, scalar_lr=args.scalar_lr * batch_lr_scale,
+                                        compile=use_compile)
 warmup_iters = max(args.warmup_steps, round(args.warmup_ratio * num_iterations))
 warmdown_iters = round(args.warmdown_ratio * num_iterations)
 

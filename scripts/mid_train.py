@@ -85,7 +85,7 @@ grad_accum = grad_accum_steps(args.total_batch_size, args.device_batch_size, arg
 print0(f"total batch: {args.total_batch_size:,} tokens | grad accum: {grad_accum}")
 
 optimizer = orig_model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+                                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay, compile=use_compile)
 scale_lrs(optimizer, args.init_lr_frac)
 
 peak = PeakFlops.for_device(device, dtype)

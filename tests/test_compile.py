@@ -1,9 +1,9 @@
 """
-torch.compile coverage without a GPU: the model's forward + backward and the Muon step, traced on a CPU
-along the CUDA code path (bf16, no CPU-only fused ops). One graph each, no recompiles while the
-scheduled lr / momentum / weight decay change, results equal to eager. The CPU runs use the aot_eager
-backend (Dynamo + AOT autograd, the stages where graph breaks and recompiles come from) to stay fast;
-the GPU test compiles with Inductor.
+torch.compile coverage without a GPU: the model's forward + backward and the optimizer step, traced on a CPU
+along the CUDA code path (bf16, no CPU-only fused ops) and along the CPU one (its compiled loss). One graph
+each, no recompiles while the scheduled lr / momentum / weight decay change, results equal to eager. The CPU
+runs use the aot_eager backend (Dynamo + AOT autograd, the stages where graph breaks and recompiles come
+from) to stay fast; one CPU test and the GPU test compile with Inductor.
 """
 
 import dataclasses
@@ -31,6 +31,7 @@ def fresh_dynamo(monkeypatch):
     torch._dynamo.reset()
     attn._backend = None
     optim._compiled_muon_math = None
+    optim._compiled_step_math = None
     optim._compile_backend = "inductor"
 
 
@@ -64,6 +65,67 @@ def test_model_has_no_graph_breaks():
     with cpu_kernels(False):
         explanation = torch._dynamo.explain(model)(idx, idx)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_cpu_model_compiles_in_one_graph_equal_to_eager():
+    # the CPU path under torch.compile: SoftcapCE instead of the stock soft-cap + cross-entropy chain
+    model = make_model()
+    idx = torch.randint(0, CFG.vocab_size, (2, CFG.sequence_len), generator=torch.Generator().manual_seed(0))
+    tgt = idx.roll(-1, 1)
+    tgt[1, :7] = -1
+    with cpu_kernels(False):  # eager reference: the stock ops
+        eager_loss = model(idx, tgt)
+        eager_loss.backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, dynamic=False)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        loss = compiled(idx, tgt)
+        loss.backward()
+    assert counter.frame_count == 1, f"{counter.frame_count} graphs: a graph break or a recompile"
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-4, atol=1e-4)
+    for p, g in zip(model.parameters(), eager_grads):
+        torch.testing.assert_close(p.grad.float(), g.float(), rtol=2e-2, atol=2e-3)
+
+
+def schedule(opt, step):
+    """Move every scheduled hyper-parameter, as the training loops do."""
+    for g in opt.param_groups:
+        g["lr"] = g["initial_lr"] * (1 - step / 8)
+        if g["kind"] == "muon":
+            g["momentum"], g["weight_decay"] = 0.85 + 0.03 * step, 0.1 / (step + 1)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_whole_optimizer_step_compiles_once_equal_to_eager(monkeypatch, backend):
+    # every group (AdamW on bf16 embeddings, fp32 head and scalars; Muon per shape) in one graph
+    monkeypatch.delenv("NANOCHAT_OPTIM_COMPILE", raising=False)
+    monkeypatch.setenv("NANOCHAT_MUON_DTYPE", "float32")  # bf16 rounding would blur the comparison
+    counter = CompileCounterWithBackend(backend)
+    optim._compile_backend = counter
+    model, twin = make_model(), make_model()
+    opt, ref = model.setup_optimizers(weight_decay=0.1, compile=True), twin.setup_optimizers(weight_decay=0.1)
+    frames = []
+    for step in range(4):
+        g = torch.Generator().manual_seed(step)
+        for p, t in zip(model.parameters(), twin.parameters()):
+            p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+            t.grad = p.grad.clone()
+        for o in (opt, ref):
+            schedule(o, step)
+        opt.step()
+        ref.step()
+        frames.append(counter.frame_count)
+    assert frames == [1, 1, 1, 1], f"compiled optimizer graphs per step: {frames}"
+    for p, t in zip(model.parameters(), twin.parameters()):
+        # bf16 embeddings: one rounding of the same fp32 update apart at most
+        tol = dict(rtol=1e-2, atol=1e-2) if p.dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(p.float(), t.float(), **tol)
+    for p in model.parameters():  # the same state layout as the eager path: checkpoints stay interchangeable
+        s, r = opt.state[p], ref.state[dict(zip(model.parameters(), twin.parameters()))[p]]
+        assert s.keys() == r.keys() and all(not torch.is_tensor(s[k]) or s[k].shape == r[k].shape for k in s)
+        assert s.get("step") == r.get("step")
 
 
 def test_muon_step_compiles_once_while_schedules_change(monkeypatch):

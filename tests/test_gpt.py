@@ -218,7 +218,7 @@ def test_num_scaling_params():
 def test_setup_optimizers_groups(monkeypatch):
     import nanochat.optim
     captured = {}
-    monkeypatch.setattr(nanochat.optim, "MuonAdamW", lambda groups: captured.setdefault("groups", groups))
+    monkeypatch.setattr(nanochat.optim, "MuonAdamW", lambda groups, **kw: captured.setdefault("groups", groups))
     m = build()
     groups = m.setup_optimizers(unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.1)
     s = (64 / 768) ** -0.5
@@ -238,6 +238,47 @@ def test_setup_optimizers_groups(monkeypatch):
     assert all(g["initial_lr"] == g["lr"] for g in groups)
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(m.parameters()))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_setup_optimizers_muon_dtype_follows_compute_dtype(monkeypatch, dtype):
+    # Muon orthogonalizes in bf16 exactly where the model computes in bf16 (bf16 matmuls measured fast)
+    monkeypatch.delenv("NANOCHAT_MUON_DTYPE", raising=False)
+    monkeypatch.setenv("NANOCHAT_DTYPE", dtype)
+    m = build()
+    opt = m.setup_optimizers(compile=False)
+    assert opt._ortho_dtype(torch.device("cpu")) == getattr(torch, dtype)
+    assert opt.compile is False and m.setup_optimizers().compile is None
+    monkeypatch.setenv("NANOCHAT_MUON_DTYPE", "float32")  # the override still wins
+    assert m.setup_optimizers()._ortho_dtype(torch.device("cpu")) == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_softcap_cross_entropy_matches_stock_ops(dtype, reduction):
+    # the compiled CPU loss, run eagerly here: value and gradient against F.cross_entropy of the capped logits
+    g = torch.Generator().manual_seed(0)
+    z = (torch.randn(40, 300, generator=g) * 30).to(dtype).requires_grad_()  # many logits past the cap
+    t = torch.randint(0, 300, (40,), generator=g)
+    t[3:9] = -1
+    weights = torch.linspace(0.5, 2.0, 40) if reduction == "none" else torch.tensor(1.0)
+    results = []
+    for fused in (True, False):
+        z.grad = None
+        if fused:
+            loss = cpu_ops.softcap_cross_entropy(z, t, 15.0, reduction)
+        else:
+            loss = F.cross_entropy(15 * torch.tanh(z.float() / 15), t, ignore_index=-1, reduction=reduction)
+        (loss * weights).sum().backward()
+        results.append((loss.detach(), z.grad.float()))
+    (l1, g1), (l2, g2) = results
+    torch.testing.assert_close(l1, l2, atol=1e-5, rtol=1e-5)
+    # bf16: one rounding of the logit gradient apart
+    torch.testing.assert_close(g1, g2, atol=1e-2 * g2.abs().max().item() if dtype == torch.bfloat16 else 1e-6,
+                               rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+    assert torch.all(g1[3:9] == 0)  # ignored rows get no gradient
+    with pytest.raises(ValueError, match="cap"):
+        cpu_ops.softcap_cross_entropy(z, t, 100.0)
 
 
 def test_optimizer_step_smoke():
