@@ -3,6 +3,8 @@ Engine tests: the KV-cache path against the model's naive generate() (full recom
 the tool state machine with a scripted stub model, and BatchEngine (continuous batching) against solo runs.
 """
 
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from nanochat.attention import KVCache
-from nanochat.engine import BatchEngine, Engine, QueueFull, sample_next_token, top_p_truncate
+from nanochat.engine import BatchEngine, Engine, QueueFull, GREEDY_TEMPERATURE, sample_next_token, top_p_truncate
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import RustBPETokenizer
 
@@ -250,6 +252,67 @@ def test_top_p_sampling_frequencies():
             sample_next_token(logits, g, 1.0, top_p=bad)
 
 
+def test_sampling_is_safe_at_extreme_temperatures():
+    """Temperatures from 1e-300 to 1e3 with extreme top_k/top_p: always a valid token; exactly greedy below
+    GREEDY_TEMPERATURE; equal to greedy in the limit above it (logits 0.1 apart); seeded draws reproducible."""
+    V = 50
+    gen = torch.Generator().manual_seed(0)
+    spaced = torch.stack([torch.randperm(V, generator=gen).float() * 0.1 for _ in range(3)])  # gaps of 0.1
+    logits = torch.cat([spaced, spaced * 1e4 - 5e4, torch.randn(2, V, generator=gen) * 30])
+    logits[-1, 7] = logits[-1, 3] = logits[-1].max() + 1  # a tie: argmax takes the first
+    greedy = logits.argmax(dim=-1, keepdim=True)
+    assert greedy[-1].item() == 3
+    below = [5e-324, 1e-300, 1e-39, 1e-30, 1e-10, GREEDY_TEMPERATURE * 0.99]
+    near = [GREEDY_TEMPERATURE, 2e-5, 1e-4, 1e-3]
+    above = [1e-2, 0.1, 1.0, 10.0, 1e3]
+    for temperature in below + near + above:
+        for top_k in (None, 1, 5, 10**9):
+            for top_p in (None, 1e-300, 0.5, 1 - 1e-9):
+                draws = [sample_next_token(logits, torch.Generator().manual_seed(s), temperature, top_k, top_p)
+                         for s in range(6)]
+                again = [sample_next_token(logits, torch.Generator().manual_seed(s), temperature, top_k, top_p)
+                         for s in range(6)]
+                assert all(torch.equal(a, b) for a, b in zip(draws, again)), (temperature, top_k, top_p)
+                for d in draws:
+                    assert d.shape == (len(logits), 1) and d.dtype == torch.long
+                    assert ((0 <= d) & (d < V)).all(), (temperature, top_k, top_p)
+                    if top_k:  # inside the k most likely (no ties among the kept ones except the last row)
+                        kth = logits.topk(min(top_k, V), dim=-1).values[:, -1:]
+                        assert (logits.gather(1, d) >= kth).all()
+                    top = logits.gather(1, d) == logits.max(dim=-1, keepdim=True).values
+                    if temperature in below:
+                        assert torch.equal(d, greedy), (temperature, top_k, top_p)
+                    elif top_k == 1 or top_p == 1e-300 or temperature in near:  # a top token (either of a tie)
+                        assert top.all() and torch.equal(d[:-1], greedy[:-1]), (temperature, top_k, top_p)
+    # at 1e3 the distribution is the (nearly flat) softmax of logits / 1e3, computed here in float64
+    g = torch.Generator().manual_seed(1)
+    row = logits[2:3]
+    draws = torch.cat([sample_next_token(row, g, 1e3) for _ in range(4000)], dim=1)
+    freq = torch.bincount(draws[0], minlength=V).double() / draws.size(1)
+    torch.testing.assert_close(freq, torch.softmax(row[0].double() / 1e3, -1), atol=0.015, rtol=0)
+    # scaling must not overflow where logits are huge: two logits 0.5 apart near 1e4, T = 0.5 -> p = 1/(1 + e^-1)
+    pair = torch.tensor([[1e4, 1e4 - 0.5]])
+    draws = torch.cat([sample_next_token(pair, g, 0.5) for _ in range(4000)], dim=1)
+    assert abs((draws == 0).float().mean().item() - 1 / (1 + torch.e ** -1)) < 0.03
+    for bad in (float("inf"), float("nan"), -1e-300, None):
+        with pytest.raises(ValueError, match="temperature"):
+            sample_next_token(logits, g, bad)
+
+
+def test_engines_at_tiny_temperatures_give_the_greedy_reply(tokenizer):
+    V = tokenizer.get_vocab_size()
+    model = make_model(V, n_layer=1, zero_specials_from=first_special(tokenizer))
+    engine = Engine(model, tokenizer)
+    greedy = engine.generate_batch([1, 2, 3], max_tokens=12, temperature=0.0)[0]
+    for temperature in (1e-39, 5e-324, 1e-300):
+        assert engine.generate_batch([1, 2, 3], max_tokens=12, temperature=temperature, seed=3)[0] == greedy
+    batch = BatchEngine(model, tokenizer, max_rows=2).start()
+    try:
+        assert list(batch.submit([1, 2, 3], 12, temperature=5e-324, seed=3)) == greedy[0][3:]
+    finally:
+        batch.stop()
+
+
 # -----------------------------------------------------------------------------
 # tool use, driven by a scripted stub model
 
@@ -445,8 +508,8 @@ def test_batch_engine_cancel_frees_the_row(tokenizer):
 def test_batch_engine_queue_full_and_stop(tokenizer):
     V = tokenizer.get_vocab_size()
     batch = BatchEngine(make_model(V, n_layer=1), tokenizer, max_rows=1, max_queue=2)  # not started
-    a, b = batch.submit([1], 5), batch.submit([2], 5)
-    assert batch.stats()["queue_depth"] == 2
+    a, b, c = batch.submit([1], 5), batch.submit([2], 5), batch.submit([3], 5)  # one free row + two places
+    assert batch.stats()["queue_depth"] == 3
     with pytest.raises(QueueFull):
         batch.submit([3], 5)
     with pytest.raises(ValueError, match="top_p"):
@@ -454,7 +517,7 @@ def test_batch_engine_queue_full_and_stop(tokenizer):
     with pytest.raises(ValueError, match="token ids"):
         batch.submit([V], 5)
     batch.stop()
-    assert list(a) == [] and a.finish_reason == "cancelled" and b.finish_reason == "cancelled"
+    assert list(a) == [] and all(s.finish_reason == "cancelled" for s in (a, b, c))
 
 
 class NextTokenModel(nn.Module):
@@ -504,3 +567,45 @@ def test_batch_engine_tool_use_per_row(tokenizer):
     solo = Engine(NextTokenModel(V, table, default=end), tokenizer)
     assert solo.generate_batch([1, q], max_tokens=30, temperature=0.0)[0][0][2:] == want_tool
 
+
+
+class SlowModel(NextTokenModel):
+    """Never stops (predicts `default`) and takes 50 ms a forward, so no request ends during a burst."""
+
+    def forward_cached(self, *args, **kwargs):
+        time.sleep(0.05)
+        return super().forward_cached(*args, **kwargs)
+
+
+def test_batch_engine_burst_of_rows_plus_queue_is_all_accepted(tokenizer):
+    """max_rows + max_queue + 1 requests released together by a barrier on an idle, running engine: exactly one
+    (the last to get in) is refused, whichever order the threads run in."""
+    V = tokenizer.get_vocab_size()
+    x = tokenizer.encode("x")[0]
+    rows, places = 2, 3
+    batch = BatchEngine(SlowModel(V, {}, default=x), tokenizer, max_rows=rows, max_queue=places).start()
+    n = rows + places + 1
+    barrier = threading.Barrier(n)
+
+    def submit(i):
+        barrier.wait()
+        try:
+            return batch.submit([1, 2 + i], max_tokens=50, temperature=0.0)
+        except QueueFull:
+            return None
+
+    try:
+        for _ in range(3):  # the issue saw 429s in 2 bursts of 3
+            with ThreadPoolExecutor(n) as pool:
+                streams = list(pool.map(submit, range(n)))
+            assert sum(s is None for s in streams) == 1
+            stats = batch.stats()
+            assert stats["active_rows"] + stats["queue_depth"] <= rows + places
+            for s in streams:
+                if s is not None:
+                    s.cancel()
+            deadline = time.time() + 30
+            while (st := batch.stats())["active_rows"] + st["queue_depth"] and time.time() < deadline:
+                time.sleep(0.01)
+    finally:
+        batch.stop()
