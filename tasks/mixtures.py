@@ -105,13 +105,16 @@ def build_mixture(spec, split="train"):
     for entry in spec:
         name, rows, repeat = parse_entry(entry)
         build = SOURCES.get(name) or (lambda split, rows: CustomJSON(os.path.expanduser(name), stop=rows))
+        role = "training" if split == "train" else "validation"
+        fix = f"--drop {name}" if split == "train" else "--val-mix without it"
         try:
             task = build(split, rows)
         except (OSError, RuntimeError, ValueError, ImportError) as e:
-            role = "training" if split == "train" else "validation"
-            fix = f"--drop {name}" if split == "train" else "--val-mix without it"
             raise SourceUnavailable(f"{role} mixture source {name!r} could not be loaded: {e}\n"
                                     f"(to leave it out: {fix})") from e
+        if len(task) == 0:  # caught here, before any model is loaded, not as an empty epoch later
+            raise SourceUnavailable(f"{role} mixture source {name!r} has no conversations (an empty file, or "
+                                    f"@0 rows); give it rows or leave it out ({fix})")
         tasks.extend([task] * repeat)  # the same object listed again = oversampling
     return TaskMixture(tasks)
 
