@@ -332,8 +332,8 @@ def load_exported(hf_dir, device, phase):
                                   f"{getattr(config, key)} (the file was edited); {fix}")
     tokenizer = tokenizer_from_hf_json(tokenizer_path, fix)
     if tokenizer.get_vocab_size() != config.vocab_size:
-        raise CheckpointError(f"{tokenizer_path} has {tokenizer.get_vocab_size()} tokens but {config_path} says "
-                              f"vocab_size={config.vocab_size}: the two files come from different exports; {fix}")
+        raise CheckpointError(f"{config_path}: vocab_size={config.vocab_size} but {tokenizer_path} has "
+                              f"{tokenizer.get_vocab_size()} tokens: the two files come from different exports; {fix}")
     model = meta_model(config, config_path, fix)
     shapes = model.state_dict()
     _require("safetensors")
