@@ -415,10 +415,33 @@ def load_replicas(args):
     return replicas
 
 
+def json_http_protocol():
+    """uvicorn's h11 protocol, with the 400 it sends itself for a request that is not valid HTTP (no Host
+    header, a garbled request line, two Content-Lengths) written as JSON like every other error."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class JsonErrorsH11Protocol(H11Protocol):
+        def send_400_response(self, msg):
+            body = json.dumps({"error": {"message": f"invalid HTTP request: {msg}", "type": "invalid_request_error",
+                                         "param": None, "code": None}}).encode()
+            try:
+                headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                           (b"connection", b"close")]
+                for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                              h11.EndOfMessage()):
+                    self.transport.write(self.conn.send(event))
+                self.transport.close()
+            except Exception:  # an h11 state this does not expect: uvicorn's own plain-text answer
+                super().send_400_response(msg)
+
+    return JsonErrorsH11Protocol
+
+
 def serve_in_thread(app, host="127.0.0.1", port=0):
     """Run `app` with uvicorn in a background thread (tests, benchmarks): (base url, stop function)."""
     import uvicorn
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", http=json_http_protocol()))
     thread = threading.Thread(target=server.run, daemon=True, name="uvicorn")
     thread.start()
     deadline = time.time() + 60
@@ -447,7 +470,7 @@ def main():
     config = ServeConfig(args.temperature, args.top_k, args.top_p, args.max_tokens, name, args.serve_mode)
     app = create_app(load_replicas(args), config)  # load first: a bad checkpoint exits with its one line
     log(f"chat UI at http://localhost:{args.port}/  OpenAI API at http://localhost:{args.port}/v1")
-    uvicorn.run(app, host=args.host, port=args.port)
+    uvicorn.run(app, host=args.host, port=args.port, http=json_http_protocol())
 
 
 if __name__ == "__main__":

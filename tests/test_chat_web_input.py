@@ -424,3 +424,16 @@ def test_tiny_temperatures_give_the_greedy_reply(client, route):
 
     greedy = reply(0)
     assert greedy and all(reply(t) == greedy for t in (1e-39, 5e-324, 1e-300))
+
+
+def test_requests_that_are_not_http_get_json_too(live_server):
+    """uvicorn answers these itself, before the app sees them: a 400, in JSON like every other error."""
+    host, port = live_server.removeprefix("http://").split(":")
+    for raw in (b"GARBAGE\r\n\r\n", b"GET /health HTTP/1.1\r\n\r\n",  # no Host header
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello"):
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(raw)
+            reply = b"".join(iter(lambda: s.recv(65536), b""))
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower(), reply
+        assert json.loads(body)["error"]["message"].startswith("invalid HTTP request"), reply
