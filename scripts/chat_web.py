@@ -217,7 +217,7 @@ class AbsoluteFormTargets:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"][:8].lower().startswith(("http://", "https://")):
-            raw = urlsplit(scope["raw_path"].decode("latin-1")).path or "/"
+            raw = urlsplit((scope.get("raw_path") or scope["path"].encode()).decode("latin-1")).path or "/"
             scope = {**scope, "path": unquote(raw), "raw_path": raw.encode("latin-1")}
         await self.app(scope, receive, send)
 
