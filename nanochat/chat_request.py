@@ -85,8 +85,8 @@ def parse_json(raw):
     """The request body as JSON, if it is UTF-8 JSON within the depth and element limits (else RequestError)."""
     encoding = json.detect_encoding(raw)  # what json.loads would guess from the first bytes
     if encoding != "utf-8":
-        what = "a UTF-8 byte order mark" if encoding == "utf-8-sig" else encoding.upper()
-        raise RequestError(f"request body is {what}; send JSON as UTF-8 without a byte order mark "
+        what = "starts with a byte order mark" if encoding == "utf-8-sig" else f"looks like {encoding.upper()}"
+        raise RequestError(f"request body {what}; send JSON as UTF-8 without a byte order mark "
                            f"(RFC 8259: JSON exchanged between systems is UTF-8)")
     try:
         text = raw.decode("utf-8")
