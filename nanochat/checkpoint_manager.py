@@ -381,6 +381,9 @@ def check_weights(state, shapes, path, config_path, fix):
                               f"run; {fix}")
     for name, want in shapes.items():
         t = state[name]
+        if t.is_meta or t.layout != torch.strided:
+            kind = "a meta tensor (no values)" if t.is_meta else f"not a dense tensor ({t.layout})"
+            raise CheckpointError(f"{path}: tensor {name} is {kind}: the file was edited or is damaged; {fix}")
         if (t.dtype not in FLOAT_DTYPES) if want.is_floating_point() else (t.dtype != want.dtype):
             expected = "a floating-point dtype" if want.is_floating_point() else str(want.dtype)
             raise CheckpointError(f"{path}: tensor {name} is {str(t.dtype).removeprefix('torch.')}, expected "

@@ -257,8 +257,29 @@ def load_bundle(bundle_dir):
     return tasks
 
 
-def load_task_data(path):
-    return read_jsonl(path, fix="restore the eval bundle (delete it to download it again)")
+def _item_checker(task_type):
+    """read_jsonl's parse for a task's rows: the fields its prompts use, with the right types."""
+    text_fields, options_field = {"multiple_choice": (("query",), "choices"),
+                                  "schema": (("continuation",), "context_options"),
+                                  "language_modeling": (("context", "continuation"), None)}[task_type]
+
+    def check(row):
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in text_fields):
+            raise ValueError(f"a {task_type} row is an object with string fields {', '.join(text_fields)}")
+        if options_field is not None:
+            options, gold = row.get(options_field), row.get("gold")
+            if not isinstance(options, list) or not options or not all(isinstance(o, str) for o in options):
+                raise ValueError(f"'{options_field}' must be a non-empty list of strings")
+            if type(gold) is not int or not 0 <= gold < len(options):
+                raise ValueError(f"'gold' must index the {len(options)} {options_field}, got {str(gold)[:20]}")
+        return row
+    return check
+
+
+def load_task_data(path, task_type=None):
+    """The rows of a task's JSONL file, each checked for its task type's fields (errors name the file:line)."""
+    return read_jsonl(path, _item_checker(task_type) if task_type else None,
+                      fix="restore the eval bundle (delete it to download it again)")
 
 
 def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None, batch_tokens=8192):
@@ -278,7 +299,7 @@ def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None, ba
             print0(f"CORE: task {label} skipped, its data file {path} is missing (left out of the mean)")
             continue
         t0 = time.time()
-        data = load_task_data(path)
+        data = load_task_data(path, task_meta["task_type"])
         # the files are often ordered; shuffle so --max-per-task takes a fair subset
         random.Random(1337).shuffle(data)
         if max_per_task > 0:

@@ -15,6 +15,7 @@ import argparse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nanochat.common import InputFileError, get_base_dir, get_data_dir, open_regular
@@ -81,10 +82,14 @@ def open_shard(path):
 def read_texts(pf, rg, path):
     """The "text" column of row group `rg` of an open shard; a damaged row group raises InputFileError."""
     try:
-        return pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+        column = pf.read_row_group(rg, columns=["text"]).column("text")
     except Exception as e:
         raise InputFileError(f"{path}: row group {rg} cannot be read ({type(e).__name__}: {str(e)[:100]}); "
                              f"{SHARD_FIX}") from None
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)) or column.null_count:
+        raise InputFileError(f"{path}: row group {rg}: the 'text' column must hold strings, not {column.type} "
+                             f"({column.null_count} nulls); {SHARD_FIX}")
+    return column.to_pylist()
 
 
 def parquets_iter_batched(split, start=0, step=1):

@@ -29,7 +29,7 @@ SPECIAL_TOKENS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_star
 CONFIG_FILE = "tokenizer.json"
 RANKS_FILE = "mergeable_ranks.tiktoken"
 FORMAT = "nanochat-tokenizer-v1"
-MAX_RANKS_BYTES = 256 << 20  # ~40 bytes a line: millions of tokens, far more than any vocabulary here
+MAX_RANKS_BYTES = 64 << 20  # ~20-40 bytes a line: over a million tokens, far more than any vocabulary here
 MAX_TOKEN_BYTES_FILE = 64 << 20  # token_bytes.pt: 4 bytes per token
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import make_tiny_chat_model
 
-from nanochat.chat_request import MAX_BODY_BYTES, MAX_JSON_DEPTH, json_shape
+from nanochat.chat_request import MAX_BODY_BYTES, json_shape
 from scripts.chat_web import ServeConfig, create_app, make_replica, serve_in_thread
 
 ROUTES = ["/chat/completions", "/v1/chat/completions"]

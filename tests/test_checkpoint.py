@@ -436,6 +436,8 @@ def edit_state(path, change):
                                                                           "floating-point dtype"),
     (lambda s: s.update({"resid_lambdas": s["resid_lambdas"].bool()}), "tensor resid_lambdas is bool"),
     (lambda s: s.update({"x0_lambdas": s["x0_lambdas"].to(torch.complex64)}), "tensor x0_lambdas is complex64"),
+    (lambda s: s.update({"x0_lambdas": torch.empty(2, device="meta")}), r"tensor x0_lambdas is a meta tensor \(no values\)"),
+    (lambda s: s.update({"x0_lambdas": s["x0_lambdas"].to_sparse()}), r"tensor x0_lambdas is not a dense tensor \(torch.sparse_coo\)"),
 ])
 def test_bad_tensors_are_refused_naming_them(saved, tokenizer, change, expect):
     ckpt_dir, _ = saved

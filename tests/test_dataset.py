@@ -188,6 +188,8 @@ def corrupt_middle(path):
     (lambda p: (p.unlink(), os.mkfifo(p)), r"is a named pipe \(FIFO\), not a regular file"),
     (lambda p: (p.unlink(), p.symlink_to("/dev/zero")), "is a character device, not a regular file"),
     (lambda p: pq.write_table(pa.table({"body": ["x"] * 5}), p), "row group 0 cannot be read"),
+    (lambda p: pq.write_table(pa.table({"text": [1, 2, 3]}), p), "the 'text' column must hold strings, not int64"),
+    (lambda p: pq.write_table(pa.table({"text": ["a", None]}), p), r"must hold strings, not string \(1 nulls\)"),
     (corrupt_middle, "cannot be read"),
 ])
 def test_damaged_shard_is_one_line_naming_it(tmp_path, monkeypatch, damage, expect):
