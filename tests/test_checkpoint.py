@@ -293,13 +293,23 @@ def optimizer_step(model):
     return optimizer
 
 
-@pytest.fixture
-def saved(tmp_path, tokenizer):
-    """Step 1 with a model and an optimizer file, as the training scripts write them."""
+@pytest.fixture(scope="module")
+def saved_template(tmp_path_factory, tokenizer):
+    ckpt_dir = tmp_path_factory.mktemp("saved")
     model = make_model(tiny_config()).train()
     optimizer = optimizer_step(model)
-    save(tmp_path, 1, model, tokenizer, optim_state={"optimizer": optimizer.state_dict()})
-    return tmp_path, model
+    save(ckpt_dir, 1, model, tokenizer, optim_state={"optimizer": optimizer.state_dict()})
+    return ckpt_dir, model
+
+
+@pytest.fixture
+def saved(tmp_path, saved_template):
+    """Step 1 with a model and an optimizer file, as the training scripts write them (a private copy)."""
+    import copy
+    import shutil
+    template_dir, model = saved_template
+    shutil.copytree(template_dir, tmp_path / "ckpt")
+    return tmp_path / "ckpt", copy.deepcopy(model)
 
 
 def load_for_eval(ckpt_dir, tokenizer):

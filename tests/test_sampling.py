@@ -78,9 +78,9 @@ def test_sampling_is_safe_at_extreme_temperatures():
         for top_k in (None, 1, 5, 10**9):
             for top_p in (None, 1e-300, 0.5, 1 - 1e-9):
                 draws = [sample_next_token(logits, torch.Generator().manual_seed(s), temperature, top_k, top_p)
-                         for s in range(6)]
+                         for s in range(3)]
                 again = [sample_next_token(logits, torch.Generator().manual_seed(s), temperature, top_k, top_p)
-                         for s in range(6)]
+                         for s in range(3)]
                 assert all(torch.equal(a, b) for a, b in zip(draws, again)), (temperature, top_k, top_p)
                 for d in draws:
                     assert d.shape == (len(logits), 1) and d.dtype == torch.long
