@@ -15,7 +15,7 @@ from dataclasses import fields
 
 import torch
 
-from nanochat.gpt import GPT, GPTConfig, padded_vocab_size, has_value_embed, ROPE_BASE, SOFTCAP, QK_SCALE, \
+from nanochat.gpt import padded_vocab_size, has_value_embed, ROPE_BASE, SOFTCAP, QK_SCALE, \
     VE_GATE_CHANNELS, VE_GATE_SCALE, SMEAR_CHANNELS
 from nanochat.tokenizer import RustBPETokenizer
 
@@ -125,21 +125,33 @@ def build_hf_tokenizer(tokenizer, model_max_length, chat_template=CHAT_TEMPLATE)
         chat_template=chat_template)
 
 
-def tokenizer_from_hf_json(path):
-    """A RustBPETokenizer from a tokenizer.json written by build_hf_tokenizer (vocabulary ids are the ranks)."""
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+MAX_HF_TOKENIZER_BYTES = 512 << 20  # a 65K vocabulary with every BPE merge is tens of MB
+
+
+def tokenizer_from_hf_json(path, fix="export the model again with python -m scripts.export"):
+    """A RustBPETokenizer from a tokenizer.json written by build_hf_tokenizer (vocabulary ids are the ranks);
+    a damaged or foreign file raises CheckpointError naming it."""
+    from nanochat.checkpoint_manager import CheckpointError, load_json_file
+    data = load_json_file(path, fix, MAX_HF_TOKENIZER_BYTES)
     try:
         vocab = data["model"]["vocab"]
         pattern = data["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"]
         added = {t["content"]: t["id"] for t in data["added_tokens"] if t.get("special")}
-    except (KeyError, IndexError, TypeError) as e:
-        raise ValueError(f"{path}: not a byte-level BPE written by nanochat's exporter (missing {e})") from None
-    inverse = {ch: b for b, ch in bytes_to_unicode().items()}
-    ranks = {bytes(inverse[ch] for ch in token): idx for token, idx in vocab.items()}
-    if sorted(ranks.values()) != list(range(len(ranks))):
-        raise ValueError(f"{path}: vocabulary ids must cover 0..{len(ranks) - 1}")
-    return RustBPETokenizer._from_ranks(ranks, pattern, added)
+        inverse = {ch: b for b, ch in bytes_to_unicode().items()}
+        ranks = {bytes(inverse[ch] for ch in token): idx for token, idx in vocab.items()}
+    except (KeyError, IndexError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a byte-level BPE written by nanochat's exporter "
+                              f"({type(e).__name__}: {str(e)[:80]}); {fix}") from None
+    if sorted(ranks.values()) != list(range(len(ranks))) or not all(isinstance(v, int) for v in added.values()):
+        raise CheckpointError(f"{path}: vocabulary ids must cover 0..{len(ranks) - 1} and special ids be integers; {fix}")
+    if any(bytes([b]) not in ranks for b in range(256)) or sorted(added.values()) != \
+            list(range(len(ranks), len(ranks) + len(added))):
+        raise CheckpointError(f"{path}: every byte must be a token and the special tokens must follow the "
+                              f"{len(ranks)} mergeable ones (the file is truncated or edited); {fix}")
+    try:
+        return RustBPETokenizer._from_ranks(ranks, pattern, added)
+    except Exception as e:  # an edited split pattern that does not compile, a special token missing...
+        raise CheckpointError(f"{path}: cannot build the tokenizer ({type(e).__name__}: {str(e)[:80]}); {fix}") from None
 
 # -----------------------------------------------------------------------------
 # Export
@@ -290,38 +302,50 @@ def push_to_hub(out_dir, repo_id, private=False):
 
 
 def load_exported(hf_dir, device, phase):
-    """(model, tokenizer, meta) from an exported directory, as checkpoint_manager.build_model returns them."""
-    from nanochat.checkpoint_manager import _check_state_dict
+    """(model, tokenizer, meta) from an exported directory, as checkpoint_manager.build_model returns them, with
+    the same checks: each file is a regular file of a sane size, config.json a valid nanochat config that agrees
+    with itself and the tokenizer, the weights of the right names, shapes, dtypes and finite. Anything wrong is a
+    one-line CheckpointError naming the file."""
+    from nanochat.common import MissingFileError, open_regular
+    from nanochat.checkpoint_manager import (CheckpointError, check_weights, config_from_dict, load_json_file,
+                                             materialize, max_weights_bytes, meta_model)
     hf_dir = os.path.expanduser(hf_dir)
-    config_path = os.path.join(hf_dir, "config.json")
-    for path in (config_path, os.path.join(hf_dir, WEIGHTS_FILE), os.path.join(hf_dir, "tokenizer.json")):
+    fix = "export the checkpoint again with python -m scripts.export (or download the directory again)"
+    if not os.path.isdir(hf_dir):
+        raise MissingFileError(f"{hf_dir} is not a directory: --source=hf:DIR needs a directory written by "
+                               f"python -m scripts.export (or downloaded from the Hub)")
+    config_path, weights_path, tokenizer_path = (os.path.join(hf_dir, name) for name in
+                                                 ("config.json", WEIGHTS_FILE, "tokenizer.json"))
+    for path in (config_path, weights_path, tokenizer_path):
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} not found: --source=hf:DIR needs a directory written by "
-                                    "python -m scripts.export (or downloaded from the Hub)")
-    with open(config_path, encoding="utf-8") as f:
-        hf_cfg = json.load(f)
-    if hf_cfg.get("model_type") != MODEL_TYPE or "nanochat_config" not in hf_cfg:
-        raise ValueError(f"{config_path}: model_type {hf_cfg.get('model_type')!r} is not a nanochat export "
-                         f"({MODEL_TYPE!r} with a nanochat_config)")
-    known = {f.name for f in fields(GPTConfig)}
-    config = GPTConfig(**{k: v for k, v in hf_cfg["nanochat_config"].items() if k in known})
-    tokenizer = tokenizer_from_hf_json(os.path.join(hf_dir, "tokenizer.json"))
+            raise MissingFileError(f"{path} not found: --source=hf:DIR needs a directory written by "
+                                   "python -m scripts.export (or downloaded from the Hub)")
+    hf_cfg = load_json_file(config_path, fix)
+    if hf_cfg.get("model_type") != MODEL_TYPE or not isinstance(hf_cfg.get("nanochat_config"), dict):
+        raise CheckpointError(f"{config_path}: model_type {str(hf_cfg.get('model_type'))[:40]!r} is not a nanochat "
+                              f"export ({MODEL_TYPE!r} with a nanochat_config object); {fix}")
+    config = config_from_dict(hf_cfg["nanochat_config"], f"{config_path} (nanochat_config)", fix)
+    # transformers builds the model from the top-level fields: they must say what nanochat_config says
+    for key in ("vocab_size", "sequence_len", "n_layer", "n_head", "n_kv_head", "n_embd"):
+        if key in hf_cfg and hf_cfg[key] != getattr(config, key):
+            raise CheckpointError(f"{config_path}: {key}={str(hf_cfg[key])[:40]} but nanochat_config.{key}="
+                                  f"{getattr(config, key)} (the file was edited); {fix}")
+    tokenizer = tokenizer_from_hf_json(tokenizer_path, fix)
     if tokenizer.get_vocab_size() != config.vocab_size:
-        raise ValueError(f"{hf_dir}: tokenizer.json has {tokenizer.get_vocab_size()} tokens but the model "
-                         f"was trained with vocab_size={config.vocab_size}")
+        raise CheckpointError(f"{config_path}: vocab_size={config.vocab_size} but {tokenizer_path} has "
+                              f"{tokenizer.get_vocab_size()} tokens: the two files come from different exports; {fix}")
+    model = meta_model(config, config_path, fix)
+    shapes = model.state_dict()
     _require("safetensors")
     from safetensors.torch import load_file
-    state = load_file(os.path.join(hf_dir, WEIGHTS_FILE), device="cpu")
-    device = torch.device(device)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
-    model.init_weights()  # rotary buffers and the per-device compute dtype
-    model_state = model.state_dict()
-    _check_state_dict(state, model_state, os.path.join(hf_dir, WEIGHTS_FILE), config_path,
-                      "export the checkpoint again with python -m scripts.export")
-    state = {k: v.to(device=device, dtype=model_state[k].dtype) for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    model.train() if phase == "train" else model.eval()
+    # checked as a regular file of a plausible size first: safetensors maps whatever the path names
+    open_regular(weights_path, fix, max_weights_bytes(shapes), "weights file").close()
+    try:
+        state = load_file(weights_path, device="cpu")
+    except Exception as e:  # SafetensorError (truncated, header only, bad header), OSError...
+        raise CheckpointError(f"{weights_path} cannot be read ({type(e).__name__}: {str(e)[:120]}): the file is "
+                              f"truncated or corrupt; {fix}") from None
+    check_weights(state, shapes, weights_path, config_path, fix)
+    model = materialize(model, state, torch.device(device), phase)
     meta = {"step": None, "model_config": hf_cfg["nanochat_config"], "source": f"hf:{hf_dir}"}
     return model, tokenizer, meta
