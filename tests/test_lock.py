@@ -71,7 +71,8 @@ def test_torch_pins_satisfy_pyproject():
     cuda, cpu, floor = setup_torch_versions()
     for v in (cuda, cpu):
         assert torch_req.specifier.contains(v), f"runs/setup_env.sh pins torch {v} outside pyproject's {torch_req}"
-    assert torch_req.specifier.contains(floor + ".0") and not torch_req.specifier.contains(floor + ".0.dev0"), \
+    below = f"{floor.split('.')[0]}.{int(floor.split('.')[1]) - 1}.99"
+    assert torch_req.specifier.contains(floor + ".0") and not torch_req.specifier.contains(below), \
         f"setup_env.sh MIN_TORCH={floor} must be the floor of pyproject's {torch_req}"
     assert "torch" not in read_lock()
 
