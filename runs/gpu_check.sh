@@ -77,7 +77,10 @@ summary() {
     echo "             $(grab infer.log '^decode batch [0-9]')"
     echo "e2e reply:   $(tail -3 "$LOGS/e2e_chat.log" 2>/dev/null | tr '\n' ' ')"
     echo "targets: d20 bf16 >= 45% MFU vs 989 TFLOP/s | fp8 >= 1.1x bf16 tok/s | peak within 10% of estimate | < 3% outside kernels"
-    echo "result: $([ "$FAILED" = 0 ] && echo "every step passed" || echo "SOME STEPS FAILED OR TIMED OUT") |" \
+    local result="every step passed"
+    [ "$FAILED" = 0 ] || result="SOME STEPS FAILED OR TIMED OUT"
+    [ "$DRY" != "1" ] || result="dry run, nothing ran"
+    echo "result: $result |" \
          "total time: $((SECONDS - T_START))s | logs: $LOGS"
     echo "==========================================================================================="
 }
