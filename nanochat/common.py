@@ -233,6 +233,18 @@ def resolve_precision(device_type, dtype=None, compile=None, verbose=True):
     return out_dtype, out_compile, reason
 
 
+def enable_tf32():
+    """fp32 matmuls and convolutions on CUDA run in TF32 (the fp32 work that remains: optimizer math, fp32 runs).
+    torch >= 2.9 sets this per backend through `fp32_precision` and deprecates the older allow_tf32 flags."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    else:
+        matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def compute_init(device_type="", seed=42):
     """Set up the device, seeds and (under torchrun) the process group: NCCL on CUDA, gloo on CPU.
     Returns (is_distributed, rank, local_rank, world_size, device)."""
@@ -245,8 +257,7 @@ def compute_init(device_type="", seed=42):
     torch.manual_seed(seed)
     if device_type == "cuda":
         torch.cuda.manual_seed(seed)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        enable_tf32()
     is_dist, rank, local_rank, world_size = get_dist_info()
     device = torch.device("cuda", local_rank) if is_dist and device_type == "cuda" else torch.device(device_type)
     if is_dist:

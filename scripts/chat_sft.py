@@ -26,7 +26,7 @@ from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir
 from nanochat.checkpoint_manager import load_model
 from nanochat.attention import set_backend_from_flag as set_attn_backend
 from nanochat.memory import resolve_device_batch_size
-from nanochat.chat_loader import SFTBatcher
+from nanochat.chat_loader import SFTBatcher, pad_multiple_for
 from nanochat.task_eval import run_categorical_eval
 from nanochat.report import get_report
 from nanochat.training import (set_schedule, scale_lrs, Prefetcher, guarded_step, stop_on_nonfinite, evaluating,
@@ -50,6 +50,7 @@ parser.add_argument("--device-batch-size", type=str, default="4", help="conversa
 parser.add_argument("--attn", type=str, default="auto", choices=["auto", "fa3", "flex", "sdpa"], help="attention backend (auto = FA3 on Hopper, else FlexAttention on CUDA, else SDPA)")
 parser.add_argument("--target-examples-per-step", type=int, default=32, help="conversations per optimizer step")
 parser.add_argument("--max-seq-len", type=int, default=2048, help="conversations are truncated to this many tokens")
+parser.add_argument("--pad-multiple", type=int, default=-1, help="pad each batch's rows up to a multiple of this many tokens (0 = to the longest row; -1 = auto: on CUDA 256, or more so at most 8 lengths, since compiled attention compiles once per length; elsewhere 0)")
 parser.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of the token embedding")
 parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of lm_head")
 parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the block matrices")
@@ -66,6 +67,8 @@ parser.add_argument("--resume-from-step", type=int, default=-1, help="resume thi
 parser.add_argument("--output-tag", type=str, default=None, help="chatsft_checkpoints/<tag> (default d<n_layer>)")
 add_mixture_args(parser, default_sft_sources(), default_sft_val_sources())
 args = parser.parse_args()
+if args.pad_multiple < -1:
+    parser.error(f"--pad-multiple must be -1 (auto), 0 (longest row) or a positive number of tokens, got {args.pad_multiple}")
 if not 0.0 <= args.dft_alpha <= 1.0:
     parser.error(f"--dft-alpha must be in [0, 1], got {args.dft_alpha}")
 alpha = args.dft_alpha if args.loss == "dft" else 0.0
@@ -85,6 +88,9 @@ args.device_batch_size = resolve_device_batch_size(  # rows padded up to --max-s
     world_size=world_size, total_batch_size=args.target_examples_per_step * args.max_seq_len, log=print0)
 
 examples_per_step = args.device_batch_size * world_size
+pad_multiple = args.pad_multiple if args.pad_multiple >= 0 else \
+    (pad_multiple_for(args.max_seq_len) if device.type == "cuda" else 0)
+print0(f"batch rows padded to " + (f"multiples of {pad_multiple} tokens" if pad_multiple else "the longest row"))
 if args.target_examples_per_step % examples_per_step != 0:
     raise SystemExit(f"--target-examples-per-step={args.target_examples_per_step} must be a multiple of "
                      f"device_batch_size*world_size = {examples_per_step}")
@@ -108,13 +114,14 @@ run = RunState("val_loss", timer=StepTimer(skip=0))
 loader_state = checkpoints.resume(args.resume_from_step, run) if args.resume_from_step >= 0 else None
 
 train_batches = Prefetcher(SFTBatcher(train_ds, tokenizer, args.device_batch_size, device=device,
-                                      max_tokens=args.max_seq_len, state=loader_state))
+                                      max_tokens=args.max_seq_len, state=loader_state, pad_multiple=pad_multiple))
 METRIC_TASKS = {"mmlu_acc": lambda: MMLU("all", "test"), "arc_easy_acc": lambda: ARC("ARC-Easy", "test")}
 skipped_problems = {}  # metric -> problems too long for the model's context at the last evaluation
 
 
 def run_val_loss():
-    loader = SFTBatcher(val_ds, tokenizer, args.device_batch_size, device=device, max_tokens=args.max_seq_len)
+    loader = SFTBatcher(val_ds, tokenizer, args.device_batch_size, device=device, max_tokens=args.max_seq_len,
+                        pad_multiple=pad_multiple)
     total_nll = torch.zeros((), dtype=torch.float64, device=device)
     total_tokens = torch.zeros((), dtype=torch.float64, device=device)
     with evaluating(model):

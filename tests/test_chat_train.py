@@ -132,8 +132,10 @@ def test_chat_sft_lowers_loss_and_resumes_exactly(chat_base_dir, tiny_data_dir):
 def test_chat_sft_dft_runs_and_logs_p_correct(chat_base_dir, tiny_data_dir):
     out = run_module("scripts.chat_sft", SFT_ARGS + ["--num-iterations=3", "--eval-every=-1", "--loss=dft",
                                                      "--dft-alpha=0.7", "--mix", "smoltalk@40,identity",
-                                                     "--val-mix", "smoltalk@8"], chat_base_dir, tiny_data_dir).stdout
+                                                     "--val-mix", "smoltalk@8", "--pad-multiple=32"],
+                     chat_base_dir, tiny_data_dir).stdout
     assert "loss: dft (alpha 0.7)" in out
+    assert "batch rows padded to multiples of 32 tokens" in out
     steps = step_lines(out)
     assert sorted(steps) == [0, 1, 2]
     for fields in steps.values():

@@ -192,3 +192,28 @@ def test_compiled_loss_matches_eager(dtype):
     assert abs(lc - l32) <= 2 * abs(le - l32) + 1e-3 * l32
     for n in ge:
         assert err(gc[n], g32[n]) <= 2 * err(ge[n], g32[n]) + 1e-2, (n, err(gc[n], g32[n]), err(ge[n], g32[n]))
+
+
+def test_tf32_through_the_fp32_precision_api(monkeypatch):
+    from nanochat.common import enable_tf32
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip(f"torch {torch.__version__} predates the fp32_precision settings")
+    before = matmul.fp32_precision, conv.fp32_precision
+    names = []
+    real_setattr = type(matmul).__setattr__
+
+    def spy(self, name, value):
+        names.append(name)
+        return real_setattr(self, name, value)
+    monkeypatch.setattr(type(matmul), "__setattr__", spy)
+    monkeypatch.setattr(type(torch.backends.cudnn), "allow_tf32", property(
+        lambda self: True, lambda self, v: pytest.fail("the deprecated cudnn.allow_tf32 flag was set")))
+    try:
+        matmul.fp32_precision, conv.fp32_precision = "ieee", "ieee"
+        enable_tf32()
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+        assert "allow_tf32" not in names  # the deprecated flag is never touched
+    finally:
+        monkeypatch.undo()
+        matmul.fp32_precision, conv.fp32_precision = before
