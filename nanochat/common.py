@@ -181,12 +181,14 @@ BF16_MIN_SPEEDUP = 1.5  # below this, bf16's rounding is not worth it: the eleme
 
 def probe_cpu_bf16_speedup(m=1024, k=256, n=1024, seconds=0.03):
     """How much faster this CPU multiplies in bf16 than fp32 at a training-like shape (native bf16 dot
-    products, AVX512-BF16 or AMX: 2-10x; emulated: slower). Best of a few interleaved short windows, so a busy
-    moment on a shared machine does not decide it; about 0.2 s, cached per process."""
+    products: 2-10x; emulated: slower). Best of a few interleaved short windows, about 0.2 s, cached per
+    process. Draws its matrices from a private generator: the global RNG, which the model is initialised
+    from next, must not depend on whether the policy ran the probe."""
     global _BF16_PROBE
     if _BF16_PROBE is None:
-        best = {}
-        mats = {dt: (torch.randn(m, k, dtype=dt), torch.randn(k, n, dtype=dt)) for dt in (torch.float32, torch.bfloat16)}
+        best, gen = {}, torch.Generator().manual_seed(0)
+        mats = {dt: (torch.randn(m, k, generator=gen).to(dt), torch.randn(k, n, generator=gen).to(dt))
+                for dt in (torch.float32, torch.bfloat16)}
         for _ in range(3):
             for dt, (a, b) in mats.items():
                 a @ b  # warm-up (and first-touch of the output pages)
@@ -199,12 +201,26 @@ def probe_cpu_bf16_speedup(m=1024, k=256, n=1024, seconds=0.03):
     return _BF16_PROBE
 
 
+def cpu_bf16_is_fast():
+    """(bf16 pays on this CPU?, why). x86 CPUs that report AMX or AVX512-BF16 multiply bf16 natively, several
+    times faster than fp32: decided from the flags, so the choice never depends on how busy the machine is
+    (a timing probe under load once read 1.0x on such a CPU and silently trained a different run). Other CPUs
+    (ARM with or without bf16 dot products, older x86) are measured by the probe."""
+    for flag, name in (("_is_amx_tile_supported", "AMX"), ("_is_avx512_bf16_supported", "AVX512-BF16")):
+        if getattr(torch.cpu, flag, lambda: False)():
+            return True, f"CPU reports {name} (native bf16 matmul)"
+    ratio = probe_cpu_bf16_speedup()
+    fast = ratio >= BF16_MIN_SPEEDUP
+    return fast, f"CPU bf16 matmul measured {ratio:.1f}x fp32 ({'>=' if fast else '<'} {BF16_MIN_SPEEDUP}x)"
+
+
 def resolve_precision(device_type, dtype=None, compile=None, verbose=True):
     """The training precision policy: (compute dtype, whether to torch.compile, reason) from the device and the
     --dtype / --compile flags (None or "" = decide). CUDA: bf16 on SM80+, compiled. MPS: fp32 eager. CPU: bf16,
-    compiled (inductor fuses the casts around every op), when the probe measures bf16 matmul >= BF16_MIN_SPEEDUP
-    x fp32, else fp32 eager (compile buys fp32 little on a CPU). Weights and optimizer state stay fp32. Exports
-    the dtype as $NANOCHAT_DTYPE (also read as an override, like --dtype) for the model built next."""
+    compiled (inductor fuses the casts around every op), where bf16 matmul is native (cpu_bf16_is_fast), else
+    fp32 eager (compile buys fp32 little on a CPU). Weights and optimizer state stay fp32. Exports the dtype as
+    $NANOCHAT_DTYPE (also read as an override, like --dtype) for the model built next. Draws no random numbers:
+    the policy and an explicit --dtype giving the same choice train the same model."""
     global _EXPORTED_DTYPE
     env = os.environ.get("NANOCHAT_DTYPE")
     choice = dtype or (env if env != _EXPORTED_DTYPE else None)  # a value we exported ourselves is no user's choice
@@ -217,10 +233,8 @@ def resolve_precision(device_type, dtype=None, compile=None, verbose=True):
         out_dtype = torch.bfloat16 if fast else torch.float32
         reason = "CUDA compute capability " + (">= 8.0" if fast else "< 8.0 has no fast bf16")
     elif device_type == "cpu":
-        ratio = probe_cpu_bf16_speedup()
-        fast = ratio >= BF16_MIN_SPEEDUP
+        fast, reason = cpu_bf16_is_fast()
         out_dtype = torch.bfloat16 if fast else torch.float32
-        reason = f"CPU bf16 matmul measured {ratio:.1f}x fp32 ({'>=' if fast else '<'} {BF16_MIN_SPEEDUP}x)"
     else:
         out_dtype, reason = torch.float32, f"default on {device_type}"
     if compile is None:

@@ -39,6 +39,17 @@ def lr_multiplier_base(it, num_iterations, warmup_iters, warmdown_iters, final_l
     return progress + (1 - progress) * final_lr_frac
 
 
+WARMUP_STEPS = 10  # default warm-up of the stages that continue a trained model (mid, SFT, RL); see below
+
+
+def warmup_multiplier(it, warmup_iters):
+    """(it + 1) / warmup_iters for the first warmup_iters steps, then 1. Every stage that continues a trained
+    model (mid, SFT, RL) starts a new optimizer, and a fresh Adam step is lr * sign(grad) for every weight,
+    however small its gradient: at full LR that kicks the residual scalars (x0/smear/backout, LR 0.2-0.5) far
+    from where pretraining left them, and the loss spikes (mid from a bf16 base: 6.8 -> 12.6 at step 1)."""
+    return min(1.0, (it + 1) / warmup_iters) if warmup_iters > 0 else 1.0
+
+
 def muon_momentum_base(it, num_iterations, warmdown_iters):
     """Muon momentum: 0.85 -> 0.97 over 400 steps, flat, then -> 0.90 during the LR warm-down. Where the
     two overlap the warm-up wins: short runs keep the low early momentum that stabilises the first steps."""

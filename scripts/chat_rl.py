@@ -19,7 +19,7 @@ from nanochat.checkpoint_manager import load_model
 from nanochat import checkpoint_manager as ckpt
 from nanochat.engine import Engine
 from nanochat.report import get_report
-from nanochat.training import set_schedule, guarded_step, all_reduce_mean, scale_lrs
+from nanochat.training import WARMUP_STEPS, warmup_multiplier, set_schedule, guarded_step, all_reduce_mean, scale_lrs
 from tasks.gsm8k import GSM8K
 
 parser = argparse.ArgumentParser(description="RL on GSM8K")
@@ -42,6 +42,7 @@ parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW L
 parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the block matrices")
 parser.add_argument("--weight-decay", type=float, default=0.0, help="Muon weight decay")
 parser.add_argument("--init-lr-frac", type=float, default=0.05, help="initial LR as a fraction of the above")
+parser.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS, help="linear LR warm-up steps (a new optimizer on a trained model)")
 parser.add_argument("--eval-every", type=int, default=60, help="pass@k on the test set every N steps")
 parser.add_argument("--eval-examples", type=int, default=400, help="test questions per evaluation")
 parser.add_argument("--save-every", type=int, default=60, help="checkpoint every N steps")
@@ -150,7 +151,7 @@ def main():
             print0(f"step {step:05d} | " + " | ".join(f"pass@{j + 1} {p:.4f}" for j, p in enumerate(passk)))
             wandb_run.log({"step": step, **{f"pass@{j + 1}": p for j, p in enumerate(passk)}})
 
-        lrm = 1.0 - step / num_steps
+        lrm = warmup_multiplier(step, args.warmup_steps) * (1.0 - step / num_steps)
         set_schedule(optimizer, lrm)
         mean_rewards, mean_lengths, loss_total = [], [], torch.zeros((), device=device)
         for _ in range(examples_per_rank):

@@ -29,8 +29,8 @@ from nanochat.memory import resolve_device_batch_size
 from nanochat.chat_loader import SFTBatcher, pad_multiple_for
 from nanochat.task_eval import run_categorical_eval
 from nanochat.report import get_report
-from nanochat.training import (set_schedule, scale_lrs, Prefetcher, guarded_step, stop_on_nonfinite, evaluating,
-                               all_reduce_sum, supervised_loss, PeakFlops, StepTimer, Speed, RunState, format_step,
+from nanochat.training import (WARMUP_STEPS, warmup_multiplier, set_schedule, scale_lrs, Prefetcher, guarded_step,
+                               stop_on_nonfinite, evaluating, all_reduce_sum, supervised_loss, PeakFlops, StepTimer, Speed, RunState, format_step,
                                stage_meta, Checkpoints, FittingProblems, start_run)
 from tasks.mixtures import (add_mixture_args, mixtures_from_args, default_sft_sources,
                             default_sft_val_sources)
@@ -56,6 +56,7 @@ parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW L
 parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the block matrices")
 parser.add_argument("--weight-decay", type=float, default=0.0, help="Muon weight decay")
 parser.add_argument("--init-lr-frac", type=float, default=0.02, help="initial LR as a fraction of the above")
+parser.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS, help="linear LR warm-up steps (a new optimizer on a trained model)")
 parser.add_argument("--loss", type=str, default="ce", choices=["ce", "dft"], help="objective: cross-entropy or DFT")
 parser.add_argument("--dft-alpha", type=float, default=1.0, help="DFT weight: w = alpha*p + (1-alpha); 0 equals CE")
 parser.add_argument("--eval-every", type=int, default=100, help="val loss every N steps (-1 = only at the end)")
@@ -174,7 +175,7 @@ with stop_on_nonfinite():
     while not checkpoints.evaluate_and_save(run.step, run.step == num_iterations, evaluate, make_meta, train_batches):
         step = run.step
         run.timer.start()
-        lrm = 1.0 - step / num_iterations
+        lrm = warmup_multiplier(step, args.warmup_steps) * (1.0 - step / num_iterations)
         set_schedule(optimizer, lrm)
         # all micro-batches of the step first, so every token is weighted by 1/(supervised tokens of the step);
         # the count stays on the device (no host sync), summed over ranks

@@ -27,8 +27,8 @@ from nanochat.tokenizer import get_token_bytes
 from nanochat.chat_loader import MidPacker
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
-from nanochat.training import (muon_momentum_mid, set_schedule, scale_lrs, grad_accum_steps, Prefetcher,
-                               accumulate_gradients, guarded_step, stop_on_nonfinite, evaluating, any_rank, PeakFlops,
+from nanochat.training import (WARMUP_STEPS, warmup_multiplier, muon_momentum_mid, set_schedule, scale_lrs,
+                               grad_accum_steps, Prefetcher, accumulate_gradients, guarded_step, stop_on_nonfinite, evaluating, any_rank, PeakFlops,
                                StepTimer, Speed, RunState, format_step, mean_mfu, stage_meta, Checkpoints, start_run)
 from tasks.mixtures import (add_mixture_args, mixtures_from_args, default_mid_sources,
                             default_mid_val_sources)
@@ -50,6 +50,7 @@ parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW L
 parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the block matrices")
 parser.add_argument("--weight-decay", type=float, default=0.0, help="Muon weight decay (not scheduled)")
 parser.add_argument("--init-lr-frac", type=float, default=1.0, help="initial LR as a fraction of the above")
+parser.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS, help="linear LR warm-up steps (a new optimizer on a trained model)")
 parser.add_argument("--eval-every", type=int, default=150, help="val bpb every N steps (-1 = only at the end)")
 parser.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per evaluation")
 parser.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
@@ -128,7 +129,8 @@ with stop_on_nonfinite():
     while not checkpoints.evaluate_and_save(run.step, stop_now, evaluate, make_meta, train_batches):
         step = run.step
         run.timer.start()
-        lrm = 1.0 if run.progress < 0.8 else max(0.0, 1 - (run.progress - 0.8) / 0.2)
+        lrm = warmup_multiplier(step, args.warmup_steps) * \
+            (1.0 if run.progress < 0.8 else max(0.0, 1 - (run.progress - 0.8) / 0.2))
         set_schedule(optimizer, lrm, momentum=muon_momentum_mid(step))
         loss_sum = accumulate_gradients(model, train_batches, grad_accum)
         approx = step / args.num_iterations if args.num_iterations > 0 else train_batches.progress
@@ -143,7 +145,8 @@ with stop_on_nonfinite():
         total_est = args.num_iterations if args.num_iterations > 0 else \
             max(step + 1, round((step + 1) / max(run.progress, 1e-9)))
         print0(format_step(run, total_est, smooth, lrm, dt, speed,
-                           extra=f"progress {100 * run.progress:.1f}% | epoch {train_batches.epoch}"))
+                           extra=f"progress {100 * run.progress:.1f}% | epoch {train_batches.epoch} | "
+                                 f"raw loss {loss:.17g}"))
         if step % 10 == 0:
             wandb_run.log({"step": step, "train/loss": smooth, "train/lrm": lrm, "train/mfu": speed.mfu(dt)})
         run.step += 1
@@ -157,7 +160,8 @@ print0(f"peak memory: {get_max_memory(device) / 2**20:.0f} MiB | training time: 
 if not args.dry_run:
     get_report().log("Midtraining", [user_config, {
         "Number of iterations": run.step, "DDP world size": world_size, "Training conversations": len(train_ds),
-        "Minimum validation bpb": run.min_val, "Truncated conversations": truncated,
+        "Minimum validation bpb": run.min_val, "Final validation bpb": run.val_now(),
+        "Truncated conversations": truncated,
         "MFU": None if run_mfu is None else f"{run_mfu:.2f}%", "Peak FLOP/s used for MFU": peak.describe()}])
     get_report().log_curves("Midtraining", run.curves)
 wandb_run.finish()

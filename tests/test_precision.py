@@ -30,6 +30,9 @@ def clean_env(monkeypatch):
 
 
 def with_probe(monkeypatch, ratio):
+    """A CPU without AMX / AVX512-BF16 flags whose probe measured `ratio`."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     monkeypatch.setattr(common, "_BF16_PROBE", ratio)
 
 # -----------------------------------------------------------------------------
@@ -90,8 +93,29 @@ def test_mps_default_is_fp32_eager(monkeypatch):
     assert common._BF16_PROBE is None  # no CPU probe was run for another device
 
 
+@pytest.mark.parametrize("flag", ["_is_amx_tile_supported", "_is_avx512_bf16_supported"])
+def test_native_bf16_flags_decide_without_timing(monkeypatch, flag):
+    with_probe(monkeypatch, None)
+    monkeypatch.setattr(torch.cpu, flag, lambda: True, raising=False)
+    monkeypatch.setattr(common, "probe_cpu_bf16_speedup", lambda: pytest.fail("no timing where the flags decide"))
+    dtype, compiled, reason = resolve_precision("cpu", verbose=False)
+    assert (dtype, compiled) == (torch.bfloat16, True)
+    assert ("AMX" if "amx" in flag else "AVX512-BF16") in reason
+
+
+def test_policy_draws_no_random_numbers(monkeypatch):
+    # the scripts seed, resolve the precision, then initialise the model: a probe drawing from the global RNG
+    # made a policy run initialise another model than an explicit --dtype run of the same choice
+    with_probe(monkeypatch, None)  # the timing probe really runs
+    torch.manual_seed(42)
+    resolve_precision("cpu", verbose=False)
+    after_policy = torch.rand(4)
+    torch.manual_seed(42)
+    assert torch.equal(torch.rand(4), after_policy)
+
+
 def test_probe_is_measured_once(monkeypatch):
-    monkeypatch.setattr(common, "_BF16_PROBE", None)
+    with_probe(monkeypatch, None)
     r = common.probe_cpu_bf16_speedup()
     assert math.isfinite(r) and r > 0
     monkeypatch.setattr(torch, "randn", None)  # a second measurement would crash
