@@ -200,9 +200,6 @@ class GPT(nn.Module):
         dtype: the compute dtype (default: the process's policy, see common.get_compute_dtype)."""
         cfg, d = self.config, self.config.n_embd
         s = math.sqrt(3) / math.sqrt(d)  # U(-s, s) has std 1/sqrt(d)
-        # embeddings may have been cast to bf16 by an earlier init: back to fp32 masters first
-        self.transformer.wte.float()
-        self.value_embeds.float()
         self.transformer.wte.weight.normal_(0.0, 0.8)
         self.lm_head.weight.normal_(0.0, 0.001)
         for block in self.transformer.h:
@@ -223,11 +220,12 @@ class GPT(nn.Module):
         self.smear_lambda.zero_()
         self.backout_lambda.fill_(0.2)
         device = self.get_device()
+        # Every parameter stays an fp32 master, embeddings included; bf16 is only the compute copy (lookups and
+        # linears cast on the fly). Stored in bf16, an embedding loses every AdamW update below half its ulp
+        # (~0.002 at |w| ~ 0.8): late in a run most of them, and the other weights learn to compensate (a bf16
+        # d4 base ended with negative x0 scalars and spiked at mid-training's start; with fp32 masters its
+        # scalars and val bpb track the fp32 run's).
         self.compute_dtype = dtype or get_compute_dtype(device.type, verbose=False)
-        # embeddings are lookups, not matmuls: store them in the compute dtype (fp16 keeps fp32 for range)
-        if self.compute_dtype == torch.bfloat16:
-            self.transformer.wte.to(dtype=torch.bfloat16)
-            self.value_embeds.to(dtype=torch.bfloat16)
         self._init_rotary(device)
 
     def _init_rotary(self, device):
