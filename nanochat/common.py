@@ -140,6 +140,33 @@ def print0(*args, **kwargs):
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)
 
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_sum(tensor):
+    """Sum a tensor over ranks in place (an identity on one process); returns it."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_mean(value, device):
+    """Mean of a python float over ranks."""
+    if not is_distributed():
+        return value
+    return all_reduce_sum(torch.tensor([value], dtype=torch.float64, device=device)).item() / dist.get_world_size()
+
+
+def any_rank(flag, device):
+    """True if `flag` is True on any rank (e.g. 'this rank ran out of data')."""
+    if not is_distributed():
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
 # -----------------------------------------------------------------------------
 # Device and precision
 
@@ -287,7 +314,7 @@ def compute_init(device_type="", seed=42):
 
 
 def compute_cleanup():
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.destroy_process_group()
 
 

@@ -26,6 +26,26 @@ def chatcore(accuracies, baselines=CHAT_BASELINES):
     return sum(centered) / len(centered)
 
 
+class FittingProblems:
+    """The first `max_problems` problems of a task whose prompt fits the context (`max_len` tokens); longer
+    ones are skipped and counted in `skipped`. Quacks like the task (len, [i], evaluate) for the evaluations."""
+
+    def __init__(self, task, tokenizer, max_len, max_problems=None):
+        self.task = task
+        n = len(task) if max_problems is None else min(len(task), max_problems)
+        self.indices = [i for i in range(n) if len(tokenizer.render_for_completion(task[i])) <= max_len]
+        self.skipped = n - len(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.task[self.indices[i]]
+
+    def evaluate(self, conversation, answer):
+        return self.task.evaluate(conversation, answer)
+
+
 def _all_reduce_counts(passed, total, device):
     if dist.is_available() and dist.is_initialized():
         t = torch.tensor([passed, total], dtype=torch.long, device=device)

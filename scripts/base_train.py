@@ -35,10 +35,12 @@ from nanochat.report import get_report
 from nanochat.attention import set_backend_from_flag as set_attn_backend, backend_reason as attn_backend_reason
 from nanochat.memory import resolve_device_batch_size, estimate_memory, format_estimate
 from nanochat.fp8 import check_fp8_supported, convert_to_fp8, bf16_linears
-from nanochat.training import (lr_multiplier_base, muon_momentum_base, muon_weight_decay_cosine, set_schedule,
-                               grad_accum_steps, Prefetcher, accumulate_gradients, guarded_step, stop_on_nonfinite,
-                               evaluating, PeakFlops, StepTimer, Speed, RunState, format_step, mean_mfu, stage_meta,
-                               Checkpoints, start_run)
+from nanochat.schedules import lr_multiplier_base, muon_momentum_base, muon_weight_decay_cosine, set_schedule
+from nanochat.train_step import (grad_accum_steps, Prefetcher, accumulate_gradients, guarded_step, stop_on_nonfinite,
+                                 evaluating)
+from nanochat.speed import PeakFlops, StepTimer, Speed, mean_mfu
+from nanochat.run_state import RunState, format_step, start_run
+from nanochat.resume import Checkpoints, stage_meta
 
 parser = argparse.ArgumentParser(description="Pretrain the base model")
 # logging and runtime

@@ -14,12 +14,14 @@ import itertools
 
 import torch
 
-from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, get_compute_dtype, get_wandb
+from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, get_compute_dtype, get_wandb,
+                             all_reduce_mean)
 from nanochat.checkpoint_manager import load_model
 from nanochat import checkpoint_manager as ckpt
 from nanochat.engine import Engine
 from nanochat.report import get_report
-from nanochat.training import WARMUP_STEPS, warmup_multiplier, set_schedule, guarded_step, all_reduce_mean, scale_lrs
+from nanochat.schedules import WARMUP_STEPS, warmup_multiplier, set_schedule, scale_lrs
+from nanochat.train_step import guarded_step
 from tasks.gsm8k import GSM8K
 
 parser = argparse.ArgumentParser(description="RL on GSM8K")

@@ -22,16 +22,19 @@ import dataclasses
 import torch
 
 from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, resolve_precision,
-                             get_max_memory)
+                             get_max_memory, all_reduce_sum)
 from nanochat.checkpoint_manager import load_model
 from nanochat.attention import set_backend_from_flag as set_attn_backend
 from nanochat.memory import resolve_device_batch_size
 from nanochat.chat_loader import SFTBatcher, pad_multiple_for
-from nanochat.task_eval import run_categorical_eval
+from nanochat.task_eval import run_categorical_eval, FittingProblems
+from nanochat.loss_eval import supervised_loss
 from nanochat.report import get_report
-from nanochat.training import (WARMUP_STEPS, warmup_multiplier, set_schedule, scale_lrs, Prefetcher, guarded_step,
-                               stop_on_nonfinite, evaluating, all_reduce_sum, supervised_loss, PeakFlops, StepTimer, Speed, RunState, format_step,
-                               stage_meta, Checkpoints, FittingProblems, start_run)
+from nanochat.schedules import WARMUP_STEPS, warmup_multiplier, set_schedule, scale_lrs
+from nanochat.train_step import Prefetcher, guarded_step, stop_on_nonfinite, evaluating
+from nanochat.speed import PeakFlops, StepTimer, Speed
+from nanochat.run_state import RunState, format_step, start_run
+from nanochat.resume import Checkpoints, stage_meta
 from tasks.mixtures import (add_mixture_args, mixtures_from_args, default_sft_sources,
                             default_sft_val_sources)
 from tasks.arc import ARC

@@ -19,7 +19,7 @@ import argparse
 import torch
 
 from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, resolve_precision,
-                             get_max_memory, parse_bool)
+                             get_max_memory, parse_bool, any_rank)
 from nanochat.checkpoint_manager import load_model
 from nanochat.attention import set_backend_from_flag as set_attn_backend
 from nanochat.memory import resolve_device_batch_size
@@ -27,9 +27,12 @@ from nanochat.tokenizer import get_token_bytes
 from nanochat.chat_loader import MidPacker
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
-from nanochat.training import (WARMUP_STEPS, warmup_multiplier, muon_momentum_mid, set_schedule, scale_lrs,
-                               grad_accum_steps, Prefetcher, accumulate_gradients, guarded_step, stop_on_nonfinite, evaluating, any_rank, PeakFlops,
-                               StepTimer, Speed, RunState, format_step, mean_mfu, stage_meta, Checkpoints, start_run)
+from nanochat.schedules import WARMUP_STEPS, warmup_multiplier, muon_momentum_mid, set_schedule, scale_lrs
+from nanochat.train_step import (grad_accum_steps, Prefetcher, accumulate_gradients, guarded_step, stop_on_nonfinite,
+                                 evaluating)
+from nanochat.speed import PeakFlops, StepTimer, Speed, mean_mfu
+from nanochat.run_state import RunState, format_step, start_run
+from nanochat.resume import Checkpoints, stage_meta
 from tasks.mixtures import (add_mixture_args, mixtures_from_args, default_mid_sources,
                             default_mid_val_sources)
 

@@ -4,12 +4,13 @@ with a scripted engine, the rank split, and ChatCORE against hand-computed and p
 """
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import nanochat.task_eval as task_eval
-from nanochat.task_eval import run_categorical_eval, run_generative_eval, chatcore, CHAT_BASELINES
+from nanochat.task_eval import run_categorical_eval, run_generative_eval, chatcore, CHAT_BASELINES, FittingProblems
 from nanochat.tokenizer import RustBPETokenizer
 from tasks.common import mc_conversation, evaluate_letter
 
@@ -236,3 +237,27 @@ def test_chatcore_matches_published_report_card():
     sft = {"ARC-Challenge": 0.2807, "ARC-Easy": 0.3876, "GSM8K": 0.0455, "HumanEval": 0.0854, "MMLU": 0.3151}
     assert round(chatcore(mid, five), 4) == 0.0730
     assert round(chatcore(sft, five), 4) == 0.0884
+
+
+class LengthTask:
+    """Problem i has a prompt of lengths[i] tokens."""
+
+    def __init__(self, lengths):
+        self.lengths = lengths
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def __getitem__(self, i):
+        return {"n": self.lengths[i], "i": i}
+
+    def evaluate(self, conv, answer):
+        return answer == conv["i"]
+
+
+def test_fitting_problems_skip_and_count_overlong_prompts():
+    tok = SimpleNamespace(render_for_completion=lambda conv: [0] * conv["n"])
+    problems = FittingProblems(LengthTask([5, 11, 10, 30, 2, 99]), tok, max_len=10, max_problems=5)
+    assert problems.skipped == 2  # 11 and 30; the sixth problem is beyond max_problems
+    assert len(problems) == 3 and [problems[i]["i"] for i in range(3)] == [0, 2, 4]
+    assert problems.evaluate(problems[1], 2) and not problems.evaluate(problems[1], 1)

@@ -1,0 +1,104 @@
+"""
+Exact resume of a training run: what every stage saves at a checkpoint (the model, this rank's optimizer
+shard, the loader's position and the RNG states), the meta every stage writes, and putting all of it back.
+The files themselves (layout, atomic writes, checks on load) are checkpoint_manager's.
+"""
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+
+from nanochat import checkpoint_manager as ckpt
+from nanochat.common import print0
+from nanochat.train_step import check_finite_params
+
+
+def get_rng_state():
+    """RNG states as tensors/ints only, so they load with torch.load(weights_only=True)."""
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "python_pos": random.getstate()[2]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    if not state:
+        return
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def strict_json(obj):
+    """A copy with every NaN/inf float replaced by None: metas stay strict JSON (json.loads of any tool)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+def stage_meta(run, config, user_config, tokenizer, world_size, **extra):
+    """The meta every stage writes: the step, its validation figure (None unless measured at this very
+    step), the full model config, the flags, the loop state for resume and the tokenizer's identity."""
+    meta = {"step": run.step, run.val_name: run.val_now(), "model_config": ckpt.config_to_dict(config),
+            "user_config": user_config, "world_size": world_size, **extra, "loop_state": run.loop_state(),
+            "tokenizer": ckpt.tokenizer_info(tokenizer)}
+    return strict_json(meta)
+
+
+@dataclass
+class Checkpoints:
+    """Where and how a run saves: model + this rank's optimizer shard + loader position + RNG, so a resumed
+    run continues exactly; non-finite weights are refused. Every rank calls save() (it has a barrier).
+    `write=False` (a dry run) saves nothing."""
+    directory: str
+    model: torch.nn.Module
+    optimizer: object
+    rank: int
+    device: torch.device
+    save_every: int = -1  # also at these steps (-1: only at the end)
+    write: bool = True
+    resumed_from: int = -1
+
+    def evaluate_and_save(self, step, last_step, evaluate, make_meta, batches):
+        """The top of each loop iteration: the evaluations due now, then a save when due (so the meta holds
+        them). The last step is saved before its final evaluation (slow, may be killed), whose results then
+        join the step's meta. Returns last_step."""
+        if last_step:
+            self.save(step, make_meta(), batches.state_dict())
+        evaluate(step, last_step)
+        if last_step:
+            self.rewrite_meta(step, make_meta())
+        elif step > 0 and step != self.resumed_from and self.save_every > 0 and step % self.save_every == 0:
+            self.save(step, make_meta(), batches.state_dict())
+        return last_step
+
+    def save(self, step, meta, loader_state):
+        if not self.write:
+            return
+        check_finite_params(self.model, step, self.device)
+        state = {"optimizer": self.optimizer.state_dict(), "loader": loader_state, "rng": get_rng_state()}
+        ckpt.save_checkpoint(self.directory, step, self.model.state_dict(), state, strict_json(meta), rank=self.rank)
+
+    def rewrite_meta(self, step, meta):
+        if self.write:
+            ckpt.update_meta(self.directory, step, strict_json(meta), rank=self.rank)
+
+    def resume(self, step, run):
+        """Restore a saved step into the model, the optimizer (this rank's shard), the RNG and `run`; returns
+        the loader state. Call it last before the loop: drawing random numbers after it shifts the RNG."""
+        model_state, state, meta = ckpt.load_checkpoint(self.directory, step, self.device, load_optimizer=True,
+                                                        rank=self.rank)
+        ckpt.restore_training_state(self.model, self.optimizer, model_state, state, self.directory, step, self.rank)
+        set_rng_state(state.get("rng"))
+        run.restore(meta)
+        self.resumed_from = step  # that step is on disk already
+        print0(f"resumed from step {meta['step']} of {self.directory}")
+        return state["loader"]
