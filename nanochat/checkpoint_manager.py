@@ -167,12 +167,6 @@ def _model_config(meta, where, fix):
     return meta["model_config"]
 
 
-def update_meta(checkpoint_dir, step, meta, rank=0):
-    """Rewrite the meta of a complete step (e.g. to add the final evaluation run after saving it)."""
-    if rank == 0:
-        _save_meta(meta, os.path.join(checkpoint_dir, f"meta_{step:06d}.json"))
-
-
 def config_to_dict(config):
     """The full GPTConfig as a plain dict, which meta["model_config"] always stores (so a checkpoint
     rebuilds its model without the flags of the run that made it)."""

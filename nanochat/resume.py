@@ -67,29 +67,18 @@ class Checkpoints:
     write: bool = True
     resumed_from: int = -1
 
-    def evaluate_and_save(self, step, last_step, evaluate, make_meta, batches):
-        """The top of each loop iteration: the evaluations due now, then a save when due (so the meta holds
-        them). The last step is saved before its final evaluation (slow, may be killed), whose results then
-        join the step's meta. Returns last_step."""
-        if last_step:
-            self.save(step, make_meta(), batches.state_dict())
-        evaluate(step, last_step)
-        if last_step:
-            self.rewrite_meta(step, make_meta())
-        elif step > 0 and step != self.resumed_from and self.save_every > 0 and step % self.save_every == 0:
-            self.save(step, make_meta(), batches.state_dict())
-        return last_step
+    def due(self, step):
+        """A periodic save falls on this step: every save_every steps, never step 0 (nothing trained yet) nor the
+        step this run resumed from (it is on disk already). The last step's save is the script's to call."""
+        return self.save_every > 0 and step > 0 and step % self.save_every == 0 and step != self.resumed_from
 
     def save(self, step, meta, loader_state):
+        """Write step `step` (every rank calls it); refuses non-finite weights."""
         if not self.write:
             return
         check_finite_params(self.model, step, self.device)
         state = {"optimizer": self.optimizer.state_dict(), "loader": loader_state, "rng": get_rng_state()}
         ckpt.save_checkpoint(self.directory, step, self.model.state_dict(), state, strict_json(meta), rank=self.rank)
-
-    def rewrite_meta(self, step, meta):
-        if self.write:
-            ckpt.update_meta(self.directory, step, strict_json(meta), rank=self.rank)
 
     def resume(self, step, run):
         """Restore a saved step into the model, the optimizer (this rank's shard), the RNG and `run`; returns

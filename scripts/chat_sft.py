@@ -123,7 +123,7 @@ METRIC_TASKS = {"mmlu_acc": lambda: MMLU("all", "test"), "arc_easy_acc": lambda:
 skipped_problems = {}  # metric -> problems too long for the model's context at the last evaluation
 
 
-def run_val_loss():
+def val_loss():
     loader = SFTBatcher(val_ds, tokenizer, args.device_batch_size, device=device, max_tokens=args.max_seq_len,
                         pad_multiple=pad_multiple)
     total_nll = torch.zeros((), dtype=torch.float64, device=device)
@@ -139,7 +139,7 @@ def run_val_loss():
     return (total_nll / total_tokens.clamp(min=1)).item()
 
 
-def run_metrics():
+def accuracies():
     out = {}
     with evaluating(model):
         for name, make_task in METRIC_TASKS.items():
@@ -152,31 +152,34 @@ def run_metrics():
     return out
 
 
-def make_meta():
+def meta():
     metrics = {name: run.metrics_now().get(name) for name in METRIC_TASKS}  # every key, None when not run
     return stage_meta(run, config, user_config, tokenizer, world_size, source=args.source, **metrics,
                       skipped_problems=dict(skipped_problems))
 
 
-def evaluate(step, last_step):
-    if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
-        run.record_val(run_val_loss())
-        print0(f"step {step:05d} | val loss {run.val:.6f}")
-        wandb_run.log({"step": step, "val/loss": run.val})
-        peak.reprobe(f"step {step}")
-    if args.eval_metrics_every > 0 and (last_step or (step > 0 and step % args.eval_metrics_every == 0)):
-        run.record_metrics(run_metrics())
-        print0(f"step {step:05d} | " + " | ".join(f"{k} {'n/a' if v is None else f'{v:.4f}'}"
-                                                for k, v in run.metrics.items()) +
-               f" | skipped (longer than {model.rotary_len} tokens): " +
-               ", ".join(f"{k} {n}" for k, n in skipped_problems.items()))
-        wandb_run.log({"step": step, **{k: v for k, v in run.metrics.items() if v is not None}})
-
-
+# The loop: the evaluations due at this step, the save when due, the stop, then the step.
 train_loss = None
 with stop_on_nonfinite():
-    while not checkpoints.evaluate_and_save(run.step, run.step == num_iterations, evaluate, make_meta, train_batches):
-        step = run.step
+    while True:
+        step, last_step = run.step, run.step == num_iterations
+        if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
+            run.record_val(val_loss())
+            print0(f"step {step:05d} | val loss {run.val:.6f}")
+            wandb_run.log({"step": step, "val/loss": run.val})
+            peak.reprobe(f"step {step}")
+        if args.eval_metrics_every > 0 and (last_step or (step > 0 and step % args.eval_metrics_every == 0)):
+            run.record_metrics(accuracies())
+            print0(f"step {step:05d} | " + " | ".join(f"{k} {'n/a' if v is None else f'{v:.4f}'}"
+                                                    for k, v in run.metrics.items()) +
+                   f" | skipped (longer than {model.rotary_len} tokens): " +
+                   ", ".join(f"{k} {n}" for k, n in skipped_problems.items()))
+            wandb_run.log({"step": step, **{k: v for k, v in run.metrics.items() if v is not None}})
+        if last_step or checkpoints.due(step):
+            checkpoints.save(step, meta(), train_batches.state_dict())
+        if last_step:
+            break
+
         run.timer.start()
         lrm = warmup_multiplier(step, args.warmup_steps) * (1.0 - step / num_iterations)
         set_schedule(optimizer, lrm)

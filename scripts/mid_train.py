@@ -104,33 +104,40 @@ train_batches = Prefetcher(MidPacker(train_ds, tokenizer, args.device_batch_size
 eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * world_size))
 
 
-def make_meta():
-    return stage_meta(run, config, user_config, tokenizer, world_size, device_batch_size=args.device_batch_size,
-                      max_seq_len=args.max_seq_len, dataloader_state_dict=train_batches.state_dict())
-
-
-def evaluate(step, last_step):
-    if not (last_step or (args.eval_every > 0 and step % args.eval_every == 0)):
-        return
+def val_bpb():
     loader = MidPacker(val_ds, tokenizer, args.device_batch_size, args.max_seq_len, device=device)
     with evaluating(orig_model):
-        run.record_val(evaluate_bpb(model, loader, eval_steps, token_bytes))  # the compiled model when compiling
+        bpb = evaluate_bpb(model, loader, eval_steps, token_bytes)  # the compiled model when compiling
     loader.close()
-    print0(f"step {step:05d} | val bpb {run.val:.6f}")
-    wandb_run.log({"step": step, "val/bpb": run.val})
-    peak.reprobe(f"step {step}")
+    return bpb
+
+
+def meta():
+    return stage_meta(run, config, user_config, tokenizer, world_size, device_batch_size=args.device_batch_size,
+                      max_seq_len=args.max_seq_len, dataloader_state_dict=train_batches.state_dict())
 
 
 def finished(next_step):
     return next_step >= args.num_iterations if args.num_iterations > 0 else train_batches.progress >= 1.0
 
 
-# every rank agrees on the last step: whichever finishes its share first stops everybody. After the
-# first check the flag rides on each step's one all-reduce.
+# The loop: the evaluation due at this step, the save when due, the stop, then the step. Every rank agrees on
+# the last step: whichever finishes its share first stops everybody. After the first check the flag rides on
+# each step's one all-reduce.
 stop_now = any_rank(finished(run.step), device)
 with stop_on_nonfinite():
-    while not checkpoints.evaluate_and_save(run.step, stop_now, evaluate, make_meta, train_batches):
-        step = run.step
+    while True:
+        step, last_step = run.step, stop_now
+        if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
+            run.record_val(val_bpb())
+            print0(f"step {step:05d} | val bpb {run.val:.6f}")
+            wandb_run.log({"step": step, "val/bpb": run.val})
+            peak.reprobe(f"step {step}")
+        if last_step or checkpoints.due(step):
+            checkpoints.save(step, meta(), train_batches.state_dict())
+        if last_step:
+            break
+
         run.timer.start()
         lrm = warmup_multiplier(step, args.warmup_steps) * \
             (1.0 if run.progress < 0.8 else max(0.0, 1 - (run.progress - 0.8) / 0.2))

@@ -171,8 +171,7 @@ def test_train_lowers_loss_and_writes_checkpoint(straight):
                                     "short_window": meta["model_config"]["short_window"]}
     assert meta["user_config"]["num_iterations"] == N and meta["user_config"]["window_pattern"] == "SL"
     loop = meta["loop_state"]
-    # the final checkpoint is written before the final evaluation (so a slow/killed eval loses nothing),
-    # then its meta is rewritten with that evaluation: the val bpb of step N, not of step 6
+    # the final checkpoint is written after the final evaluation: its meta holds the val bpb of step N, not of step 6
     assert meta["val_bpb"] == pytest.approx(bpbs[-1], abs=1e-6)
     assert math.isclose(loop["min_val_bpb"], min(bpbs), rel_tol=1e-5)
     assert loop["curves"]["val_step"] == [0, 6, N]
