@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import nanochat.task_eval as task_eval
-from nanochat.task_eval import run_categorical_eval, run_generative_eval, chatcore, CHAT_BASELINES, FittingProblems
+from nanochat.task_eval import (run_categorical_eval, run_generative_eval, pass_at_k, chatcore, CHAT_BASELINES,
+                                FittingProblems)
 from nanochat.tokenizer import RustBPETokenizer
 from tasks.common import mc_conversation, evaluate_letter
 
@@ -165,10 +166,16 @@ class ScriptedEngine:
 SAMPLES = [["wrong", "right 0"], ["wrong", "also wrong"], ["right 2", "wrong"], ["right 3", "right 3"]]
 
 
-def word_task(tok):
+def word_task(tok, graded=None):
+    """The four problems of SAMPLES; `graded` (a list) collects every answer graded, in order."""
     convs = [{"messages": [{"role": "user", "content": f"say right {i}"},
                            {"role": "assistant", "content": f"right {i}"}]} for i in range(4)]
-    task = ListTask(convs, "generative", lambda conv, text: int(text == conv["messages"][-1]["content"]))
+
+    def grade(conv, text):
+        if graded is not None:
+            graded.append(text)
+        return int(text == conv["messages"][-1]["content"])
+    task = ListTask(convs, "generative", grade)
     script = {tuple(tok.render_for_completion(c)): SAMPLES[i] for i, c in enumerate(convs)}
     return task, ScriptedEngine(tok, script)
 
@@ -184,6 +191,14 @@ def test_generative_pass_at_n(tok):
 
     task, engine = word_task(tok)
     assert run_generative_eval(task, tok, engine, num_samples=1, device="cpu") == pytest.approx(2 / 4)
+
+
+def test_pass_at_k_curve_and_lazy_grading(tok):
+    graded = []
+    task, engine = word_task(tok, graded)
+    # first passing sample per problem: 1, none, 0, 0 -> pass@1 = 2/4, pass@2 = 3/4
+    assert pass_at_k(task, tok, engine, num_samples=2, device="cpu") == pytest.approx([2 / 4, 3 / 4])
+    assert graded == ["wrong", "right 0", "wrong", "also wrong", "right 2", "right 3"]  # none after a pass
 
 
 def test_generative_max_problems(tok):
