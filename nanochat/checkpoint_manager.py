@@ -388,11 +388,11 @@ def check_weights(state, shapes, path, config_path, fix):
                                   f"are damaged (or training diverged before this step); {fix}")
 
 
-def materialize(model, state, device, phase):
+def materialize(model, state, device, phase, dtype=None):
     """Allocate the meta-device `model` on `device` and load the checked `state`, each tensor cast to the dtype
-    the fresh model uses there; eval() or train() mode."""
+    the fresh model uses there (its compute dtype `dtype`, default fp32); eval() or train() mode."""
     model.to_empty(device=device)
-    model.init_weights()  # rotary buffers and the per-device compute dtype
+    model.init_weights(dtype)  # rotary buffers and the compute dtype
     model_state = model.state_dict()
     state = {k: v.to(device=device, dtype=model_state[k].dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
@@ -417,9 +417,9 @@ def _check_tokenizer(tokenizer, meta, checkpoint_dir):
                              f"{fp[:12]} for {where}); {fix}")
 
 
-def build_model(checkpoint_dir, step, device, phase, tokenizer=None):
-    """(model, tokenizer, meta) of a step on `device` in eval() or train() mode, tensors cast to the dtypes the
-    fresh model uses there. `tokenizer` (default get_tokenizer()) must be the one the model was trained with.
+def build_model(checkpoint_dir, step, device, phase, tokenizer=None, dtype=None):
+    """(model, tokenizer, meta) of a step on `device` in eval() or train() mode, computing in `dtype` (the precision
+    policy's choice; default fp32), tensors cast to the dtypes the fresh model uses there. `tokenizer` (default get_tokenizer()) must be the one the model was trained with.
     The meta is checked first, then the model is built on the meta device, so the weights file is checked
     against its size, names, shapes and dtypes before any memory is allocated."""
     if phase not in ("train", "eval"):
@@ -438,15 +438,16 @@ def build_model(checkpoint_dir, step, device, phase, tokenizer=None):
     state = _load_state_dict(model_path, device, fix, max_weights_bytes(shapes))
     _patch_state_dict(state, shapes, config)
     check_weights(state, shapes, model_path, meta_path, fix)
-    return materialize(model, state, device, phase), tokenizer, meta
+    return materialize(model, state, device, phase, dtype), tokenizer, meta
 
 
-def load_model(source, device, phase, model_tag=None, step=None):
+def load_model(source, device, phase, model_tag=None, step=None, dtype=None):
     """(model, tokenizer, meta) of a stage: source base|mid|sft|rl, default tag = largest, step = last;
-    or hf:DIR, a directory written by scripts/export.py (e.g. downloaded from the Hub)."""
+    or hf:DIR, a directory written by scripts/export.py (e.g. downloaded from the Hub). The model computes in
+    `dtype` (the precision policy's choice; default fp32)."""
     if source.startswith("hf:"):
         from nanochat.hf_export import load_exported
-        return load_exported(source[3:], device, phase)
+        return load_exported(source[3:], device, phase, dtype)
     if source not in SOURCE_DIRS:
         raise ValueError(f"source must be one of {sorted(SOURCE_DIRS)} or hf:DIR, got {source!r}")
     checkpoints_dir = os.path.join(get_base_dir(), SOURCE_DIRS[source])
@@ -458,4 +459,4 @@ def load_model(source, device, phase, model_tag=None, step=None):
     if step is None:
         step = find_last_step(checkpoint_dir)
     logger.info(f"loading {source} model {model_tag} step {step} from {checkpoint_dir}")
-    return build_model(checkpoint_dir, step, device, phase)
+    return build_model(checkpoint_dir, step, device, phase, dtype=dtype)

@@ -9,6 +9,7 @@ import json
 import stat
 import time
 import random
+import functools
 import logging
 import urllib.request
 
@@ -178,54 +179,28 @@ def autodetect_device_type():
     return "cpu"
 
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def get_compute_dtype(device_type, override=None, verbose=True):
-    """The dtype activations run in: `override` or $NANOCHAT_DTYPE if given, else bf16 on CUDA SM80+ and fp32
-    elsewhere (older GPUs lack fast bf16; bf16 speed on CPUs varies wildly, and fp32 is exact)."""
-    choice = override or os.environ.get("NANOCHAT_DTYPE")
-    if choice:
-        if choice not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {choice!r} (from --dtype or NANOCHAT_DTYPE)")
-        dtype, reason = _DTYPES[choice], "set by --dtype / NANOCHAT_DTYPE"
-        os.environ["NANOCHAT_DTYPE"] = choice  # the model reads the same policy when it initialises
-    elif device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 8:
-        dtype, reason = torch.bfloat16, "CUDA compute capability >= 8.0"
-    elif device_type == "cuda":
-        dtype, reason = torch.float32, "CUDA compute capability < 8.0 has no fast bf16"
-    else:
-        dtype, reason = torch.float32, f"default on {device_type}"
-    if verbose:
-        print0(f"compute dtype: {str(dtype).replace('torch.', '')} ({reason})")
-    return dtype
-
-
-_BF16_PROBE = None  # (bf16 / fp32 matmul speed ratio) of this CPU, measured once per process
-_EXPORTED_DTYPE = None  # the $NANOCHAT_DTYPE resolve_precision last set
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 BF16_MIN_SPEEDUP = 1.5  # below this, bf16's rounding is not worth it: the elementwise work stays the same
 
 
+@functools.cache
 def probe_cpu_bf16_speedup(m=1024, k=256, n=1024, seconds=0.03):
     """How much faster this CPU multiplies in bf16 than fp32 at a training-like shape (native bf16 dot
-    products: 2-10x; emulated: slower). Best of a few interleaved short windows, about 0.2 s, cached per
-    process. Draws its matrices from a private generator: the global RNG, which the model is initialised
+    products: 2-10x; emulated: slower). Best of a few interleaved short windows, about 0.2 s, measured once
+    per process. Draws its matrices from a private generator: the global RNG, which the model is initialised
     from next, must not depend on whether the policy ran the probe."""
-    global _BF16_PROBE
-    if _BF16_PROBE is None:
-        best, gen = {}, torch.Generator().manual_seed(0)
-        mats = {dt: (torch.randn(m, k, generator=gen).to(dt), torch.randn(k, n, generator=gen).to(dt))
-                for dt in (torch.float32, torch.bfloat16)}
-        for _ in range(3):
-            for dt, (a, b) in mats.items():
-                a @ b  # warm-up (and first-touch of the output pages)
-                iters, t0 = 0, time.perf_counter()
-                while (dt_s := time.perf_counter() - t0) < seconds or iters < 2:
-                    a @ b
-                    iters += 1
-                best[dt] = min(best.get(dt, float("inf")), dt_s / iters)
-        _BF16_PROBE = best[torch.float32] / best[torch.bfloat16]
-    return _BF16_PROBE
+    best, gen = {}, torch.Generator().manual_seed(0)
+    mats = {dt: (torch.randn(m, k, generator=gen).to(dt), torch.randn(k, n, generator=gen).to(dt))
+            for dt in (torch.float32, torch.bfloat16)}
+    for _ in range(3):
+        for dt, (a, b) in mats.items():
+            a @ b  # warm-up (and first-touch of the output pages)
+            iters, t0 = 0, time.perf_counter()
+            while (dt_s := time.perf_counter() - t0) < seconds or iters < 2:
+                a @ b
+                iters += 1
+            best[dt] = min(best.get(dt, float("inf")), dt_s / iters)
+    return best[torch.float32] / best[torch.bfloat16]
 
 
 def cpu_bf16_is_fast():
@@ -241,34 +216,34 @@ def cpu_bf16_is_fast():
     return fast, f"CPU bf16 matmul measured {ratio:.1f}x fp32 ({'>=' if fast else '<'} {BF16_MIN_SPEEDUP}x)"
 
 
-def resolve_precision(device_type, dtype=None, compile=None, verbose=True):
-    """The training precision policy: (compute dtype, whether to torch.compile, reason) from the device and the
-    --dtype / --compile flags (None or "" = decide). CUDA: bf16 on SM80+, compiled. MPS: fp32 eager. CPU: bf16,
-    compiled (inductor fuses the casts around every op), where bf16 matmul is native (cpu_bf16_is_fast), else
-    fp32 eager (compile buys fp32 little on a CPU). Weights and optimizer state stay fp32. Exports the dtype as
-    $NANOCHAT_DTYPE (also read as an override, like --dtype) for the model built next. Draws no random numbers:
-    the policy and an explicit --dtype giving the same choice train the same model."""
-    global _EXPORTED_DTYPE
-    env = os.environ.get("NANOCHAT_DTYPE")
-    choice = dtype or (env if env != _EXPORTED_DTYPE else None)  # a value we exported ourselves is no user's choice
-    if choice and choice not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {choice!r} (from --dtype or NANOCHAT_DTYPE)")
+def resolve_precision(device_type, dtype=None, compile=None, training=True, verbose=True):
+    """The precision policy, the one place it is decided: (compute dtype, whether to torch.compile, reason).
+    `dtype` and `compile` are the --dtype / --compile flags (None or "" = decide); $NANOCHAT_DTYPE is the user's
+    dtype where --dtype is not given (read here, never written: the caller hands the dtype to the model).
+    Training: CUDA bf16 on SM80+ (fp32 below), compiled. CPU: bf16, compiled (inductor fuses the casts around
+    every op), where bf16 matmul is native (cpu_bf16_is_fast), else fp32 eager (compile buys fp32 little on a
+    CPU). MPS: fp32 eager. Inference (training=False): the same on CUDA and MPS, but fp32 on a CPU (exact; a
+    decode step is too small for bf16 to pay), and never compiled (a script that compiles its decode step has
+    its own flag). Weights and optimizer state stay fp32. Draws no random numbers: the policy and an explicit
+    --dtype giving the same choice train the same model."""
+    choice = dtype or os.environ.get("NANOCHAT_DTYPE") or None
+    if choice and choice not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {choice!r} (from --dtype or NANOCHAT_DTYPE)")
     if choice:
-        out_dtype, reason = _DTYPES[choice], ("--dtype" if dtype else "$NANOCHAT_DTYPE") + " set explicitly"
+        out_dtype, reason = DTYPES[choice], ("--dtype" if dtype else "$NANOCHAT_DTYPE") + " set explicitly"
     elif device_type == "cuda":
         fast = torch.cuda.get_device_capability()[0] >= 8
         out_dtype = torch.bfloat16 if fast else torch.float32
         reason = "CUDA compute capability " + (">= 8.0" if fast else "< 8.0 has no fast bf16")
-    elif device_type == "cpu":
+    elif device_type == "cpu" and training:
         fast, reason = cpu_bf16_is_fast()
         out_dtype = torch.bfloat16 if fast else torch.float32
     else:
-        out_dtype, reason = torch.float32, f"default on {device_type}"
+        out_dtype, reason = torch.float32, f"default {'for inference ' if not training else ''}on {device_type}"
     if compile is None:
-        out_compile = device_type == "cuda" or (device_type == "cpu" and out_dtype == torch.bfloat16)
+        out_compile = training and (device_type == "cuda" or (device_type == "cpu" and out_dtype == torch.bfloat16))
     else:
         out_compile, reason = bool(compile), reason + "; --compile set explicitly"
-    _EXPORTED_DTYPE = os.environ["NANOCHAT_DTYPE"] = str(out_dtype).removeprefix("torch.")  # read by init_weights
     if verbose:
         print0(f"precision: {str(out_dtype).removeprefix('torch.')}, compile={int(out_compile)} ({reason})")
     return out_dtype, out_compile, reason

@@ -301,7 +301,7 @@ def push_to_hub(out_dir, repo_id, private=False):
 # Round trip: an exported directory -> nanochat's GPT
 
 
-def load_exported(hf_dir, device, phase):
+def load_exported(hf_dir, device, phase, dtype=None):
     """(model, tokenizer, meta) from an exported directory, as checkpoint_manager.build_model returns them, with
     the same checks: each file is a regular file of a sane size, config.json a valid nanochat config that agrees
     with itself and the tokenizer, the weights of the right names, shapes, dtypes and finite. Anything wrong is a
@@ -346,6 +346,6 @@ def load_exported(hf_dir, device, phase):
         raise CheckpointError(f"{weights_path} cannot be read ({type(e).__name__}: {str(e)[:120]}): the file is "
                               f"truncated or corrupt; {fix}") from None
     check_weights(state, shapes, weights_path, config_path, fix)
-    model = materialize(model, state, torch.device(device), phase)
+    model = materialize(model, state, torch.device(device), phase, dtype)
     meta = {"step": None, "model_config": hf_cfg["nanochat_config"], "source": f"hf:{hf_dir}"}
     return model, tokenizer, meta

@@ -107,7 +107,7 @@ config = config_from_depth(args.depth, aspect_ratio=args.aspect_ratio, head_dim=
 with torch.device("meta"):
     model = GPT(config)
 model.to_empty(device=device)
-model.init_weights()
+model.init_weights(dtype)
 if args.fp8:
     print0(f"fp8: {convert_to_fp8(model)} linear layers run their matmuls in fp8")
 orig_model = model  # uncompiled: optimizer, checkpoints, generation

@@ -17,7 +17,7 @@ import argparse
 
 import torch
 
-from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, get_compute_dtype
+from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, resolve_precision
 from nanochat.checkpoint_manager import load_model
 from nanochat.engine import Engine
 from nanochat.report import get_report
@@ -92,11 +92,13 @@ def main():
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
 
     is_dist, rank, local_rank, world_size, device = compute_init(args.device_type)
-    dtype = get_compute_dtype(device.type, args.dtype or None)
+    # mostly sampling: the inference default (fp32 eager on a CPU), eager because the rollouts vary in length
+    dtype, _, _ = resolve_precision(device.type, args.dtype or None, compile=False, training=False)
     user_config, wandb_run = start_run(args, "nanochat-rl", device, dtype, rank=rank)
 
     train_task, val_task = GSM8K("main", "train"), GSM8K("main", "test")
-    model, tokenizer, _ = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.model_step)
+    model, tokenizer, _ = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.model_step,
+                                     dtype=dtype)
     engine = Engine(model, tokenizer)
     if args.examples_per_step % world_size != 0:
         raise SystemExit(f"--examples-per-step={args.examples_per_step} must be divisible by the world size {world_size}")

@@ -85,7 +85,7 @@ user_config, wandb_run = start_run(args, "nanochat-sft", device, dtype, rank=ran
 train_ds, val_ds = mixtures_from_args(args)
 
 model, tokenizer, src_meta = load_model(args.source, device, phase="train", model_tag=args.model_tag,
-                                        step=args.model_step)
+                                        step=args.model_step, dtype=dtype)
 config = model.config
 args.device_batch_size = resolve_device_batch_size(  # rows padded up to --max-seq-len at worst
     args.device_batch_size, dataclasses.replace(config, sequence_len=args.max_seq_len), device, dtype, compile=False,

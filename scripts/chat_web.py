@@ -395,7 +395,7 @@ def create_app(replicas, config=None):
 def load_replicas(args):
     """One replica per GPU on CUDA; a single one on CPU/MPS."""
     import torch
-    from nanochat.common import autodetect_device_type
+    from nanochat.common import autodetect_device_type, resolve_precision
     from nanochat.checkpoint_manager import load_model
     device_type = args.device_type or autodetect_device_type()
     if args.num_gpus > 1:
@@ -403,14 +403,14 @@ def load_replicas(args):
             raise SystemExit(f"--num-gpus={args.num_gpus} needs CUDA; on {device_type} run with -n 1")
         if args.num_gpus > torch.cuda.device_count():
             raise SystemExit(f"--num-gpus={args.num_gpus} but only {torch.cuda.device_count()} GPU(s) are visible")
-    if args.dtype:
-        os.environ["NANOCHAT_DTYPE"] = args.dtype  # read by the model through common.get_compute_dtype
+    dtype, _, _ = resolve_precision(device_type, args.dtype or None, training=False, verbose=False)
     max_rows = 1 if args.serve_mode == "worker" else args.max_rows
     replicas = []
     for i in range(args.num_gpus):
         device = torch.device("cuda", i) if device_type == "cuda" else torch.device(device_type)
         log(f"loading {args.source} model onto {device}...")
-        model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+        model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step,
+                                         dtype=dtype)
         replicas.append(make_replica(i, device, model, tokenizer, max_rows, args.max_queue))
     return replicas
 

@@ -70,7 +70,8 @@ user_config, wandb_run = start_run(args, "nanochat-mid", device, dtype, use_comp
 
 train_ds, val_ds = mixtures_from_args(args)
 
-model, tokenizer, base_meta = load_model("base", device, phase="train", model_tag=args.model_tag, step=args.model_step)
+model, tokenizer, base_meta = load_model("base", device, phase="train", model_tag=args.model_tag, step=args.model_step,
+                                         dtype=dtype)
 config = model.config
 args.device_batch_size = resolve_device_batch_size(args.device_batch_size, config, device, dtype, compile=use_compile,
                                                    world_size=world_size, total_batch_size=args.total_batch_size, log=print0)

@@ -13,21 +13,20 @@ from nanochat.gpt import GPT, GPTConfig, config_from_depth
 
 
 @pytest.fixture(autouse=True)
-def cpu_fp32(monkeypatch):
-    monkeypatch.delenv("NANOCHAT_DTYPE", raising=False)
+def sdpa_backend():
     attn.set_backend("sdpa")
     yield
     attn._backend = None
 
 
-def build(**kw):
+def build(dtype=None, **kw):
     cfg = dict(sequence_len=32, vocab_size=100, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, short_window=4)
     cfg.update(kw)
     with torch.device("meta"):
         model = GPT(GPTConfig(**cfg))
     model.to_empty(device="cpu")
     torch.manual_seed(0)
-    model.init_weights()
+    model.init_weights(dtype)
     return model
 
 
@@ -154,9 +153,8 @@ def test_fused_cpu_loss_matches_plain_path(monkeypatch, reduction):
         torch.testing.assert_close(a, b, atol=1e-4 * (1 + b.abs().max().item()), rtol=1e-4)
 
 
-def test_bf16_compute_dtype_casts(monkeypatch):
-    monkeypatch.setenv("NANOCHAT_DTYPE", "bfloat16")
-    m = build(n_layer=2)
+def test_bf16_compute_dtype_casts():
+    m = build(torch.bfloat16, n_layer=2)
     assert m.transformer.wte.weight.dtype == torch.bfloat16
     assert all(v.weight.dtype == torch.bfloat16 for v in m.value_embeds.values())
     assert m.lm_head.weight.dtype == torch.float32  # fp32 masters for matmul weights

@@ -21,8 +21,7 @@ V, T = 50, 12
 
 
 @pytest.fixture(autouse=True)
-def cpu_fp32(monkeypatch):
-    monkeypatch.delenv("NANOCHAT_DTYPE", raising=False)
+def sdpa_backend():
     attn.set_backend("sdpa")
     yield
     attn.set_backend(None)  # back to the automatic choice

@@ -6,7 +6,6 @@ gradient, the figure is the model's cross-entropy on reference chat rows before 
 Also: the precision policy and an explicit --dtype of the same choice train bit-identical runs.
 """
 
-import os
 import re
 
 import pytest
@@ -95,7 +94,6 @@ def test_policy_and_explicit_dtype_train_identically(fresh_base_dir, tiny_data_d
     # whatever the policy picks on this machine, asking for the same dtype explicitly gives the same run
     # (the policy once drew its probe's matrices from the global RNG, so the model started elsewhere)
     dtype, _, _ = resolve_precision("cpu", verbose=False)
-    os.environ.pop("NANOCHAT_DTYPE", None)
     runs = []
     for extra in ([], [f"--dtype={str(dtype).removeprefix('torch.')}"]):
         out = run_module("scripts.base_train", BASE_ARGS + ["--num-iterations=3", "--compile=0", *extra],
