@@ -1,12 +1,10 @@
 """
-Runtime helpers shared by every script: paths, device and dtype policy, distributed
-init/cleanup, logging, seeding, peak FLOP/s tables and a locked download helper.
+Runtime helpers shared by every script: paths, printing and rank reductions, the device and the precision
+policy (resolve_precision), distributed init/cleanup, seeding, wandb, peak FLOP/s tables and a locked
+download helper. Reading user files is nanochat/files.py's.
 """
 
 import os
-import sys
-import json
-import stat
 import time
 import random
 import functools
@@ -38,93 +36,6 @@ def get_data_dir():
     if not os.path.isdir(d):
         raise FileNotFoundError(f"NANOCHAT_DATA_DIR={d} is not a directory; point it at a data mirror or unset it")
     return d
-
-# -----------------------------------------------------------------------------
-# Reading files the user supplies: checkpoints, tokenizers, data
-
-
-class InputFileError(ValueError):
-    """A file that cannot be used (damaged, edited, the wrong kind): the message is one line naming the file, what
-    is wrong and what to do, which a dying script prints without a traceback (see install_error_handler)."""
-
-
-class MissingFileError(InputFileError, FileNotFoundError):
-    """A file that is not there: one line, like InputFileError, and still a FileNotFoundError to callers."""
-
-
-def _print_file_errors(exc_type, exc, tb, _previous=sys.excepthook):
-    # a broken or missing file is the user's to fix, not a bug in the code: a traceback would only hide the line
-    if issubclass(exc_type, InputFileError):
-        print(f"error: {exc}", file=sys.stderr)
-    else:
-        _previous(exc_type, exc, tb)
-
-
-def install_error_handler():
-    """Make an uncaught InputFileError print its one line (no traceback) before the script exits with status 1."""
-    sys.excepthook = _print_file_errors
-
-
-def _file_kind(mode):
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
-def open_regular(path, fix, max_bytes=None, what="file"):
-    """`path` opened for binary reading if it is a regular file (symlinks followed) of at most max_bytes, else
-    InputFileError naming it. Opened non-blocking first, so a FIFO or device is refused at once instead of
-    blocking or streaming forever (a symlink to /dev/zero); the size is checked before anything is read."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    except FileNotFoundError:
-        raise MissingFileError(f"{path} does not exist; {fix}") from None
-    except OSError as e:
-        raise InputFileError(f"{path} cannot be opened ({e.strerror}); {fix}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise InputFileError(f"{path} is {_file_kind(st.st_mode)}, not a regular file; {fix}")
-        if max_bytes is not None and st.st_size > max_bytes:
-            raise InputFileError(f"{path} is {st.st_size:,} bytes, more than a {what} can be ({max_bytes:,}): "
-                                 f"the wrong file or a damaged one; {fix}")
-        if hasattr(os, "set_blocking"):
-            os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def read_jsonl(path, parse=None, fix="fix or remove that line"):
-    """Rows of a JSONL file (blank lines skipped), read as UTF-8 line by line (an editor's BOM on line 1 is fine).
-    `parse(obj)` validates/transforms a row, raising ValueError/KeyError/TypeError if it is malformed. Every error
-    is an InputFileError naming the file and line."""
-    rows = []
-    with open_regular(path, f"point to a JSONL file ({fix})") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise InputFileError(f"{where}: invalid UTF-8 at byte {e.start} of the line "
-                                     f"({raw[e.start:e.start + 4]!r}); save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                rows.append(parse(obj) if parse else obj)
-            except RecursionError:  # json.loads recurses once per level: a row nested thousands deep
-                raise InputFileError(f"{where}: malformed row: nested too deeply to parse; {fix}") from None
-            except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
-                reason = f"missing field {e}" if isinstance(e, KeyError) else str(e)
-                raise InputFileError(f"{where}: malformed row: {reason}; {fix}") from None
-    if not rows:
-        logger.warning(f"warning: {path} is empty (no rows): it adds nothing")
-    return rows
 
 # -----------------------------------------------------------------------------
 # Printing and process info

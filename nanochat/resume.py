@@ -4,6 +4,7 @@ shard, the loader's position and the RNG states), the meta every stage writes, a
 The files themselves (layout, atomic writes, checks on load) are checkpoint_manager's.
 """
 
+import os
 import math
 import random
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ import torch
 
 from nanochat import checkpoint_manager as ckpt
 from nanochat.common import print0
+from nanochat.files import CheckpointError, describe_error
 from nanochat.train_step import check_finite_params
 
 
@@ -31,6 +33,31 @@ def set_rng_state(state):
     random.setstate((3, tuple(state["python"]), state["python_pos"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def restore_training_state(model, optimizer, model_state, optim_state, checkpoint_dir, step, rank=0):
+    """Load a resumed step into the live model and optimizer; a state of the wrong shape names its file."""
+    model_path = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
+    optim_path = os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt")
+    fix = "resume with the flags of the original run, from another step, or start afresh without resuming"
+    try:
+        model.load_state_dict(model_state, strict=True)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{model_path} does not fit the model being resumed ({describe_error(e)}); {fix}") from None
+    try:
+        optimizer.load_state_dict(optim_state["optimizer"])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+        raise CheckpointError(f"{optim_path} does not fit this model's optimizer ({describe_error(e)}); {fix}") from None
+    for p, state in optimizer.state.items():
+        for name, value in state.items():
+            # AdamW moments may be this rank's slice of rows of the parameter and Muon's are stacked per
+            # group: either way the dims after the first are the parameter's own
+            if not (torch.is_tensor(value) and name in ("exp_avg", "exp_avg_sq", "momentum_buffer")):
+                continue
+            own = tuple(p.shape[1:]) if name != "momentum_buffer" else tuple(p.shape)
+            if value.dim() != len(own) + 1 or tuple(value.shape[1:]) != own:
+                raise CheckpointError(f"{optim_path}: optimizer state {name!r} has shape {tuple(value.shape)}, "
+                                      f"its parameter {tuple(p.shape)}; {fix}")
 
 
 def strict_json(obj):
@@ -85,7 +112,7 @@ class Checkpoints:
         the loader state. Call it last before the loop: drawing random numbers after it shifts the RNG."""
         model_state, state, meta = ckpt.load_checkpoint(self.directory, step, self.device, load_optimizer=True,
                                                         rank=self.rank)
-        ckpt.restore_training_state(self.model, self.optimizer, model_state, state, self.directory, step, self.rank)
+        restore_training_state(self.model, self.optimizer, model_state, state, self.directory, step, self.rank)
         set_rng_state(state.get("rng"))
         run.restore(meta)
         self.resumed_from = step  # that step is on disk already

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.common import autodetect_device_type, resolve_precision, get_max_memory, synchronize, print0
+from nanochat.files import install_error_handler
 from nanochat.engine import Engine, new_kv_cache
 from nanochat.gpt import GPT, config_from_depth, matvec
 
@@ -49,6 +50,7 @@ parser.add_argument("--seed", type=int, default=42, help="seed for weights, prom
 parser.add_argument("--dtype", type=str, default="", help="float32|bfloat16 compute dtype (empty = device default)")
 parser.add_argument("--compile", type=int, default=1, help="1 = torch.compile the decode step (0 = eager)")
 args = parser.parse_args()
+install_error_handler()
 
 # -----------------------------------------------------------------------------
 device_type = args.device_type or autodetect_device_type()
@@ -56,7 +58,7 @@ device = torch.device(device_type)
 torch.manual_seed(args.seed)
 dtype, _, _ = resolve_precision(device_type, args.dtype or None, training=False, verbose=False)
 if args.source:
-    from nanochat.checkpoint_manager import load_model
+    from nanochat.model_loader import load_model
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step,
                                         dtype=dtype)
 else:

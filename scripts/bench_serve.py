@@ -239,7 +239,7 @@ def server_process(args, mode, urls, done):
     device = torch.device(args.device_type)
     dtype, _, _ = resolve_precision(device.type, training=False, verbose=False)
     if args.source:
-        from nanochat.checkpoint_manager import load_model
+        from nanochat.model_loader import load_model
         model, tok, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, dtype=dtype)
     else:
         model, tok = random_model(args.depth, args.vocab_size, device, dtype), tokenizer_of_size(args.vocab_size)
@@ -258,7 +258,9 @@ def server_process(args, mode, urls, done):
 
 def main():
     import multiprocessing
+    from nanochat.files import install_error_handler
     args = parser.parse_args()
+    install_error_handler()
     modes = ["batch"] if args.soak else args.modes.split(",")
     ctx = multiprocessing.get_context("spawn")
     urls, done = ctx.Queue(), ctx.Event()

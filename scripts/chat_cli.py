@@ -134,14 +134,16 @@ def chat_loop(engine, tokenizer, read=input, write=None, prompt="", temperature=
 
 
 def main():
+    from nanochat.files import install_error_handler
     args = parser.parse_args()
+    install_error_handler()
     if args.temperature < 0:
         raise SystemExit(f"--temperature must be >= 0, got {args.temperature}")
     if args.max_tokens < 1:
         raise SystemExit(f"--max-tokens must be >= 1, got {args.max_tokens}")
     import torch
     from nanochat.common import autodetect_device_type, resolve_precision
-    from nanochat.checkpoint_manager import load_model
+    from nanochat.model_loader import load_model
     from nanochat.engine import Engine
     device = torch.device(args.device_type or autodetect_device_type())
     dtype, _, _ = resolve_precision(device.type, args.dtype or None, training=False, verbose=False)

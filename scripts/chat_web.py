@@ -396,7 +396,7 @@ def load_replicas(args):
     """One replica per GPU on CUDA; a single one on CPU/MPS."""
     import torch
     from nanochat.common import autodetect_device_type, resolve_precision
-    from nanochat.checkpoint_manager import load_model
+    from nanochat.model_loader import load_model
     device_type = args.device_type or autodetect_device_type()
     if args.num_gpus > 1:
         if device_type != "cuda":
@@ -458,7 +458,9 @@ def serve_in_thread(app, host="127.0.0.1", port=0):
 
 def main():
     import uvicorn
+    from nanochat.files import install_error_handler
     args = parser.parse_args()
+    install_error_handler()
     for flag, value, lo, hi in [("--temperature", args.temperature, MIN_TEMPERATURE, MAX_TEMPERATURE),
                                 ("--top-k", args.top_k, MIN_TOP_K, MAX_TOP_K), ("--top-p", args.top_p, 0.0, 1.0),
                                 ("--max-tokens", args.max_tokens, MIN_MAX_TOKENS, MAX_MAX_TOKENS),

@@ -142,7 +142,7 @@ def test_smoke_run_saves_loadable_checkpoint(chat_base_dir, tiny_data_dir, monke
     out = run_module("scripts.chat_rl", RL_ARGS, chat_base_dir, tiny_data_dir).stdout
     check_rl_outputs(chat_base_dir, out)
     monkeypatch.setenv("NANOCHAT_BASE_DIR", chat_base_dir)
-    from nanochat.checkpoint_manager import load_model
+    from nanochat.model_loader import load_model
     model, tok, meta = load_model("rl", "cpu", phase="eval")
     assert meta["step"] == 2 and model.config.vocab_size == tok.get_vocab_size()
 

@@ -75,7 +75,7 @@ def test_no_loss_spike_at_any_stage_start(bf16_base, monkeypatch):
 
 def reference_loss(source):
     """Mean cross-entropy of a stage's model on the supervised tokens of the fixture's GSM8K train rows."""
-    from nanochat.checkpoint_manager import load_model
+    from nanochat.model_loader import load_model
     from tasks.gsm8k import GSM8K
     model, tok, _ = load_model(source, "cpu", phase="eval")
     task = GSM8K("main", "train")
