@@ -8,7 +8,7 @@ The GPT: a modern decoder-only transformer in the modded-nanogpt / nanochat line
 - per-layer resid/x0 scalars, smear (bigram mixing of embeddings) and backout (subtract a mid-layer state)
 On CPU in fp32 eager, training uses HeadSoftcapCE (head matmul + soft-cap + CE fused; same math, fewer passes).
 
-Build: `with torch.device("meta"): model = GPT(cfg)`, then `model.to_empty(device=d)`, `model.init_weights()`.
+Build: `with torch.device("meta"): model = GPT(cfg)`, then `model.to_empty(device=d)`, `model.init_weights(dtype)` (the compute dtype: common.resolve_precision).
 """
 
 import math

@@ -11,7 +11,8 @@ The RL stage's policy-gradient loss stays in scripts/chat_rl.py, the one place i
 import math
 
 import torch
-import torch.distributed as dist
+
+from nanochat.common import all_reduce_sum
 
 
 @torch.no_grad()
@@ -36,9 +37,8 @@ def evaluate_bpb(model, batches, steps, token_bytes):
         counted = num_bytes > 0
         total_nats += torch.where(counted, nll, torch.zeros_like(nll)).sum()
         total_bytes += num_bytes.sum()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(total_nats, op=dist.ReduceOp.SUM)
-        dist.all_reduce(total_bytes, op=dist.ReduceOp.SUM)
+    all_reduce_sum(total_nats)
+    all_reduce_sum(total_bytes)
     total_nats, total_bytes = total_nats.item(), total_bytes.item()
     if total_bytes == 0:
         return float("inf")

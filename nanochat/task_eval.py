@@ -7,9 +7,8 @@ longer than a model's context. Problems are split across ranks and the counts al
 """
 
 import torch
-import torch.distributed as dist
 
-from nanochat.common import get_dist_info
+from nanochat.common import get_dist_info, all_reduce_sum
 
 
 # random-guess accuracy of each chat benchmark: 4-way multiple choice, 0 for open-ended generation
@@ -47,12 +46,8 @@ class FittingProblems:
 
 
 def _all_reduce_counts(counts, device):
-    """A list of ints summed over ranks (the list itself on one process)."""
-    if dist.is_available() and dist.is_initialized():
-        t = torch.tensor(counts, dtype=torch.long, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        counts = t.tolist()
-    return counts
+    """A list of ints summed over ranks."""
+    return all_reduce_sum(torch.tensor(counts, dtype=torch.long, device=device)).tolist()
 
 
 def letter_token_ids(tokenizer, letters, cache):
