@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 import torch.distributed as dist
 
-from nanochat.common import (InputFileError, MissingFileError, get_base_dir, get_data_dir, download_file_with_lock,
-                             open_regular, print0, read_jsonl)
+from nanochat.common import get_base_dir, get_data_dir, download_file_with_lock, print0
+from nanochat.files import InputFileError, MissingFileError, open_regular, read_jsonl
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")

@@ -22,16 +22,20 @@ import dataclasses
 import torch
 
 from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, resolve_precision,
-                             get_max_memory)
-from nanochat.checkpoint_manager import load_model
+                             get_max_memory, all_reduce_sum)
+from nanochat.files import install_error_handler
+from nanochat.model_loader import load_model
 from nanochat.attention import set_backend_from_flag as set_attn_backend
 from nanochat.memory import resolve_device_batch_size
 from nanochat.chat_loader import SFTBatcher, pad_multiple_for
-from nanochat.task_eval import run_categorical_eval
+from nanochat.task_eval import run_categorical_eval, FittingProblems
+from nanochat.loss_eval import supervised_loss
 from nanochat.report import get_report
-from nanochat.training import (WARMUP_STEPS, warmup_multiplier, set_schedule, scale_lrs, Prefetcher, guarded_step,
-                               stop_on_nonfinite, evaluating, all_reduce_sum, supervised_loss, PeakFlops, StepTimer, Speed, RunState, format_step,
-                               stage_meta, Checkpoints, FittingProblems, start_run)
+from nanochat.schedules import WARMUP_STEPS, warmup_multiplier, set_schedule, scale_lrs
+from nanochat.train_step import Prefetcher, guarded_step, stop_on_nonfinite, evaluating
+from nanochat.speed import PeakFlops, StepTimer, Speed
+from nanochat.run_state import RunState, format_step, start_run
+from nanochat.resume import Checkpoints, stage_meta
 from tasks.mixtures import (add_mixture_args, mixtures_from_args, default_sft_sources,
                             default_sft_val_sources)
 from tasks.arc import ARC
@@ -68,6 +72,7 @@ parser.add_argument("--resume-from-step", type=int, default=-1, help="resume thi
 parser.add_argument("--output-tag", type=str, default=None, help="chatsft_checkpoints/<tag> (default d<n_layer>)")
 add_mixture_args(parser, default_sft_sources(), default_sft_val_sources())
 args = parser.parse_args()
+install_error_handler()
 if args.pad_multiple < -1:
     parser.error(f"--pad-multiple must be -1 (auto), 0 (longest row) or a positive number of tokens, got {args.pad_multiple}")
 if not 0.0 <= args.dft_alpha <= 1.0:
@@ -82,7 +87,7 @@ user_config, wandb_run = start_run(args, "nanochat-sft", device, dtype, rank=ran
 train_ds, val_ds = mixtures_from_args(args)
 
 model, tokenizer, src_meta = load_model(args.source, device, phase="train", model_tag=args.model_tag,
-                                        step=args.model_step)
+                                        step=args.model_step, dtype=dtype)
 config = model.config
 args.device_batch_size = resolve_device_batch_size(  # rows padded up to --max-seq-len at worst
     args.device_batch_size, dataclasses.replace(config, sequence_len=args.max_seq_len), device, dtype, compile=False,
@@ -120,7 +125,7 @@ METRIC_TASKS = {"mmlu_acc": lambda: MMLU("all", "test"), "arc_easy_acc": lambda:
 skipped_problems = {}  # metric -> problems too long for the model's context at the last evaluation
 
 
-def run_val_loss():
+def val_loss():
     loader = SFTBatcher(val_ds, tokenizer, args.device_batch_size, device=device, max_tokens=args.max_seq_len,
                         pad_multiple=pad_multiple)
     total_nll = torch.zeros((), dtype=torch.float64, device=device)
@@ -136,7 +141,7 @@ def run_val_loss():
     return (total_nll / total_tokens.clamp(min=1)).item()
 
 
-def run_metrics():
+def accuracies():
     out = {}
     with evaluating(model):
         for name, make_task in METRIC_TASKS.items():
@@ -149,31 +154,34 @@ def run_metrics():
     return out
 
 
-def make_meta():
+def meta():
     metrics = {name: run.metrics_now().get(name) for name in METRIC_TASKS}  # every key, None when not run
     return stage_meta(run, config, user_config, tokenizer, world_size, source=args.source, **metrics,
                       skipped_problems=dict(skipped_problems))
 
 
-def evaluate(step, last_step):
-    if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
-        run.record_val(run_val_loss())
-        print0(f"step {step:05d} | val loss {run.val:.6f}")
-        wandb_run.log({"step": step, "val/loss": run.val})
-        peak.reprobe(f"step {step}")
-    if args.eval_metrics_every > 0 and (last_step or (step > 0 and step % args.eval_metrics_every == 0)):
-        run.record_metrics(run_metrics())
-        print0(f"step {step:05d} | " + " | ".join(f"{k} {'n/a' if v is None else f'{v:.4f}'}"
-                                                for k, v in run.metrics.items()) +
-               f" | skipped (longer than {model.rotary_len} tokens): " +
-               ", ".join(f"{k} {n}" for k, n in skipped_problems.items()))
-        wandb_run.log({"step": step, **{k: v for k, v in run.metrics.items() if v is not None}})
-
-
+# The loop: the evaluations due at this step, the save when due, the stop, then the step.
 train_loss = None
 with stop_on_nonfinite():
-    while not checkpoints.evaluate_and_save(run.step, run.step == num_iterations, evaluate, make_meta, train_batches):
-        step = run.step
+    while True:
+        step, last_step = run.step, run.step == num_iterations
+        if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
+            run.record_val(val_loss())
+            print0(f"step {step:05d} | val loss {run.val:.6f}")
+            wandb_run.log({"step": step, "val/loss": run.val})
+            peak.reprobe(f"step {step}")
+        if args.eval_metrics_every > 0 and (last_step or (step > 0 and step % args.eval_metrics_every == 0)):
+            run.record_metrics(accuracies())
+            print0(f"step {step:05d} | " + " | ".join(f"{k} {'n/a' if v is None else f'{v:.4f}'}"
+                                                    for k, v in run.metrics.items()) +
+                   f" | skipped (longer than {model.rotary_len} tokens): " +
+                   ", ".join(f"{k} {n}" for k, n in skipped_problems.items()))
+            wandb_run.log({"step": step, **{k: v for k, v in run.metrics.items() if v is not None}})
+        if last_step or checkpoints.due(step):
+            checkpoints.save(step, meta(), train_batches.state_dict())
+        if last_step:
+            break
+
         run.timer.start()
         lrm = warmup_multiplier(step, args.warmup_steps) * (1.0 - step / num_iterations)
         set_schedule(optimizer, lrm)

@@ -125,16 +125,17 @@ def train_tiny_tokenizer(base_dir, data_dir, vocab_size=384):
     return tok
 
 
-def tiny_gpt(seed=0, device="cpu", **config):
-    """A freshly initialised GPT with these GPTConfig fields: built on the meta device, then materialised
-    and initialised under torch.manual_seed(seed) (the training scripts' order, so weights are reproducible)."""
+def tiny_gpt(seed=0, device="cpu", dtype=None, **config):
+    """A freshly initialised GPT with these GPTConfig fields, computing in `dtype` (default fp32): built on the meta
+    device, then materialised and initialised under torch.manual_seed(seed) (the training scripts' order, so
+    weights are reproducible)."""
     import torch
     from nanochat.gpt import GPT, GPTConfig
     torch.manual_seed(seed)
     with torch.device("meta"):
         model = GPT(GPTConfig(**config))
     model.to_empty(device=device)
-    model.init_weights()
+    model.init_weights(dtype)
     return model
 
 
@@ -261,11 +262,11 @@ def pytest_generate_tests(metafunc):
 
 
 @pytest.fixture
-def device(request, monkeypatch):
-    """A `gpu` test's device: "cuda" where there is one, else "cpu" running the CUDA code path: bf16 compute and the
-    stock ops a GPU runs (cpu_kernels(False) turns off the CPU-only fused autograd paths), the same functions."""
+def device(request):
+    """A `gpu` test's device: "cuda" where there is one, else "cpu" running the CUDA code path: the stock ops a GPU
+    runs (cpu_kernels(False) turns off the CPU-only fused autograd paths), the same functions; the test builds its
+    model in bf16, the GPU's compute dtype."""
     from nanochat.cpu_ops import cpu_kernels
-    monkeypatch.setenv("NANOCHAT_DTYPE", "bfloat16")
     with cpu_kernels(False):
         yield request.param
 

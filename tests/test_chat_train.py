@@ -258,7 +258,7 @@ def test_two_rank_mid_run_ends_on_the_same_step(tmp_path, fresh_model_base_dir, 
 
 def test_categorical_eval_on_fixture_rows(monkeypatch, tiny_base_checkpoint_dir, tiny_data_dir):
     """run_categorical_eval (chat_sft's MMLU / ARC-Easy metrics) against per-problem argmax and constant answers."""
-    from nanochat.checkpoint_manager import load_model
+    from nanochat.model_loader import load_model
     from nanochat.task_eval import run_categorical_eval
     from tasks.arc import ARC
     from tasks.mmlu import MMLU

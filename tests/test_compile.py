@@ -23,8 +23,7 @@ CFG = GPTConfig(sequence_len=64, vocab_size=256, n_layer=3, n_head=2, n_kv_head=
 
 
 @pytest.fixture(autouse=True)
-def fresh_dynamo(monkeypatch):
-    monkeypatch.setenv("NANOCHAT_DTYPE", "bfloat16")  # the GPU dtype policy
+def fresh_dynamo():
     attn.set_backend(None)
     torch._dynamo.reset()
     yield
@@ -35,7 +34,7 @@ def fresh_dynamo(monkeypatch):
 
 
 def make_model(device="cpu", cfg=CFG):
-    return tiny_gpt(device=device, **dataclasses.asdict(cfg))
+    return tiny_gpt(device=device, dtype=torch.bfloat16, **dataclasses.asdict(cfg))  # the GPU's compute dtype
 
 
 def test_model_forward_backward_one_graph_equal_to_eager():

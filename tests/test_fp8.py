@@ -74,10 +74,9 @@ def test_forward_uses_fast_accumulation_and_gradients_do_not(monkeypatch):
 
 def test_converted_count_is_the_layers_that_run_in_fp8(monkeypatch):
     # counted independently: the FP8 matmuls a forward + backward really runs (3 per converted layer)
-    monkeypatch.setenv("NANOCHAT_DTYPE", "bfloat16")
     cfg = GPTConfig(sequence_len=8, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=128)
     model = GPT(cfg)
-    model.init_weights()
+    model.init_weights(torch.bfloat16)
     n = convert_to_fp8(model)
     calls = []
     real = torch._scaled_mm

@@ -25,18 +25,17 @@ def auto_backend():
     attn._backend = None
 
 
-def model_on(device, dtype, monkeypatch):
-    monkeypatch.setenv("NANOCHAT_DTYPE", dtype)
-    return tiny_gpt(device=device, **dataclasses.asdict(CFG))
+def model_on(device, dtype):
+    return tiny_gpt(device=device, dtype=dtype, **dataclasses.asdict(CFG))
 
 
-def test_device_forward_backward_matches_fp32_cpu(device, monkeypatch):
-    ref = model_on("cpu", "float32", monkeypatch)
+def test_device_forward_backward_matches_fp32_cpu(device):
+    ref = model_on("cpu", torch.float32)
     # init_weights leaves c_proj at zero: perturb them so every layer's attention really contributes
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())).to(p.dtype) * 0.02)
-    model = model_on(device, "bfloat16", monkeypatch)
+    model = model_on(device, torch.bfloat16)
     model.load_state_dict({k: v.to(device) for k, v in ref.state_dict().items()})
     assert model.compute_dtype == torch.bfloat16
     idx = torch.randint(0, CFG.vocab_size, (2, CFG.sequence_len), generator=torch.Generator().manual_seed(1))
@@ -52,8 +51,8 @@ def test_device_forward_backward_matches_fp32_cpu(device, monkeypatch):
         assert rel < 0.1, f"{name}: relative grad difference {rel:.3f}"
 
 
-def test_device_kv_cache_decode_matches_full_forward(device, monkeypatch):
-    model = model_on(device, "bfloat16", monkeypatch)
+def test_device_kv_cache_decode_matches_full_forward(device):
+    model = model_on(device, torch.bfloat16)
     with torch.no_grad():  # nonzero output projections, so the cache really matters
         for name, p in model.named_parameters():
             if name.endswith("c_proj.weight"):

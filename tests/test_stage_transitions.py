@@ -6,7 +6,6 @@ gradient, the figure is the model's cross-entropy on reference chat rows before 
 Also: the precision policy and an explicit --dtype of the same choice train bit-identical runs.
 """
 
-import os
 import re
 
 import pytest
@@ -76,7 +75,7 @@ def test_no_loss_spike_at_any_stage_start(bf16_base, monkeypatch):
 
 def reference_loss(source):
     """Mean cross-entropy of a stage's model on the supervised tokens of the fixture's GSM8K train rows."""
-    from nanochat.checkpoint_manager import load_model
+    from nanochat.model_loader import load_model
     from tasks.gsm8k import GSM8K
     model, tok, _ = load_model(source, "cpu", phase="eval")
     task = GSM8K("main", "train")
@@ -95,7 +94,6 @@ def test_policy_and_explicit_dtype_train_identically(fresh_base_dir, tiny_data_d
     # whatever the policy picks on this machine, asking for the same dtype explicitly gives the same run
     # (the policy once drew its probe's matrices from the global RNG, so the model started elsewhere)
     dtype, _, _ = resolve_precision("cpu", verbose=False)
-    os.environ.pop("NANOCHAT_DTYPE", None)
     runs = []
     for extra in ([], [f"--dtype={str(dtype).removeprefix('torch.')}"]):
         out = run_module("scripts.base_train", BASE_ARGS + ["--num-iterations=3", "--compile=0", *extra],
