@@ -139,7 +139,14 @@ def test_the_model_computes_in_the_dtype_it_is_given(monkeypatch):
     monkeypatch.setenv("NANOCHAT_DTYPE", "bfloat16")  # the policy's input, never the model's
     assert build(None).compute_dtype == torch.float32
     model = build(torch.bfloat16)
-    assert model.compute_dtype == torch.bfloat16 and model.transformer.wte.weight.dtype == torch.bfloat16
+    # bf16 compute, fp32 master weights: every parameter stays fp32 so small updates are kept
+    assert model.compute_dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    seen = []
+    model.transformer.h[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    with torch.no_grad():
+        model(torch.randint(0, 96, (1, 8)))
+    assert seen == [torch.bfloat16]  # the blocks really run in bf16
 
 # -----------------------------------------------------------------------------
 # CPU-only kernels against stock ops
