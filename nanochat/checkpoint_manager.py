@@ -1,5 +1,5 @@
 """
-Saving and loading checkpoints. Step S of a directory is:
+Checkpoint files: writing a step, finding one, and reading it back checked. Step S of a directory is:
 
     model_{S:06d}.pt          model.state_dict() (rank 0)
     optim_{S:06d}_rank{r}.pt  the script's per-rank dict (optimizer shard, loader state, RNG...), optional
@@ -9,56 +9,31 @@ Each file is written to a temporary name and renamed into place; the meta goes l
 under several ranks), so a step is complete exactly when its meta exists and a crash mid-save leaves the
 previous step loadable. Files are read with torch.load(weights_only=True), so no code runs on load: the
 per-rank dict may hold only tensors, plain containers, numbers, strings, bools and None (convert numpy
-states with torch.from_numpy or .tolist()).
+states with torch.from_numpy or .tolist()). A file that cannot be used raises CheckpointError, one line
+naming it (nanochat/files.py).
 
-A file that cannot be used (truncated, zeroed, edited, another model's shape), tokenizer files included,
-raises CheckpointError: one line naming the file, what is wrong and what to do, which a dying script
-prints without a traceback (exit status 1).
+Owns the files only: building a model from a step is model_loader's, what a training run saves and how it
+resumes is resume's.
 """
 
 import os
 import re
-import sys
 import json
 import glob
-import pickle
 import hashlib
 import logging
-from dataclasses import fields, MISSING
+from dataclasses import fields
 
 import torch
 import torch.distributed as dist
 
-from nanochat.common import get_base_dir
+from nanochat.files import CheckpointError, MissingFileError, load_json_file, load_tensor_file
 
 logger = logging.getLogger("nanochat")
 
+# where each stage's checkpoints live under the base directory, one sub-directory per model tag
 SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
                "rl": "chatrl_checkpoints"}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or tokenizer file that cannot be used; the message is one line (see _excepthook)."""
-
-
-def _excepthook(exc_type, exc, tb, _previous=sys.excepthook):
-    # a broken file is the user's to fix, not a bug in the code: the traceback would only hide the message
-    if issubclass(exc_type, CheckpointError):
-        print(f"error: {exc}", file=sys.stderr)
-    else:
-        _previous(exc_type, exc, tb)
-
-
-# every script that loads a checkpoint or a tokenizer imports this module first (the tokenizer imports it
-# to raise CheckpointError), so installing the hook here covers all of them; exit status stays 1
-sys.excepthook = _excepthook
-
-
-def _reason(e):
-    """The first sentence of an exception from a reader (torch's zip reader writes a paragraph)."""
-    lines = str(e).strip().splitlines()
-    text = lines[0].split(". ")[0][:200] if lines else ""
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _meta_steps(checkpoint_dir):
@@ -71,37 +46,11 @@ def _complete_steps(checkpoint_dir):
     return ", ".join(map(str, _meta_steps(checkpoint_dir))) or "none"
 
 
-def _other_step_hint(checkpoint_dir):
+def other_step_hint(checkpoint_dir):
+    """What to do about a damaged step: the `fix` part of its error line."""
     return (f"re-save it, or load another step with the script's --step/--model-step flag "
             f"(steps with a meta here: {_complete_steps(checkpoint_dir)})")
 
-
-def load_json_file(path, fix):
-    """A JSON object from `path`, or CheckpointError naming the file (truncated, zeroed, edited...)."""
-    try:
-        with open(path, "rb") as f:
-            obj = json.loads(f.read().decode("utf-8"))
-    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise CheckpointError(f"{path} is not valid JSON ({_reason(e)}): the file is truncated or corrupt; {fix}") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} holds a JSON {type(obj).__name__}, expected an object; {fix}")
-    return obj
-
-
-def load_tensor_file(path, device, fix, expect=dict):
-    """torch.load(weights_only=True) that turns any reader failure into one CheckpointError line."""
-    try:
-        with open(path, "rb") as f:
-            obj = torch.load(f, map_location=device, weights_only=True)
-    except pickle.UnpicklingError:
-        # torch's own message would suggest weights_only=False, which would run the file's code
-        raise CheckpointError(f"{path} holds objects other than tensors and plain containers, which are never "
-                              f"unpickled (loading must not run code); {fix}") from None
-    except Exception as e:  # zip reader RuntimeError, EOFError...: all mean a truncated or damaged file
-        raise CheckpointError(f"{path} cannot be read ({_reason(e)}): the file is truncated or corrupt; {fix}") from None
-    if not isinstance(obj, expect):
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a {expect.__name__}; {fix}")
-    return obj
 
 # -----------------------------------------------------------------------------
 # Saving
@@ -158,20 +107,15 @@ def tokenizer_fingerprint(tokenizer):
 def load_meta(checkpoint_dir, step):
     path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no complete checkpoint of step {step} in {checkpoint_dir} (missing {path})")
-    return load_json_file(path, _other_step_hint(checkpoint_dir))
+        raise MissingFileError(f"no complete checkpoint of step {step} in {checkpoint_dir} (missing {path})")
+    return load_json_file(path, other_step_hint(checkpoint_dir))
 
 
-def _model_config(meta, where, fix):
+def saved_model_config(meta, where, fix):
+    """meta["model_config"] as saved (a dict, not yet checked as a GPTConfig: model_loader does that)."""
     if not isinstance(meta.get("model_config"), dict):
         raise CheckpointError(f"{where} has no 'model_config' object (an edited or foreign meta?); {fix}")
     return meta["model_config"]
-
-
-def update_meta(checkpoint_dir, step, meta, rank=0):
-    """Rewrite the meta of a complete step (e.g. to add the final evaluation run after saving it)."""
-    if rank == 0:
-        _save_meta(meta, os.path.join(checkpoint_dir, f"meta_{step:06d}.json"))
 
 
 def config_to_dict(config):
@@ -182,15 +126,15 @@ def config_to_dict(config):
 
 def check_resume_config(meta, config, tokenizer, checkpoint_dir=""):
     """A resumed run must rebuild exactly the model and tokenizer that were saved; say what differs."""
-    saved = _model_config(meta, f"the meta json of the step resumed in {checkpoint_dir}",
-                          "resume from another step, or start afresh without resuming")
+    saved = saved_model_config(meta, f"the meta json of the step resumed in {checkpoint_dir}",
+                               "resume from another step, or start afresh without resuming")
     now = config_to_dict(config)
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
              if saved.get(k) != now.get(k)]
     if diffs:
         raise CheckpointError(f"cannot resume {checkpoint_dir}: the model config differs ({'; '.join(diffs)}); "
                               f"rerun with the flags of the original run")
-    _check_tokenizer(tokenizer, meta, checkpoint_dir)
+    check_tokenizer(tokenizer, meta, checkpoint_dir)
 
 
 def tokenizer_info(tokenizer):
@@ -206,140 +150,62 @@ def find_last_step(checkpoint_dir):
     steps = [s for s in _meta_steps(checkpoint_dir)
              if os.path.exists(os.path.join(checkpoint_dir, f"model_{s:06d}.pt"))]
     if not steps:
-        raise FileNotFoundError(f"no complete checkpoint (meta_*.json + model_*.pt) in {checkpoint_dir}")
+        raise MissingFileError(f"no complete checkpoint (meta_*.json + model_*.pt) in {checkpoint_dir}")
     return max(steps)
 
 
 def find_largest_model(checkpoints_dir):
     """The model tag to load by default: largest d<N>, else the most recently modified directory."""
     if not os.path.isdir(checkpoints_dir):
-        raise FileNotFoundError(f"checkpoint directory {checkpoints_dir} does not exist; train that stage first")
+        raise MissingFileError(f"checkpoint directory {checkpoints_dir} does not exist; train that stage first")
     tags = [d for d in os.listdir(checkpoints_dir) if os.path.isdir(os.path.join(checkpoints_dir, d))]
     if not tags:
-        raise FileNotFoundError(f"no model tags (sub-directories) in {checkpoints_dir}; train that stage first")
+        raise MissingFileError(f"no model tags (sub-directories) in {checkpoints_dir}; train that stage first")
     depth_tags = [(int(m.group(1)), t) for t in tags if (m := re.fullmatch(r"d(\d+)", t))]
     if depth_tags:
         return max(depth_tags)[1]
     return max(tags, key=lambda t: os.path.getmtime(os.path.join(checkpoints_dir, t)))
 
 
-def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
-    """(model_state, optim_state or None, meta) of a complete step; tensors mapped to `device`."""
+def step_paths(checkpoint_dir, step):
+    """(meta json, model file) of a step, both present (MissingFileError otherwise)."""
     meta_path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
     model_path = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
     if not os.path.exists(meta_path) or not os.path.exists(model_path):
-        raise FileNotFoundError(f"step {step} in {checkpoint_dir} is missing or incomplete (needs {os.path.basename(model_path)} "
-                                f"and {os.path.basename(meta_path)}); the complete steps are the ones with a meta json")
-    fix = _other_step_hint(checkpoint_dir)
-    meta = load_json_file(meta_path, fix)
-    model_state = load_tensor_file(model_path, device, fix)
-    bad = [k for k, v in model_state.items() if not (isinstance(k, str) and torch.is_tensor(v))]
+        raise MissingFileError(f"step {step} in {checkpoint_dir} is missing or incomplete (needs "
+                               f"{os.path.basename(model_path)} and {os.path.basename(meta_path)}); the complete "
+                               f"steps are the ones with a meta json ({_complete_steps(checkpoint_dir)})")
+    return meta_path, model_path
+
+
+def load_model_state(model_path, device, fix, max_bytes=None):
+    """The state dict of a model file: named tensors only, torch.compile's key prefix removed."""
+    state = load_tensor_file(model_path, device, fix, max_bytes=max_bytes)
+    bad = [k for k, v in state.items() if not (isinstance(k, str) and torch.is_tensor(v))]
     if bad:
         raise CheckpointError(f"{model_path} is not a model state dict (entry {bad[0]!r} is not a named tensor); {fix}")
+    return {k.removeprefix("_orig_mod."): v for k, v in state.items()}  # torch.compile's prefix
+
+
+def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
+    """(model_state, optim_state or None, meta) of a complete step; tensors mapped to `device`."""
+    meta_path, model_path = step_paths(checkpoint_dir, step)
+    fix = other_step_hint(checkpoint_dir)
+    meta = load_json_file(meta_path, fix)
+    model_state = load_model_state(model_path, device, fix)
     optim_state = None
     if load_optimizer:
         optim_path = os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt")
         if not os.path.exists(optim_path):
-            raise FileNotFoundError(f"{optim_path} not found: step {step} has no optimizer state for rank {rank} "
+            raise MissingFileError(f"{optim_path} not found: step {step} has no optimizer state for rank {rank} "
                                     f"(was it saved with the same number of ranks?)")
         optim_state = load_tensor_file(optim_path, device, "resume from another step (steps with a meta here: "
                                   f"{_complete_steps(checkpoint_dir)}), or start the run afresh without resuming")
     return model_state, optim_state, meta
 
 
-def restore_training_state(model, optimizer, model_state, optim_state, checkpoint_dir, step, rank=0):
-    """Load a resumed step into the live model and optimizer; a state of the wrong shape names its file."""
-    model_path = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
-    optim_path = os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt")
-    fix = "resume with the flags of the original run, from another step, or start afresh without resuming"
-    try:
-        model.load_state_dict(model_state, strict=True)
-    except (RuntimeError, KeyError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{model_path} does not fit the model being resumed ({_reason(e)}); {fix}") from None
-    try:
-        optimizer.load_state_dict(optim_state["optimizer"])
-    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
-        raise CheckpointError(f"{optim_path} does not fit this model's optimizer ({_reason(e)}); {fix}") from None
-    for p, state in optimizer.state.items():
-        for name, value in state.items():
-            # AdamW moments may be this rank's slice of rows of the parameter and Muon's are stacked per
-            # group: either way the dims after the first are the parameter's own
-            if not (torch.is_tensor(value) and name in ("exp_avg", "exp_avg_sq", "momentum_buffer")):
-                continue
-            own = tuple(p.shape[1:]) if name != "momentum_buffer" else tuple(p.shape)
-            if value.dim() != len(own) + 1 or tuple(value.shape[1:]) != own:
-                raise CheckpointError(f"{optim_path}: optimizer state {name!r} has shape {tuple(value.shape)}, "
-                                      f"its parameter {tuple(p.shape)}; {fix}")
-
-# -----------------------------------------------------------------------------
-# Building a model from a checkpoint
-
-
-def _patch_state_dict(state, model_state, config):
-    """Back-compat: fill parameters that older checkpoints lack with values that switch them off."""
-    L = config.n_layer
-    defaults = {
-        "resid_lambdas": lambda: torch.ones(L),
-        "x0_lambdas": lambda: torch.zeros(L),
-        "smear_lambda": lambda: torch.zeros(1),    # smear off
-        "backout_lambda": lambda: torch.zeros(1),  # backout off
-        "smear_gate.weight": lambda: torch.zeros_like(model_state["smear_gate.weight"], device="cpu"),
-    }
-    for key, make in defaults.items():
-        if key in model_state and key not in state:
-            state[key] = make()
-            logger.info(f"checkpoint lacks {key}: filled with the inert default")
-
-
-def _check_state_dict(state, model_state, model_path, meta_path, fix):
-    """One line naming the file when the weights do not fit the model its meta describes."""
-    missing = sorted(set(model_state) - set(state))
-    unexpected = sorted(set(state) - set(model_state))
-    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(model_state[k].shape)}"
-                  for k in model_state if k in state and state[k].shape != model_state[k].shape]
-    problems = ([f"shapes differ: {'; '.join(mismatched[:3])}"] if mismatched else []) + \
-               ([f"missing {', '.join(missing[:3])}"] if missing else []) + \
-               ([f"unexpected {', '.join(unexpected[:3])}"] if unexpected else [])
-    if problems:
-        raise CheckpointError(f"{model_path} does not fit the model_config in {os.path.basename(meta_path)} "
-                              f"({'; '.join(problems)}): one of the two files was edited or comes from another "
-                              f"run; {fix}")
-
-
-MAX_SEQUENCE_LEN = 1 << 20
-
-
-def _config_from_meta(meta, meta_path, fix):
-    """GPTConfig from meta["model_config"], its field types checked (an edited meta must not build nonsense)."""
-    from nanochat.gpt import GPTConfig
-    cfg = dict(_model_config(meta, meta_path, fix))
-    cfg.setdefault("window_pattern", "L")  # configs saved before sliding windows: full attention everywhere
-    known = {f.name: f for f in fields(GPTConfig)}
-    unknown = sorted(set(cfg) - set(known))
-    if unknown:
-        logger.warning(f"ignoring unknown model_config keys {unknown} in {meta_path}")
-    for name, f in known.items():
-        default, value = f.default, cfg.get(name)
-        if name not in cfg or default is MISSING or default is None:
-            continue
-        want = (int, float) if type(default) is float else type(default)
-        if not isinstance(value, want) or (type(default) is not bool and isinstance(value, bool)) \
-                or (want is int and value < 0):
-            raise CheckpointError(f"{meta_path}: model_config.{name} is {value!r}, expected type "
-                                  f"{type(default).__name__}; {fix}")
-    # the rotary table is allocated from sequence_len alone (no weight has that shape to check it by)
-    if not 0 < cfg.get("sequence_len", 1) <= MAX_SEQUENCE_LEN:
-        raise CheckpointError(f"{meta_path}: model_config.sequence_len={cfg['sequence_len']} is outside "
-                              f"1..{MAX_SEQUENCE_LEN}; {fix}")
-    if not isinstance(meta.get("step", 0), int) or not isinstance(meta.get("tokenizer"), (dict, type(None))):
-        raise CheckpointError(f"{meta_path}: 'step' must be an integer and 'tokenizer' an object; {fix}")
-    try:
-        return GPTConfig(**{k: v for k, v in cfg.items() if k in known})
-    except (TypeError, ValueError, AssertionError) as e:
-        raise CheckpointError(f"{meta_path}: model_config is not a valid GPTConfig ({_reason(e)}); {fix}") from None
-
-
-def _check_tokenizer(tokenizer, meta, checkpoint_dir):
+def check_tokenizer(tokenizer, meta, checkpoint_dir):
+    """The tokenizer a checkpoint was trained with, by vocabulary size and fingerprint; say what differs."""
     vocab = meta["model_config"].get("vocab_size")
     where = "the tokenizer in $NANOCHAT_BASE_DIR/tokenizer"
     fix = ("use the NANOCHAT_BASE_DIR of the run that trained this checkpoint, "
@@ -354,60 +220,3 @@ def _check_tokenizer(tokenizer, meta, checkpoint_dir):
             raise CheckpointError(f"tokenizer mismatch for {checkpoint_dir}: same vocab size ({vocab}) but different "
                              f"merges/specials (fingerprint {saved['fingerprint'][:12]} in the checkpoint vs "
                              f"{fp[:12]} for {where}); {fix}")
-
-
-def build_model(checkpoint_dir, step, device, phase, tokenizer=None):
-    """(model, tokenizer, meta) of a step on `device` in eval() or train() mode, tensors cast to the dtypes the
-    fresh model uses there. `tokenizer` (default get_tokenizer()) must be the one the model was trained with."""
-    from nanochat.gpt import GPT
-    if phase not in ("train", "eval"):
-        raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
-    device = torch.device(device)
-    state, _, meta = load_checkpoint(checkpoint_dir, step, device)
-    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}  # torch.compile prefix
-    meta_path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
-    model_path = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
-    fix = _other_step_hint(checkpoint_dir)
-    config = _config_from_meta(meta, meta_path, fix)
-
-    if tokenizer is None:
-        from nanochat.tokenizer import get_tokenizer
-        tokenizer = get_tokenizer()
-    _check_tokenizer(tokenizer, meta, checkpoint_dir)
-
-    # on the meta device first: the shape check below catches an edited config before any memory is allocated
-    try:
-        with torch.device("meta"):
-            model = GPT(config)
-    except Exception as e:  # e.g. a head count that does not divide the width
-        raise CheckpointError(f"{meta_path}: model_config does not build a model ({_reason(e)}); {fix}") from None
-    shapes = model.state_dict()
-    _patch_state_dict(state, shapes, config)
-    _check_state_dict(state, shapes, model_path, meta_path, fix)
-    model.to_empty(device=device)
-    model.init_weights()  # rotary buffers and the per-device compute dtype
-    model_state = model.state_dict()
-    state = {k: v.to(device=device, dtype=model_state[k].dtype) for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    model.train() if phase == "train" else model.eval()
-    return model, tokenizer, meta
-
-
-def load_model(source, device, phase, model_tag=None, step=None):
-    """(model, tokenizer, meta) of a stage: source base|mid|sft|rl, default tag = largest, step = last;
-    or hf:DIR, a directory written by scripts/export.py (e.g. downloaded from the Hub)."""
-    if source.startswith("hf:"):
-        from nanochat.hf_export import load_exported
-        return load_exported(source[3:], device, phase)
-    if source not in SOURCE_DIRS:
-        raise ValueError(f"source must be one of {sorted(SOURCE_DIRS)} or hf:DIR, got {source!r}")
-    checkpoints_dir = os.path.join(get_base_dir(), SOURCE_DIRS[source])
-    if model_tag is None:
-        model_tag = find_largest_model(checkpoints_dir)
-    checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
-    if not os.path.isdir(checkpoint_dir):
-        raise FileNotFoundError(f"no checkpoints for model tag {model_tag!r} in {checkpoints_dir}")
-    if step is None:
-        step = find_last_step(checkpoint_dir)
-    logger.info(f"loading {source} model {model_tag} step {step} from {checkpoint_dir}")
-    return build_model(checkpoint_dir, step, device, phase)

@@ -7,9 +7,9 @@ named and left out). Bundle: `bundle_dir`, else $NANOCHAT_DATA_DIR/eval_bundle, 
 (downloaded once from EVAL_BUNDLE_URL under a file lock).
 """
 
+import io
 import os
 import csv
-import json
 import time
 import random
 import shutil
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import torch.distributed as dist
 
 from nanochat.common import get_base_dir, get_data_dir, download_file_with_lock, print0
+from nanochat.files import InputFileError, MissingFileError, open_regular, read_jsonl
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -168,7 +169,7 @@ def evaluate_task(model, tokenizer, data, device, task_meta, batch_tokens=8192):
 # The bundle
 
 
-def _unzip_bundle(zip_path):
+def unzip_bundle(zip_path):
     """Unzip eval_bundle.zip next to it as eval_bundle/ (via a temp dir, so a crash leaves no half bundle)."""
     base = os.path.dirname(zip_path)
     target = os.path.join(base, "eval_bundle")
@@ -192,7 +193,7 @@ def get_bundle_dir(bundle_dir=None):
     if data_dir is not None:
         d = os.path.join(data_dir, "eval_bundle")
         if not os.path.exists(os.path.join(d, "core.yaml")):
-            raise FileNotFoundError(f"{d}/core.yaml not found: NANOCHAT_DATA_DIR={data_dir} has no eval bundle; "
+            raise MissingFileError(f"{d}/core.yaml not found: NANOCHAT_DATA_DIR={data_dir} has no eval bundle; "
                                     f"unset NANOCHAT_DATA_DIR to download it or add eval_bundle/ to the mirror")
         return d
     base = get_base_dir()
@@ -203,11 +204,13 @@ def get_bundle_dir(bundle_dir=None):
             from filelock import FileLock
             with FileLock(zip_path + ".lock"):
                 if not os.path.exists(os.path.join(d, "core.yaml")):
-                    _unzip_bundle(zip_path)
+                    unzip_bundle(zip_path)
         else:
-            download_file_with_lock(EVAL_BUNDLE_URL, zip_path, postprocess=_unzip_bundle)
+            download_file_with_lock(EVAL_BUNDLE_URL, zip_path, postprocess=unzip_bundle)
     return d
 
+
+MAX_BUNDLE_TABLE_BYTES = 16 << 20  # core.yaml and eval_meta_data.csv are a few KB
 
 # the 22 tasks of the standard CORE bundle, in core.yaml order
 CORE_TASKS = ["hellaswag_zeroshot", "jeopardy", "bigbench_qa_wikidata", "arc_easy", "arc_challenge", "copa",
@@ -217,28 +220,66 @@ CORE_TASKS = ["hellaswag_zeroshot", "jeopardy", "bigbench_qa_wikidata", "arc_eas
 
 
 def load_bundle(bundle_dir):
-    """[(label, task_meta, data_path, random_baseline_percent)] in core.yaml order."""
+    """[(label, task_meta, data_path, random_baseline_percent)] in core.yaml order; a damaged core.yaml or
+    eval_meta_data.csv raises InputFileError naming it."""
     import yaml
-    with open(os.path.join(bundle_dir, "core.yaml"), encoding="utf-8") as f:
-        config = yaml.safe_load(f)
-    with open(os.path.join(bundle_dir, "eval_meta_data.csv"), encoding="utf-8", newline="") as f:
-        baselines = {row["Eval Task"].strip(): float(row["Random baseline"]) for row in csv.DictReader(f)}
+    fix = ("restore the eval bundle: delete it to download it again, or fix eval_bundle/ in the mirror "
+           "(NANOCHAT_DATA_DIR)")
+    yaml_path, csv_path = os.path.join(bundle_dir, "core.yaml"), os.path.join(bundle_dir, "eval_meta_data.csv")
+    with io.TextIOWrapper(open_regular(yaml_path, fix, MAX_BUNDLE_TABLE_BYTES, "bundle table"), encoding="utf-8") as f:
+        try:
+            config = yaml.safe_load(f)
+        except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
+            raise InputFileError(f"{yaml_path} is not valid YAML ({type(e).__name__}); {fix}") from None
+    with io.TextIOWrapper(open_regular(csv_path, fix, MAX_BUNDLE_TABLE_BYTES, "bundle table"), encoding="utf-8",
+                          newline="") as f:
+        try:
+            baselines = {row["Eval Task"].strip(): float(row["Random baseline"]) for row in csv.DictReader(f)}
+        except (KeyError, ValueError, TypeError, AttributeError, csv.Error) as e:  # UnicodeDecodeError included
+            raise InputFileError(f"{csv_path}: not a table of 'Eval Task' and 'Random baseline' columns "
+                                 f"({type(e).__name__}: {str(e)[:80]}); {fix}") from None
     tasks = []
-    for t in config["icl_tasks"]:
-        label = t["label"]
-        if t["icl_task_type"] not in TASK_TYPES:
-            raise ValueError(f"core.yaml task {label}: unknown icl_task_type {t['icl_task_type']!r}")
-        if label not in baselines:
-            raise ValueError(f"task {label} of core.yaml has no 'Random baseline' row in eval_meta_data.csv")
-        meta = {"task_type": t["icl_task_type"], "num_fewshot": int(t["num_fewshot"][0]),
-                "continuation_delimiter": t.get("continuation_delimiter", " ")}
-        tasks.append((label, meta, os.path.join(bundle_dir, "eval_data", t["dataset_uri"]), baselines[label]))
+    try:
+        for t in config["icl_tasks"]:
+            label = t["label"]
+            if t["icl_task_type"] not in TASK_TYPES:
+                raise ValueError(f"task {label}: unknown icl_task_type {t['icl_task_type']!r}")
+            if label not in baselines:
+                raise ValueError(f"task {label} has no 'Random baseline' row in eval_meta_data.csv")
+            meta = {"task_type": t["icl_task_type"], "num_fewshot": int(t["num_fewshot"][0]),
+                    "continuation_delimiter": str(t.get("continuation_delimiter", " "))}
+            tasks.append((label, meta, os.path.join(bundle_dir, "eval_data", str(t["dataset_uri"])), baselines[label]))
+    except ValueError as e:
+        raise InputFileError(f"{yaml_path}: {str(e)[:120]}; {fix}") from None
+    except (KeyError, TypeError, IndexError) as e:
+        raise InputFileError(f"{yaml_path}: a task entry lacks a field or has the wrong type "
+                             f"({type(e).__name__}: {str(e)[:80]}); {fix}") from None
     return tasks
 
 
-def load_task_data(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def _item_checker(task_type):
+    """read_jsonl's parse for a task's rows: the fields its prompts use, with the right types."""
+    text_fields, options_field = {"multiple_choice": (("query",), "choices"),
+                                  "schema": (("continuation",), "context_options"),
+                                  "language_modeling": (("context", "continuation"), None)}[task_type]
+
+    def check(row):
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in text_fields):
+            raise ValueError(f"a {task_type} row is an object with string fields {', '.join(text_fields)}")
+        if options_field is not None:
+            options, gold = row.get(options_field), row.get("gold")
+            if not isinstance(options, list) or not options or not all(isinstance(o, str) for o in options):
+                raise ValueError(f"'{options_field}' must be a non-empty list of strings")
+            if type(gold) is not int or not 0 <= gold < len(options):
+                raise ValueError(f"'gold' must index the {len(options)} {options_field}, got {str(gold)[:20]}")
+        return row
+    return check
+
+
+def load_task_data(path, task_type=None):
+    """The rows of a task's JSONL file, each checked for its task type's fields (errors name the file:line)."""
+    return read_jsonl(path, _item_checker(task_type) if task_type else None,
+                      fix="restore the eval bundle (delete it to download it again)")
 
 
 def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None, batch_tokens=8192):
@@ -258,7 +299,7 @@ def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None, ba
             print0(f"CORE: task {label} skipped, its data file {path} is missing (left out of the mean)")
             continue
         t0 = time.time()
-        data = load_task_data(path)
+        data = load_task_data(path, task_meta["task_type"])
         # the files are often ordered; shuffle so --max-per-task takes a fair subset
         random.Random(1337).shuffle(data)
         if max_per_task > 0:

@@ -14,25 +14,20 @@ import threading
 from collections import deque
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from nanochat.common import get_dist_info
-from nanochat.dataset import get_split_files
+from nanochat.dataset import get_split_files, open_shard, read_texts
 
 SEQ_BITS = 40  # buffer sort key = (doc length << SEQ_BITS) | insertion number: ties go by arrival
 SEQ_MASK = (1 << SEQ_BITS) - 1
-
-
-def _read_texts(pf, rg):
-    return pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
 
 
 def build_plan(files, rank, world_size):
     """This rank's share of one epoch: [(file_idx, row_group, first_row, row_step)] in file order. Row groups
     are strided over all row groups (not per file), so small shards still feed every rank; a split with fewer
     row groups than ranks (a tiny val shard on 8 GPUs) has every rank read every row group, striding rows."""
-    units = [(fi, rg) for fi, path in enumerate(files) for rg in range(pq.ParquetFile(path).num_row_groups)]
+    units = [(fi, rg) for fi, path in enumerate(files) for rg in range(open_shard(path).num_row_groups)]
     if len(units) >= world_size:
         return [(fi, rg, 0, 1) for fi, rg in units[rank::world_size]]
     return [(fi, rg, rank, world_size) for fi, rg in units]
@@ -88,8 +83,8 @@ def _produce(files, plan, tokenizer, bos, cursor, q, stop, rank, split):
                 fi, rg, first_row, step = plan[i]
                 first = row if i == start and row is not None else first_row
                 if pf_idx != fi:
-                    pf, pf_idx = pq.ParquetFile(files[fi]), fi
-                texts = _read_texts(pf, rg)[first::step]
+                    pf, pf_idx = open_shard(files[fi]), fi
+                texts = read_texts(pf, rg, files[fi])[first::step]
                 docs_this_epoch += len(texts)
                 if texts:
                     ids = [(epoch, fi, rg, first + k * step) for k in range(len(texts))]
@@ -215,7 +210,7 @@ class PretrainLoader:
         # re-tokenize the buffered docs, reading each row group once; re-adding them in saved key
         # order with fresh insertion numbers reproduces the same order, ties included
         ids = [tuple(d) for d in state["buffer"]]
-        texts = {(fi, rg): _read_texts(pq.ParquetFile(self.files[fi]), rg)
+        texts = {(fi, rg): read_texts(open_shard(self.files[fi]), rg, self.files[fi])
                  for fi, rg in sorted({(d[1], d[2]) for d in ids})}
         tokens = _encode(self.tokenizer, self.bos, [texts[(d[1], d[2])][d[3]] for d in ids]) if ids else []
         for doc_id, tok in zip(ids, tokens):

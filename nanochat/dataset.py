@@ -15,9 +15,11 @@ import argparse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nanochat.common import get_base_dir, get_data_dir
+from nanochat.files import InputFileError, open_regular
 
 BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 MAX_SHARD = 1822  # shards 0..1822 exist (1,823 in all)
@@ -65,12 +67,38 @@ def get_split_files(split):
     return chosen
 
 
+SHARD_FIX = "delete it and download it again (python -m nanochat.dataset), or replace it in the mirror"
+
+
+def open_shard(path):
+    """pq.ParquetFile of a shard that is a regular file with a parquet footer, else InputFileError naming it."""
+    open_regular(path, SHARD_FIX).close()  # a FIFO or a device in its place is refused before pyarrow opens it
+    try:
+        return pq.ParquetFile(path)
+    except Exception as e:  # ArrowInvalid (no footer: truncated, zeroed), OSError...
+        raise InputFileError(f"{path} is not a readable parquet shard ({type(e).__name__}: {str(e)[:100]}); "
+                             f"{SHARD_FIX}") from None
+
+
+def read_texts(pf, rg, path):
+    """The "text" column of row group `rg` of an open shard; a damaged row group raises InputFileError."""
+    try:
+        column = pf.read_row_group(rg, columns=["text"]).column("text")
+    except Exception as e:
+        raise InputFileError(f"{path}: row group {rg} cannot be read ({type(e).__name__}: {str(e)[:100]}); "
+                             f"{SHARD_FIX}") from None
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)) or column.null_count:
+        raise InputFileError(f"{path}: row group {rg}: the 'text' column must hold strings, not {column.type} "
+                             f"({column.null_count} nulls); {SHARD_FIX}")
+    return column.to_pylist()
+
+
 def parquets_iter_batched(split, start=0, step=1):
     """Yield the list of texts of each row group start, start+step, ... of every file of the split."""
     for path in get_split_files(split):
-        pf = pq.ParquetFile(path)
+        pf = open_shard(path)
         for rg in range(start, pf.num_row_groups, step):
-            yield pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+            yield read_texts(pf, rg, path)
 
 # -----------------------------------------------------------------------------
 # Downloading

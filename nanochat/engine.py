@@ -14,6 +14,7 @@ back into that row as <|output_start|> result <|output_end|> (mask 0), one token
 """
 
 import collections
+import math
 import queue
 import random
 import threading
@@ -23,7 +24,6 @@ import torch
 
 from nanochat.attention import KVCache
 from nanochat.calculator import use_calculator  # noqa: F401  (also importable from here)
-from nanochat.common import get_compute_dtype
 
 # Sampling --------------------------------------------------------------------
 
@@ -37,17 +37,26 @@ def _sample_from_probs(probs, rng):
     return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.size(-1) - 1)
 
 
+# Below this temperature sampling is exactly greedy (argmax). softmax(l / T) weighs a token `gap` below the top
+# one by e^(-gap / T) relative to it: at T = 1e-5 a gap of 1e-3 already gives e^-100 ~ 4e-44, under what a
+# float32 uniform draw can resolve, so only logits equal to within rounding could still be told apart (and there
+# argmax's first-index rule is as good as a draw). Dividing by anything smaller only risks overflow.
+GREEDY_TEMPERATURE = 1e-5
+
+
 def top_p_truncate(probs, top_p):
     """Nucleus truncation (https://arxiv.org/abs/1904.09751) of probabilities sorted descending on the last
     dim: keep the smallest prefix whose mass reaches top_p (at least one token), zero the rest (unnormalized)."""
     mass_before = probs.cumsum(dim=-1) - probs
-    return probs.masked_fill(mass_before >= top_p * probs.sum(dim=-1, keepdim=True), 0.0)
+    drop = mass_before >= top_p * probs.sum(dim=-1, keepdim=True)
+    drop[..., 0] = False  # the most likely token always stays, even where top_p * mass underflows to 0
+    return probs.masked_fill(drop, 0.0)
 
 
 def check_sampling(temperature, top_k, top_p):
     """One clear error for sampling parameters out of range."""
-    if temperature is None or not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+    if not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
         raise ValueError(f"top_k must be a non-negative int (0 or None = off), got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
@@ -55,10 +64,11 @@ def check_sampling(temperature, top_k, top_p):
 
 
 def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
-    """logits (B, V) -> token ids (B, 1) int64. temperature 0 = argmax; else sample softmax(logits / temperature)
-    over the top min(top_k, V) logits (None/0 = all), then the top_p nucleus (None/1 = all), rows independently."""
+    """logits (B, V) -> token ids (B, 1) int64. temperature below GREEDY_TEMPERATURE (0 included) = argmax; else
+    sample softmax(logits / temperature) over the top min(top_k, V) logits (None/0 = all), then the top_p nucleus
+    (None/1 = all), rows independently."""
     check_sampling(temperature, top_k, top_p)
-    if temperature == 0.0:
+    if temperature < GREEDY_TEMPERATURE:
         return torch.argmax(logits, dim=-1, keepdim=True)
     nucleus = top_p is not None and top_p < 1
     idx = None
@@ -66,7 +76,9 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
         logits, idx = torch.topk(logits, min(int(top_k), logits.size(-1)), dim=-1)  # (B, k), descending
     elif nucleus:
         logits, idx = torch.sort(logits, dim=-1, descending=True)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float()
+    # shifted to <= 0 before scaling, so no temperature can overflow it (the softmax is the same)
+    probs = torch.softmax((logits - logits.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
     if nucleus:
         probs = top_p_truncate(probs, top_p)
     choice = _sample_from_probs(probs, rng)
@@ -129,7 +141,7 @@ def new_kv_cache(model, batch_size, seq_len):
     """An empty KV cache for `model` in the dtype its attention layers produce k/v in."""
     cfg = model.config
     device = next(model.parameters()).device
-    dtype = getattr(model, "compute_dtype", None) or get_compute_dtype(device.type, verbose=False)
+    dtype = model.compute_dtype or torch.float32  # None until the first forward of a model never initialised
     return KVCache(batch_size=batch_size, num_heads=cfg.n_kv_head, seq_len=seq_len, head_dim=cfg.n_embd // cfg.n_head,
                    num_layers=cfg.n_layer, device=device, dtype=dtype)
 
@@ -275,6 +287,7 @@ class BatchEngine:
         self._cache = None  # built by the loop thread
         self._rows = [None] * max_rows  # _Request per slot
         self._waiting = collections.deque()
+        self._admitting = 0  # taken from _waiting by _admit, not in a row yet
         self._cond = threading.Condition()
         self._thread, self._stopping = None, False
         self._recent = collections.deque()  # (time, tokens) of recent steps, for tok_per_s
@@ -303,7 +316,8 @@ class BatchEngine:
             req.stream._finish("cancelled")
 
     def submit(self, tokens, max_tokens, temperature=1.0, top_k=None, top_p=None, seed=None):
-        """Queue one request; returns its Stream. Raises ValueError on bad arguments, QueueFull when full."""
+        """Queue one request; returns its Stream. Raises ValueError on bad arguments, QueueFull when max_rows +
+        max_queue requests are already running or waiting (a row the decode loop has not filled yet is free)."""
         max_tokens = check_request(self.model, tokens, max_tokens, temperature, top_k, top_p)
         if len(tokens) >= self.capacity:
             raise ValueError(f"prompt of {len(tokens)} tokens leaves no room in the model's context "
@@ -311,8 +325,10 @@ class BatchEngine:
         rng = torch.Generator(device=self.device).manual_seed(seed if seed is not None else random.getrandbits(63))
         req = _Request(list(tokens), min(max_tokens, self.capacity - len(tokens)), temperature, top_k, top_p, rng)
         with self._cond:
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting (max_queue={self.max_queue})")
+            busy = len(self._waiting) + self._admitting + sum(r is not None for r in self._rows)
+            if busy >= self.max_rows + self.max_queue:
+                raise QueueFull(f"{busy} requests are already running or waiting (max_rows={self.max_rows}, "
+                                f"max_queue={self.max_queue})")
             if max_tokens == 0:
                 req.stream._finish("length")
             else:
@@ -376,6 +392,7 @@ class BatchEngine:
                     break
                 group.append(self._waiting.popleft())
                 longest = max(longest, len(req.tokens))
+            self._admitting = len(group)
         if not group:
             return 0
         slots = free[:len(group)]
@@ -391,12 +408,15 @@ class BatchEngine:
                 self._cache.insert_row(slot, pc, src=i, length=lengths[i])
                 self._logits[slot] = logits[i]
         except Exception as e:
+            with self._cond:
+                self._admitting = 0
             for req in group:
                 req.stream._finish("error", f"{type(e).__name__}: {e}")
         else:
             with self._cond:
                 for slot, req in zip(slots, group):
                     self._rows[slot] = req
+                self._admitting = 0
             self._emit(slots)  # first tokens out now, not after the next decode step
         return len(group) * longest
 
@@ -423,7 +443,7 @@ class BatchEngine:
             if req.stream.cancelled:
                 self._free(slot, "cancelled")
                 continue
-            sampled = best if req.temperature == 0 else \
+            sampled = best if req.temperature < GREEDY_TEMPERATURE else \
                 int(sample_next_token(self._logits[slot:slot + 1], req.rng, req.temperature, req.top_k, req.top_p))
             tok, _ = req.row.step(sampled, self.tools)
             req.generated += 1

@@ -4,7 +4,8 @@ model.safetensors (the GPT state_dict under its own names), config.json (auto_ma
 copy of nanochat/hf_modeling.py), tokenizer.json + tokenizer_config.json + chat_template.jinja, generation_config.json
 (stops on <|assistant_end|> and <|bos|>, like the Engine) and README.md, so that transformers alone loads it with
 `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` and `AutoTokenizer.from_pretrained(DIR)`.
-`load_exported(DIR)` rebuilds nanochat's GPT and tokenizer from it (`--source=hf:DIR`). Needs the `export` extra:
+nanochat.model_loader.load_exported(DIR) rebuilds nanochat's GPT and tokenizer from it (`--source=hf:DIR`), with
+tokenizer_from_hf_json below. Needs the `export` extra:
     pip install -e '.[export]'
 """
 
@@ -13,11 +14,10 @@ import json
 import shutil
 from dataclasses import fields
 
-import torch
-
-from nanochat.gpt import GPT, GPTConfig, padded_vocab_size, has_value_embed, ROPE_BASE, SOFTCAP, QK_SCALE, \
+from nanochat.gpt import padded_vocab_size, has_value_embed, ROPE_BASE, SOFTCAP, QK_SCALE, \
     VE_GATE_CHANNELS, VE_GATE_SCALE, SMEAR_CHANNELS
 from nanochat.tokenizer import RustBPETokenizer
+from nanochat.files import CheckpointError, load_json_file
 
 MODELING_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_modeling.py")
 MODELING_FILE = "modeling_nanochat.py"
@@ -62,7 +62,8 @@ CHAT_TEMPLATE = """\
 {%- if add_generation_prompt -%}{{- '<|assistant_start|>' -}}{%- endif -%}"""
 
 
-def _require(module):
+def require_export_extra(module):
+    """Import an optional dependency of export and hf: loading, or say how to install it."""
     try:
         return __import__(module)
     except ImportError:
@@ -93,7 +94,7 @@ def bpe_merges(ranks):
 
 def build_hf_tokenizer(tokenizer, model_max_length, chat_template=CHAT_TEMPLATE):
     """A transformers PreTrainedTokenizerFast that encodes like `tokenizer` (a RustBPETokenizer)."""
-    _require("transformers")
+    require_export_extra("transformers")
     from tokenizers import Tokenizer, Regex, AddedToken, models, pre_tokenizers, decoders
     from transformers import PreTrainedTokenizerFast
     enc = tokenizer.enc
@@ -125,21 +126,32 @@ def build_hf_tokenizer(tokenizer, model_max_length, chat_template=CHAT_TEMPLATE)
         chat_template=chat_template)
 
 
-def tokenizer_from_hf_json(path):
-    """A RustBPETokenizer from a tokenizer.json written by build_hf_tokenizer (vocabulary ids are the ranks)."""
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+MAX_HF_TOKENIZER_BYTES = 512 << 20  # a 65K vocabulary with every BPE merge is tens of MB
+
+
+def tokenizer_from_hf_json(path, fix="export the model again with python -m scripts.export"):
+    """A RustBPETokenizer from a tokenizer.json written by build_hf_tokenizer (vocabulary ids are the ranks);
+    a damaged or foreign file raises CheckpointError naming it."""
+    data = load_json_file(path, fix, MAX_HF_TOKENIZER_BYTES)
     try:
         vocab = data["model"]["vocab"]
         pattern = data["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"]
         added = {t["content"]: t["id"] for t in data["added_tokens"] if t.get("special")}
-    except (KeyError, IndexError, TypeError) as e:
-        raise ValueError(f"{path}: not a byte-level BPE written by nanochat's exporter (missing {e})") from None
-    inverse = {ch: b for b, ch in bytes_to_unicode().items()}
-    ranks = {bytes(inverse[ch] for ch in token): idx for token, idx in vocab.items()}
-    if sorted(ranks.values()) != list(range(len(ranks))):
-        raise ValueError(f"{path}: vocabulary ids must cover 0..{len(ranks) - 1}")
-    return RustBPETokenizer._from_ranks(ranks, pattern, added)
+        inverse = {ch: b for b, ch in bytes_to_unicode().items()}
+        ranks = {bytes(inverse[ch] for ch in token): idx for token, idx in vocab.items()}
+    except (KeyError, IndexError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a byte-level BPE written by nanochat's exporter "
+                              f"({type(e).__name__}: {str(e)[:80]}); {fix}") from None
+    if sorted(ranks.values()) != list(range(len(ranks))) or not all(isinstance(v, int) for v in added.values()):
+        raise CheckpointError(f"{path}: vocabulary ids must cover 0..{len(ranks) - 1} and special ids be integers; {fix}")
+    if any(bytes([b]) not in ranks for b in range(256)) or sorted(added.values()) != \
+            list(range(len(ranks), len(ranks) + len(added))):
+        raise CheckpointError(f"{path}: every byte must be a token and the special tokens must follow the "
+                              f"{len(ranks)} mergeable ones (the file is truncated or edited); {fix}")
+    try:
+        return RustBPETokenizer._from_ranks(ranks, pattern, added)
+    except Exception as e:  # an edited split pattern that does not compile, a special token missing...
+        raise CheckpointError(f"{path}: cannot build the tokenizer ({type(e).__name__}: {str(e)[:80]}); {fix}") from None
 
 # -----------------------------------------------------------------------------
 # Export
@@ -247,8 +259,8 @@ def export_model(model, tokenizer, meta, out_dir, state=None, dtype=None, report
                  license_id="mit"):
     """Write the Hugging Face directory for a nanochat GPT; returns out_dir. Each tensor keeps its dtype in `state`
     (the checkpoint's state_dict; default: the model's), unless `dtype` casts every floating tensor."""
-    _require("transformers")  # checked before anything is written
-    _require("safetensors")
+    require_export_extra("transformers")  # checked before anything is written
+    require_export_extra("safetensors")
     from safetensors.torch import save_file
     os.makedirs(out_dir, exist_ok=True)
     tensors = {}
@@ -279,49 +291,8 @@ def export_model(model, tokenizer, meta, out_dir, state=None, dtype=None, report
 
 def push_to_hub(out_dir, repo_id, private=False):
     """Upload an exported directory to the Hub (needs `huggingface-cli login` or HF_TOKEN)."""
-    _require("huggingface_hub")
+    require_export_extra("huggingface_hub")
     from huggingface_hub import HfApi
     api = HfApi()
     api.create_repo(repo_id, private=private, exist_ok=True)
     return api.upload_folder(folder_path=out_dir, repo_id=repo_id, commit_message="Upload nanochat export")
-
-# -----------------------------------------------------------------------------
-# Round trip: an exported directory -> nanochat's GPT
-
-
-def load_exported(hf_dir, device, phase):
-    """(model, tokenizer, meta) from an exported directory, as checkpoint_manager.build_model returns them."""
-    from nanochat.checkpoint_manager import _check_state_dict
-    hf_dir = os.path.expanduser(hf_dir)
-    config_path = os.path.join(hf_dir, "config.json")
-    for path in (config_path, os.path.join(hf_dir, WEIGHTS_FILE), os.path.join(hf_dir, "tokenizer.json")):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} not found: --source=hf:DIR needs a directory written by "
-                                    "python -m scripts.export (or downloaded from the Hub)")
-    with open(config_path, encoding="utf-8") as f:
-        hf_cfg = json.load(f)
-    if hf_cfg.get("model_type") != MODEL_TYPE or "nanochat_config" not in hf_cfg:
-        raise ValueError(f"{config_path}: model_type {hf_cfg.get('model_type')!r} is not a nanochat export "
-                         f"({MODEL_TYPE!r} with a nanochat_config)")
-    known = {f.name for f in fields(GPTConfig)}
-    config = GPTConfig(**{k: v for k, v in hf_cfg["nanochat_config"].items() if k in known})
-    tokenizer = tokenizer_from_hf_json(os.path.join(hf_dir, "tokenizer.json"))
-    if tokenizer.get_vocab_size() != config.vocab_size:
-        raise ValueError(f"{hf_dir}: tokenizer.json has {tokenizer.get_vocab_size()} tokens but the model "
-                         f"was trained with vocab_size={config.vocab_size}")
-    _require("safetensors")
-    from safetensors.torch import load_file
-    state = load_file(os.path.join(hf_dir, WEIGHTS_FILE), device="cpu")
-    device = torch.device(device)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
-    model.init_weights()  # rotary buffers and the per-device compute dtype
-    model_state = model.state_dict()
-    _check_state_dict(state, model_state, os.path.join(hf_dir, WEIGHTS_FILE), config_path,
-                      "export the checkpoint again with python -m scripts.export")
-    state = {k: v.to(device=device, dtype=model_state[k].dtype) for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    model.train() if phase == "train" else model.eval()
-    meta = {"step": None, "model_config": hf_cfg["nanochat_config"], "source": f"hf:{hf_dir}"}
-    return model, tokenizer, meta

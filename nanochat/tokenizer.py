@@ -17,6 +17,7 @@ import tiktoken
 import rustbpe
 
 from nanochat.common import get_base_dir
+from nanochat.files import CheckpointError, MissingFileError, load_json_file, load_tensor_file, open_regular
 
 # GPT-4's pattern, except digit runs are split into chunks of at most 2 (better bpb at a 32K vocab).
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
@@ -29,6 +30,8 @@ SPECIAL_TOKENS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_star
 CONFIG_FILE = "tokenizer.json"
 RANKS_FILE = "mergeable_ranks.tiktoken"
 FORMAT = "nanochat-tokenizer-v1"
+MAX_RANKS_BYTES = 64 << 20  # ~20-40 bytes a line: over a million tokens, far more than any vocabulary here
+MAX_TOKEN_BYTES_FILE = 64 << 20  # token_bytes.pt: 4 bytes per token
 
 
 def validate_conversation(conversation):
@@ -147,12 +150,11 @@ class RustBPETokenizer:
     def from_directory(cls, tokenizer_dir):
         """Load a tokenizer written by save(). Only parses JSON and base64 text: never executes code.
         A truncated, corrupt or inconsistent file raises CheckpointError naming it."""
-        from nanochat.checkpoint_manager import CheckpointError, load_json_file
         config_path = os.path.join(tokenizer_dir, CONFIG_FILE)
         ranks_path = os.path.join(tokenizer_dir, RANKS_FILE)
         for path in (config_path, ranks_path):
             if not os.path.exists(path):
-                raise FileNotFoundError(f"tokenizer file {path} not found; run python -m scripts.tok_train first")
+                raise MissingFileError(f"tokenizer file {path} not found; run python -m scripts.tok_train first")
         fix = (f"the tokenizer files are damaged: retrain the tokenizer with python -m scripts.tok_train (then "
                f"retrain the models that use it), or restore {tokenizer_dir} from a copy")
 
@@ -167,7 +169,7 @@ class RustBPETokenizer:
                 or not all(isinstance(v, int) and not isinstance(v, bool) for v in specials.values()):
             raise bad(config_path, "needs a string 'pattern' and a 'special_tokens' object of integer ids")
         ranks = {}
-        with open(ranks_path, "rb") as f:
+        with open_regular(ranks_path, fix, MAX_RANKS_BYTES, "tokenizer ranks file") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -323,7 +325,7 @@ def get_tokenizer():
     """The trained tokenizer in $NANOCHAT_BASE_DIR/tokenizer."""
     tokenizer_dir = get_tokenizer_dir()
     if not os.path.exists(os.path.join(tokenizer_dir, CONFIG_FILE)):
-        raise FileNotFoundError(f"no tokenizer in {tokenizer_dir}; run python -m scripts.tok_train first "
+        raise MissingFileError(f"no tokenizer in {tokenizer_dir}; run python -m scripts.tok_train first "
                                 f"(or set NANOCHAT_BASE_DIR to the directory that holds tokenizer/)")
     return RustBPETokenizer.from_directory(tokenizer_dir)
 
@@ -337,12 +339,21 @@ def compute_token_bytes(tokenizer):
 
 
 def get_token_bytes(device="cpu"):
+    """token_bytes.pt of the tokenizer in $NANOCHAT_BASE_DIR/tokenizer, checked against its vocabulary size."""
     path = os.path.join(get_tokenizer_dir(), "token_bytes.pt")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found; run python -m scripts.tok_train first")
-    from nanochat.checkpoint_manager import CheckpointError, load_tensor_file
+        raise MissingFileError(f"{path} not found; run python -m scripts.tok_train first")
     fix = "rebuild it with python -m scripts.tok_train (or restore it from a copy)"
-    token_bytes = load_tensor_file(path, device, fix, expect=torch.Tensor)
-    if token_bytes.dim() != 1 or token_bytes.is_floating_point():
-        raise CheckpointError(f"{path} is not a 1-D integer tensor of token byte lengths; {fix}")
+    token_bytes = load_tensor_file(path, device, fix, expect=torch.Tensor, max_bytes=MAX_TOKEN_BYTES_FILE)
+    if token_bytes.dim() != 1 or token_bytes.is_floating_point() or token_bytes.is_complex() \
+            or token_bytes.dtype == torch.bool or (token_bytes.numel() and int(token_bytes.min()) < 0):
+        raise CheckpointError(f"{path} is not a 1-D integer tensor of non-negative token byte lengths; {fix}")
+    config_path = os.path.join(get_tokenizer_dir(), CONFIG_FILE)
+    if os.path.exists(config_path):  # one entry per token: the specials follow the mergeable tokens
+        specials = load_json_file(config_path, fix).get("special_tokens")
+        vocab = max(specials.values()) + 1 if isinstance(specials, dict) and specials and \
+            all(isinstance(v, int) for v in specials.values()) else None
+        if vocab is not None and token_bytes.numel() != vocab:
+            raise CheckpointError(f"{path} has {token_bytes.numel()} entries but the tokenizer has {vocab} tokens; "
+                                  f"{fix}")
     return token_bytes

@@ -21,13 +21,14 @@ Routes:
 
 Both POST routes validate temperature, top_k (`extra_body={"top_k": 20}` in the openai client), top_p, seed
 (default: a fresh random one per request), max_tokens (or max_completion_tokens), n (only 1) and stream (a
-boolean). Errors are JSON: {"detail": "..."} on /chat/completions, {"error": {"message", "type", "param",
-"code"}} on /v1. A stream always ends with its terminal event ({"done": true} or [DONE]), after an in-band
-error event if generation failed. Tool calls (calculator) appear in the text as their literal special tokens.
+boolean); bodies are UTF-8 JSON, parsed in linear time (nanochat/chat_request.py). Every error is JSON:
+{"error": {"message", "type", "param", "code"}} under /v1 (404 and 405 included), {"detail": "..."} elsewhere.
+The GET routes answer HEAD too. A stream always ends with its terminal event ({"done": true} or [DONE]), after
+an in-band error event if generation failed. Tool calls (calculator) appear in the text as their literal
+special tokens.
 """
 
 import os
-import re
 import sys
 import json
 import time
@@ -39,6 +40,10 @@ import threading
 import collections
 from dataclasses import dataclass
 from contextlib import asynccontextmanager
+from urllib.parse import unquote, urlsplit
+
+from nanochat.chat_request import (RequestError, MAX_TEMPERATURE, MIN_TEMPERATURE, MAX_TOP_K, MIN_TOP_K,
+                                   MAX_MAX_TOKENS, MIN_MAX_TOKENS, parse_body, read_body, safe_text)
 
 parser = argparse.ArgumentParser(description="Chat web server (UI + OpenAI-compatible API)")
 parser.add_argument("-n", "--num-gpus", type=int, default=1, help="model replicas, one per GPU (CUDA only if > 1)")
@@ -58,19 +63,8 @@ parser.add_argument("--serve-mode", type=str, default="batch", choices=["batch",
 parser.add_argument("--max-rows", type=int, default=8, help="requests decoded together per replica (batch mode)")
 parser.add_argument("--max-queue", type=int, default=64, help="requests waiting per replica before 429")
 
-# Input limits: every request is checked against them and answered 4xx when outside.
-MAX_BODY_BYTES = 1 << 20  # 413 above: the longest valid conversation (32k characters) fits many times over
-MAX_JSON_DEPTH = 32  # a valid request nests 5 deep; checked before parsing so no input can recurse deeply
-MAX_MESSAGES = 500
-MAX_MESSAGE_CHARS = 8000
-MAX_TOTAL_CHARS = 32000
-MIN_TEMPERATURE, MAX_TEMPERATURE = 0.0, 2.0
-MIN_TOP_K, MAX_TOP_K = 0, 200
-MIN_MAX_TOKENS, MAX_MAX_TOKENS = 1, 4096
-# OpenAI parameters that would change the reply but are not implemented: refused rather than ignored
-UNSUPPORTED = ("stop", "logprobs", "top_logprobs", "tools", "tool_choice", "functions", "function_call",
-               "response_format", "logit_bias", "presence_penalty", "frequency_penalty")
 DISCONNECT_CHECK_S = 0.2  # how often a streaming reply asks whether its client is still there
+PARSE_OFF_LOOP_BYTES = 64 << 10  # bodies above this are parsed in a worker thread, so /health and streams go on
 
 UI_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "ui.html")
 LOGO_PATH = os.path.join(os.path.dirname(UI_PATH), "logo.svg")
@@ -105,11 +99,6 @@ class ServeConfig:
     serve_mode: str = "batch"
 
 
-def safe_text(text):
-    """`text` with anything UTF-8 cannot encode (a lone surrogate a client sent) written as an escape."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 def log(text):
     """Console logging that no client string can break (unencodable characters, a closed stdout)."""
     encoding = sys.stdout.encoding or "utf-8"
@@ -117,141 +106,6 @@ def log(text):
         print(text.encode(encoding, "backslashreplace").decode(encoding), flush=True)
     except (OSError, ValueError):
         pass
-
-# -----------------------------------------------------------------------------
-# Request parsing and validation: one parser for both routes, raising RequestError -> 4xx
-
-
-class RequestError(Exception):
-    def __init__(self, message, param=None, status=400, headers=None):
-        super().__init__(message)
-        self.message, self.param, self.status, self.headers = safe_text(message), param, status, headers
-
-
-@dataclass
-class ChatRequest:
-    messages: list      # [{"role", "content": str}], as the tokenizer's chat renderer takes them
-    temperature: float
-    top_k: int
-    top_p: float
-    max_tokens: int
-    seed: int           # None: a fresh random seed
-    stream: bool        # None when the request did not say
-
-
-_JSON_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_JSON_BRACKETS = re.compile(rb"[\[\]{}]")
-
-
-def _reject_constant(name):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def parse_json(raw):
-    """The request body as JSON; nesting deeper than MAX_JSON_DEPTH is refused before the recursive parser runs."""
-    depth = 0
-    for bracket in _JSON_BRACKETS.finditer(_JSON_STRINGS.sub(b'""', raw)):
-        depth += 1 if bracket.group() in (b"[", b"{") else -1
-        if depth > MAX_JSON_DEPTH:
-            raise RequestError(f"request body nests deeper than {MAX_JSON_DEPTH} levels")
-    try:
-        return json.loads(raw, parse_constant=_reject_constant)
-    except ValueError as e:  # UnicodeDecodeError included
-        raise RequestError(f"request body is not valid JSON: {e}")
-
-
-async def read_json(request):
-    from starlette.requests import ClientDisconnect
-    declared = request.headers.get("content-length", "")
-    too_big = RequestError(f"request body is larger than {MAX_BODY_BYTES} bytes", status=413)
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise too_big
-    body = bytearray()
-    try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_BODY_BYTES:
-                raise too_big
-    except ClientDisconnect:
-        raise RequestError("the client disconnected while sending the request")
-    return parse_json(bytes(body))
-
-
-def _number(body, key, lo, hi, default, integer=False):
-    value = body.get(key)
-    if value is None:
-        return default
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type:
-        kind = "an integer" if integer else "a number"
-        raise RequestError(f"'{key}' must be {kind}, got {json.dumps(value)[:40]}", key)
-    if not lo <= value <= hi:
-        raise RequestError(f"'{key}' must be between {lo} and {hi}, got {str(value)[:40]}", key)
-    return value
-
-
-def _content_text(content, i):
-    """Message content as text: a string, or (OpenAI style) a list of {"type": "text", "text": ...} parts."""
-    if isinstance(content, list):
-        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-            raise RequestError(f"messages[{i}].content: only text parts are supported", "messages")
-        content = "".join(p["text"] for p in content)
-    if not isinstance(content, str):
-        raise RequestError(f"messages[{i}].content must be a string or a list of text parts", "messages")
-    if not content:
-        raise RequestError(f"messages[{i}].content is empty", "messages")
-    if len(content) > MAX_MESSAGE_CHARS:
-        raise RequestError(f"messages[{i}].content is {len(content)} characters; the limit is {MAX_MESSAGE_CHARS}",
-                           "messages")
-    try:
-        content.encode("utf-8")
-    except UnicodeEncodeError:
-        raise RequestError(f"messages[{i}].content is not valid Unicode (an unpaired surrogate such as \\ud800); "
-                           f"send surrogates in pairs", "messages")
-    return content
-
-
-def parse_chat_request(body, config, roles=("system", "user", "assistant")):
-    """Check a request's HTTP shape (types, limits, allowed roles) and apply the defaults. The conversation
-    rules (alternation, where a system message may go) are the tokenizer's, checked when the prompt is rendered."""
-    if not isinstance(body, dict):
-        raise RequestError("request body must be a JSON object")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError("'messages' must be a non-empty list of {role, content} objects", "messages")
-    if len(messages) > MAX_MESSAGES:
-        raise RequestError(f"too many messages: {len(messages)}; the limit is {MAX_MESSAGES}", "messages")
-    parsed, total = [], 0
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict):
-            raise RequestError(f"messages[{i}] must be an object with 'role' and 'content'", "messages")
-        if msg.get("role") not in roles:
-            raise RequestError(f"messages[{i}].role must be one of {', '.join(roles)}; got "
-                               f"{json.dumps(msg.get('role'))[:40]}", "messages")
-        parsed.append({"role": msg["role"], "content": _content_text(msg.get("content"), i)})
-        total += len(parsed[-1]["content"])
-    if total > MAX_TOTAL_CHARS:
-        raise RequestError(f"conversation is {total} characters; the limit is {MAX_TOTAL_CHARS}", "messages")
-    if parsed[-1]["role"] != "user":
-        raise RequestError(f"messages[{len(parsed) - 1}]: the last message must be the user's (the reply is the "
-                           f"assistant's turn)", "messages")
-    for key in UNSUPPORTED:
-        if body.get(key) not in (None, False, 0, "", [], {}):
-            raise RequestError(f"'{key}' is not supported by this server; leave it out", key)
-    n = body.get("n")
-    if n is not None and (type(n) is not int or n != 1):
-        raise RequestError(f"'n' must be 1 (one reply per request), got {json.dumps(n)[:40]}", "n")
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise RequestError(f"'stream' must be true or false, got {json.dumps(stream)[:40]}", "stream")
-    tokens_key = "max_tokens" if body.get("max_tokens") is not None else "max_completion_tokens"
-    max_tokens = _number(body, tokens_key, MIN_MAX_TOKENS, MAX_MAX_TOKENS, config.max_tokens, integer=True)
-    seed = _number(body, "seed", -2**63, 2**63 - 1, None, integer=True)
-    return ChatRequest(parsed,
-                       float(_number(body, "temperature", MIN_TEMPERATURE, MAX_TEMPERATURE, config.temperature)),
-                       int(_number(body, "top_k", MIN_TOP_K, MAX_TOP_K, config.top_k, integer=True)),
-                       float(_number(body, "top_p", 0.0, 1.0, config.top_p)),
-                       max_tokens, None if seed is None else seed % 2**31, stream)
 
 # -----------------------------------------------------------------------------
 # Generation: the replica's decode loop produces tokens; a pump thread hands them to the event loop
@@ -349,12 +203,33 @@ def log_exchange(request, reply):
 # The app
 
 
+def is_api(path):
+    return path == "/v1" or path.startswith("/v1/")
+
+
+class AbsoluteFormTargets:
+    """ASGI middleware: a request line may name its target in absolute form (`GET http://host/v1/models
+    HTTP/1.1`, what clients send to a proxy), which a server must accept (RFC 9112, section 3.2.2); uvicorn
+    passes the whole URL on as the path, so it is cut down to the path here."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"][:8].lower().startswith(("http://", "https://")):
+            raw = urlsplit((scope.get("raw_path") or scope["path"].encode()).decode("latin-1")).path or "/"
+            scope = {**scope, "path": unquote(raw), "raw_path": raw.encode("latin-1")}
+        await self.app(scope, receive, send)
+
+
 def create_app(replicas, config=None):
     """`replicas`: a list of Replica, or a zero-argument callable returning one (called at start-up, so the
     models load inside the server's lifespan)."""
     from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
     from fastapi.middleware.cors import CORSMiddleware
     from fastapi.responses import JSONResponse, StreamingResponse, HTMLResponse, Response
+    from starlette.exceptions import HTTPException
 
     config = config or ServeConfig()
 
@@ -377,24 +252,46 @@ def create_app(replicas, config=None):
     app.state.replicas = None
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_credentials=True,
                        allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(AbsoluteFormTargets)  # added last: the outermost, so routing sees the plain path
 
     def openai_error(e):
-        kind = "rate_limit_error" if e.status == 429 else "invalid_request_error"
+        kind = {429: "rate_limit_error"}.get(e.status, "server_error" if e.status >= 500 else "invalid_request_error")
         return JSONResponse({"error": {"message": e.message, "type": kind, "param": e.param, "code": None}},
                             status_code=e.status, headers=e.headers)
 
     def reference_error(e):
         return JSONResponse({"detail": e.message}, status_code=e.status, headers=e.headers)
 
+    def error_for(request, e):
+        """Every error is JSON in the shape of where it happened: OpenAI's under /v1, {"detail"} elsewhere."""
+        return openai_error(e) if is_api(request.url.path) else reference_error(e)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc):  # no such route (404), wrong method (405), ...
+        where = f"{request.method} {safe_text(request.url.path)[:200]}"
+        message = {404: f"no such route: {where}" + (" (the API has POST /v1/chat/completions and GET /v1/models)"
+                                                     if is_api(request.url.path) else ""),
+                   405: f"method not allowed: {where}; allowed: {(exc.headers or {}).get('Allow', '')}"}
+        return error_for(request, RequestError(message.get(exc.status_code, str(exc.detail)), status=exc.status_code,
+                                               headers=exc.headers))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc):
+        first = exc.errors()[0] if exc.errors() else {}
+        return error_for(request, RequestError(f"invalid request: {first.get('msg', exc)}", status=422))
+
     @app.exception_handler(Exception)
     async def unexpected(request, exc):  # a bug, not bad input: still JSON, in the route's shape
         log(f"internal error on {request.url.path}: {exc!r}")
-        e = RequestError(f"internal server error: {type(exc).__name__}", status=500)
-        return openai_error(e) if request.url.path.startswith("/v1/") else reference_error(e)
+        return error_for(request, RequestError(f"internal server error: {type(exc).__name__}", status=500))
 
     async def start_reply(http_request, roles, streams_only=False):
         """The prologue both POST routes share: read, validate and submit. Raises RequestError."""
-        req = parse_chat_request(await read_json(http_request), config, roles)
+        raw = await read_body(http_request)
+        if len(raw) > PARSE_OFF_LOOP_BYTES:
+            req = await asyncio.to_thread(parse_body, raw, config, roles)
+        else:
+            req = parse_body(raw, config, roles)
         if streams_only and req.stream is False:  # refused before anything reaches the engine
             raise RequestError("this route always streams; use /v1/chat/completions for one JSON reply", "stream")
         if not app.state.replicas:
@@ -421,22 +318,22 @@ def create_app(replicas, config=None):
             yield sse(error_event(safe_text(f"generation failed: {e}")))
         yield terminal
 
-    @app.get("/")
+    @app.api_route("/", methods=["GET", "HEAD"])
     async def root():
         with open(UI_PATH, encoding="utf-8") as f:
             return HTMLResponse(f.read())
 
-    @app.get("/logo.svg")
+    @app.api_route("/logo.svg", methods=["GET", "HEAD"])
     async def logo():
         with open(LOGO_PATH, encoding="utf-8") as f:
             return Response(f.read(), media_type="image/svg+xml")
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         loaded = app.state.replicas or []
         return {"status": "ok", "ready": bool(loaded), "num_gpus": len(loaded), "serve_mode": config.serve_mode}
 
-    @app.get("/stats")
+    @app.api_route("/stats", methods=["GET", "HEAD"])
     async def stats():
         per_replica = [{"gpu_id": r.gpu_id, "device": r.device, **r.engine.stats()} for r in app.state.replicas or []]
         totals = {key: sum(s[key] for s in per_replica)
@@ -453,7 +350,7 @@ def create_app(replicas, config=None):
                             lambda: [], lambda message: {"error": message}, sse({"done": True}))
         return StreamingResponse(body, media_type="text/event-stream")
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def list_models():
         return {"object": "list", "data": [{"id": config.model_name, "object": "model",
                                             "created": int(time.time()), "owned_by": "nanochat"}]}
@@ -498,30 +395,53 @@ def create_app(replicas, config=None):
 def load_replicas(args):
     """One replica per GPU on CUDA; a single one on CPU/MPS."""
     import torch
-    from nanochat.common import autodetect_device_type
-    from nanochat.checkpoint_manager import load_model
+    from nanochat.common import autodetect_device_type, resolve_precision
+    from nanochat.model_loader import load_model
     device_type = args.device_type or autodetect_device_type()
     if args.num_gpus > 1:
         if device_type != "cuda":
             raise SystemExit(f"--num-gpus={args.num_gpus} needs CUDA; on {device_type} run with -n 1")
         if args.num_gpus > torch.cuda.device_count():
             raise SystemExit(f"--num-gpus={args.num_gpus} but only {torch.cuda.device_count()} GPU(s) are visible")
-    if args.dtype:
-        os.environ["NANOCHAT_DTYPE"] = args.dtype  # read by the model through common.get_compute_dtype
+    dtype, _, _ = resolve_precision(device_type, args.dtype or None, training=False, verbose=False)
     max_rows = 1 if args.serve_mode == "worker" else args.max_rows
     replicas = []
     for i in range(args.num_gpus):
         device = torch.device("cuda", i) if device_type == "cuda" else torch.device(device_type)
         log(f"loading {args.source} model onto {device}...")
-        model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+        model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step,
+                                         dtype=dtype)
         replicas.append(make_replica(i, device, model, tokenizer, max_rows, args.max_queue))
     return replicas
+
+
+def json_http_protocol():
+    """uvicorn's h11 protocol, with the 400 it sends itself for a request that is not valid HTTP (no Host
+    header, a garbled request line, two Content-Lengths) written as JSON like every other error."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class JsonErrorsH11Protocol(H11Protocol):
+        def send_400_response(self, msg):
+            body = json.dumps({"error": {"message": f"invalid HTTP request: {msg}", "type": "invalid_request_error",
+                                         "param": None, "code": None}}).encode()
+            try:
+                headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                           (b"connection", b"close")]
+                for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                              h11.EndOfMessage()):
+                    self.transport.write(self.conn.send(event))
+                self.transport.close()
+            except Exception:  # an h11 state this does not expect: uvicorn's own plain-text answer
+                super().send_400_response(msg)
+
+    return JsonErrorsH11Protocol
 
 
 def serve_in_thread(app, host="127.0.0.1", port=0):
     """Run `app` with uvicorn in a background thread (tests, benchmarks): (base url, stop function)."""
     import uvicorn
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", http=json_http_protocol()))
     thread = threading.Thread(target=server.run, daemon=True, name="uvicorn")
     thread.start()
     deadline = time.time() + 60
@@ -538,7 +458,9 @@ def serve_in_thread(app, host="127.0.0.1", port=0):
 
 def main():
     import uvicorn
+    from nanochat.files import install_error_handler
     args = parser.parse_args()
+    install_error_handler()
     for flag, value, lo, hi in [("--temperature", args.temperature, MIN_TEMPERATURE, MAX_TEMPERATURE),
                                 ("--top-k", args.top_k, MIN_TOP_K, MAX_TOP_K), ("--top-p", args.top_p, 0.0, 1.0),
                                 ("--max-tokens", args.max_tokens, MIN_MAX_TOKENS, MAX_MAX_TOKENS),
@@ -550,7 +472,7 @@ def main():
     config = ServeConfig(args.temperature, args.top_k, args.top_p, args.max_tokens, name, args.serve_mode)
     app = create_app(load_replicas(args), config)  # load first: a bad checkpoint exits with its one line
     log(f"chat UI at http://localhost:{args.port}/  OpenAI API at http://localhost:{args.port}/v1")
-    uvicorn.run(app, host=args.host, port=args.port)
+    uvicorn.run(app, host=args.host, port=args.port, http=json_http_protocol())
 
 
 if __name__ == "__main__":

@@ -5,16 +5,13 @@ multiple-choice renderer, and row loading from the Hugging Face Hub or the offli
 """
 
 import os
-import json
 import random
-import logging
 
 import numpy as np
 
 from nanochat.common import get_data_dir
+from nanochat.files import MissingFileError, read_jsonl  # noqa: F401  (read_jsonl: tasks' row reader)
 from nanochat.tokenizer import validate_conversation
-
-logger = logging.getLogger("nanochat")
 
 
 class Task:
@@ -132,29 +129,6 @@ def parse_chat_row(messages):
 # -----------------------------------------------------------------------------
 # Row loading
 
-def read_jsonl(path, parse=None):
-    """Rows of a JSONL file (blank lines skipped). `parse(obj)` validates/transforms a row, raising ValueError if
-    it is malformed; every error names the file and line."""
-    rows = []
-    with open(path, "rb") as f:  # decoded line by line, so invalid UTF-8 is reported with its line
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # tolerate an editor's BOM
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid UTF-8 at byte {e.start} of the line "
-                                 f"({raw[e.start:e.start + 4]!r}); save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                rows.append(parse(obj) if parse else obj)
-            except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
-                raise ValueError(f"{path}:{lineno}: malformed row: {_msg(e)}") from None
-    if not rows:
-        logger.warning(f"warning: {path} is empty (no rows): it adds nothing")
-    return rows
-
-
 def _msg(e):
     return f"missing field {e}" if isinstance(e, KeyError) else str(e)
 
@@ -189,7 +163,7 @@ def load_hub_rows(repo_id, config, split, parse=None):
     if get_data_dir():
         path = hub_path(repo_id, config, split)
         if not os.path.exists(path):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{path} not found: the offline mirror (NANOCHAT_DATA_DIR) has no {repo_id} {config}/{split}. "
                 f"Write the Hub rows there as JSONL (one row per line), or unset NANOCHAT_DATA_DIR to download "
                 f"{repo_id} from Hugging Face.")

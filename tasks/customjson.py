@@ -6,6 +6,7 @@ Each line is a JSON list of messages, or an object {"messages": [...]}; blank li
 import os
 
 from nanochat.common import get_base_dir, get_data_dir
+from nanochat.files import MissingFileError
 from tasks.common import Task, read_jsonl, parse_chat_row
 
 IDENTITY_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl"
@@ -27,12 +28,12 @@ class CustomJSON(Task):
 
     def __init__(self, filepath, **kwargs):
         super().__init__(**kwargs)
-        if not os.path.isfile(filepath):
+        if not os.path.exists(filepath):
             hint = f"create it ({LINE_FORMAT})"
             if os.path.basename(filepath) == "identity_conversations.jsonl":
                 hint = (f"download it with `curl -L -o {filepath} {IDENTITY_URL}`, or set NANOCHAT_DATA_DIR "
                         "to a mirror that has it")
-            raise FileNotFoundError(f"conversation file {filepath} not found: {hint}")
+            raise MissingFileError(f"conversation file {filepath} not found: {hint}")
         self.filepath = filepath
         self.conversations = read_jsonl(filepath, parse_conversation)
 

@@ -105,13 +105,16 @@ def build_mixture(spec, split="train"):
     for entry in spec:
         name, rows, repeat = parse_entry(entry)
         build = SOURCES.get(name) or (lambda split, rows: CustomJSON(os.path.expanduser(name), stop=rows))
+        role = "training" if split == "train" else "validation"
+        fix = f"--drop {name}" if split == "train" else "--val-mix without it"
         try:
             task = build(split, rows)
         except (OSError, RuntimeError, ValueError, ImportError) as e:
-            role = "training" if split == "train" else "validation"
-            fix = f"--drop {name}" if split == "train" else "--val-mix without it"
-            raise SourceUnavailable(f"{role} mixture source {name!r} could not be loaded: {e}\n"
+            raise SourceUnavailable(f"{role} mixture source {name!r} could not be loaded: {e} "
                                     f"(to leave it out: {fix})") from e
+        if len(task) == 0:  # caught here, before any model is loaded, not as an empty epoch later
+            raise SourceUnavailable(f"{role} mixture source {name!r} has no conversations (an empty file, or "
+                                    f"@0 rows); give it rows or leave it out ({fix})")
         tasks.extend([task] * repeat)  # the same object listed again = oversampling
     return TaskMixture(tasks)
 
@@ -159,6 +162,6 @@ def mixtures_from_args(args):
         print0(f"train mixture: {train_spec}\nval mixture: {val_spec}")
         train_ds, val_ds = build_mixture(train_spec, "train"), build_mixture(val_spec, "test")
     except (ValueError, SourceUnavailable) as e:
-        raise SystemExit(f"ERROR: {e}")
+        raise SystemExit(f"error: {e}")
     print0(f"train conversations: {len(train_ds):,} | val conversations: {len(val_ds):,}")
     return train_ds, val_ds

@@ -9,6 +9,7 @@ import functools
 import random
 
 from nanochat.common import get_base_dir, get_data_dir, download_file_with_lock
+from nanochat.files import InputFileError, open_regular
 from tasks.common import Task
 from tasks.gsm8k import GSM8K
 
@@ -97,8 +98,15 @@ def load_words():
 
 @functools.lru_cache(maxsize=None)  # several tasks share one read of the 4 MB file (cache_clear() resets it)
 def _read_words(path):
-    with open(path, encoding="utf-8") as f:
-        return [w for w in (line.strip() for line in f) if w]
+    fix = "put words_alpha.txt (one lowercase word per line, UTF-8) there, or delete it to download it again"
+    with open_regular(path, fix, 256 << 20, "word list") as f:
+        try:
+            words = [w for w in (line.decode("utf-8").strip() for line in f) if w]
+        except UnicodeDecodeError as e:
+            raise InputFileError(f"{path}: not UTF-8 text ({e.reason}); {fix}") from None
+    if not words:
+        raise InputFileError(f"{path} holds no words; {fix}")
+    return words
 
 
 class _SpellingTask(Task):

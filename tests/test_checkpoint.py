@@ -1,15 +1,20 @@
-"""Checkpoint save/load: round trip, atomic writes, weights_only, config/tokenizer checks, dtypes."""
+"""Checkpoint files (checkpoint_manager) and the models built from them (model_loader): round trip, atomic writes,
+weights_only, config/tokenizer checks, dtypes, damaged files as one line; restoring a resumed step (resume)."""
 
 import os
 import json
 import random
 import pathlib
+import threading
 from dataclasses import asdict
 
 import pytest
 import torch
 
 from nanochat import checkpoint_manager as cm
+from nanochat import model_loader
+from nanochat.files import InputFileError
+from nanochat.resume import restore_training_state
 from nanochat.gpt import GPTConfig
 from nanochat.tokenizer import RustBPETokenizer
 
@@ -63,7 +68,7 @@ def test_round_trip_identical_outputs(tmp_path, tokenizer):
     rng_state = {"torch": torch.get_rng_state(), "python": random.getstate(), "loader": {"pq_idx": 3, "rg_idx": 1}}
     save(tmp_path, 5, model, tokenizer, optim_state=rng_state)
     assert sorted(os.listdir(tmp_path)) == ["meta_000005.json", "model_000005.pt", "optim_000005_rank0.pt"]
-    loaded, tok, meta = cm.build_model(str(tmp_path), 5, "cpu", "eval", tokenizer=tokenizer)
+    loaded, tok, meta = model_loader.build_model(str(tmp_path), 5, "cpu", "eval", tokenizer=tokenizer)
     assert meta["step"] == 5 and not loaded.training and tok is tokenizer
     x = torch.randint(0, VOCAB, (2, 20))
     with torch.no_grad():
@@ -73,7 +78,7 @@ def test_round_trip_identical_outputs(tmp_path, tokenizer):
     assert torch.equal(optim["torch"], rng_state["torch"]) and optim["loader"] == {"pq_idx": 3, "rg_idx": 1}
     random.setstate(optim["python"])  # a plain tuple again
     # train phase
-    trained, _, _ = cm.build_model(str(tmp_path), 5, "cpu", "train", tokenizer=tokenizer)
+    trained, _, _ = model_loader.build_model(str(tmp_path), 5, "cpu", "train", tokenizer=tokenizer)
     assert trained.training
 
 
@@ -93,7 +98,7 @@ def test_killed_model_write_keeps_previous_step(tmp_path, tokenizer, monkeypatch
     monkeypatch.setattr(torch, "save", real_save)
     assert not os.path.exists(tmp_path / "model_000002.pt")  # only a temp file was left behind
     assert cm.find_last_step(str(tmp_path)) == 1
-    loaded, _, _ = cm.build_model(str(tmp_path), 1, "cpu", "eval", tokenizer=tokenizer)
+    loaded, _, _ = model_loader.build_model(str(tmp_path), 1, "cpu", "eval", tokenizer=tokenizer)
     x = torch.randint(0, VOCAB, (1, 8))
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
@@ -152,14 +157,14 @@ def test_config_mismatch_names_keys(tmp_path, tokenizer):
     model = make_model(tiny_config())
     save(tmp_path, 1, model, tokenizer, config=tiny_config(n_embd=64))  # meta claims a wider model
     with pytest.raises(cm.CheckpointError) as e:
-        cm.build_model(str(tmp_path), 1, "cpu", "eval", tokenizer=tokenizer)
+        model_loader.build_model(str(tmp_path), 1, "cpu", "eval", tokenizer=tokenizer)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(str(tmp_path / "model_000001.pt")) and "meta_000001.json" in msg
     assert "shapes differ" in msg and "transformer.wte.weight" in msg and "(320, 32)" in msg and "(320, 64)" in msg
     # a deeper config: the checkpoint lacks the extra layer
     save(tmp_path, 2, model, tokenizer, config=tiny_config(n_layer=3))
     with pytest.raises(cm.CheckpointError, match=r"missing .*transformer\.h\.2\."):
-        cm.build_model(str(tmp_path), 2, "cpu", "eval", tokenizer=tokenizer)
+        model_loader.build_model(str(tmp_path), 2, "cpu", "eval", tokenizer=tokenizer)
 
 
 def test_tokenizer_mismatch(tmp_path, tokenizer):
@@ -168,10 +173,10 @@ def test_tokenizer_mismatch(tmp_path, tokenizer):
     other = make_tokenizer(1)  # same vocab size, different merges
     assert other.get_vocab_size() == VOCAB
     with pytest.raises(ValueError, match="tokenizer mismatch.*fingerprint"):
-        cm.build_model(str(tmp_path), 1, "cpu", "eval", tokenizer=other)
+        model_loader.build_model(str(tmp_path), 1, "cpu", "eval", tokenizer=other)
     small = RustBPETokenizer.train_from_iterator(iter(["abc abd abe " * 50]), 266)
     with pytest.raises(ValueError, match="vocab_size=300.*has 266"):
-        cm.build_model(str(tmp_path), 1, "cpu", "eval", tokenizer=small)
+        model_loader.build_model(str(tmp_path), 1, "cpu", "eval", tokenizer=small)
 
 
 def test_bf16_compiled_old_checkpoint_loads_on_cpu_fp32(tmp_path, tokenizer):
@@ -186,7 +191,7 @@ def test_bf16_compiled_old_checkpoint_loads_on_cpu_fp32(tmp_path, tokenizer):
     meta = meta_for(config, tokenizer, 4)
     del meta["model_config"]["window_pattern"]
     cm.save_checkpoint(str(tmp_path), 4, state, None, meta)
-    loaded, _, _ = cm.build_model(str(tmp_path), 4, "cpu", "eval", tokenizer=tokenizer)
+    loaded, _, _ = model_loader.build_model(str(tmp_path), 4, "cpu", "eval", tokenizer=tokenizer)
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
     assert loaded.config.window_pattern == "L"
     assert loaded.smear_lambda.item() == 0 and loaded.backout_lambda.item() == 0
@@ -213,14 +218,14 @@ def test_load_model_picks_largest_tag_and_last_step(tmp_path, tokenizer, monkeyp
     save(root / "d2", 7, big, tokenizer)
     (root / "d2" / "model_000009.pt").write_bytes(b"partial")  # an unfinished save is ignored
     assert cm.find_largest_model(str(root)) == "d2"
-    model, tok, meta = cm.load_model("mid", "cpu", "eval")
+    model, tok, meta = model_loader.load_model("mid", "cpu", "eval")
     assert meta["step"] == 7 and model.config.n_layer == 2 and tok.get_vocab_size() == VOCAB
-    model, _, meta = cm.load_model("mid", "cpu", "eval", model_tag="d1")
+    model, _, meta = model_loader.load_model("mid", "cpu", "eval", model_tag="d1")
     assert meta["step"] == 3 and model.config.n_layer == 1
     with pytest.raises(FileNotFoundError):
-        cm.load_model("sft", "cpu", "eval")
+        model_loader.load_model("sft", "cpu", "eval")
     with pytest.raises(ValueError, match="source"):
-        cm.load_model("pretrain", "cpu", "eval")
+        model_loader.load_model("pretrain", "cpu", "eval")
 
 
 def test_largest_model_falls_back_to_newest_dir(tmp_path):
@@ -291,22 +296,32 @@ def optimizer_step(model):
     return optimizer
 
 
-@pytest.fixture
-def saved(tmp_path, tokenizer):
-    """Step 1 with a model and an optimizer file, as the training scripts write them."""
+@pytest.fixture(scope="module")
+def saved_template(tmp_path_factory, tokenizer):
+    ckpt_dir = tmp_path_factory.mktemp("saved")
     model = make_model(tiny_config()).train()
     optimizer = optimizer_step(model)
-    save(tmp_path, 1, model, tokenizer, optim_state={"optimizer": optimizer.state_dict()})
-    return tmp_path, model
+    save(ckpt_dir, 1, model, tokenizer, optim_state={"optimizer": optimizer.state_dict()})
+    return ckpt_dir, model
+
+
+@pytest.fixture
+def saved(tmp_path, saved_template):
+    """Step 1 with a model and an optimizer file, as the training scripts write them (a private copy)."""
+    import copy
+    import shutil
+    template_dir, model = saved_template
+    shutil.copytree(template_dir, tmp_path / "ckpt")
+    return tmp_path / "ckpt", copy.deepcopy(model)
 
 
 def load_for_eval(ckpt_dir, tokenizer):
-    cm.build_model(str(ckpt_dir), 1, "cpu", "eval", tokenizer=tokenizer)
+    model_loader.build_model(str(ckpt_dir), 1, "cpu", "eval", tokenizer=tokenizer)
 
 
 def resume(ckpt_dir, model):
     model_state, optim_state, _ = cm.load_checkpoint(str(ckpt_dir), 1, "cpu", load_optimizer=True)
-    cm.restore_training_state(model, model.setup_optimizers(), model_state, optim_state, str(ckpt_dir), 1)
+    restore_training_state(model, model.setup_optimizers(), model_state, optim_state, str(ckpt_dir), 1)
 
 
 @pytest.mark.parametrize("name,damage,expect", [
@@ -368,16 +383,138 @@ def test_optimizer_of_the_wrong_shape(saved, tokenizer):
         resume(ckpt_dir, model)
 
 
+# -----------------------------------------------------------------------------
+# Damaged files, round two: special files, absurd configs, bad tensors, all refused before anything is built
+
+
+def replace_with(path, kind):
+    path.unlink()
+    {"fifo": lambda: os.mkfifo(path), "dir": lambda: path.mkdir(), "/dev/zero": lambda: path.symlink_to("/dev/zero")}[kind]()
+
+
+def error_within(seconds, load):
+    """The exception load() raises, run in a thread that must finish within `seconds` (a FIFO would block it)."""
+    result = {}
+
+    def run():
+        try:
+            load()
+        except BaseException as e:
+            result["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still loading after {seconds} s"
+    return result.get("error")
+
+
+@pytest.mark.parametrize("kind,expect", [("fifo", "is a named pipe (FIFO), not a regular file"),
+                                         ("dir", "is a directory, not a regular file"),
+                                         ("/dev/zero", "is a character device, not a regular file")])
+@pytest.mark.parametrize("name", ["model_000001.pt", "meta_000001.json", "optim_000001_rank0.pt"])
+def test_special_file_in_place_of_a_checkpoint_file(saved, tokenizer, name, kind, expect):
+    ckpt_dir, model = saved
+    replace_with(ckpt_dir / name, kind)
+    e = error_within(10, lambda: resume(ckpt_dir, model) if name.startswith("optim") else load_for_eval(ckpt_dir, tokenizer))
+    assert isinstance(e, InputFileError) and str(e) == f"{ckpt_dir / name} {expect}; {str(e).split('; ', 1)[1]}", e
+
+
+@pytest.mark.parametrize("change,expect", [
+    ({"n_layer": 10**9}, "n_layer=1000000000 is outside 1..1024"),
+    ({"sequence_len": 10**12}, "sequence_len=1000000000000 is outside"),
+    ({"vocab_size": 10**12}, "vocab_size=1000000000000 is outside"),
+    ({"n_embd": 10**9, "n_head": 2}, "n_embd=1000000000 is outside"),
+    ({"n_head": 10**6}, "n_head=1000000 is outside"),
+    ({"window_pattern": "S" * 10**6}, "window_pattern must have 1..1024 characters"),
+    ({"n_layer": 2.0}, "n_layer is 2.0, expected type int"),
+])
+def test_config_beyond_sane_limits_is_refused_at_once(saved, tokenizer, change, expect):
+    ckpt_dir, _ = saved
+    edit_json(ckpt_dir / "meta_000001.json", lambda meta: meta["model_config"].update(change))
+    e = error_within(10, lambda: load_for_eval(ckpt_dir, tokenizer))
+    assert isinstance(e, cm.CheckpointError) and expect in str(e) and str(e).startswith(str(ckpt_dir)), e
+
+
+def edit_state(path, change):
+    state = torch.load(path, weights_only=True)
+    change(state)
+    torch.save(state, path)
+
+
+@pytest.mark.parametrize("change,expect", [
+    (lambda s: [v.fill_(float("nan")) for v in s.values()], r"tensor resid_lambdas holds 2 NaN/inf value\(s\) of 2"),
+    (lambda s: s["lm_head.weight"].view(-1)[7].fill_(float("inf")), r"tensor lm_head\.weight holds 1 NaN/inf value"),
+    (lambda s: s.update({"lm_head.weight": s["lm_head.weight"].long()}), "tensor lm_head.weight is int64, expected a "
+                                                                          "floating-point dtype"),
+    (lambda s: s.update({"resid_lambdas": s["resid_lambdas"].bool()}), "tensor resid_lambdas is bool"),
+    (lambda s: s.update({"x0_lambdas": s["x0_lambdas"].to(torch.complex64)}), "tensor x0_lambdas is complex64"),
+    (lambda s: s.update({"x0_lambdas": torch.empty(2, device="meta")}), r"tensor x0_lambdas is a meta tensor \(no values\)"),
+    (lambda s: s.update({"x0_lambdas": s["x0_lambdas"].to_sparse()}), r"tensor x0_lambdas is not a dense tensor \(torch.sparse_coo\)"),
+])
+def test_bad_tensors_are_refused_naming_them(saved, tokenizer, change, expect):
+    ckpt_dir, _ = saved
+    edit_state(ckpt_dir / "model_000001.pt", change)
+    with pytest.raises(cm.CheckpointError, match=expect) as e:
+        load_for_eval(ckpt_dir, tokenizer)
+    assert str(e.value).startswith(str(ckpt_dir / "model_000001.pt: tensor")) and "\n" not in str(e.value)
+
+
+def test_model_file_far_larger_than_its_config_is_refused_unread(saved, tokenizer):
+    ckpt_dir, _ = saved
+    with open(ckpt_dir / "model_000001.pt", "r+b") as f:
+        f.truncate(1 << 30)  # sparse: costs no disk
+    e = error_within(10, lambda: load_for_eval(ckpt_dir, tokenizer))
+    assert isinstance(e, InputFileError) and "is 1,073,741,824 bytes, more than a checkpoint file can be" in str(e)
+
+
+def nan_weights(path):
+    edit_state(path, lambda s: [v.fill_(float("nan")) for v in s.values()])
+
+
+def deep_jsonl(path):
+    path.write_text('[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]\n' + "[" * 100_000 + "\n")
+
+
+SFT_ARGS = ["--max-seq-len=64", "--device-batch-size=4", "--target-examples-per-step=8", "--eval-steps=2",
+            "--eval-metrics-every=-1", "--num-iterations=1"]
+SCRIPT_CASES = [  # script, its flags, the damaged file (relative to the base dir), the damage, what the line says
+    ("scripts.chat_cli", ["--source=sft", "--prompt=hi"], "chatsft_checkpoints/d2/model_000003.pt", truncate,
+     "cannot be read"),
+    ("scripts.chat_cli", ["--source=mid", "--prompt=hi"], "tokenizer/tokenizer.json", lambda p: p.write_text("{"),
+     "is not valid JSON"),
+    ("scripts.chat_web", ["--source=sft", "--port=0"], "chatsft_checkpoints/d2/model_000003.pt",
+     lambda p: replace_with(p, "fifo"), "is a named pipe"),
+    ("scripts.chat_eval", ["-i", "sft", "-a", "ARC-Easy", "-x", "2"], "chatsft_checkpoints/d2/model_000003.pt",
+     nan_weights, "NaN/inf"),
+    ("scripts.base_eval", ["--max-per-task=2"], "base_checkpoints/d2/meta_000003.json",
+     lambda p: edit_json(p, lambda m: m["model_config"].update(n_layer=10**9)), "n_layer=1000000000 is outside"),
+    ("scripts.base_loss", ["--device-batch-size=2", "--split-tokens=128"], "tokenizer/mergeable_ranks.tiktoken",
+     lambda p: replace_with(p, "/dev/zero"), "is a character device"),
+    ("scripts.chat_sft", SFT_ARGS + ["--source=mid", "--mix={file}"], "empty.jsonl", lambda p: p.write_text(""),
+     "has no conversations"),
+    ("scripts.mid_train", ["--max-seq-len=64", "--device-batch-size=4", "--total-batch-size=256", "--num-iterations=1",
+                           "--mix={file}"], "deep.jsonl", deep_jsonl,
+     ":2: malformed row: nested too deeply"),
+]
+
+
 @pytest.mark.slow  # subprocesses that import torch: a few seconds each
-def test_scripts_print_one_line_and_exit_nonzero(chat_base_dir, tiny_data_dir):
-    from conftest import run_module
-    model_path = os.path.join(chat_base_dir, "chatsft_checkpoints", "d2", "model_000003.pt")
-    truncate(pathlib.Path(model_path))
-    proc = run_module("scripts.chat_cli", ["--source=sft", "--prompt=hi"], chat_base_dir, tiny_data_dir, check=False)
-    assert proc.returncode != 0 and "Traceback" not in proc.stdout, proc.stdout
-    assert proc.stdout.strip().splitlines()[-1].startswith(f"error: {model_path} cannot be read"), proc.stdout
-    # a damaged tokenizer, through the same hook
-    (pathlib.Path(chat_base_dir) / "tokenizer" / "tokenizer.json").write_text("{")
-    proc = run_module("scripts.chat_cli", ["--source=mid", "--prompt=hi"], chat_base_dir, tiny_data_dir, check=False)
-    assert proc.returncode != 0 and "Traceback" not in proc.stdout, proc.stdout
-    assert "tokenizer.json is not valid JSON" in proc.stdout.strip().splitlines()[-1], proc.stdout
+@pytest.mark.parametrize("script,args,name,damage,expect", SCRIPT_CASES, ids=[c[0] + ":" + c[2] for c in SCRIPT_CASES])
+def test_scripts_print_one_line_naming_the_damaged_file(chat_base_dir, tiny_data_dir, script, args, name, damage,
+                                                        expect):
+    """Each script that loads a model or data, given one damaged file: exit status 1 within 60 s, no traceback,
+    and a last line that names the file (the data and base checkpoint come before the model loads)."""
+    import time
+    from conftest import run_module, save_tiny_chat_checkpoints
+    save_tiny_chat_checkpoints(chat_base_dir, sources=("base",))
+    path = pathlib.Path(chat_base_dir) / name
+    damage(path)
+    t0 = time.time()
+    proc = run_module(script, [a.format(file=path) for a in args], chat_base_dir, tiny_data_dir, check=False,
+                      timeout=60, NANOCHAT_PEAK_FLOPS="1e11")
+    last = proc.stdout.strip().splitlines()[-1]
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    assert last.lower().startswith("error") and str(path) in last and expect in last, proc.stdout[-3000:]
+    assert "loading" not in proc.stdout or not name.endswith(".jsonl"), "data must be checked before the model loads"
+    assert time.time() - t0 < 60

@@ -180,6 +180,29 @@ def test_bundle_location(tmp_path, monkeypatch):
     assert [t[0] for t in core_eval.load_bundle(d)] == ["t"]
 
 
+@pytest.mark.parametrize("name,damage,expect", [
+    ("core.yaml", lambda p: p.write_text("icl_tasks: [\n  - {label: x"), "is not valid YAML"),
+    ("core.yaml", lambda p: p.write_text("- just\n- a list\n"), "a task entry lacks a field"),
+    ("core.yaml", lambda p: p.write_text(p.read_text().replace("multiple_choice", "essay")), "unknown icl_task_type"),
+    ("core.yaml", lambda p: (p.unlink(), os.mkfifo(p)), "is a named pipe"),
+    ("eval_meta_data.csv", lambda p: p.write_text("Task,Baseline\nmc,25\n"), "'Eval Task' and 'Random baseline'"),
+    ("eval_meta_data.csv", lambda p: p.write_bytes(b"\xff\xfe" * 100), "'Eval Task' and 'Random baseline'"),
+    ("eval_data/mc.jsonl", lambda p: p.write_text(json.dumps(MC_ROWS[0]) + "\n" + "[" * 100_000 + "\n"),
+     "mc.jsonl:2: malformed row: nested too deeply"),
+    ("eval_data/mc.jsonl", lambda p: p.write_text(json.dumps({**MC_ROWS[0], "gold": 2}) + "\n"),
+     "mc.jsonl:1: malformed row: 'gold' must index the 2 choices, got 2"),
+    ("eval_data/mc.jsonl", lambda p: p.write_text(json.dumps({"choices": ["a"], "gold": 0}) + "\n"),
+     "mc.jsonl:1: malformed row: a multiple_choice row is an object with string fields query"),
+])
+def test_damaged_bundle_file_is_one_line_naming_it(tmp_path, name, damage, expect):
+    from nanochat.files import InputFileError
+    write_bundle(tmp_path, [("mc", "mc.jsonl", "multiple_choice", 0)], {"mc": 25.0}, {"mc.jsonl": MC_ROWS})
+    damage(tmp_path / name)
+    with pytest.raises(InputFileError, match=expect) as e:
+        [core_eval.load_task_data(path, meta["task_type"]) for _, meta, path, _ in core_eval.load_bundle(str(tmp_path))]
+    assert str(e.value).startswith(str(tmp_path / name)) and "\n" not in str(e.value)
+
+
 @pytest.mark.skipif(not os.path.isdir(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "eval_bundle")),
                     reason="shared offline bundle not present")
 def test_shared_bundle_parses():

@@ -174,3 +174,32 @@ def test_missing_shards_error_names_both_remedies(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_DATA_DIR", str(tmp_path))  # a mirror without pretrain/
     with pytest.raises(FileNotFoundError, match="NANOCHAT_DATA_DIR"):
         list(dataset.parquets_iter_batched("train"))
+
+
+def corrupt_middle(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3: len(data) // 3 + 64] = b"\xff" * 64  # inside the column data, footer intact
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage,expect", [
+    (lambda p: p.write_bytes(p.read_bytes()[:len(p.read_bytes()) // 2]), "is not a readable parquet shard"),
+    (lambda p: p.write_bytes(bytes(p.stat().st_size)), "is not a readable parquet shard"),
+    (lambda p: (p.unlink(), os.mkfifo(p)), r"is a named pipe \(FIFO\), not a regular file"),
+    (lambda p: (p.unlink(), p.symlink_to("/dev/zero")), "is a character device, not a regular file"),
+    (lambda p: pq.write_table(pa.table({"body": ["x"] * 5}), p), "row group 0 cannot be read"),
+    (lambda p: pq.write_table(pa.table({"text": [1, 2, 3]}), p), "the 'text' column must hold strings, not int64"),
+    (lambda p: pq.write_table(pa.table({"text": ["a", None]}), p), r"must hold strings, not string \(1 nulls\)"),
+    (corrupt_middle, "cannot be read"),
+])
+def test_damaged_shard_is_one_line_naming_it(tmp_path, monkeypatch, damage, expect):
+    from nanochat.files import InputFileError
+    monkeypatch.setenv("NANOCHAT_DATA_DIR", str(tmp_path))
+    for i in range(2):
+        write_parquet(str(tmp_path / "pretrain" / f"shard_{i:05d}.parquet"), [f"text {k} " * 50 for k in range(40)],
+                      row_group_size=20)
+    path = tmp_path / "pretrain" / "shard_00001.parquet"
+    damage(path)
+    with pytest.raises(InputFileError, match=expect) as e:
+        list(dataset.parquets_iter_batched("val"))
+    assert str(e.value).startswith(str(path)) and "\n" not in str(e.value) and "download it again" in str(e.value)

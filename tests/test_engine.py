@@ -3,6 +3,8 @@ Engine tests: the KV-cache path against the model's naive generate() (full recom
 the tool state machine with a scripted stub model, and BatchEngine (continuous batching) against solo runs.
 """
 
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from nanochat.attention import KVCache
-from nanochat.engine import BatchEngine, Engine, QueueFull, sample_next_token, top_p_truncate
+from nanochat.engine import BatchEngine, Engine, QueueFull
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import RustBPETokenizer
 
@@ -195,59 +197,21 @@ def test_bad_arguments(tokenizer):
         next(engine.generate([1], num_samples=0))
 
 # -----------------------------------------------------------------------------
-# sample_next_token
+# sampling inside the engines (sample_next_token itself: tests/test_sampling.py)
 
 
-def test_sample_next_token():
-    g = torch.Generator().manual_seed(0)
-    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0], [5.0, 0.0, 0.0, 0.0]])
-    assert sample_next_token(logits, g, temperature=0.0).tolist() == [[1], [0]]
-    assert sample_next_token(logits, g, temperature=1.0, top_k=1).tolist() == [[1], [0]]
-    draws = torch.cat([sample_next_token(logits, g, 1.0, top_k=2) for _ in range(300)], dim=1)
-    assert set(draws[0].tolist()) == {1, 3}  # only the top 2 of row 0
-    # full softmax sampling frequencies follow the probabilities (row 0: softmax([0, 3, 1, 2]))
-    draws = torch.cat([sample_next_token(logits, g, 1.0) for _ in range(4000)], dim=1)
-    freq = torch.bincount(draws[0], minlength=4).float() / draws.size(1)
-    torch.testing.assert_close(freq, torch.softmax(logits[0], -1), atol=0.03, rtol=0)
-    # top-k frequencies follow the softmax of the kept logits
-    draws = torch.cat([sample_next_token(logits[:1], g, 0.5, top_k=3) for _ in range(4000)], dim=1)
-    freq = torch.bincount(draws[0], minlength=4).float() / draws.size(1)
-    want = torch.softmax(torch.tensor([-float("inf"), 3.0, 1.0, 2.0]) / 0.5, -1)
-    torch.testing.assert_close(freq, want, atol=0.03, rtol=0)
-    # an impossible token (probability exactly 0) is never drawn
-    masked = torch.tensor([[0.0, -float("inf"), 0.0, -float("inf")]])
-    draws = torch.cat([sample_next_token(masked, g, 1.0) for _ in range(500)], dim=1)
-    assert set(draws[0].tolist()) == {0, 2}
-    # top_k larger than V is clamped
-    assert sample_next_token(logits, g, 1.0, top_k=100).shape == (2, 1)
-    with pytest.raises(ValueError):
-        sample_next_token(logits, g, temperature=-0.5)
-
-def test_top_p_truncate_by_hand():
-    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])  # sorted, descending
-    kept = lambda top_p: (top_p_truncate(probs, top_p) > 0).sum().item()  # noqa: E731
-    assert [kept(0.79), kept(0.81), kept(0.1), kept(0.96), kept(1.0)] == [2, 3, 1, 4, 4]
-    torch.testing.assert_close(top_p_truncate(probs, 0.79), torch.tensor([[0.5, 0.3, 0.0, 0.0]]))
-
-
-def test_top_p_sampling_frequencies():
-    # unsorted logits whose softmax is [0.15, 0.5, 0.05, 0.3]; nucleus 0.9 keeps {1, 3, 0} (mass 0.95)
-    p = torch.tensor([0.15, 0.5, 0.05, 0.3])
-    logits = p.log()[None]
-    g = torch.Generator().manual_seed(0)
-    draws = torch.cat([sample_next_token(logits, g, 1.0, top_p=0.9) for _ in range(4000)], dim=1)
-    freq = torch.bincount(draws[0], minlength=4).float() / draws.size(1)
-    want = torch.tensor([0.15, 0.5, 0.0, 0.3]) / 0.95
-    torch.testing.assert_close(freq, want, atol=0.03, rtol=0)
-    assert freq[2] == 0
-    # with top_k=2 first, the nucleus is taken inside the top 2: 0.5 / 0.8 = 0.625 < 0.7, so both stay
-    draws = torch.cat([sample_next_token(logits, g, 1.0, top_k=2, top_p=0.7) for _ in range(2000)], dim=1)
-    assert set(draws[0].tolist()) == {1, 3}
-    draws = torch.cat([sample_next_token(logits, g, 1.0, top_k=2, top_p=0.6) for _ in range(200)], dim=1)
-    assert set(draws[0].tolist()) == {1}
-    for bad in (0.0, -0.1, 1.5):
-        with pytest.raises(ValueError, match="top_p"):
-            sample_next_token(logits, g, 1.0, top_p=bad)
+def test_engines_at_tiny_temperatures_give_the_greedy_reply(tokenizer):
+    V = tokenizer.get_vocab_size()
+    model = make_model(V, n_layer=1, zero_specials_from=first_special(tokenizer))
+    engine = Engine(model, tokenizer)
+    greedy = engine.generate_batch([1, 2, 3], max_tokens=12, temperature=0.0)[0]
+    for temperature in (1e-39, 5e-324, 1e-300):
+        assert engine.generate_batch([1, 2, 3], max_tokens=12, temperature=temperature, seed=3)[0] == greedy
+    batch = BatchEngine(model, tokenizer, max_rows=2).start()
+    try:
+        assert list(batch.submit([1, 2, 3], 12, temperature=5e-324, seed=3)) == greedy[0][3:]
+    finally:
+        batch.stop()
 
 
 # -----------------------------------------------------------------------------
@@ -445,8 +409,8 @@ def test_batch_engine_cancel_frees_the_row(tokenizer):
 def test_batch_engine_queue_full_and_stop(tokenizer):
     V = tokenizer.get_vocab_size()
     batch = BatchEngine(make_model(V, n_layer=1), tokenizer, max_rows=1, max_queue=2)  # not started
-    a, b = batch.submit([1], 5), batch.submit([2], 5)
-    assert batch.stats()["queue_depth"] == 2
+    a, b, c = batch.submit([1], 5), batch.submit([2], 5), batch.submit([3], 5)  # one free row + two places
+    assert batch.stats()["queue_depth"] == 3
     with pytest.raises(QueueFull):
         batch.submit([3], 5)
     with pytest.raises(ValueError, match="top_p"):
@@ -454,7 +418,7 @@ def test_batch_engine_queue_full_and_stop(tokenizer):
     with pytest.raises(ValueError, match="token ids"):
         batch.submit([V], 5)
     batch.stop()
-    assert list(a) == [] and a.finish_reason == "cancelled" and b.finish_reason == "cancelled"
+    assert list(a) == [] and all(s.finish_reason == "cancelled" for s in (a, b, c))
 
 
 class NextTokenModel(nn.Module):
@@ -504,3 +468,45 @@ def test_batch_engine_tool_use_per_row(tokenizer):
     solo = Engine(NextTokenModel(V, table, default=end), tokenizer)
     assert solo.generate_batch([1, q], max_tokens=30, temperature=0.0)[0][0][2:] == want_tool
 
+
+
+class SlowModel(NextTokenModel):
+    """Never stops (predicts `default`) and takes 50 ms a forward, so no request ends during a burst."""
+
+    def forward_cached(self, *args, **kwargs):
+        time.sleep(0.05)
+        return super().forward_cached(*args, **kwargs)
+
+
+def test_batch_engine_burst_of_rows_plus_queue_is_all_accepted(tokenizer):
+    """max_rows + max_queue + 1 requests released together by a barrier on an idle, running engine: exactly one
+    (the last to get in) is refused, whichever order the threads run in."""
+    V = tokenizer.get_vocab_size()
+    x = tokenizer.encode("x")[0]
+    rows, places = 2, 3
+    batch = BatchEngine(SlowModel(V, {}, default=x), tokenizer, max_rows=rows, max_queue=places).start()
+    n = rows + places + 1
+    barrier = threading.Barrier(n)
+
+    def submit(i):
+        barrier.wait()
+        try:
+            return batch.submit([1, 2 + i], max_tokens=50, temperature=0.0)
+        except QueueFull:
+            return None
+
+    try:
+        for _ in range(3):  # the issue saw 429s in 2 bursts of 3
+            with ThreadPoolExecutor(n) as pool:
+                streams = list(pool.map(submit, range(n)))
+            assert sum(s is None for s in streams) == 1
+            stats = batch.stats()
+            assert stats["active_rows"] + stats["queue_depth"] <= rows + places
+            for s in streams:
+                if s is not None:
+                    s.cancel()
+            deadline = time.time() + 30
+            while (st := batch.stats())["active_rows"] + st["queue_depth"] and time.time() < deadline:
+                time.sleep(0.01)
+    finally:
+        batch.stop()

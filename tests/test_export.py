@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_module
-from nanochat.checkpoint_manager import SOURCE_DIRS, config_to_dict, load_model, save_checkpoint, tokenizer_info, \
-    tokenizer_fingerprint
+from nanochat.checkpoint_manager import SOURCE_DIRS, config_to_dict, save_checkpoint, tokenizer_info, tokenizer_fingerprint
+from nanochat.model_loader import load_model
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.hf_export import bpe_merges, bytes_to_unicode, model_card, report_summary
@@ -328,8 +328,82 @@ def test_hf_source_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (tmp_path / "model.safetensors").write_bytes(b"")
     (tmp_path / "tokenizer.json").write_text("{}")
-    with pytest.raises(ValueError, match="not a nanochat export"):
+    with pytest.raises(ValueError, match="not a nanochat export"):  # CheckpointError is a ValueError
         load_model(f"hf:{tmp_path}", "cpu", phase="eval")
+
+
+# every corruption of an exported directory: one CheckpointError line naming the file, nothing built before
+
+
+def edit_config(change):
+    def damage(path):
+        cfg = json.loads(path.read_text())
+        change(cfg)
+        path.write_text(json.dumps(cfg))
+    return damage
+
+
+def edit_weights(change):
+    def damage(path):
+        from safetensors.torch import save_file
+        state = load_file(str(path))
+        change(state)
+        save_file(state, str(path))
+    return damage
+
+
+def replace_with(kind):
+    def damage(path):
+        path.unlink()
+        {"dir": lambda: path.mkdir(), "fifo": lambda: os.mkfifo(path),
+         "/dev/zero": lambda: path.symlink_to("/dev/zero")}[kind]()
+    return damage
+
+
+def header_only(path):
+    data = path.read_bytes()
+    path.write_bytes(data[:8 + int.from_bytes(data[:8], "little")])  # length prefix + JSON header, no tensors
+
+
+def nan_everywhere(state):
+    for v in state.values():
+        v.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("name,damage,expect", [
+    ("model.safetensors", lambda p: p.write_bytes(p.read_bytes()[:len(p.read_bytes()) // 2]), "cannot be read"),
+    ("model.safetensors", header_only, "cannot be read"),
+    ("model.safetensors", replace_with("dir"), "is a directory, not a regular file"),
+    ("model.safetensors", replace_with("fifo"), "is a named pipe"),
+    ("model.safetensors", edit_weights(nan_everywhere), r"tensor .* holds \d+ NaN/inf"),
+    ("model.safetensors", edit_weights(lambda s: s.update({"lm_head.weight": s["lm_head.weight"].long()})),
+     "tensor lm_head.weight is int64, expected a floating-point dtype"),
+    ("config.json", edit_config(lambda c: c.update(vocab_size=c["vocab_size"] + 1)), "vocab_size=.* but nanochat_config"),
+    ("config.json", edit_config(lambda c: c["nanochat_config"].update(vocab_size=1000)),
+     "vocab_size=465 but nanochat_config.vocab_size=1000"),
+    ("config.json", edit_config(lambda c: [c.update(vocab_size=1000), c["nanochat_config"].update(vocab_size=1000)]),
+     "vocab_size=1000 but .*tokenizer.json has 465 tokens"),
+    ("config.json", lambda p: p.write_bytes(b""), "is not valid JSON"),
+    ("config.json", edit_config(lambda c: c["nanochat_config"].update(n_layer="3")), "n_layer is '3', expected type int"),
+    ("config.json", edit_config(lambda c: c["nanochat_config"].update(sequence_len=10**12)),
+     r"sequence_len=1000000000000 is outside 1\.\.1048576"),
+    ("config.json", edit_config(lambda c: c["nanochat_config"].update(n_layer=10**9)), "n_layer=1000000000 is outside"),
+    ("config.json", replace_with("/dev/zero"), "is a character device, not a regular file"),
+    ("tokenizer.json", lambda p: p.write_bytes(p.read_bytes()[:1000]), "is not valid JSON"),
+    ("tokenizer.json", edit_config(lambda c: c["model"].update(vocab={"a": 0})), "every byte must be a token"),
+])
+def test_damaged_export_is_one_line_naming_the_file(exported, tmp_path, name, damage, expect):
+    import shutil
+    import time
+    from nanochat.files import InputFileError  # CheckpointError's base: the one-line kind
+    out = tmp_path / "export"
+    shutil.copytree(exported[3], out)
+    damage(out / name)
+    t0 = time.time()
+    with pytest.raises(InputFileError, match=expect) as e:
+        load_model(f"hf:{out}", "cpu", phase="eval")
+    assert str(e.value).startswith(str(out / name)) and "\n" not in str(e.value), str(e.value)
+    assert time.time() - t0 < 30
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import importlib.util
 import numpy as np
 import pytest
 
+from nanochat.files import InputFileError
 from tasks.common import Task, TaskMixture, TaskSequence, render_mc
 from tasks.arc import ARC
 from tasks.mmlu import MMLU
@@ -287,6 +288,31 @@ def test_jsonl_empty_file_is_a_warning_naming_it(tmp_path, caplog):
         assert len(CustomJSON(path)) == 0
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == \
         [f"warning: {path} is empty (no rows): it adds nothing"]
+
+
+def test_jsonl_nested_100k_deep_names_the_line(tmp_path):
+    path = tmp_path / "deep.jsonl"
+    path.write_text(json.dumps(chat(2)) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(InputFileError, match=f"^{path}:2: malformed row: nested too deeply"):
+        CustomJSON(str(path))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dir", "/dev/zero"])
+def test_jsonl_that_is_not_a_regular_file_is_refused_at_once(tmp_path, kind):
+    path = tmp_path / "rows.jsonl"
+    {"fifo": lambda: os.mkfifo(path), "dir": path.mkdir, "/dev/zero": lambda: path.symlink_to("/dev/zero")}[kind]()
+    with pytest.raises(InputFileError, match=f"^{path} is a .*, not a regular file"):
+        CustomJSON(str(path))
+
+
+def test_empty_source_fails_before_anything_is_built(tmp_path):
+    """An empty JSONL, even as the only source of a mixture, stops the build (before a script loads its model)."""
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
+    for spec in ([empty], [f"{empty}:3"], [write_jsonl(tmp_path / "one.jsonl", [chat(2)]), empty]):
+        with pytest.raises(mixtures.SourceUnavailable, match=f"source '{empty}' has no conversations .*--drop"):
+            mixtures.build_mixture(spec)
+    with pytest.raises(mixtures.SourceUnavailable, match="has no conversations .*--val-mix without it"):
+        mixtures.build_mixture([empty], split="test")
 
 
 @pytest.mark.parametrize("row, match", [

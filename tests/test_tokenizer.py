@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import TOOL_CALL_REPLY
-from nanochat.checkpoint_manager import CheckpointError
+from nanochat.files import CheckpointError
+from nanochat.files import InputFileError
 from nanochat.tokenizer import (SPECIAL_TOKENS, RustBPETokenizer, compute_token_bytes, get_token_bytes,
                                 get_tokenizer, validate_conversation)
 
@@ -295,6 +296,33 @@ def test_damaged_token_bytes_names_the_file(tok, tmp_path, monkeypatch, damage, 
     with pytest.raises(CheckpointError, match=expect) as e:
         get_token_bytes()
     assert str(e.value).startswith(str(path)) and "scripts.tok_train" in str(e.value)
+
+
+@pytest.mark.parametrize("kind,expect", [("/dev/zero", "is a character device"), ("fifo", "is a named pipe"),
+                                         ("dir", "is a directory")])
+@pytest.mark.parametrize("name", ["tokenizer.json", "mergeable_ranks.tiktoken", "token_bytes.pt"])
+def test_special_file_in_place_of_a_tokenizer_file(tok, tmp_path, monkeypatch, name, kind, expect):
+    """Refused at once (a symlink to /dev/zero used to read until MemoryError, a FIFO blocked forever)."""
+    import time
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    path = tmp_path / "tokenizer" / name
+    tok.save(str(path.parent))
+    torch.save(compute_token_bytes(tok), path.parent / "token_bytes.pt")
+    path.unlink()
+    {"/dev/zero": lambda: path.symlink_to("/dev/zero"), "fifo": lambda: os.mkfifo(path), "dir": path.mkdir}[kind]()
+    t0 = time.time()
+    with pytest.raises(InputFileError, match=expect) as e:
+        get_token_bytes() if name == "token_bytes.pt" else RustBPETokenizer.from_directory(str(path.parent))
+    assert str(e.value).startswith(f"{path} {expect}") and "\n" not in str(e.value) and time.time() - t0 < 5
+
+
+def test_token_bytes_of_another_vocabulary_is_refused(tok, tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    tok.save(str(tmp_path / "tokenizer"))
+    torch.save(compute_token_bytes(tok)[:-1], tmp_path / "tokenizer" / "token_bytes.pt")
+    with pytest.raises(CheckpointError, match=f"has {tok.get_vocab_size() - 1} entries but the tokenizer has "
+                                              f"{tok.get_vocab_size()} tokens"):
+        get_token_bytes()
 
 
 def test_get_tokenizer_missing(tmp_path, monkeypatch):
