@@ -104,36 +104,36 @@ def _muon_fn(device, compile=None):
     return _compiled_muon_math
 
 
+def adam_update(p32, g, m, v, lr, beta1, beta2, eps, wd, bc1, bc2):
+    """The AdamW arithmetic on fp32 tensors, in torch.optim.AdamW's order; m and v are updated in place, the new
+    weights returned. Hyper-parameters (bc1, bc2 = the bias corrections 1 - beta ** step) are floats, or 0-D CPU
+    tensors when compiled (new values never recompile). Plain mul/add rather than lerp/addcmul: those refuse a
+    CPU 0-D weight beside CUDA tensors."""
+    m.mul_(beta1).add_((1 - beta1) * g)
+    v.mul_(beta2).add_((1 - beta2) * g * g)
+    denom = v.sqrt() / bc2 ** 0.5 + eps
+    return p32 * (1 - lr * wd) - (lr / bc1) * m / denom
+
+
 def adamw_math(p, grad, state, lr, beta1, beta2, eps, wd):
-    """Decoupled-weight-decay AdamW in fp32 on (a slice of) one parameter, the same op order as
-    torch.optim.AdamW. bf16 params are updated through an fp32 copy and written back."""
-    p32, g = p.float(), grad.float()
+    """One eager AdamW step on (a slice of) one parameter, state kept like torch.optim.AdamW's."""
     if not state:
-        state.update(step=0, exp_avg=torch.zeros_like(p32), exp_avg_sq=torch.zeros_like(p32))
+        state.update(step=0, exp_avg=torch.zeros_like(p, dtype=torch.float32),
+                     exp_avg_sq=torch.zeros_like(p, dtype=torch.float32))
     state["step"] += 1
-    t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
-    p32.mul_(1 - lr * wd)
-    m.lerp_(g, 1 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    step_size = lr / (1 - beta1 ** t)
-    denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
-    p32.addcdiv_(m, denom, value=-step_size)
-    if p32 is not p:
-        p.copy_(p32)
+    t = state["step"]
+    p.copy_(adam_update(p.float(), grad.float(), state["exp_avg"], state["exp_avg_sq"], lr, beta1, beta2, eps, wd,
+                        1 - beta1 ** t, 1 - beta2 ** t))
 
 
 def step_math(adamw_groups, muon_groups, ortho_dtype: torch.dtype):
-    """A whole single-process step as one function (compiled as one graph): the same math as adamw_math and
-    muon_math, every hyper-parameter a 0-D tensor (the Adam bias corrections too, so the step count never
-    recompiles). adamw_groups: (params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, wd, bc1, bc2);
+    """A whole single-process step as one function (compiled as one graph): adam_update and muon_math, every
+    hyper-parameter a 0-D tensor (the bias corrections too, so the step count never recompiles).
+    adamw_groups: (params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, wd, bc1, bc2);
     muon_groups: (params, grads, momentum_buffer, second_momentum_buffer, lr, wd, momentum, beta2, ns_steps)."""
-    for params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, wd, bc1, bc2 in adamw_groups:
+    for params, grads, exp_avgs, exp_avg_sqs, *hp in adamw_groups:
         for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
-            g = g.float()
-            m.add_((g - m) * (1 - beta1))  # lerp_, whose weight may not be a CPU tensor beside CUDA ones
-            v.mul_(beta2).add_((1 - beta2) * g * g)
-            denom = v.sqrt() / bc2.sqrt() + eps
-            p.copy_(p.float() * (1 - lr * wd) - (lr / bc1) * m / denom)
+            p.copy_(adam_update(p.float(), g.float(), m, v, *hp))
     for params, grads, mom_buf, var_buf, lr, wd, momentum, beta2, ns_steps in muon_groups:
         new = muon_math(torch.stack(grads).float(), torch.stack(params).float(), mom_buf, var_buf, lr, wd, momentum,
                         beta2, ns_steps, ortho_dtype)
