@@ -14,8 +14,17 @@ import urllib.request
 import torch
 import torch.distributed as dist
 
-logging.basicConfig(level=logging.INFO, format="%(message)s")
+from nanochat.files import install_error_handler
+
 logger = logging.getLogger("nanochat")
+
+
+def init_script():
+    """A script's entry point calls this first: the library's log lines (INFO, the bare message) go to stderr,
+    and a bad input file ends the script with its one-line error instead of a traceback. Importing nanochat
+    configures nothing."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    install_error_handler()
 
 # -----------------------------------------------------------------------------
 # Paths

@@ -16,7 +16,7 @@ import time
 import argparse
 
 from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, autodetect_device_type, resolve_precision
-from nanochat.files import install_error_handler
+from nanochat.common import init_script
 from nanochat.model_loader import load_model
 from nanochat.core_eval import evaluate_core
 from nanochat.report import get_report
@@ -29,7 +29,7 @@ parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (d
 parser.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward pass (memory vs speed)")
 parser.add_argument("--bundle-dir", type=str, default=None, help="eval bundle directory (default: see above)")
 args = parser.parse_args()
-install_error_handler()
+init_script()
 
 device_type = args.device_type or autodetect_device_type()
 is_dist, rank, local_rank, world_size, device = compute_init(device_type)

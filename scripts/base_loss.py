@@ -10,7 +10,7 @@ import argparse
 import torch
 
 from nanochat.common import compute_init, compute_cleanup, print0, resolve_precision
-from nanochat.files import install_error_handler
+from nanochat.common import init_script
 from nanochat.model_loader import load_model
 from nanochat.dataloader import PretrainLoader
 from nanochat.tokenizer import get_token_bytes
@@ -25,7 +25,7 @@ parser.add_argument("--model-step", type=int, default=None, help="checkpoint ste
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
 parser.add_argument("--num-samples", type=int, default=8, help="unconditional samples to print")
 args = parser.parse_args()
-install_error_handler()
+init_script()
 
 is_dist, rank, local_rank, world_size, device = compute_init(args.device_type)
 dtype, _, _ = resolve_precision(device.type, training=False)

@@ -25,7 +25,7 @@ import torch
 
 from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, resolve_precision,
                              get_max_memory, parse_bool)
-from nanochat.files import install_error_handler
+from nanochat.common import init_script
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.dataloader import PretrainLoader
 from nanochat.dataset import get_split_files
@@ -84,7 +84,7 @@ parser.add_argument("--save-every", type=int, default=-1, help="checkpoint every
 parser.add_argument("--resume-from-step", type=int, default=-1, help="resume from this saved step")
 parser.add_argument("--model-tag", type=str, default=None, help="checkpoint directory name (default d<depth>)")
 args = parser.parse_args()
-install_error_handler()
+init_script()
 
 # -----------------------------------------------------------------------------
 # Init

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.common import autodetect_device_type, resolve_precision, get_max_memory, synchronize, print0
-from nanochat.files import install_error_handler
+from nanochat.common import init_script
 from nanochat.engine import Engine, new_kv_cache
 from nanochat.gpt import GPT, config_from_depth, matvec
 
@@ -50,7 +50,7 @@ parser.add_argument("--seed", type=int, default=42, help="seed for weights, prom
 parser.add_argument("--dtype", type=str, default="", help="float32|bfloat16 compute dtype (empty = device default)")
 parser.add_argument("--compile", type=int, default=1, help="1 = torch.compile the decode step (0 = eager)")
 args = parser.parse_args()
-install_error_handler()
+init_script()
 
 # -----------------------------------------------------------------------------
 device_type = args.device_type or autodetect_device_type()

@@ -258,9 +258,9 @@ def server_process(args, mode, urls, done):
 
 def main():
     import multiprocessing
-    from nanochat.files import install_error_handler
+    from nanochat.common import init_script
     args = parser.parse_args()
-    install_error_handler()
+    init_script()
     modes = ["batch"] if args.soak else args.modes.split(",")
     ctx = multiprocessing.get_context("spawn")
     urls, done = ctx.Queue(), ctx.Event()

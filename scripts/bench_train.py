@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from nanochat.common import (autodetect_device_type, resolve_precision, measure_matmul_peak,
+from nanochat.common import (init_script, autodetect_device_type, resolve_precision, measure_matmul_peak,
                              get_datasheet_peak_flops, get_max_memory, synchronize, parse_bool, print0)
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.attention import set_backend_from_flag, backend_reason
@@ -46,6 +46,7 @@ parser.add_argument("--profile", type=parse_bool, default=False, help="profile t
 parser.add_argument("--attn", type=str, default="auto", choices=["auto", "fa3", "flex", "sdpa"], help="attention backend")
 parser.add_argument("--fp8", action="store_true", help="fp8 matmuls in the linear layers (Hopper GPUs)")
 args = parser.parse_args()
+init_script()
 if args.warmup_steps < 1:
     parser.error(f"--warmup-steps must be >= 1 (the first step compiles and is timed apart), got {args.warmup_steps}")
 

@@ -134,9 +134,9 @@ def chat_loop(engine, tokenizer, read=input, write=None, prompt="", temperature=
 
 
 def main():
-    from nanochat.files import install_error_handler
+    from nanochat.common import init_script
     args = parser.parse_args()
-    install_error_handler()
+    init_script()
     if args.temperature < 0:
         raise SystemExit(f"--temperature must be >= 0, got {args.temperature}")
     if args.max_tokens < 1:

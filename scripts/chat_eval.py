@@ -11,7 +11,7 @@ import argparse
 import time
 
 from nanochat.common import compute_init, compute_cleanup, print0, resolve_precision
-from nanochat.files import install_error_handler
+from nanochat.common import init_script
 from nanochat.model_loader import load_model
 from nanochat.engine import Engine
 from nanochat.task_eval import run_categorical_eval, run_generative_eval, chatcore, CHAT_BASELINES
@@ -47,7 +47,7 @@ parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint ste
 parser.add_argument("-x", "--max-problems", type=int, default=None, help="max problems per task")
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
 args = parser.parse_args()
-install_error_handler()
+init_script()
 names = args.task_name.split("|") if args.task_name else list(TASKS)
 unknown = [n for n in names if n not in TASKS]
 if unknown:

@@ -19,7 +19,7 @@ import torch
 
 from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, resolve_precision
 from nanochat.model_loader import load_model
-from nanochat.files import install_error_handler
+from nanochat.common import init_script
 from nanochat.engine import Engine
 from nanochat.report import get_report
 from nanochat.task_eval import pass_at_k
@@ -88,7 +88,7 @@ def policy_gradient_loss(model, inputs, targets, advantages, num_chunks):
 
 def main():
     args = parser.parse_args()
-    install_error_handler()
+    init_script()
     for flag in ("device_batch_size", "examples_per_step", "num_samples", "max_new_tokens"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")

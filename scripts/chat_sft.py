@@ -23,7 +23,7 @@ import torch
 
 from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, resolve_precision,
                              get_max_memory, all_reduce_sum)
-from nanochat.files import install_error_handler
+from nanochat.common import init_script
 from nanochat.model_loader import load_model
 from nanochat.attention import set_backend_from_flag as set_attn_backend
 from nanochat.memory import resolve_device_batch_size
@@ -72,7 +72,7 @@ parser.add_argument("--resume-from-step", type=int, default=-1, help="resume thi
 parser.add_argument("--output-tag", type=str, default=None, help="chatsft_checkpoints/<tag> (default d<n_layer>)")
 add_mixture_args(parser, default_sft_sources(), default_sft_val_sources())
 args = parser.parse_args()
-install_error_handler()
+init_script()
 if args.pad_multiple < -1:
     parser.error(f"--pad-multiple must be -1 (auto), 0 (longest row) or a positive number of tokens, got {args.pad_multiple}")
 if not 0.0 <= args.dft_alpha <= 1.0:

@@ -458,9 +458,9 @@ def serve_in_thread(app, host="127.0.0.1", port=0):
 
 def main():
     import uvicorn
-    from nanochat.files import install_error_handler
+    from nanochat.common import init_script
     args = parser.parse_args()
-    install_error_handler()
+    init_script()
     for flag, value, lo, hi in [("--temperature", args.temperature, MIN_TEMPERATURE, MAX_TEMPERATURE),
                                 ("--top-k", args.top_k, MIN_TOP_K, MAX_TOP_K), ("--top-p", args.top_p, 0.0, 1.0),
                                 ("--max-tokens", args.max_tokens, MIN_MAX_TOKENS, MAX_MAX_TOKENS),

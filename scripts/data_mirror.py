@@ -24,7 +24,7 @@ import urllib.error
 import pyarrow.parquet as pq
 
 from nanochat.common import download_file_with_lock, print0
-from nanochat.files import install_error_handler
+from nanochat.common import init_script
 from nanochat import dataset
 from nanochat.core_eval import EVAL_BUNDLE_URL, unzip_bundle
 from tasks.customjson import IDENTITY_URL
@@ -81,7 +81,7 @@ def hub_split_to_jsonl(hub_url, repo_id, config, split, path):
 
 
 def main(args):
-    install_error_handler()
+    init_script()
     out = os.path.abspath(args.out_dir)
     skip = {s for s in args.skip.split(",") if s}
     unknown = skip - {"pretrain", "hub", "core", "identity", "words"}

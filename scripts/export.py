@@ -32,9 +32,9 @@ parser.add_argument("--report", type=str, default=None,
 
 
 def main():
-    from nanochat.files import install_error_handler
+    from nanochat.common import init_script
     args = parser.parse_args()
-    install_error_handler()
+    init_script()
     import torch
     from nanochat.common import get_base_dir
     from nanochat import checkpoint_manager as ckpt

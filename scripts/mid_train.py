@@ -20,7 +20,7 @@ import torch
 
 from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, resolve_precision,
                              get_max_memory, parse_bool, any_rank)
-from nanochat.files import install_error_handler
+from nanochat.common import init_script
 from nanochat.model_loader import load_model
 from nanochat.attention import set_backend_from_flag as set_attn_backend
 from nanochat.memory import resolve_device_batch_size
@@ -63,7 +63,7 @@ parser.add_argument("--output-tag", type=str, default=None, help="mid_checkpoint
 parser.add_argument("--dry-run", action="store_true", help="train but write no checkpoint or report")
 add_mixture_args(parser, default_mid_sources(), default_mid_val_sources())
 args = parser.parse_args()
-install_error_handler()
+init_script()
 
 is_dist, rank, local_rank, world_size, device = compute_init(args.device_type)
 set_attn_backend(args.attn)

@@ -1,7 +1,7 @@
 """
 The library's import structure: no circle among nanochat's modules, counting imports inside functions too (an
 import moved into a function to dodge a circle is still a circle); nanochat never imports scripts/ or tasks/;
-and importing any library module changes no process-wide state (sys.excepthook, os.environ): scripts opt in.
+and importing any library module changes no process-wide state (sys.excepthook, os.environ, the root logger): scripts opt in.
 """
 
 import ast
@@ -80,11 +80,12 @@ def test_importing_the_library_changes_no_process_state():
     # $TORCHINDUCTOR_CACHE_DIR), never by the library
     modules = sorted(f[:-3] for f in os.listdir(LIBRARY) if f.endswith(".py") and f not in ("__init__.py",
                                                                                           "hf_modeling.py"))
-    code = ("import os, sys, importlib\n"
+    code = ("import os, sys, importlib, logging\n"
             "hook, env = sys.excepthook, dict(os.environ)\n"
             f"for m in {modules!r}:\n"
             "    importlib.import_module('nanochat.' + m)\n"
             "assert sys.excepthook is hook, 'sys.excepthook replaced at import'\n"
+            "assert not logging.getLogger().handlers, 'logging configured at import'\n"
             "changed = sorted(k for k in set(env) | set(os.environ) if env.get(k) != os.environ.get(k))\n"
             "assert not changed, f'os.environ changed at import: {changed}'\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
