@@ -5,6 +5,8 @@
 #   bash speedrun.sh
 #   WANDB_RUN=speedrun bash speedrun.sh                       # with wandb logging (after `wandb login`)
 #   screen -L -Logfile speedrun.log -S speedrun bash speedrun.sh
+#   NANOCHAT_DATA_DIR=/data/mirror NANOCHAT_WHEELHOUSE=/data/wheels bash speedrun.sh   # air-gapped node: data from a
+#       mirror (python -m scripts.data_mirror DIR --shards 370) and packages from a wheelhouse (runs/wheelhouse.sh)
 set -euo pipefail
 cd "$(dirname "$0")"
 export OMP_NUM_THREADS=1
@@ -37,14 +39,22 @@ stage setup bash runs/setup_env.sh
 source .venv/bin/activate
 stage report-reset python -m nanochat.report reset
 
-# data: 8 shards (~2B chars) for the tokenizer now, the rest in the background while it trains
-stage data python -m nanochat.dataset -n 8
-python -m nanochat.dataset -n 370 &
-DATASET_DOWNLOAD_PID=$!
+# data: 8 shards (~2B chars) for the tokenizer now, the rest in the background while it trains (nothing to fetch
+# with an offline mirror: every stage reads NANOCHAT_DATA_DIR)
+if [ -n "${NANOCHAT_DATA_DIR:-}" ]; then
+    echo "offline: reading every dataset from NANOCHAT_DATA_DIR=$NANOCHAT_DATA_DIR"
+    DATASET_DOWNLOAD_PID=""
+else
+    stage data python -m nanochat.dataset -n 8
+    python -m nanochat.dataset -n 370 &
+    DATASET_DOWNLOAD_PID=$!
+fi
 stage tok_train python -m scripts.tok_train --max-chars=2000000000 --vocab-size=32768
 stage tok_eval python -m scripts.tok_eval
-echo "waiting for the background data download..."
-wait $DATASET_DOWNLOAD_PID || { echo "*** stage 'data (background)' failed"; exit 1; }
+if [ -n "$DATASET_DOWNLOAD_PID" ]; then
+    echo "waiting for the background data download..."
+    wait $DATASET_DOWNLOAD_PID || { echo "*** stage 'data (background)' failed"; exit 1; }
+fi
 
 # base model: d20 at 20 tokens per scaling parameter. Every training stage sizes its per-GPU batch from
 # the memory estimate (--device-batch-size=auto, printed at start); gradient accumulation keeps the total.
@@ -54,7 +64,7 @@ stage base_loss $TORCHRUN -m scripts.base_loss
 stage base_eval $TORCHRUN -m scripts.base_eval
 
 # chat stages
-stage identity-data curl -fsSL -o "$NANOCHAT_BASE_DIR/identity_conversations.jsonl" \
+[ -n "${NANOCHAT_DATA_DIR:-}" ] || stage identity-data curl -fsSL -o "$NANOCHAT_BASE_DIR/identity_conversations.jsonl" \
     https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl
 stage mid_train $TORCHRUN -m scripts.mid_train -- --device-batch-size=auto --run=$WANDB_RUN
 stage chat_eval-mid $TORCHRUN -m scripts.chat_eval -- -i mid

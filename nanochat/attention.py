@@ -14,7 +14,9 @@ No backend builds a dense T x T mask for a training forward: cost grows with the
 """
 
 import os
+import json
 import logging
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,50 +26,75 @@ logger = logging.getLogger("nanochat")
 # Backend selection -----------------------------------------------------------
 
 BACKENDS = ("fa3", "flex", "sdpa")
-FA3_KERNEL_REPO = "varunneal/flash-attention-3"  # runs/setup_env.sh fetches it into the HF cache
+# Flash Attention 3 from the HF kernel hub: the maintained build, at a stable API version. `kernels lock .` pins
+# its exact commit in kernels.lock (input: [tool.kernels.dependencies] in pyproject.toml, keep the two in step).
+FA3_KERNEL_REPO = "kernels-community/flash-attn3"
+FA3_KERNEL_VERSION = 1
+KERNELS_LOCK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels.lock")
+FA3_FIX = ("fetch it once with network: `bash runs/setup_env.sh` on this node (or on a node with the same torch "
+           "and CUDA, then copy its kernel cache here and point KERNELS_CACHE at it)")
 _backend = None  # resolved lazily: one of BACKENDS
 _fa3 = None      # the FA3 module when loaded
 _reason = ""     # why the backend was chosen (shown in logs and the report)
 
 
+def _locked(lockfile):
+    """Whether `lockfile` exists and pins FA3_KERNEL_REPO."""
+    try:
+        with open(lockfile, encoding="utf-8") as f:
+            return any(e.get("dependency", {}).get("repo-id") == FA3_KERNEL_REPO for e in json.load(f))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_fa3_kernel(lockfile=None):
+    """(FA3 module, where it came from), read from the local kernel cache only: never the network, so a training
+    step never waits on the Hub and an offline node loads what set-up fetched. The build is the commit kernels.lock
+    pins when the repo has one, else version FA3_KERNEL_VERSION as fetch_fa3_kernel recorded it in the cache."""
+    import kernels
+    lockfile = lockfile or KERNELS_LOCK
+    if _locked(lockfile):
+        mod = kernels.load_kernel(FA3_KERNEL_REPO, lockfile=Path(lockfile))  # cache only, by its contract
+        return mod, f"{FA3_KERNEL_REPO} as pinned by {os.path.basename(lockfile)}"
+    # `kernels` decides cache-only from huggingface_hub.constants.HF_HUB_OFFLINE at each call; the environment
+    # variable only counts if set before the first import of huggingface_hub, which is usually long past here
+    from huggingface_hub import constants
+    before, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        mod = kernels.get_kernel(FA3_KERNEL_REPO, version=FA3_KERNEL_VERSION)
+    finally:
+        constants.HF_HUB_OFFLINE = before
+    return mod, f"{FA3_KERNEL_REPO} version {FA3_KERNEL_VERSION} from the kernel cache"
+
+
+def fetch_fa3_kernel(lockfile=None):
+    """Download FA3 into the kernel cache (set-up time, online; runs/setup_env.sh calls it): the commit kernels.lock
+    pins when there is one, else version FA3_KERNEL_VERSION. Returns the module."""
+    import kernels
+    trust = [FA3_KERNEL_REPO]  # this one repository's code, not every repository's
+    lockfile = lockfile or KERNELS_LOCK
+    if _locked(lockfile):
+        return kernels.get_locked_kernel(FA3_KERNEL_REPO, lockfile=Path(lockfile), trust_remote_code=trust)
+    return kernels.get_kernel(FA3_KERNEL_REPO, version=FA3_KERNEL_VERSION, trust_remote_code=trust)
+
+
 def _load_fa3():
-    """FA3 interface module, or None (with the reason) when it can't be had on this machine."""
+    """(FA3 interface module or None, why, fix): fix is set when a Hopper GPU could run FA3 but it did not load."""
     if not torch.cuda.is_available():
-        return None, "no CUDA device"
+        return None, "no CUDA device", None
     major, _ = torch.cuda.get_device_capability()
     if major != 9:
-        return None, f"compute capability {major}.x is not Hopper (FA3 needs 9.x)"
+        return None, f"compute capability {major}.x is not Hopper (FA3 needs 9.x)", None
     try:
         import kernels  # noqa: F401
     except ImportError:
-        return None, "the `kernels` package is not installed (pip install -e '.[gpu]', see runs/setup_env.sh)"
-    # training must never download: use the copy runs/setup_env.sh put in the HF cache. huggingface_hub
-    # reads HF_HUB_OFFLINE when first imported, so this only holds if nothing imported it earlier.
-    prev = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
+        return None, "the `kernels` package is not installed", "pip install -e '.[gpu]' (runs/setup_env.sh does)"
     try:
-        mod = fetch_fa3_kernel()
-        return getattr(mod, "flash_attn_interface", mod), f"Hopper GPU, loaded {FA3_KERNEL_REPO}"
-    except Exception as e:  # not in the cache, build mismatch: all mean "use the fallback"
-        return None, (f"FA3 kernel {FA3_KERNEL_REPO} did not load ({type(e).__name__}: {str(e)[:200]}); "
-                      "run runs/setup_env.sh with network to fetch it")
-    finally:
-        if prev is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = prev
-
-
-def fetch_fa3_kernel():
-    """Load (downloading into the HF cache when online) the FA3 kernel. runs/setup_env.sh calls this once."""
-    import inspect
-    from kernels import get_kernel
-    # newer `kernels` only trust some organisations by default
-    kwargs = {"trust_remote_code": True} if "trust_remote_code" in inspect.signature(get_kernel).parameters else {}
-    try:
-        return get_kernel(FA3_KERNEL_REPO, **kwargs)
-    except (TypeError, ValueError):  # versions that insist on an explicit revision
-        return get_kernel(FA3_KERNEL_REPO, revision="main", **kwargs)
+        mod, where = load_fa3_kernel()
+    except Exception as e:  # not in the cache, no build for this torch/CUDA: all mean "use the fallback"
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        return None, f"{FA3_KERNEL_REPO} did not load ({type(e).__name__}: {first})", FA3_FIX
+    return getattr(mod, "flash_attn_interface", mod), f"Hopper GPU, loaded {where}", None
 
 
 def _flex_available():
@@ -97,7 +124,7 @@ def set_backend(name=None):
             raise RuntimeError(f"attention backend 'flex' cannot run here: {why}; use --attn=auto or --attn=sdpa")
         reason = "forced"
     else:
-        fa3, why = _load_fa3()
+        fa3, why, fix = _load_fa3()
         if fa3 is None and name == "fa3":
             raise RuntimeError(f"attention backend 'fa3' cannot run here: {why}; use --attn=auto or another backend")
         if fa3 is not None:
@@ -105,6 +132,9 @@ def set_backend(name=None):
         else:
             ok, flex_why = _flex_available()
             name, reason = ("flex", f"{why}; {flex_why}") if ok else ("sdpa", f"{why}; {flex_why}")
+            if fix:  # one line that stands out: without FA3 a Hopper GPU trains markedly slower
+                logger.warning(f"WARNING: Flash Attention 3 is not in use on this Hopper GPU: {why}. Attention runs "
+                               f"on {name} instead (slower). Fix: {fix}.")
     _backend, _fa3, _reason = name, fa3, reason
     logger.info(f"attention backend: {_backend} ({reason})")
     return _backend
@@ -236,6 +266,7 @@ def _sdpa_banded(q, k, v, left):
 
 
 FLEX_BLOCK = 128  # FlexAttention's default tile
+FLEX_COMPILE_BACKEND = "inductor"  # tests count compiles with a counting backend in its place
 _flex_fn = None
 _block_masks = {}  # (T, left, device) -> BlockMask, built once outside compiled code
 
@@ -274,7 +305,9 @@ def _flex_window(q, k, v, left, compiled=True):
     bm = _cached_mask((T, left, str(q.device)), lambda: sliding_window_block_mask(T, left, q.device), _block_masks)
     if compiled and _flex_fn is None:
         # uncompiled FlexAttention is a slow dense reference; compiled it is a fused block-sparse kernel
-        _flex_fn = torch.compile(flex_attention, dynamic=False)
+        # one compile per sequence length: the chat stages pad batches to a few lengths (SFTBatcher's pad_multiple)
+        # so they stay below torch's recompile limit, past which it would fall back to the unfused version
+        _flex_fn = torch.compile(flex_attention, dynamic=False, backend=FLEX_COMPILE_BACKEND)
     fn = _flex_fn if compiled else flex_attention
     y = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=bm,
            enable_gqa=q.size(2) != k.size(2))
@@ -336,7 +369,9 @@ def flash_attn_decode(q, k_cache, v_cache, k, v, cache_seqlens, window_size=(-1,
     before it plus its own new k, v (B, 1, Hkv, D), masked rather than sliced, so nothing depends on the
     positions' values. Returns (B, 1, H, D). The caller stores k, v afterwards (KVCache.store_step); the
     eager and FA3 paths may already have written them."""
-    if _use_fa3(q):
+    if _use_fa3(q) and not torch.compiler.is_compiling():
+        # eager only: FA3's in-place cache write is an opaque op a compiled (fullgraph) step cannot trace; the
+        # compiled step takes the masked path below, which FA3's write-back via store_step matches
         return flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
                                        window_size=window_size)
     B, Tmax = k_cache.shape[:2]

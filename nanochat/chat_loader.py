@@ -3,8 +3,9 @@ Batches of conversations for the chat stages, walking the dataset strided by ran
 
 - MidPacker (mid_train): whole conversations packed best-fit into rows of T+1 tokens on a background
   thread, padded rather than split across rows; every token but the padding is a target.
-- SFTBatcher (chat_sft): one conversation per row, padded per batch; only the tokens the mask marks
-  (assistant replies) are targets.
+- SFTBatcher (chat_sft): one conversation per row, padded per batch (to the longest row, or up to a multiple
+  of pad_multiple so compiled attention sees only a few shapes); only the tokens the mask marks (assistant
+  replies) are targets.
 
 Both have a small JSON-able state_dict(): a resumed run re-renders conversations from their indices and
 sees exactly the batches an uninterrupted one would.
@@ -149,10 +150,20 @@ class MidPacker:
         self._thread.join(timeout=5)
 
 
-def collate_sft(rendered, pad_id):
-    """rendered: list of (ids, mask). Returns inputs, targets (B, max_len-1); targets are -1 on padding and
-    wherever the mask says the token is not trained."""
-    ncols = max(len(ids) for ids, _ in rendered) - 1
+# torch.compile's default recompile limit: a function compiled per shape (FlexAttention, compiled per sequence
+# length) falls back to its unfused, score-materialising version once it has seen more shapes than this
+MAX_PAD_LENGTHS = 8
+
+
+def pad_multiple_for(max_tokens, multiple=256):
+    """The smallest multiple of `multiple` that cuts rows of up to max_tokens into at most MAX_PAD_LENGTHS lengths."""
+    return multiple * max(1, -(-max_tokens // (multiple * MAX_PAD_LENGTHS)))
+
+
+def collate_sft(rendered, pad_id, ncols=None):
+    """rendered: list of (ids, mask). Returns inputs, targets (B, ncols), by default ncols = max_len-1; targets are
+    -1 on padding and wherever the mask says the token is not trained."""
+    ncols = ncols or max(len(ids) for ids, _ in rendered) - 1
     inputs = torch.full((len(rendered), ncols), pad_id, dtype=torch.long)
     targets = torch.full((len(rendered), ncols), -1, dtype=torch.long)
     for i, (ids, mask) in enumerate(rendered):
@@ -164,11 +175,14 @@ def collate_sft(rendered, pad_id):
 
 
 class SFTBatcher:
-    """Iterator of (inputs, targets) with `B` conversations per batch, walking indices rank, rank+W, ..."""
+    """Iterator of (inputs, targets) with `B` conversations per batch, walking indices rank, rank+W, ...
+    pad_multiple > 0: rows are padded up to the next multiple of it (at most max_tokens), so a run sees at most
+    ceil(max_tokens / pad_multiple) shapes; the padding's targets are -1, so the loss is unchanged."""
 
-    def __init__(self, dataset, tokenizer, B, device="cpu", max_tokens=2048, rank=None, world_size=None, state=None):
+    def __init__(self, dataset, tokenizer, B, device="cpu", max_tokens=2048, rank=None, world_size=None, state=None,
+                 pad_multiple=0):
         self.dataset, self.tokenizer, self.B, self.device = dataset, tokenizer, B, torch.device(device)
-        self.max_tokens = max_tokens
+        self.max_tokens, self.pad_multiple = max_tokens, pad_multiple
         self.rank, self.world_size = _world(rank, world_size)
         if len(dataset) == 0:
             raise ValueError("the SFT mixture is empty: check the mixture flags")
@@ -191,5 +205,8 @@ class SFTBatcher:
             conv = self.dataset[self.cursor % len(self.dataset)]
             rendered.append(self.tokenizer.render_conversation(conv, max_tokens=self.max_tokens))
             self.cursor += self.world_size
-        inputs, targets = collate_sft(rendered, self.pad_id)
+        ncols = max(len(ids) for ids, _ in rendered) - 1
+        if self.pad_multiple > 0:
+            ncols = min(-(-ncols // self.pad_multiple) * self.pad_multiple, self.max_tokens)
+        inputs, targets = collate_sft(rendered, self.pad_id, ncols)
         return inputs.to(self.device), targets.to(self.device)

@@ -1,14 +1,13 @@
 """
-Runtime helpers shared by every script: paths, device and dtype policy, distributed
-init/cleanup, logging, seeding, peak FLOP/s tables and a locked download helper.
+Runtime helpers shared by every script: paths, printing and rank reductions, the device and the precision
+policy (resolve_precision), distributed init/cleanup, seeding, wandb, peak FLOP/s tables and a locked
+download helper. Reading user files is nanochat/files.py's.
 """
 
 import os
-import sys
-import json
-import stat
 import time
 import random
+import functools
 import logging
 import urllib.request
 
@@ -39,93 +38,6 @@ def get_data_dir():
     return d
 
 # -----------------------------------------------------------------------------
-# Reading files the user supplies: checkpoints, tokenizers, data
-
-
-class InputFileError(ValueError):
-    """A file that cannot be used (damaged, edited, the wrong kind): the message is one line naming the file, what
-    is wrong and what to do, which a dying script prints without a traceback (see install_error_handler)."""
-
-
-class MissingFileError(InputFileError, FileNotFoundError):
-    """A file that is not there: one line, like InputFileError, and still a FileNotFoundError to callers."""
-
-
-def _print_file_errors(exc_type, exc, tb, _previous=sys.excepthook):
-    # a broken or missing file is the user's to fix, not a bug in the code: a traceback would only hide the line
-    if issubclass(exc_type, InputFileError):
-        print(f"error: {exc}", file=sys.stderr)
-    else:
-        _previous(exc_type, exc, tb)
-
-
-def install_error_handler():
-    """Make an uncaught InputFileError print its one line (no traceback) before the script exits with status 1."""
-    sys.excepthook = _print_file_errors
-
-
-def _file_kind(mode):
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
-def open_regular(path, fix, max_bytes=None, what="file"):
-    """`path` opened for binary reading if it is a regular file (symlinks followed) of at most max_bytes, else
-    InputFileError naming it. Opened non-blocking first, so a FIFO or device is refused at once instead of
-    blocking or streaming forever (a symlink to /dev/zero); the size is checked before anything is read."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    except FileNotFoundError:
-        raise MissingFileError(f"{path} does not exist; {fix}") from None
-    except OSError as e:
-        raise InputFileError(f"{path} cannot be opened ({e.strerror}); {fix}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise InputFileError(f"{path} is {_file_kind(st.st_mode)}, not a regular file; {fix}")
-        if max_bytes is not None and st.st_size > max_bytes:
-            raise InputFileError(f"{path} is {st.st_size:,} bytes, more than a {what} can be ({max_bytes:,}): "
-                                 f"the wrong file or a damaged one; {fix}")
-        if hasattr(os, "set_blocking"):
-            os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def read_jsonl(path, parse=None, fix="fix or remove that line"):
-    """Rows of a JSONL file (blank lines skipped), read as UTF-8 line by line (an editor's BOM on line 1 is fine).
-    `parse(obj)` validates/transforms a row, raising ValueError/KeyError/TypeError if it is malformed. Every error
-    is an InputFileError naming the file and line."""
-    rows = []
-    with open_regular(path, f"point to a JSONL file ({fix})") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise InputFileError(f"{where}: invalid UTF-8 at byte {e.start} of the line "
-                                     f"({raw[e.start:e.start + 4]!r}); save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                rows.append(parse(obj) if parse else obj)
-            except RecursionError:  # json.loads recurses once per level: a row nested thousands deep
-                raise InputFileError(f"{where}: malformed row: nested too deeply to parse; {fix}") from None
-            except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
-                reason = f"missing field {e}" if isinstance(e, KeyError) else str(e)
-                raise InputFileError(f"{where}: malformed row: {reason}; {fix}") from None
-    if not rows:
-        logger.warning(f"warning: {path} is empty (no rows): it adds nothing")
-    return rows
-
-# -----------------------------------------------------------------------------
 # Printing and process info
 
 def get_dist_info():
@@ -140,6 +52,33 @@ def print0(*args, **kwargs):
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)
 
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_sum(tensor):
+    """Sum a tensor over ranks in place (an identity on one process); returns it."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_mean(value, device):
+    """Mean of a python float over ranks."""
+    if not is_distributed():
+        return value
+    return all_reduce_sum(torch.tensor([value], dtype=torch.float64, device=device)).item() / dist.get_world_size()
+
+
+def any_rank(flag, device):
+    """True if `flag` is True on any rank (e.g. 'this rank ran out of data')."""
+    if not is_distributed():
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
 # -----------------------------------------------------------------------------
 # Device and precision
 
@@ -151,86 +90,86 @@ def autodetect_device_type():
     return "cpu"
 
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def get_compute_dtype(device_type, override=None, verbose=True):
-    """The dtype activations run in: `override` or $NANOCHAT_DTYPE if given, else bf16 on CUDA SM80+ and fp32
-    elsewhere (older GPUs lack fast bf16; bf16 speed on CPUs varies wildly, and fp32 is exact)."""
-    choice = override or os.environ.get("NANOCHAT_DTYPE")
-    if choice:
-        if choice not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {choice!r} (from --dtype or NANOCHAT_DTYPE)")
-        dtype, reason = _DTYPES[choice], "set by --dtype / NANOCHAT_DTYPE"
-        os.environ["NANOCHAT_DTYPE"] = choice  # the model reads the same policy when it initialises
-    elif device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 8:
-        dtype, reason = torch.bfloat16, "CUDA compute capability >= 8.0"
-    elif device_type == "cuda":
-        dtype, reason = torch.float32, "CUDA compute capability < 8.0 has no fast bf16"
-    else:
-        dtype, reason = torch.float32, f"default on {device_type}"
-    if verbose:
-        print0(f"compute dtype: {str(dtype).replace('torch.', '')} ({reason})")
-    return dtype
-
-
-_BF16_PROBE = None  # (bf16 / fp32 matmul speed ratio) of this CPU, measured once per process
-_EXPORTED_DTYPE = None  # the $NANOCHAT_DTYPE resolve_precision last set
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 BF16_MIN_SPEEDUP = 1.5  # below this, bf16's rounding is not worth it: the elementwise work stays the same
 
 
+@functools.cache
 def probe_cpu_bf16_speedup(m=1024, k=256, n=1024, seconds=0.03):
     """How much faster this CPU multiplies in bf16 than fp32 at a training-like shape (native bf16 dot
-    products, AVX512-BF16 or AMX: 2-10x; emulated: slower). Best of a few interleaved short windows, so a busy
-    moment on a shared machine does not decide it; about 0.2 s, cached per process."""
-    global _BF16_PROBE
-    if _BF16_PROBE is None:
-        best = {}
-        mats = {dt: (torch.randn(m, k, dtype=dt), torch.randn(k, n, dtype=dt)) for dt in (torch.float32, torch.bfloat16)}
-        for _ in range(3):
-            for dt, (a, b) in mats.items():
-                a @ b  # warm-up (and first-touch of the output pages)
-                iters, t0 = 0, time.perf_counter()
-                while (dt_s := time.perf_counter() - t0) < seconds or iters < 2:
-                    a @ b
-                    iters += 1
-                best[dt] = min(best.get(dt, float("inf")), dt_s / iters)
-        _BF16_PROBE = best[torch.float32] / best[torch.bfloat16]
-    return _BF16_PROBE
+    products: 2-10x; emulated: slower). Best of a few interleaved short windows, about 0.2 s, measured once
+    per process. Draws its matrices from a private generator: the global RNG, which the model is initialised
+    from next, must not depend on whether the policy ran the probe."""
+    best, gen = {}, torch.Generator().manual_seed(0)
+    mats = {dt: (torch.randn(m, k, generator=gen).to(dt), torch.randn(k, n, generator=gen).to(dt))
+            for dt in (torch.float32, torch.bfloat16)}
+    for _ in range(3):
+        for dt, (a, b) in mats.items():
+            a @ b  # warm-up (and first-touch of the output pages)
+            iters, t0 = 0, time.perf_counter()
+            while (dt_s := time.perf_counter() - t0) < seconds or iters < 2:
+                a @ b
+                iters += 1
+            best[dt] = min(best.get(dt, float("inf")), dt_s / iters)
+    return best[torch.float32] / best[torch.bfloat16]
 
 
-def resolve_precision(device_type, dtype=None, compile=None, verbose=True):
-    """The training precision policy: (compute dtype, whether to torch.compile, reason) from the device and the
-    --dtype / --compile flags (None or "" = decide). CUDA: bf16 on SM80+, compiled. MPS: fp32 eager. CPU: bf16,
-    compiled (inductor fuses the casts around every op), when the probe measures bf16 matmul >= BF16_MIN_SPEEDUP
-    x fp32, else fp32 eager (compile buys fp32 little on a CPU). Weights and optimizer state stay fp32. Exports
-    the dtype as $NANOCHAT_DTYPE (also read as an override, like --dtype) for the model built next."""
-    global _EXPORTED_DTYPE
-    env = os.environ.get("NANOCHAT_DTYPE")
-    choice = dtype or (env if env != _EXPORTED_DTYPE else None)  # a value we exported ourselves is no user's choice
-    if choice and choice not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {choice!r} (from --dtype or NANOCHAT_DTYPE)")
+def cpu_bf16_is_fast():
+    """(bf16 pays on this CPU?, why). x86 CPUs that report AMX or AVX512-BF16 multiply bf16 natively, several
+    times faster than fp32: decided from the flags, so the choice never depends on how busy the machine is
+    (a timing probe under load once read 1.0x on such a CPU and silently trained a different run). Other CPUs
+    (ARM with or without bf16 dot products, older x86) are measured by the probe."""
+    for flag, name in (("_is_amx_tile_supported", "AMX"), ("_is_avx512_bf16_supported", "AVX512-BF16")):
+        if getattr(torch.cpu, flag, lambda: False)():
+            return True, f"CPU reports {name} (native bf16 matmul)"
+    ratio = probe_cpu_bf16_speedup()
+    fast = ratio >= BF16_MIN_SPEEDUP
+    return fast, f"CPU bf16 matmul measured {ratio:.1f}x fp32 ({'>=' if fast else '<'} {BF16_MIN_SPEEDUP}x)"
+
+
+def resolve_precision(device_type, dtype=None, compile=None, training=True, verbose=True):
+    """The precision policy, the one place it is decided: (compute dtype, whether to torch.compile, reason).
+    `dtype` and `compile` are the --dtype / --compile flags (None or "" = decide); $NANOCHAT_DTYPE is the user's
+    dtype where --dtype is not given (read here, never written: the caller hands the dtype to the model).
+    Training: CUDA bf16 on SM80+ (fp32 below), compiled. CPU: bf16, compiled (inductor fuses the casts around
+    every op), where bf16 matmul is native (cpu_bf16_is_fast), else fp32 eager (compile buys fp32 little on a
+    CPU). MPS: fp32 eager. Inference (training=False): the same on CUDA and MPS, but fp32 on a CPU (exact; a
+    decode step is too small for bf16 to pay), and never compiled (a script that compiles its decode step has
+    its own flag). Weights and optimizer state stay fp32. Draws no random numbers: the policy and an explicit
+    --dtype giving the same choice train the same model."""
+    choice = dtype or os.environ.get("NANOCHAT_DTYPE") or None
+    if choice and choice not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {choice!r} (from --dtype or NANOCHAT_DTYPE)")
     if choice:
-        out_dtype, reason = _DTYPES[choice], ("--dtype" if dtype else "$NANOCHAT_DTYPE") + " set explicitly"
+        out_dtype, reason = DTYPES[choice], ("--dtype" if dtype else "$NANOCHAT_DTYPE") + " set explicitly"
     elif device_type == "cuda":
         fast = torch.cuda.get_device_capability()[0] >= 8
         out_dtype = torch.bfloat16 if fast else torch.float32
         reason = "CUDA compute capability " + (">= 8.0" if fast else "< 8.0 has no fast bf16")
-    elif device_type == "cpu":
-        ratio = probe_cpu_bf16_speedup()
-        fast = ratio >= BF16_MIN_SPEEDUP
+    elif device_type == "cpu" and training:
+        fast, reason = cpu_bf16_is_fast()
         out_dtype = torch.bfloat16 if fast else torch.float32
-        reason = f"CPU bf16 matmul measured {ratio:.1f}x fp32 ({'>=' if fast else '<'} {BF16_MIN_SPEEDUP}x)"
     else:
-        out_dtype, reason = torch.float32, f"default on {device_type}"
+        out_dtype, reason = torch.float32, f"default {'for inference ' if not training else ''}on {device_type}"
     if compile is None:
-        out_compile = device_type == "cuda" or (device_type == "cpu" and out_dtype == torch.bfloat16)
+        out_compile = training and (device_type == "cuda" or (device_type == "cpu" and out_dtype == torch.bfloat16))
     else:
         out_compile, reason = bool(compile), reason + "; --compile set explicitly"
-    _EXPORTED_DTYPE = os.environ["NANOCHAT_DTYPE"] = str(out_dtype).removeprefix("torch.")  # read by init_weights
     if verbose:
         print0(f"precision: {str(out_dtype).removeprefix('torch.')}, compile={int(out_compile)} ({reason})")
     return out_dtype, out_compile, reason
+
+
+def enable_tf32():
+    """fp32 matmuls and convolutions on CUDA run in TF32 (the fp32 work that remains: optimizer math, fp32 runs).
+    torch >= 2.9 sets this per backend through `fp32_precision` and deprecates the older allow_tf32 flags."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    else:
+        matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def compute_init(device_type="", seed=42):
@@ -245,8 +184,7 @@ def compute_init(device_type="", seed=42):
     torch.manual_seed(seed)
     if device_type == "cuda":
         torch.cuda.manual_seed(seed)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        enable_tf32()
     is_dist, rank, local_rank, world_size = get_dist_info()
     device = torch.device("cuda", local_rank) if is_dist and device_type == "cuda" else torch.device(device_type)
     if is_dist:
@@ -262,7 +200,7 @@ def compute_init(device_type="", seed=42):
 
 
 def compute_cleanup():
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.destroy_process_group()
 
 

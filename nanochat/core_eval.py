@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 import torch.distributed as dist
 
-from nanochat.common import (InputFileError, MissingFileError, get_base_dir, get_data_dir, download_file_with_lock,
-                             open_regular, print0, read_jsonl)
+from nanochat.common import get_base_dir, get_data_dir, download_file_with_lock, print0
+from nanochat.files import InputFileError, MissingFileError, open_regular, read_jsonl
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -169,7 +169,7 @@ def evaluate_task(model, tokenizer, data, device, task_meta, batch_tokens=8192):
 # The bundle
 
 
-def _unzip_bundle(zip_path):
+def unzip_bundle(zip_path):
     """Unzip eval_bundle.zip next to it as eval_bundle/ (via a temp dir, so a crash leaves no half bundle)."""
     base = os.path.dirname(zip_path)
     target = os.path.join(base, "eval_bundle")
@@ -204,9 +204,9 @@ def get_bundle_dir(bundle_dir=None):
             from filelock import FileLock
             with FileLock(zip_path + ".lock"):
                 if not os.path.exists(os.path.join(d, "core.yaml")):
-                    _unzip_bundle(zip_path)
+                    unzip_bundle(zip_path)
         else:
-            download_file_with_lock(EVAL_BUNDLE_URL, zip_path, postprocess=_unzip_bundle)
+            download_file_with_lock(EVAL_BUNDLE_URL, zip_path, postprocess=unzip_bundle)
     return d
 
 

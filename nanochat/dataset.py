@@ -18,7 +18,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.common import InputFileError, get_base_dir, get_data_dir, open_regular
+from nanochat.common import get_base_dir, get_data_dir
+from nanochat.files import InputFileError, open_regular
 
 BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 MAX_SHARD = 1822  # shards 0..1822 exist (1,823 in all)

@@ -24,7 +24,6 @@ import torch
 
 from nanochat.attention import KVCache
 from nanochat.calculator import use_calculator  # noqa: F401  (also importable from here)
-from nanochat.common import get_compute_dtype
 
 # Sampling --------------------------------------------------------------------
 
@@ -142,7 +141,7 @@ def new_kv_cache(model, batch_size, seq_len):
     """An empty KV cache for `model` in the dtype its attention layers produce k/v in."""
     cfg = model.config
     device = next(model.parameters()).device
-    dtype = getattr(model, "compute_dtype", None) or get_compute_dtype(device.type, verbose=False)
+    dtype = model.compute_dtype or torch.float32  # None until the first forward of a model never initialised
     return KVCache(batch_size=batch_size, num_heads=cfg.n_kv_head, seq_len=seq_len, head_dim=cfg.n_embd // cfg.n_head,
                    num_layers=cfg.n_layer, device=device, dtype=dtype)
 

@@ -5,8 +5,13 @@ Every matmul of a converted linear (forward, input grad, weight grad) quantizes 
 per tensor, fresh on each call: scale = FP8_MAX / max(|x|) (float64, amax floored at 1e-12), then runs
 torch._scaled_mm with the inverse scales, producing bf16. Inputs and weights use float8_e4m3fn, output
 gradients float8_e5m2 (more range); see Micikevicius et al. 2022, arXiv 2209.05433.
-Only linears with in and out features divisible by 16 (cuBLAS fp8) and >= 128 (smaller gain nothing) are
-converted. The fp32 master weights are shared: evaluation runs them as plain bf16 linears in `bf16_linears(model)`.
+The forward matmul uses Hopper's fast accumulation (use_fast_accum: partial sums in the tensor cores' reduced
+precision, promoted less often), worth most of fp8's speed there; the two gradient matmuls keep full-precision
+accumulation, as in torchao's float8 training recipe, since gradient errors add up across the K dimension.
+Only the block linears with in and out features divisible by 16 (cuBLAS fp8) and >= 128 (smaller gain nothing)
+are converted; the head stays bf16 (the model applies it as a plain matmul on a slice of its weight, and its
+logits feed the soft-cap and the loss). The fp32 master weights are shared: evaluation runs them as plain bf16
+linears in `bf16_linears(model)`.
 """
 
 import contextlib
@@ -45,9 +50,9 @@ def dequantize(xq, inv_scale, dtype=torch.float32):
     return (xq.float() * inv_scale).to(dtype)
 
 
-def _mm(a, b, a_inv, b_inv):
+def _mm(a, b, a_inv, b_inv, fast_accum=False):
     """a (M, K) row-major @ b (K, N) column-major, fp8 in, bf16 out (what cuBLAS fp8 GEMMs take)."""
-    return torch._scaled_mm(a, b, scale_a=a_inv, scale_b=b_inv, out_dtype=torch.bfloat16)
+    return torch._scaled_mm(a, b, scale_a=a_inv, scale_b=b_inv, out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
 
 
 class FP8Matmul(torch.autograd.Function):
@@ -59,7 +64,7 @@ class FP8Matmul(torch.autograd.Function):
         wq, w_inv = quantize(w, E4M3)
         ctx.save_for_backward(xq, x_inv, wq, w_inv)  # kept in fp8: half the bytes of bf16
         ctx.x_dtype, ctx.w_dtype = x.dtype, w.dtype
-        return _mm(xq, wq.t(), x_inv, w_inv)  # wq.t() of a row-major weight is column-major already
+        return _mm(xq, wq.t(), x_inv, w_inv, fast_accum=True)  # wq.t() of a row-major weight is column-major
 
     @staticmethod
     def backward(ctx, g):
@@ -81,8 +86,9 @@ def _eligible(m):
 
 
 def convert_to_fp8(model):
-    """Switch every eligible linear of the model to fp8 matmuls (in place; weights untouched). Returns the count."""
-    converted = [m for m in model.modules() if type(m) is Linear and _eligible(m)]
+    """Switch every eligible block linear of the model to fp8 matmuls (in place; weights untouched). Returns the
+    count: the layers whose matmuls now run in fp8 (never the head, whose forward does not go through the module)."""
+    converted = [m for m in model.transformer.h.modules() if type(m) is Linear and _eligible(m)]
     for m in converted:
         m.__class__ = FP8Linear
     return len(converted)

@@ -8,7 +8,7 @@ The GPT: a modern decoder-only transformer in the modded-nanogpt / nanochat line
 - per-layer resid/x0 scalars, smear (bigram mixing of embeddings) and backout (subtract a mid-layer state)
 On CPU in fp32 eager, training uses HeadSoftcapCE (head matmul + soft-cap + CE fused; same math, fewer passes).
 
-Build: `with torch.device("meta"): model = GPT(cfg)`, then `model.to_empty(device=d)`, `model.init_weights()`.
+Build: `with torch.device("meta"): model = GPT(cfg)`, then `model.to_empty(device=d)`, `model.init_weights(dtype)` (the compute dtype: common.resolve_precision).
 """
 
 import math
@@ -19,7 +19,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.cpu_ops import RMSNormCPU, ReluSquareCPU, HeadSoftcapCE, cpu_kernels, use_cpu_kernels  # noqa: F401
-from nanochat.common import get_compute_dtype
 from nanochat.attention import flash_attn_func, flash_attn_with_kvcache, flash_attn_decode, get_backend
 
 ROPE_BASE = 100_000
@@ -177,7 +176,7 @@ class GPT(nn.Module):
         self.rotary_len = 10 * config.sequence_len  # decode may run past the training length
         self.register_buffer("cos", torch.empty(1, self.rotary_len, 1, self.head_dim // 2), persistent=False)
         self.register_buffer("sin", torch.empty(1, self.rotary_len, 1, self.head_dim // 2), persistent=False)
-        self.compute_dtype = None  # set by init_weights from the device (bf16 where the hardware multiplies it fast)
+        self.compute_dtype = None  # the dtype activations run in: init_weights' argument
         get_backend()  # pick (and log) the attention backend now, outside any torch.compile trace
         self.fused_loss = True  # CPU fp32 eager training uses HeadSoftcapCE (tests compare it to the plain path)
 
@@ -198,12 +197,9 @@ class GPT(nn.Module):
     @torch.no_grad()
     def init_weights(self, dtype=None):
         """Initialize (zero output projections, small uniform q/k/v and MLP-in, small head) after to_empty().
-        dtype: the compute dtype (default: the process's policy, see common.get_compute_dtype)."""
+        dtype: the compute dtype, the precision policy's choice (common.resolve_precision); default fp32."""
         cfg, d = self.config, self.config.n_embd
         s = math.sqrt(3) / math.sqrt(d)  # U(-s, s) has std 1/sqrt(d)
-        # embeddings may have been cast to bf16 by an earlier init: back to fp32 masters first
-        self.transformer.wte.float()
-        self.value_embeds.float()
         self.transformer.wte.weight.normal_(0.0, 0.8)
         self.lm_head.weight.normal_(0.0, 0.001)
         for block in self.transformer.h:
@@ -224,11 +220,12 @@ class GPT(nn.Module):
         self.smear_lambda.zero_()
         self.backout_lambda.fill_(0.2)
         device = self.get_device()
-        self.compute_dtype = dtype or get_compute_dtype(device.type, verbose=False)
-        # embeddings are lookups, not matmuls: store them in the compute dtype (fp16 keeps fp32 for range)
-        if self.compute_dtype == torch.bfloat16:
-            self.transformer.wte.to(dtype=torch.bfloat16)
-            self.value_embeds.to(dtype=torch.bfloat16)
+        # Every parameter stays an fp32 master, embeddings included; bf16 is only the compute copy (lookups and
+        # linears cast on the fly). Stored in bf16, an embedding loses every AdamW update below half its ulp
+        # (~0.002 at |w| ~ 0.8): late in a run most of them, and the other weights learn to compensate (a bf16
+        # d4 base ended with negative x0 scalars and spiked at mid-training's start; with fp32 masters its
+        # scalars and val bpb track the fp32 run's).
+        self.compute_dtype = dtype or torch.float32
         self._init_rotary(device)
 
     def _init_rotary(self, device):
@@ -283,8 +280,8 @@ class GPT(nn.Module):
     # inference with a KV cache: the one cached path (the Engine's prefill and decode steps) ---
 
     def _ensure_compute_dtype(self):
-        if self.compute_dtype is None:  # weights loaded without init_weights(): decide now, once
-            self.compute_dtype = get_compute_dtype(self.get_device().type, verbose=False)
+        if self.compute_dtype is None:  # weights loaded without init_weights(): fp32, like the weights
+            self.compute_dtype = torch.float32
             self._init_rotary(self.get_device())
 
     def _inference_weights(self, recheck=True):

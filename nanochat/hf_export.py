@@ -4,7 +4,8 @@ model.safetensors (the GPT state_dict under its own names), config.json (auto_ma
 copy of nanochat/hf_modeling.py), tokenizer.json + tokenizer_config.json + chat_template.jinja, generation_config.json
 (stops on <|assistant_end|> and <|bos|>, like the Engine) and README.md, so that transformers alone loads it with
 `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` and `AutoTokenizer.from_pretrained(DIR)`.
-`load_exported(DIR)` rebuilds nanochat's GPT and tokenizer from it (`--source=hf:DIR`). Needs the `export` extra:
+nanochat.model_loader.load_exported(DIR) rebuilds nanochat's GPT and tokenizer from it (`--source=hf:DIR`), with
+tokenizer_from_hf_json below. Needs the `export` extra:
     pip install -e '.[export]'
 """
 
@@ -13,11 +14,10 @@ import json
 import shutil
 from dataclasses import fields
 
-import torch
-
 from nanochat.gpt import padded_vocab_size, has_value_embed, ROPE_BASE, SOFTCAP, QK_SCALE, \
     VE_GATE_CHANNELS, VE_GATE_SCALE, SMEAR_CHANNELS
 from nanochat.tokenizer import RustBPETokenizer
+from nanochat.files import CheckpointError, load_json_file
 
 MODELING_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_modeling.py")
 MODELING_FILE = "modeling_nanochat.py"
@@ -62,7 +62,8 @@ CHAT_TEMPLATE = """\
 {%- if add_generation_prompt -%}{{- '<|assistant_start|>' -}}{%- endif -%}"""
 
 
-def _require(module):
+def require_export_extra(module):
+    """Import an optional dependency of export and hf: loading, or say how to install it."""
     try:
         return __import__(module)
     except ImportError:
@@ -93,7 +94,7 @@ def bpe_merges(ranks):
 
 def build_hf_tokenizer(tokenizer, model_max_length, chat_template=CHAT_TEMPLATE):
     """A transformers PreTrainedTokenizerFast that encodes like `tokenizer` (a RustBPETokenizer)."""
-    _require("transformers")
+    require_export_extra("transformers")
     from tokenizers import Tokenizer, Regex, AddedToken, models, pre_tokenizers, decoders
     from transformers import PreTrainedTokenizerFast
     enc = tokenizer.enc
@@ -131,7 +132,6 @@ MAX_HF_TOKENIZER_BYTES = 512 << 20  # a 65K vocabulary with every BPE merge is t
 def tokenizer_from_hf_json(path, fix="export the model again with python -m scripts.export"):
     """A RustBPETokenizer from a tokenizer.json written by build_hf_tokenizer (vocabulary ids are the ranks);
     a damaged or foreign file raises CheckpointError naming it."""
-    from nanochat.checkpoint_manager import CheckpointError, load_json_file
     data = load_json_file(path, fix, MAX_HF_TOKENIZER_BYTES)
     try:
         vocab = data["model"]["vocab"]
@@ -259,8 +259,8 @@ def export_model(model, tokenizer, meta, out_dir, state=None, dtype=None, report
                  license_id="mit"):
     """Write the Hugging Face directory for a nanochat GPT; returns out_dir. Each tensor keeps its dtype in `state`
     (the checkpoint's state_dict; default: the model's), unless `dtype` casts every floating tensor."""
-    _require("transformers")  # checked before anything is written
-    _require("safetensors")
+    require_export_extra("transformers")  # checked before anything is written
+    require_export_extra("safetensors")
     from safetensors.torch import save_file
     os.makedirs(out_dir, exist_ok=True)
     tensors = {}
@@ -291,61 +291,8 @@ def export_model(model, tokenizer, meta, out_dir, state=None, dtype=None, report
 
 def push_to_hub(out_dir, repo_id, private=False):
     """Upload an exported directory to the Hub (needs `huggingface-cli login` or HF_TOKEN)."""
-    _require("huggingface_hub")
+    require_export_extra("huggingface_hub")
     from huggingface_hub import HfApi
     api = HfApi()
     api.create_repo(repo_id, private=private, exist_ok=True)
     return api.upload_folder(folder_path=out_dir, repo_id=repo_id, commit_message="Upload nanochat export")
-
-# -----------------------------------------------------------------------------
-# Round trip: an exported directory -> nanochat's GPT
-
-
-def load_exported(hf_dir, device, phase):
-    """(model, tokenizer, meta) from an exported directory, as checkpoint_manager.build_model returns them, with
-    the same checks: each file is a regular file of a sane size, config.json a valid nanochat config that agrees
-    with itself and the tokenizer, the weights of the right names, shapes, dtypes and finite. Anything wrong is a
-    one-line CheckpointError naming the file."""
-    from nanochat.common import MissingFileError, open_regular
-    from nanochat.checkpoint_manager import (CheckpointError, check_weights, config_from_dict, load_json_file,
-                                             materialize, max_weights_bytes, meta_model)
-    hf_dir = os.path.expanduser(hf_dir)
-    fix = "export the checkpoint again with python -m scripts.export (or download the directory again)"
-    if not os.path.isdir(hf_dir):
-        raise MissingFileError(f"{hf_dir} is not a directory: --source=hf:DIR needs a directory written by "
-                               f"python -m scripts.export (or downloaded from the Hub)")
-    config_path, weights_path, tokenizer_path = (os.path.join(hf_dir, name) for name in
-                                                 ("config.json", WEIGHTS_FILE, "tokenizer.json"))
-    for path in (config_path, weights_path, tokenizer_path):
-        if not os.path.exists(path):
-            raise MissingFileError(f"{path} not found: --source=hf:DIR needs a directory written by "
-                                   "python -m scripts.export (or downloaded from the Hub)")
-    hf_cfg = load_json_file(config_path, fix)
-    if hf_cfg.get("model_type") != MODEL_TYPE or not isinstance(hf_cfg.get("nanochat_config"), dict):
-        raise CheckpointError(f"{config_path}: model_type {str(hf_cfg.get('model_type'))[:40]!r} is not a nanochat "
-                              f"export ({MODEL_TYPE!r} with a nanochat_config object); {fix}")
-    config = config_from_dict(hf_cfg["nanochat_config"], f"{config_path} (nanochat_config)", fix)
-    # transformers builds the model from the top-level fields: they must say what nanochat_config says
-    for key in ("vocab_size", "sequence_len", "n_layer", "n_head", "n_kv_head", "n_embd"):
-        if key in hf_cfg and hf_cfg[key] != getattr(config, key):
-            raise CheckpointError(f"{config_path}: {key}={str(hf_cfg[key])[:40]} but nanochat_config.{key}="
-                                  f"{getattr(config, key)} (the file was edited); {fix}")
-    tokenizer = tokenizer_from_hf_json(tokenizer_path, fix)
-    if tokenizer.get_vocab_size() != config.vocab_size:
-        raise CheckpointError(f"{config_path}: vocab_size={config.vocab_size} but {tokenizer_path} has "
-                              f"{tokenizer.get_vocab_size()} tokens: the two files come from different exports; {fix}")
-    model = meta_model(config, config_path, fix)
-    shapes = model.state_dict()
-    _require("safetensors")
-    from safetensors.torch import load_file
-    # checked as a regular file of a plausible size first: safetensors maps whatever the path names
-    open_regular(weights_path, fix, max_weights_bytes(shapes), "weights file").close()
-    try:
-        state = load_file(weights_path, device="cpu")
-    except Exception as e:  # SafetensorError (truncated, header only, bad header), OSError...
-        raise CheckpointError(f"{weights_path} cannot be read ({type(e).__name__}: {str(e)[:120]}): the file is "
-                              f"truncated or corrupt; {fix}") from None
-    check_weights(state, shapes, weights_path, config_path, fix)
-    model = materialize(model, state, torch.device(device), phase)
-    meta = {"step": None, "model_config": hf_cfg["nanochat_config"], "source": f"hf:{hf_dir}"}
-    return model, tokenizer, meta

@@ -3,7 +3,7 @@ Training memory, estimated before anything is allocated, so a run fits by constr
 
 estimate_memory(config, device_batch_size, dtype, ...) counts the bytes one training step holds at its peak
 (end of the forward / start of the backward of the last micro-batch):
-  weights        fp32 masters (embeddings in the compute dtype when it is bf16, as GPT.init_weights does)
+  weights        fp32 masters, every parameter (GPT.init_weights)
   grads          one per parameter, in its dtype (they persist across micro-batches)
   optimizer      AdamW moments (2 x fp32) for embeddings, head, scalars; Muon momentum (fp32) + factored 2nd moment
   weight_copies  the compute-dtype copy of every linear weight that the forward casts and autograd keeps
@@ -83,7 +83,7 @@ def estimate_memory(config, device_batch_size, dtype=torch.bfloat16, fp8=False, 
     N = device_batch_size * config.sequence_len
     V, d = config.vocab_size, config.n_embd
     emb = c["wte"] + c["value_embeds"]
-    weights = emb * (e if dtype == torch.bfloat16 else 4) + (c["total"] - emb) * 4
+    weights = c["total"] * 4
     adamw = c["lm_head"] + emb + c["scalars"]
     optimizer = (adamw * 8 + c["transformer_matrices"] * 4) / world_size
     # fp8 linears keep their fp8 weight; the head stays in the compute dtype

@@ -4,6 +4,7 @@ stitches them into report.md with a summary table, the wall-clock time, an estim
 
     python -m nanochat.report reset      # start of a run: header.md (date, git, hardware, versions, code size)
     python -m nanochat.report generate   # end of a run: report/report.md, copied to ./report.md
+    python -m nanochat.report quality    # one line: base/mid val bpb, SFT val loss, ChatCORE (a quality guard)
 
 In a stage (only rank 0 writes; other ranks get a no-op object):
 
@@ -38,6 +39,10 @@ SECTIONS = [
     ("Chat evaluation rl", "chat-evaluation-rl.md"),
 ]
 RL_FILES = {"chat-rl.md", "chat-evaluation-rl.md"}  # RL is optional: left out of the wall-clock time
+# file -> (summary column, label in that section, summary row): the figure each training stage ends with
+VAL_FIGURES = {"base-model-training.md": ("BASE", "Final validation bpb", "Val bpb"),
+               "midtraining.md": ("MID", "Final validation bpb", "Val bpb"),
+               "chat-sft.md": ("SFT", "Validation loss", "Val loss")}
 CHAT_METRICS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"]
 GPU_PRICES = [("H100", 3.00), ("A100", 1.79), ("V100", 0.55)]  # $/GPU/hour by name substring; else 2.00
 BLOAT_EXTENSIONS = {"py", "md", "rs", "html", "toml", "sh"}
@@ -182,6 +187,30 @@ def extract_metrics(text, keys):
     return out
 
 
+def add_section_metrics(metrics, file, text):
+    """Fold the summary figures of one section file into metrics {stage: {row: value-string}}."""
+    if file in VAL_FIGURES:  # the validation figure each training stage ended with
+        stage, label, name = VAL_FIGURES[file]
+        value = extract_metrics(text, [label]).get(label)
+        if value not in (None, "", "None"):
+            metrics.setdefault(stage, {})[name] = value
+    if file == "base-model-evaluation.md":
+        metrics.setdefault("BASE", {}).update(extract_metrics(text, ["CORE"]))
+    elif file in ("chat-evaluation-mid.md", "chat-evaluation-sft.md"):
+        metrics.setdefault(file[len("chat-evaluation-"):-3].upper(), {}).update(extract_metrics(text, CHAT_METRICS))
+    elif file == "chat-evaluation-rl.md":
+        metrics.setdefault("RL", {}).update(extract_metrics(text, ["GSM8K"]))
+
+
+def quality_line(metrics):
+    """One line with the figures a change that costs quality moves first: base and mid val bpb, SFT val loss
+    and ChatCORE (of the last chat stage evaluated), '-' where a stage did not report it."""
+    chat = next((metrics[s] for s in ("SFT", "MID") if "ChatCORE" in metrics.get(s, {})), {})
+    return (f"quality: base val bpb {metrics.get('BASE', {}).get('Val bpb', '-')} | "
+            f"mid val bpb {metrics.get('MID', {}).get('Val bpb', '-')} | "
+            f"SFT val loss {metrics.get('SFT', {}).get('Val loss', '-')} | ChatCORE {chat.get('ChatCORE', '-')}")
+
+
 def _parse_time(text, prefix):
     """First 'prefix<timestamp>' in text as a datetime, or None."""
     m = re.search(re.escape(prefix) + r"\s*(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2})", text)
@@ -314,18 +343,14 @@ class Report:
                 curves = json.loads(_read(curves_path))
                 for name, png in plot_curves(curves, os.path.join(self.report_dir, file[:-3]), title=section):
                     parts.append(f"![{section}: {name}]({os.path.basename(png)})\n\n")
-            if file == "base-model-evaluation.md":
-                metrics["BASE"] = extract_metrics(text, ["CORE"])
-            elif file in ("chat-evaluation-mid.md", "chat-evaluation-sft.md"):
-                metrics[file[len("chat-evaluation-"):-3].upper()] = extract_metrics(text, CHAT_METRICS)
-            elif file == "chat-evaluation-rl.md":
-                metrics["RL"] = extract_metrics(text, ["GSM8K"])
+            add_section_metrics(metrics, file, text)
             if file not in RL_FILES:
                 end_time = _parse_time(text, "timestamp:") or end_time
 
         # summary: bloat, metric table, wall clock and cost
-        # CORE first, ChatCORE last, the rest alphabetical
-        names = sorted({k for m in metrics.values() for k in m}, key=lambda n: (n != "CORE", n == "ChatCORE", n))
+        # validation figures first, then CORE, ChatCORE last, the rest alphabetical
+        names = sorted({k for m in metrics.values() for k in m},
+                       key=lambda n: (not n.startswith("Val "), n != "CORE", n == "ChatCORE", n))
         stages = ["BASE", "MID", "SFT", "RL"]
         summary = ["## Summary", ""]
         if bloat:
@@ -349,9 +374,21 @@ class Report:
         report_md = os.path.join(self.report_dir, "report.md")
         _write(report_md, "".join(p if p.endswith("\n") else p + "\n" for p in parts))
         print(f"Generated report at {report_md}")
+        print(quality_line(metrics))
         if copy_to_cwd:
             self._copy_to_cwd(report_md)
         return report_md
+
+    def quality(self):
+        """Print the one-line quality summary of the stages logged so far (runs/runcpu.sh ends with it)."""
+        metrics = {}
+        for _, file in SECTIONS:
+            path = os.path.join(self.report_dir, file)
+            if os.path.exists(path):
+                add_section_metrics(metrics, file, _read(path))
+        line = quality_line(metrics)
+        print(line)
+        return line
 
     def _copy_to_cwd(self, report_md):
         """./report.md with image links rewritten relative to the CWD, so the plots still show."""
@@ -372,7 +409,7 @@ class DummyReport:
     def log(self, *args, **kwargs):
         pass
 
-    log_curve = log_curves = reset = generate = log
+    log_curve = log_curves = reset = generate = quality = log
 
 
 def get_report():
@@ -385,7 +422,7 @@ def get_report():
 
 if __name__ == "__main__":
     import argparse
-    parser = argparse.ArgumentParser(description="Reset or generate the nanochat report card")
-    parser.add_argument("command", nargs="?", default="generate", choices=["generate", "reset"])
+    parser = argparse.ArgumentParser(description="Reset or generate the nanochat report card, or print its quality line")
+    parser.add_argument("command", nargs="?", default="generate", choices=["generate", "reset", "quality"])
     args = parser.parse_args()
     getattr(get_report(), args.command)()

@@ -2,14 +2,13 @@
 Accuracy of a chat model on a task (anything with len(), [i] -> conversation, evaluate(conversation, answer)),
 shared by chat_eval, chat_sft and chat_rl. Categorical tasks (ARC, MMLU): one forward per batch, the answer is the
 argmax of the first assistant position's logits over the problem's letters. Generative tasks (GSM8K, HumanEval,
-SpellingBee): Engine samples, pass@num_samples (any sample passes).
-Problems are split across ranks and the counts all-reduced.
+SpellingBee): Engine samples, pass@k (any of the first k samples passes). FittingProblems leaves out the problems
+longer than a model's context. Problems are split across ranks and the counts all-reduced.
 """
 
 import torch
-import torch.distributed as dist
 
-from nanochat.common import get_dist_info
+from nanochat.common import get_dist_info, all_reduce_sum
 
 
 # random-guess accuracy of each chat benchmark: 4-way multiple choice, 0 for open-ended generation
@@ -26,12 +25,29 @@ def chatcore(accuracies, baselines=CHAT_BASELINES):
     return sum(centered) / len(centered)
 
 
-def _all_reduce_counts(passed, total, device):
-    if dist.is_available() and dist.is_initialized():
-        t = torch.tensor([passed, total], dtype=torch.long, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        passed, total = t.tolist()
-    return passed, total
+class FittingProblems:
+    """The first `max_problems` problems of a task whose prompt fits the context (`max_len` tokens); longer
+    ones are skipped and counted in `skipped`. Quacks like the task (len, [i], evaluate) for the evaluations."""
+
+    def __init__(self, task, tokenizer, max_len, max_problems=None):
+        self.task = task
+        n = len(task) if max_problems is None else min(len(task), max_problems)
+        self.indices = [i for i in range(n) if len(tokenizer.render_for_completion(task[i])) <= max_len]
+        self.skipped = n - len(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.task[self.indices[i]]
+
+    def evaluate(self, conversation, answer):
+        return self.task.evaluate(conversation, answer)
+
+
+def _all_reduce_counts(counts, device):
+    """A list of ints summed over ranks."""
+    return all_reduce_sum(torch.tensor(counts, dtype=torch.long, device=device)).tolist()
 
 
 def letter_token_ids(tokenizer, letters, cache):
@@ -68,30 +84,40 @@ def run_categorical_eval(task, tokenizer, model, batch_size=8, max_problems=None
             answer = conv["letters"][int(scores.argmax())]
             passed += int(task.evaluate(conv, answer))
             total += 1
-    passed, total = _all_reduce_counts(passed, total, device)
+    passed, total = _all_reduce_counts([passed, total], device)
     return passed / max(total, 1)
 
 
-@torch.no_grad()
 def run_generative_eval(task, tokenizer, engine, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50,
                         max_problems=None, device=None, verbose=False):
     """pass@num_samples in [0, 1] over the first max_problems problems."""
+    return pass_at_k(task, tokenizer, engine, num_samples, max_new_tokens, temperature, top_k, max_problems, device,
+                     verbose)[-1]
+
+
+@torch.no_grad()
+def pass_at_k(task, tokenizer, engine, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50,
+              max_problems=None, device=None, verbose=False):
+    """[pass@1, ..., pass@num_samples] over the first max_problems problems: pass@k is the fraction of problems
+    with a passing answer among their first k samples (one generate_batch call per problem, seeded by its index)."""
     # the all-reduce needs a tensor on the backend's device (NCCL: the GPU the model sits on)
     device = torch.device(device) if device is not None else next(engine.model.parameters()).device
     _, rank, _, world_size = get_dist_info()
     n = len(task) if max_problems is None else min(len(task), max_problems)
-    passed, total = 0, 0
+    passed, total = [0] * num_samples, 0  # passed[k - 1]: problems passed within their first k samples
     for i in range(rank, n, world_size):
         conv = task[i]
         prompt = tokenizer.render_for_completion(conv)
         results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
                                            temperature=temperature, top_k=top_k, seed=i)
-        completions = [tokenizer.decode(r[len(prompt):]) for r in results]
-        passed += int(any(task.evaluate(conv, c) for c in completions))
+        # the first passing sample; the later ones need no grading (HumanEval's grading runs code)
+        first = next((j for j, r in enumerate(results) if task.evaluate(conv, tokenizer.decode(r[len(prompt):]))),
+                     num_samples)
+        passed = [p + (k >= first) for k, p in enumerate(passed)]
         total += 1
         if verbose:
-            print(f"\r[rank {rank}] {passed}/{total} ({100 * passed / total:.1f}%)", end="", flush=True)
+            print(f"\r[rank {rank}] {passed[-1]}/{total} ({100 * passed[-1] / total:.1f}%)", end="", flush=True)
     if verbose:
         print()
-    passed, total = _all_reduce_counts(passed, total, device)
-    return passed / max(total, 1)
+    *passed, total = _all_reduce_counts([*passed, total], device)
+    return [p / max(total, 1) for p in passed]

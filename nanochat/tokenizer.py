@@ -16,7 +16,8 @@ import torch
 import tiktoken
 import rustbpe
 
-from nanochat.common import MissingFileError, get_base_dir, open_regular
+from nanochat.common import get_base_dir
+from nanochat.files import CheckpointError, MissingFileError, load_json_file, load_tensor_file, open_regular
 
 # GPT-4's pattern, except digit runs are split into chunks of at most 2 (better bpb at a 32K vocab).
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
@@ -149,7 +150,6 @@ class RustBPETokenizer:
     def from_directory(cls, tokenizer_dir):
         """Load a tokenizer written by save(). Only parses JSON and base64 text: never executes code.
         A truncated, corrupt or inconsistent file raises CheckpointError naming it."""
-        from nanochat.checkpoint_manager import CheckpointError, load_json_file
         config_path = os.path.join(tokenizer_dir, CONFIG_FILE)
         ranks_path = os.path.join(tokenizer_dir, RANKS_FILE)
         for path in (config_path, ranks_path):
@@ -343,7 +343,6 @@ def get_token_bytes(device="cpu"):
     path = os.path.join(get_tokenizer_dir(), "token_bytes.pt")
     if not os.path.exists(path):
         raise MissingFileError(f"{path} not found; run python -m scripts.tok_train first")
-    from nanochat.checkpoint_manager import CheckpointError, load_json_file, load_tensor_file
     fix = "rebuild it with python -m scripts.tok_train (or restore it from a copy)"
     token_bytes = load_tensor_file(path, device, fix, expect=torch.Tensor, max_bytes=MAX_TOKEN_BYTES_FILE)
     if token_bytes.dim() != 1 or token_bytes.is_floating_point() or token_bytes.is_complex() \

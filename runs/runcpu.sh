@@ -68,3 +68,5 @@ stage report python -m nanochat.report generate
 stage chat python -m scripts.chat_cli -p "What is the capital of France?"
 echo
 echo "done: report card in ./report.md (plots in $NANOCHAT_BASE_DIR/report/)"
+# the figures a change that costs quality moves first, on one line (also in the report's summary table)
+python -m nanochat.report quality

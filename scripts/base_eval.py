@@ -15,8 +15,9 @@ import csv
 import time
 import argparse
 
-from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, autodetect_device_type
-from nanochat.checkpoint_manager import load_model
+from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, autodetect_device_type, resolve_precision
+from nanochat.files import install_error_handler
+from nanochat.model_loader import load_model
 from nanochat.core_eval import evaluate_core
 from nanochat.report import get_report
 
@@ -28,11 +29,13 @@ parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (d
 parser.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward pass (memory vs speed)")
 parser.add_argument("--bundle-dir", type=str, default=None, help="eval bundle directory (default: see above)")
 args = parser.parse_args()
+install_error_handler()
 
 device_type = args.device_type or autodetect_device_type()
 is_dist, rank, local_rank, world_size, device = compute_init(device_type)
 
-model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
+dtype, _, _ = resolve_precision(device.type, training=False)
+model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step, dtype=dtype)
 step = meta["step"]
 model_name = f"base_model (step {step})"
 print0(f"Evaluating {model_name} on CORE, max {args.max_per_task} items per task, {world_size} rank(s)")

@@ -9,8 +9,9 @@ import argparse
 
 import torch
 
-from nanochat.common import compute_init, compute_cleanup, print0
-from nanochat.checkpoint_manager import load_model
+from nanochat.common import compute_init, compute_cleanup, print0, resolve_precision
+from nanochat.files import install_error_handler
+from nanochat.model_loader import load_model
 from nanochat.dataloader import PretrainLoader
 from nanochat.tokenizer import get_token_bytes
 from nanochat.loss_eval import evaluate_bpb
@@ -24,9 +25,12 @@ parser.add_argument("--model-step", type=int, default=None, help="checkpoint ste
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
 parser.add_argument("--num-samples", type=int, default=8, help="unconditional samples to print")
 args = parser.parse_args()
+install_error_handler()
 
 is_dist, rank, local_rank, world_size, device = compute_init(args.device_type)
-model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.model_step)
+dtype, _, _ = resolve_precision(device.type, training=False)
+model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.model_step,
+                                    dtype=dtype)
 T = model.config.sequence_len
 tokens_per_step = args.device_batch_size * T * world_size
 if args.split_tokens % tokens_per_step != 0:

@@ -25,6 +25,7 @@ import torch
 
 from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, resolve_precision,
                              get_max_memory, parse_bool)
+from nanochat.files import install_error_handler
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.dataloader import PretrainLoader
 from nanochat.dataset import get_split_files
@@ -35,10 +36,12 @@ from nanochat.report import get_report
 from nanochat.attention import set_backend_from_flag as set_attn_backend, backend_reason as attn_backend_reason
 from nanochat.memory import resolve_device_batch_size, estimate_memory, format_estimate
 from nanochat.fp8 import check_fp8_supported, convert_to_fp8, bf16_linears
-from nanochat.training import (lr_multiplier_base, muon_momentum_base, muon_weight_decay_cosine, set_schedule,
-                               grad_accum_steps, Prefetcher, accumulate_gradients, guarded_step, stop_on_nonfinite,
-                               evaluating, PeakFlops, StepTimer, Speed, RunState, format_step, mean_mfu, stage_meta,
-                               Checkpoints, start_run)
+from nanochat.schedules import lr_multiplier_base, muon_momentum_base, muon_weight_decay_cosine, set_schedule
+from nanochat.train_step import (grad_accum_steps, Prefetcher, accumulate_gradients, guarded_step, stop_on_nonfinite,
+                                 evaluating)
+from nanochat.speed import PeakFlops, StepTimer, Speed, mean_mfu
+from nanochat.run_state import RunState, format_step, start_run
+from nanochat.resume import Checkpoints, stage_meta
 
 parser = argparse.ArgumentParser(description="Pretrain the base model")
 # logging and runtime
@@ -81,6 +84,7 @@ parser.add_argument("--save-every", type=int, default=-1, help="checkpoint every
 parser.add_argument("--resume-from-step", type=int, default=-1, help="resume from this saved step")
 parser.add_argument("--model-tag", type=str, default=None, help="checkpoint directory name (default d<depth>)")
 args = parser.parse_args()
+install_error_handler()
 
 # -----------------------------------------------------------------------------
 # Init
@@ -105,7 +109,7 @@ config = config_from_depth(args.depth, aspect_ratio=args.aspect_ratio, head_dim=
 with torch.device("meta"):
     model = GPT(config)
 model.to_empty(device=device)
-model.init_weights()
+model.init_weights(dtype)
 if args.fp8:
     print0(f"fp8: {convert_to_fp8(model)} linear layers run their matmuls in fp8")
 orig_model = model  # uncompiled: optimizer, checkpoints, generation
@@ -177,7 +181,7 @@ eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_l
 core_model = torch.compile(orig_model) if use_compile else orig_model
 
 
-def run_val_bpb():
+def val_bpb():
     val_loader = PretrainLoader(tokenizer, args.device_batch_size, args.max_seq_len, "val", device=device)
     with evaluating(orig_model), bf16_linears(orig_model):
         bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)  # the compiled model when compiling
@@ -185,10 +189,10 @@ def run_val_bpb():
     return bpb
 
 
-def run_core():
+def core_metric():
     from nanochat.core_eval import evaluate_core
     with evaluating(orig_model), bf16_linears(orig_model):
-        return evaluate_core(core_model, tokenizer, device, max_per_task=args.core_metric_max_per_task)
+        return evaluate_core(core_model, tokenizer, device, max_per_task=args.core_metric_max_per_task)["core"]
 
 
 PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
@@ -196,7 +200,7 @@ PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yes
            "If 5*x + 3 = 13, then x is"]
 
 
-def run_samples():
+def print_samples():
     bos = tokenizer.get_bos_token_id()
     with evaluating(orig_model), bf16_linears(orig_model):
         for prompt in PROMPTS:
@@ -205,32 +209,35 @@ def run_samples():
             print0(f"  {tokenizer.decode(tokens[1:] + out)!r}")
 
 
-def make_meta():
+def meta():
     return stage_meta(run, config, user_config, tokenizer, world_size, device_batch_size=args.device_batch_size,
                       max_seq_len=args.max_seq_len, total_batch_size=total_batch_size, attn_backend=attn_backend,
                       **run.metrics_now(), dataloader_state_dict=train_batches.state_dict())
 
 
-def evaluate(step, last_step):
-    if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
-        run.record_val(run_val_bpb())
-        print0(f"step {step:05d} | val bpb {run.val:.6f}")
-        wandb_run.log({"step": step, "val/bpb": run.val})
-        peak.reprobe(f"step {step}")
-    if args.core_metric_every > 0 and (last_step or (step > 0 and step % args.core_metric_every == 0)):
-        run.record_metrics({"core_metric": run_core()["core"]})
-        print0(f"step {step:05d} | CORE {run.metrics['core_metric']:.4f}")
-        wandb_run.log({"step": step, **run.metrics})
-    if rank == 0 and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
-        run_samples()
-
-
 # -----------------------------------------------------------------------------
-# Training loop
+# Training loop: the evaluations due at this step, the save when due, the stop, then the step.
+# The last step (step == num_iterations, after the final update) runs every evaluation, then saves.
 
 with stop_on_nonfinite():
-    while not checkpoints.evaluate_and_save(run.step, run.step == num_iterations, evaluate, make_meta, train_batches):
-        step = run.step
+    while True:
+        step, last_step = run.step, run.step == num_iterations
+        if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
+            run.record_val(val_bpb())
+            print0(f"step {step:05d} | val bpb {run.val:.6f}")
+            wandb_run.log({"step": step, "val/bpb": run.val})
+            peak.reprobe(f"step {step}")
+        if args.core_metric_every > 0 and (last_step or (step > 0 and step % args.core_metric_every == 0)):
+            run.record_metrics({"core_metric": core_metric()})
+            print0(f"step {step:05d} | CORE {run.metrics['core_metric']:.4f}")
+            wandb_run.log({"step": step, **run.metrics})
+        if rank == 0 and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
+            print_samples()
+        if last_step or checkpoints.due(step):
+            checkpoints.save(step, meta(), train_batches.state_dict())
+        if last_step:
+            break
+
         run.timer.start()
         lrm = lr_multiplier_base(step, num_iterations, warmup_iters, warmdown_iters, args.final_lr_frac)
         set_schedule(optimizer, lrm, momentum=muon_momentum_base(step, num_iterations, warmdown_iters),

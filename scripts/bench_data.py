@@ -17,6 +17,7 @@ import tempfile
 import torch
 
 from nanochat.common import get_base_dir, autodetect_device_type, synchronize
+from nanochat.files import install_error_handler
 from nanochat.dataset import parquets_iter_batched
 from nanochat.dataloader import PretrainLoader
 from nanochat.tokenizer import RustBPETokenizer, get_tokenizer, get_tokenizer_dir
@@ -30,6 +31,7 @@ parser.add_argument("--seq-len", type=int, default=2048, help="loader T")
 parser.add_argument("--num-batches", type=int, default=100, help="timed loader batches (after one warm-up batch)")
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
 args = parser.parse_args()
+install_error_handler()
 
 device_type = args.device_type or autodetect_device_type()
 device = torch.device(device_type)

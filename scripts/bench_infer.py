@@ -23,7 +23,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import autodetect_device_type, get_compute_dtype, get_max_memory, synchronize, print0
+from nanochat.common import autodetect_device_type, resolve_precision, get_max_memory, synchronize, print0
+from nanochat.files import install_error_handler
 from nanochat.engine import Engine, new_kv_cache
 from nanochat.gpt import GPT, config_from_depth, matvec
 
@@ -49,16 +50,17 @@ parser.add_argument("--seed", type=int, default=42, help="seed for weights, prom
 parser.add_argument("--dtype", type=str, default="", help="float32|bfloat16 compute dtype (empty = device default)")
 parser.add_argument("--compile", type=int, default=1, help="1 = torch.compile the decode step (0 = eager)")
 args = parser.parse_args()
+install_error_handler()
 
 # -----------------------------------------------------------------------------
 device_type = args.device_type or autodetect_device_type()
 device = torch.device(device_type)
 torch.manual_seed(args.seed)
-if args.dtype:
-    get_compute_dtype(device_type, override=args.dtype, verbose=False)  # the model reads the same policy
+dtype, _, _ = resolve_precision(device_type, args.dtype or None, training=False, verbose=False)
 if args.source:
-    from nanochat.checkpoint_manager import load_model
-    model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+    from nanochat.model_loader import load_model
+    model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step,
+                                        dtype=dtype)
 else:
     cfg = config_from_depth(args.depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
                             max_seq_len=args.max_seq_len, vocab_size=args.vocab_size,
@@ -66,14 +68,13 @@ else:
     with torch.device("meta"):
         model = GPT(cfg)
     model.to_empty(device=device)
-    model.init_weights()
+    model.init_weights(dtype)
     model.eval()
 cfg = model.config
 V = cfg.vocab_size
 if args.prompt_len + max(args.gen_tokens, args.naive_tokens) > 10 * cfg.sequence_len:
     raise SystemExit(f"--prompt-len + --gen-tokens must fit the rotary table ({10 * cfg.sequence_len} positions)")
 n_params = sum(p.numel() for p in model.parameters())
-dtype = model.compute_dtype
 print0(f"model: depth {cfg.n_layer}, d {cfg.n_embd}, heads {cfg.n_head}/{cfg.n_kv_head}, seq {cfg.sequence_len}, "
        f"vocab {V}, window {cfg.window_pattern}, {n_params / 1e6:.1f}M params, {str(dtype).replace('torch.', '')}, "
        f"device {device}, torch threads {torch.get_num_threads()}, decode {'compiled' if args.compile else 'eager'}")

@@ -55,7 +55,7 @@ MAX_RSS_GROWTH = 0.10  # soak: the server's RSS may grow at most this much after
 WORDS = ["rivers", "the moon", "bread", "chess", "volcanoes", "music", "bees", "glass", "trains", "salt"]
 
 
-def random_model(depth, vocab_size, device):
+def random_model(depth, vocab_size, device, dtype):
     """A freshly initialised GPT of the CPU recipe's shapes (head dim 64, 512-token context, full windows)."""
     import torch
     from nanochat.gpt import GPT, config_from_depth
@@ -64,7 +64,7 @@ def random_model(depth, vocab_size, device):
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)
-    model.init_weights()
+    model.init_weights(dtype)
     return model.eval()
 
 
@@ -235,12 +235,14 @@ def server_process(args, mode, urls, done):
     The server lives in its own process so that the clients' Python work does not compete for its GIL."""
     import torch
     from scripts.chat_web import ServeConfig, create_app, make_replica, serve_in_thread
+    from nanochat.common import resolve_precision
     device = torch.device(args.device_type)
+    dtype, _, _ = resolve_precision(device.type, training=False, verbose=False)
     if args.source:
-        from nanochat.checkpoint_manager import load_model
-        model, tok, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag)
+        from nanochat.model_loader import load_model
+        model, tok, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, dtype=dtype)
     else:
-        model, tok = random_model(args.depth, args.vocab_size, device), tokenizer_of_size(args.vocab_size)
+        model, tok = random_model(args.depth, args.vocab_size, device, dtype), tokenizer_of_size(args.vocab_size)
     cfg = model.config
     print(f"{mode} server: depth {cfg.n_layer}, width {cfg.n_embd}, vocab {cfg.vocab_size}, context "
           f"{cfg.sequence_len}, {'checkpoint ' + args.source if args.source else 'random weights'}, torch threads "
@@ -256,7 +258,9 @@ def server_process(args, mode, urls, done):
 
 def main():
     import multiprocessing
+    from nanochat.files import install_error_handler
     args = parser.parse_args()
+    install_error_handler()
     modes = ["batch"] if args.soak else args.modes.split(",")
     ctx = multiprocessing.get_context("spawn")
     urls, done = ctx.Queue(), ctx.Event()

@@ -43,6 +43,8 @@ parser.add_argument("--profile", type=parse_bool, default=False, help="profile t
 parser.add_argument("--attn", type=str, default="auto", choices=["auto", "fa3", "flex", "sdpa"], help="attention backend")
 parser.add_argument("--fp8", action="store_true", help="fp8 matmuls in the linear layers (Hopper GPUs)")
 args = parser.parse_args()
+if args.warmup_steps < 1:
+    parser.error(f"--warmup-steps must be >= 1 (the first step compiles and is timed apart), got {args.warmup_steps}")
 
 device_type = args.device_type or autodetect_device_type()
 device = torch.device(device_type)
@@ -105,10 +107,13 @@ print0(f"model: depth {config.n_layer}, width {config.n_embd}, heads {config.n_h
 
 for label, (_, step) in runs.items():
     t0 = time.perf_counter()
-    for _ in range(args.warmup_steps):
+    for i in range(args.warmup_steps):
         step()
-    synchronize(device)
-    print0(f"{label}: {args.warmup_steps} warm-up steps in {time.perf_counter() - t0:.1f} s")
+        synchronize(device)
+        if i == 0:  # the first step compiles: its time is reported apart from the step times
+            t_first = time.perf_counter() - t0
+    print0(f"{label}: compile + first step {t_first:.1f} s, {args.warmup_steps - 1} more warm-up steps in "
+           f"{time.perf_counter() - t0 - t_first:.1f} s")
 if device_type == "cuda":
     torch.cuda.reset_peak_memory_stats()
 

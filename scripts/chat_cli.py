@@ -10,7 +10,6 @@ Launch:
 Commands: `quit` / `exit` end the chat, `clear` starts a new conversation; Ctrl-D or Ctrl-C exit.
 """
 
-import os
 import functools
 import random
 import argparse
@@ -135,19 +134,21 @@ def chat_loop(engine, tokenizer, read=input, write=None, prompt="", temperature=
 
 
 def main():
+    from nanochat.files import install_error_handler
     args = parser.parse_args()
+    install_error_handler()
     if args.temperature < 0:
         raise SystemExit(f"--temperature must be >= 0, got {args.temperature}")
     if args.max_tokens < 1:
         raise SystemExit(f"--max-tokens must be >= 1, got {args.max_tokens}")
     import torch
-    from nanochat.common import autodetect_device_type
-    from nanochat.checkpoint_manager import load_model
+    from nanochat.common import autodetect_device_type, resolve_precision
+    from nanochat.model_loader import load_model
     from nanochat.engine import Engine
-    if args.dtype:
-        os.environ["NANOCHAT_DTYPE"] = args.dtype  # read by the model through common.get_compute_dtype
     device = torch.device(args.device_type or autodetect_device_type())
-    model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+    dtype, _, _ = resolve_precision(device.type, args.dtype or None, training=False, verbose=False)
+    model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step,
+                                     dtype=dtype)
     engine = Engine(model, tokenizer)
     chat_loop(engine, tokenizer, prompt=args.prompt, temperature=args.temperature, top_k=args.top_k,
               max_tokens=args.max_tokens, seed=args.seed, context_len=model.config.sequence_len)

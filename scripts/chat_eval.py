@@ -10,8 +10,9 @@ SpellingBee (generation), and compute ChatCORE.
 import argparse
 import time
 
-from nanochat.common import compute_init, compute_cleanup, print0, get_compute_dtype
-from nanochat.checkpoint_manager import load_model
+from nanochat.common import compute_init, compute_cleanup, print0, resolve_precision
+from nanochat.files import install_error_handler
+from nanochat.model_loader import load_model
 from nanochat.engine import Engine
 from nanochat.task_eval import run_categorical_eval, run_generative_eval, chatcore, CHAT_BASELINES
 from nanochat.report import get_report
@@ -46,6 +47,7 @@ parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint ste
 parser.add_argument("-x", "--max-problems", type=int, default=None, help="max problems per task")
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
 args = parser.parse_args()
+install_error_handler()
 names = args.task_name.split("|") if args.task_name else list(TASKS)
 unknown = [n for n in names if n not in TASKS]
 if unknown:
@@ -58,8 +60,9 @@ for flag, value in [("--num-samples", args.num_samples), ("--batch-size", args.b
         parser.error(f"{flag} must be >= 1, got {value}")
 
 is_dist, rank, local_rank, world_size, device = compute_init(args.device_type)
-get_compute_dtype(device.type, args.dtype or None)
-model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+dtype, _, _ = resolve_precision(device.type, args.dtype or None, training=False)
+model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step,
+                                    dtype=dtype)
 engine = Engine(model, tokenizer)
 
 results = {}

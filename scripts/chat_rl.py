@@ -4,22 +4,29 @@ For each question, sample completions through the Engine (calculator active), re
 `#### N` answer is right, advantage = reward - mean reward, and push up the log-probability of
 the sampled tokens (never the prompt, padding or calculator outputs) in proportion to it.
 
-    python -m scripts.chat_rl --num-steps=20 --examples-per-step=4 --num-samples=4 --max-new-tokens=128
+One CPU process, offline mirror:
+    NANOCHAT_DATA_DIR=../shared/data python -m scripts.chat_rl --num-steps=20 --examples-per-step=4 \
+        --num-samples=4 --max-new-tokens=128
+8 GPUs:
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_rl -- --run=rl
+Resume from saved step S: the same flags plus --resume-from-step=S.
 """
 
 import os
 import argparse
-import itertools
 
 import torch
 
-from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, get_compute_dtype, get_wandb
-from nanochat.checkpoint_manager import load_model
-from nanochat import checkpoint_manager as ckpt
+from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, resolve_precision
+from nanochat.model_loader import load_model
+from nanochat.files import install_error_handler
 from nanochat.engine import Engine
 from nanochat.report import get_report
-from nanochat.training import set_schedule, guarded_step, all_reduce_mean, scale_lrs
+from nanochat.task_eval import pass_at_k
+from nanochat.schedules import WARMUP_STEPS, warmup_multiplier, set_schedule, scale_lrs
+from nanochat.train_step import guarded_step, stop_on_nonfinite, evaluating
+from nanochat.run_state import RunState, start_run
+from nanochat.resume import Checkpoints, stage_meta
 from tasks.gsm8k import GSM8K
 
 parser = argparse.ArgumentParser(description="RL on GSM8K")
@@ -42,9 +49,11 @@ parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW L
 parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the block matrices")
 parser.add_argument("--weight-decay", type=float, default=0.0, help="Muon weight decay")
 parser.add_argument("--init-lr-frac", type=float, default=0.05, help="initial LR as a fraction of the above")
+parser.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS, help="linear LR warm-up steps (a new optimizer on a trained model)")
 parser.add_argument("--eval-every", type=int, default=60, help="pass@k on the test set every N steps")
 parser.add_argument("--eval-examples", type=int, default=400, help="test questions per evaluation")
-parser.add_argument("--save-every", type=int, default=60, help="checkpoint every N steps")
+parser.add_argument("--save-every", type=int, default=60, help="checkpoint every N steps (and at the end)")
+parser.add_argument("--resume-from-step", type=int, default=-1, help="resume this RL run from a saved step")
 parser.add_argument("--output-tag", type=str, default=None, help="chatrl_checkpoints/<tag> (default d<n_layer>)")
 
 # The batch and loss math are plain functions above main() so tests can import them without running the script
@@ -79,18 +88,19 @@ def policy_gradient_loss(model, inputs, targets, advantages, num_chunks):
 
 def main():
     args = parser.parse_args()
-    user_config = vars(args).copy()
+    install_error_handler()
     for flag in ("device_batch_size", "examples_per_step", "num_samples", "max_new_tokens"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
 
     is_dist, rank, local_rank, world_size, device = compute_init(args.device_type)
-    master = rank == 0
-    get_compute_dtype(device.type, args.dtype or None)
-    wandb_run = get_wandb(args.run, "nanochat-rl", user_config, master)
+    # mostly sampling: the inference default (fp32 eager on a CPU), eager because the rollouts vary in length
+    dtype, _, _ = resolve_precision(device.type, args.dtype or None, compile=False, training=False)
+    user_config, wandb_run = start_run(args, "nanochat-rl", device, dtype, rank=rank)
 
     train_task, val_task = GSM8K("main", "train"), GSM8K("main", "test")
-    model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.model_step)
+    model, tokenizer, _ = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.model_step,
+                                     dtype=dtype)
     engine = Engine(model, tokenizer)
     if args.examples_per_step % world_size != 0:
         raise SystemExit(f"--examples-per-step={args.examples_per_step} must be divisible by the world size {world_size}")
@@ -103,83 +113,86 @@ def main():
     optimizer = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
     scale_lrs(optimizer, args.init_lr_frac)
-    output_dir = os.path.join(get_base_dir(), "chatrl_checkpoints", args.output_tag or f"d{model.config.n_layer}")
+    checkpoints = Checkpoints(os.path.join(get_base_dir(), "chatrl_checkpoints", args.output_tag or f"d{model.config.n_layer}"),
+                              model, optimizer, rank, device, save_every=args.save_every)
+    run = RunState("val_pass_at_1")  # the validation figure: pass@1 on the test questions
+    loader_state = checkpoints.resume(args.resume_from_step, run) if args.resume_from_step >= 0 else None
+    # this rank's questions are rank, rank+W, ... cycling over the train set; the position is saved with the step
+    next_question = loader_state["next_question"] if loader_state else rank
 
-    @torch.no_grad()
     def rollouts(example_idx, step):
         """Sample num_samples completions of one question; returns (ids list, masks list, rewards tensor)."""
         conv = train_task[example_idx]
         prompt = tokenizer.render_for_completion(conv)
-        model.eval()
         seqs, masks = [], []
         per_call = min(args.device_batch_size, args.num_samples)
-        for sampling_step in range(max(1, args.num_samples // per_call)):
-            seed = hash((step, example_idx, sampling_step)) & 0x7FFFFFFF
-            out, out_masks = engine.generate_batch(prompt, num_samples=per_call, max_tokens=args.max_new_tokens,
-                                                   temperature=args.temperature, top_k=args.top_k or None, seed=seed)
-            seqs += out
-            masks += out_masks
-        model.train()
+        with evaluating(model):
+            for sampling_step in range(max(1, args.num_samples // per_call)):
+                seed = hash((step, example_idx, sampling_step)) & 0x7FFFFFFF
+                out, out_masks = engine.generate_batch(prompt, num_samples=per_call, max_tokens=args.max_new_tokens,
+                                                       temperature=args.temperature, top_k=args.top_k or None, seed=seed)
+                seqs += out
+                masks += out_masks
         rewards = [train_task.reward(conv, tokenizer.decode(s[len(prompt):])) for s in seqs]
         return seqs, masks, torch.tensor(rewards, dtype=torch.float32, device=device)
 
-    @torch.no_grad()
-    def pass_at_k(num_questions, k):
-        """Fraction of test questions with at least one correct answer among the first j samples, j = 1..k."""
-        model.eval()
-        hits, total = torch.zeros(k, device=device), torch.zeros((), device=device)
-        for i in range(rank, min(num_questions, len(val_task)), world_size):
-            conv = val_task[i]
-            prompt = tokenizer.render_for_completion(conv)
-            out, _ = engine.generate_batch(prompt, num_samples=k, max_tokens=args.max_new_tokens, temperature=1.0,
-                                           top_k=50, seed=i)
-            correct = torch.tensor([val_task.evaluate(conv, tokenizer.decode(s[len(prompt):])) for s in out],
-                                   dtype=torch.float32, device=device)
-            hits += (torch.cumsum(correct, 0) > 0).float()
-            total += 1
-        model.train()
-        if is_dist:
-            torch.distributed.all_reduce(hits)
-            torch.distributed.all_reduce(total)
-        return (hits / total.clamp(min=1)).tolist()
+    def meta():
+        return stage_meta(run, model.config, user_config, tokenizer, world_size, source=args.source,
+                          **run.metrics_now())
 
-    train_indices = itertools.count(rank, world_size)  # questions rank, rank+W, ... cycling over the train set
-    for step in range(num_steps):
-        if args.eval_every > 0 and step % args.eval_every == 0:
-            passk = pass_at_k(args.eval_examples, args.device_batch_size)
-            print0(f"step {step:05d} | " + " | ".join(f"pass@{j + 1} {p:.4f}" for j, p in enumerate(passk)))
-            wandb_run.log({"step": step, **{f"pass@{j + 1}": p for j, p in enumerate(passk)}})
+    # The loop: the evaluation due at this step, the save when due, the stop, then the step
+    with stop_on_nonfinite():
+        while True:
+            step, last_step = run.step, run.step == num_steps
+            if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
+                with evaluating(model):
+                    passk = pass_at_k(val_task, tokenizer, engine, num_samples=args.device_batch_size,
+                                      max_new_tokens=args.max_new_tokens, temperature=1.0, top_k=50,
+                                      max_problems=args.eval_examples, device=device)
+                run.record_val(passk[0])
+                run.record_metrics({f"pass@{k}": p for k, p in enumerate(passk[1:], 2)})
+                print0(f"step {step:05d} | " + " | ".join(f"pass@{k} {p:.4f}" for k, p in enumerate(passk, 1)))
+                wandb_run.log({"step": step, **{f"pass@{k}": p for k, p in enumerate(passk, 1)}})
+            if last_step or checkpoints.due(step):
+                checkpoints.save(step, meta(), {"next_question": next_question})
+            if last_step:
+                break
 
-        lrm = 1.0 - step / num_steps
-        set_schedule(optimizer, lrm)
-        mean_rewards, mean_lengths, loss_total = [], [], torch.zeros((), device=device)
-        for _ in range(examples_per_rank):
-            idx = next(train_indices) % len(train_task)
-            seqs, masks, rewards = rollouts(idx, step)
-            advantages = rewards - rewards.mean()  # no std normalisation: equal rewards teach nothing, as they should
-            mean_rewards.append(rewards.mean().item())
-            mean_lengths.append(sum(len(s) for s in seqs) / len(seqs))
-            passes = range(0, len(seqs), args.device_batch_size)
-            for b in passes:
-                inputs, targets = pad_rollouts(seqs[b:b + args.device_batch_size], masks[b:b + args.device_batch_size],
-                                               pad_id)
-                loss = policy_gradient_loss(model, inputs.to(device), targets.to(device),
-                                            advantages[b:b + args.device_batch_size],
-                                            num_chunks=len(passes) * examples_per_rank)
-                loss.backward()
-                loss_total += loss.detach()
-        guarded_step(step, optimizer, model, loss_total)  # stops before the update on a NaN/inf loss or gradient
-        mean_reward = all_reduce_mean(sum(mean_rewards) / len(mean_rewards), device)
-        mean_len = all_reduce_mean(sum(mean_lengths) / len(mean_lengths), device)
-        print0(f"step {step:05d}/{num_steps:05d} | reward {mean_reward:.4f} | seq len {mean_len:.1f} | lrm {lrm:.3f}")
-        wandb_run.log({"step": step, "reward": mean_reward, "sequence_length": mean_len})
+            run.timer.start()
+            lrm = warmup_multiplier(step, args.warmup_steps) * (1.0 - step / num_steps)
+            set_schedule(optimizer, lrm)
+            rewards_sum, lengths_sum, loss_total = 0.0, 0.0, torch.zeros((), device=device)
+            for _ in range(examples_per_rank):
+                idx = next_question % len(train_task)
+                next_question += world_size
+                seqs, masks, rewards = rollouts(idx, step)
+                advantages = rewards - rewards.mean()  # no std normalisation: equal rewards teach nothing, as they should
+                rewards_sum += rewards.mean()
+                lengths_sum += sum(len(s) for s in seqs) / len(seqs)
+                passes = range(0, len(seqs), args.device_batch_size)
+                for b in passes:
+                    inputs, targets = pad_rollouts(seqs[b:b + args.device_batch_size],
+                                                   masks[b:b + args.device_batch_size], pad_id)
+                    loss = policy_gradient_loss(model, inputs.to(device), targets.to(device),
+                                                advantages[b:b + args.device_batch_size],
+                                                num_chunks=len(passes) * examples_per_rank)
+                    loss.backward()
+                    loss_total += loss.detach()
+            # stops before the update on a NaN/inf loss or gradient; the means ride on the step's one all-reduce
+            n = examples_per_rank * world_size
+            loss, (mean_reward, mean_len) = guarded_step(step, optimizer, model, loss_total,
+                                                         extras=[rewards_sum / n, loss_total.new_tensor(lengths_sum / n)])
+            dt = run.timer.stop(step)
+            run.record_loss(loss)
+            print0(f"step {step:05d}/{num_steps:05d} | reward {mean_reward:.4f} | seq len {mean_len:.1f} | "
+                   f"lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | eta {run.timer.eta(num_steps - step)} | "
+                   f"raw loss {loss:.17g}")
+            wandb_run.log({"step": step, "reward": mean_reward, "sequence_length": mean_len, "train/loss": loss})
+            run.step += 1
 
-        if (step > 0 and step % args.save_every == 0) or step == num_steps - 1:  # every rank calls (barrier inside)
-            ckpt.save_checkpoint(output_dir, step, model.state_dict(), None,
-                                 {"step": step, "model_config": ckpt.config_to_dict(model.config),
-                                  "user_config": user_config, "tokenizer": ckpt.tokenizer_info(tokenizer)}, rank=rank)
-
-    get_report().log("Chat RL", [user_config])
+    get_report().log("Chat RL", [user_config, {"Number of steps": num_steps, "DDP world size": world_size,
+                                               "Final pass@1": run.val_now(), **run.metrics_now()}])
+    get_report().log_curves("Chat RL", run.curves)
     wandb_run.finish()
     compute_cleanup()
 

@@ -22,16 +22,20 @@ import dataclasses
 import torch
 
 from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, resolve_precision,
-                             get_max_memory)
-from nanochat.checkpoint_manager import load_model
+                             get_max_memory, all_reduce_sum)
+from nanochat.files import install_error_handler
+from nanochat.model_loader import load_model
 from nanochat.attention import set_backend_from_flag as set_attn_backend
 from nanochat.memory import resolve_device_batch_size
-from nanochat.chat_loader import SFTBatcher
-from nanochat.task_eval import run_categorical_eval
+from nanochat.chat_loader import SFTBatcher, pad_multiple_for
+from nanochat.task_eval import run_categorical_eval, FittingProblems
+from nanochat.loss_eval import supervised_loss
 from nanochat.report import get_report
-from nanochat.training import (set_schedule, scale_lrs, Prefetcher, guarded_step, stop_on_nonfinite, evaluating,
-                               all_reduce_sum, supervised_loss, PeakFlops, StepTimer, Speed, RunState, format_step,
-                               stage_meta, Checkpoints, FittingProblems, start_run)
+from nanochat.schedules import WARMUP_STEPS, warmup_multiplier, set_schedule, scale_lrs
+from nanochat.train_step import Prefetcher, guarded_step, stop_on_nonfinite, evaluating
+from nanochat.speed import PeakFlops, StepTimer, Speed
+from nanochat.run_state import RunState, format_step, start_run
+from nanochat.resume import Checkpoints, stage_meta
 from tasks.mixtures import (add_mixture_args, mixtures_from_args, default_sft_sources,
                             default_sft_val_sources)
 from tasks.arc import ARC
@@ -50,11 +54,13 @@ parser.add_argument("--device-batch-size", type=str, default="4", help="conversa
 parser.add_argument("--attn", type=str, default="auto", choices=["auto", "fa3", "flex", "sdpa"], help="attention backend (auto = FA3 on Hopper, else FlexAttention on CUDA, else SDPA)")
 parser.add_argument("--target-examples-per-step", type=int, default=32, help="conversations per optimizer step")
 parser.add_argument("--max-seq-len", type=int, default=2048, help="conversations are truncated to this many tokens")
+parser.add_argument("--pad-multiple", type=int, default=-1, help="pad each batch's rows up to a multiple of this many tokens (0 = to the longest row; -1 = auto: on CUDA 256, or more so at most 8 lengths, since compiled attention compiles once per length; elsewhere 0)")
 parser.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of the token embedding")
 parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of lm_head")
 parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the block matrices")
 parser.add_argument("--weight-decay", type=float, default=0.0, help="Muon weight decay")
 parser.add_argument("--init-lr-frac", type=float, default=0.02, help="initial LR as a fraction of the above")
+parser.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS, help="linear LR warm-up steps (a new optimizer on a trained model)")
 parser.add_argument("--loss", type=str, default="ce", choices=["ce", "dft"], help="objective: cross-entropy or DFT")
 parser.add_argument("--dft-alpha", type=float, default=1.0, help="DFT weight: w = alpha*p + (1-alpha); 0 equals CE")
 parser.add_argument("--eval-every", type=int, default=100, help="val loss every N steps (-1 = only at the end)")
@@ -66,6 +72,9 @@ parser.add_argument("--resume-from-step", type=int, default=-1, help="resume thi
 parser.add_argument("--output-tag", type=str, default=None, help="chatsft_checkpoints/<tag> (default d<n_layer>)")
 add_mixture_args(parser, default_sft_sources(), default_sft_val_sources())
 args = parser.parse_args()
+install_error_handler()
+if args.pad_multiple < -1:
+    parser.error(f"--pad-multiple must be -1 (auto), 0 (longest row) or a positive number of tokens, got {args.pad_multiple}")
 if not 0.0 <= args.dft_alpha <= 1.0:
     parser.error(f"--dft-alpha must be in [0, 1], got {args.dft_alpha}")
 alpha = args.dft_alpha if args.loss == "dft" else 0.0
@@ -78,13 +87,16 @@ user_config, wandb_run = start_run(args, "nanochat-sft", device, dtype, rank=ran
 train_ds, val_ds = mixtures_from_args(args)
 
 model, tokenizer, src_meta = load_model(args.source, device, phase="train", model_tag=args.model_tag,
-                                        step=args.model_step)
+                                        step=args.model_step, dtype=dtype)
 config = model.config
 args.device_batch_size = resolve_device_batch_size(  # rows padded up to --max-seq-len at worst
     args.device_batch_size, dataclasses.replace(config, sequence_len=args.max_seq_len), device, dtype, compile=False,
     world_size=world_size, total_batch_size=args.target_examples_per_step * args.max_seq_len, log=print0)
 
 examples_per_step = args.device_batch_size * world_size
+pad_multiple = args.pad_multiple if args.pad_multiple >= 0 else \
+    (pad_multiple_for(args.max_seq_len) if device.type == "cuda" else 0)
+print0(f"batch rows padded to " + (f"multiples of {pad_multiple} tokens" if pad_multiple else "the longest row"))
 if args.target_examples_per_step % examples_per_step != 0:
     raise SystemExit(f"--target-examples-per-step={args.target_examples_per_step} must be a multiple of "
                      f"device_batch_size*world_size = {examples_per_step}")
@@ -108,13 +120,14 @@ run = RunState("val_loss", timer=StepTimer(skip=0))
 loader_state = checkpoints.resume(args.resume_from_step, run) if args.resume_from_step >= 0 else None
 
 train_batches = Prefetcher(SFTBatcher(train_ds, tokenizer, args.device_batch_size, device=device,
-                                      max_tokens=args.max_seq_len, state=loader_state))
+                                      max_tokens=args.max_seq_len, state=loader_state, pad_multiple=pad_multiple))
 METRIC_TASKS = {"mmlu_acc": lambda: MMLU("all", "test"), "arc_easy_acc": lambda: ARC("ARC-Easy", "test")}
 skipped_problems = {}  # metric -> problems too long for the model's context at the last evaluation
 
 
-def run_val_loss():
-    loader = SFTBatcher(val_ds, tokenizer, args.device_batch_size, device=device, max_tokens=args.max_seq_len)
+def val_loss():
+    loader = SFTBatcher(val_ds, tokenizer, args.device_batch_size, device=device, max_tokens=args.max_seq_len,
+                        pad_multiple=pad_multiple)
     total_nll = torch.zeros((), dtype=torch.float64, device=device)
     total_tokens = torch.zeros((), dtype=torch.float64, device=device)
     with evaluating(model):
@@ -128,7 +141,7 @@ def run_val_loss():
     return (total_nll / total_tokens.clamp(min=1)).item()
 
 
-def run_metrics():
+def accuracies():
     out = {}
     with evaluating(model):
         for name, make_task in METRIC_TASKS.items():
@@ -141,33 +154,36 @@ def run_metrics():
     return out
 
 
-def make_meta():
+def meta():
     metrics = {name: run.metrics_now().get(name) for name in METRIC_TASKS}  # every key, None when not run
     return stage_meta(run, config, user_config, tokenizer, world_size, source=args.source, **metrics,
                       skipped_problems=dict(skipped_problems))
 
 
-def evaluate(step, last_step):
-    if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
-        run.record_val(run_val_loss())
-        print0(f"step {step:05d} | val loss {run.val:.6f}")
-        wandb_run.log({"step": step, "val/loss": run.val})
-        peak.reprobe(f"step {step}")
-    if args.eval_metrics_every > 0 and (last_step or (step > 0 and step % args.eval_metrics_every == 0)):
-        run.record_metrics(run_metrics())
-        print0(f"step {step:05d} | " + " | ".join(f"{k} {'n/a' if v is None else f'{v:.4f}'}"
-                                                for k, v in run.metrics.items()) +
-               f" | skipped (longer than {model.rotary_len} tokens): " +
-               ", ".join(f"{k} {n}" for k, n in skipped_problems.items()))
-        wandb_run.log({"step": step, **{k: v for k, v in run.metrics.items() if v is not None}})
-
-
+# The loop: the evaluations due at this step, the save when due, the stop, then the step.
 train_loss = None
 with stop_on_nonfinite():
-    while not checkpoints.evaluate_and_save(run.step, run.step == num_iterations, evaluate, make_meta, train_batches):
-        step = run.step
+    while True:
+        step, last_step = run.step, run.step == num_iterations
+        if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
+            run.record_val(val_loss())
+            print0(f"step {step:05d} | val loss {run.val:.6f}")
+            wandb_run.log({"step": step, "val/loss": run.val})
+            peak.reprobe(f"step {step}")
+        if args.eval_metrics_every > 0 and (last_step or (step > 0 and step % args.eval_metrics_every == 0)):
+            run.record_metrics(accuracies())
+            print0(f"step {step:05d} | " + " | ".join(f"{k} {'n/a' if v is None else f'{v:.4f}'}"
+                                                    for k, v in run.metrics.items()) +
+                   f" | skipped (longer than {model.rotary_len} tokens): " +
+                   ", ".join(f"{k} {n}" for k, n in skipped_problems.items()))
+            wandb_run.log({"step": step, **{k: v for k, v in run.metrics.items() if v is not None}})
+        if last_step or checkpoints.due(step):
+            checkpoints.save(step, meta(), train_batches.state_dict())
+        if last_step:
+            break
+
         run.timer.start()
-        lrm = 1.0 - step / num_iterations
+        lrm = warmup_multiplier(step, args.warmup_steps) * (1.0 - step / num_iterations)
         set_schedule(optimizer, lrm)
         # all micro-batches of the step first, so every token is weighted by 1/(supervised tokens of the step);
         # the count stays on the device (no host sync), summed over ranks

@@ -395,22 +395,22 @@ def create_app(replicas, config=None):
 def load_replicas(args):
     """One replica per GPU on CUDA; a single one on CPU/MPS."""
     import torch
-    from nanochat.common import autodetect_device_type
-    from nanochat.checkpoint_manager import load_model
+    from nanochat.common import autodetect_device_type, resolve_precision
+    from nanochat.model_loader import load_model
     device_type = args.device_type or autodetect_device_type()
     if args.num_gpus > 1:
         if device_type != "cuda":
             raise SystemExit(f"--num-gpus={args.num_gpus} needs CUDA; on {device_type} run with -n 1")
         if args.num_gpus > torch.cuda.device_count():
             raise SystemExit(f"--num-gpus={args.num_gpus} but only {torch.cuda.device_count()} GPU(s) are visible")
-    if args.dtype:
-        os.environ["NANOCHAT_DTYPE"] = args.dtype  # read by the model through common.get_compute_dtype
+    dtype, _, _ = resolve_precision(device_type, args.dtype or None, training=False, verbose=False)
     max_rows = 1 if args.serve_mode == "worker" else args.max_rows
     replicas = []
     for i in range(args.num_gpus):
         device = torch.device("cuda", i) if device_type == "cuda" else torch.device(device_type)
         log(f"loading {args.source} model onto {device}...")
-        model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+        model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step,
+                                         dtype=dtype)
         replicas.append(make_replica(i, device, model, tokenizer, max_rows, args.max_queue))
     return replicas
 
@@ -458,7 +458,9 @@ def serve_in_thread(app, host="127.0.0.1", port=0):
 
 def main():
     import uvicorn
+    from nanochat.files import install_error_handler
     args = parser.parse_args()
+    install_error_handler()
     for flag, value, lo, hi in [("--temperature", args.temperature, MIN_TEMPERATURE, MAX_TEMPERATURE),
                                 ("--top-k", args.top_k, MIN_TOP_K, MAX_TOP_K), ("--top-p", args.top_p, 0.0, 1.0),
                                 ("--max-tokens", args.max_tokens, MIN_MAX_TOKENS, MAX_MAX_TOKENS),

@@ -32,10 +32,13 @@ parser.add_argument("--report", type=str, default=None,
 
 
 def main():
+    from nanochat.files import install_error_handler
     args = parser.parse_args()
+    install_error_handler()
     import torch
     from nanochat.common import get_base_dir
     from nanochat import checkpoint_manager as ckpt
+    from nanochat.model_loader import build_model
     from nanochat.hf_export import export_model, push_to_hub
     if args.source not in ckpt.SOURCE_DIRS:
         raise SystemExit(f"--source must be one of {sorted(ckpt.SOURCE_DIRS)}, got {args.source!r}")
@@ -44,7 +47,7 @@ def main():
         model_tag = args.model_tag or ckpt.find_largest_model(checkpoints_dir)
         checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
         step = args.step if args.step is not None else ckpt.find_last_step(checkpoint_dir)
-        model, tokenizer, meta = ckpt.build_model(checkpoint_dir, step, "cpu", phase="eval")
+        model, tokenizer, meta = build_model(checkpoint_dir, step, "cpu", phase="eval")
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"cannot export: {e}")
     # the checkpoint's own tensors decide each exported dtype (e.g. bf16 embeddings of a GPU run stay bf16)

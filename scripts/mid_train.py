@@ -19,17 +19,21 @@ import argparse
 import torch
 
 from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, resolve_precision,
-                             get_max_memory, parse_bool)
-from nanochat.checkpoint_manager import load_model
+                             get_max_memory, parse_bool, any_rank)
+from nanochat.files import install_error_handler
+from nanochat.model_loader import load_model
 from nanochat.attention import set_backend_from_flag as set_attn_backend
 from nanochat.memory import resolve_device_batch_size
 from nanochat.tokenizer import get_token_bytes
 from nanochat.chat_loader import MidPacker
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
-from nanochat.training import (muon_momentum_mid, set_schedule, scale_lrs, grad_accum_steps, Prefetcher,
-                               accumulate_gradients, guarded_step, stop_on_nonfinite, evaluating, any_rank, PeakFlops,
-                               StepTimer, Speed, RunState, format_step, mean_mfu, stage_meta, Checkpoints, start_run)
+from nanochat.schedules import WARMUP_STEPS, warmup_multiplier, muon_momentum_mid, set_schedule, scale_lrs
+from nanochat.train_step import (grad_accum_steps, Prefetcher, accumulate_gradients, guarded_step, stop_on_nonfinite,
+                                 evaluating)
+from nanochat.speed import PeakFlops, StepTimer, Speed, mean_mfu
+from nanochat.run_state import RunState, format_step, start_run
+from nanochat.resume import Checkpoints, stage_meta
 from tasks.mixtures import (add_mixture_args, mixtures_from_args, default_mid_sources,
                             default_mid_val_sources)
 
@@ -50,6 +54,7 @@ parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW L
 parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the block matrices")
 parser.add_argument("--weight-decay", type=float, default=0.0, help="Muon weight decay (not scheduled)")
 parser.add_argument("--init-lr-frac", type=float, default=1.0, help="initial LR as a fraction of the above")
+parser.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS, help="linear LR warm-up steps (a new optimizer on a trained model)")
 parser.add_argument("--eval-every", type=int, default=150, help="val bpb every N steps (-1 = only at the end)")
 parser.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per evaluation")
 parser.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
@@ -58,6 +63,7 @@ parser.add_argument("--output-tag", type=str, default=None, help="mid_checkpoint
 parser.add_argument("--dry-run", action="store_true", help="train but write no checkpoint or report")
 add_mixture_args(parser, default_mid_sources(), default_mid_val_sources())
 args = parser.parse_args()
+install_error_handler()
 
 is_dist, rank, local_rank, world_size, device = compute_init(args.device_type)
 set_attn_backend(args.attn)
@@ -66,7 +72,8 @@ user_config, wandb_run = start_run(args, "nanochat-mid", device, dtype, use_comp
 
 train_ds, val_ds = mixtures_from_args(args)
 
-model, tokenizer, base_meta = load_model("base", device, phase="train", model_tag=args.model_tag, step=args.model_step)
+model, tokenizer, base_meta = load_model("base", device, phase="train", model_tag=args.model_tag, step=args.model_step,
+                                         dtype=dtype)
 config = model.config
 args.device_batch_size = resolve_device_batch_size(args.device_batch_size, config, device, dtype, compile=use_compile,
                                                    world_size=world_size, total_batch_size=args.total_batch_size, log=print0)
@@ -100,35 +107,43 @@ train_batches = Prefetcher(MidPacker(train_ds, tokenizer, args.device_batch_size
 eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * world_size))
 
 
-def make_meta():
-    return stage_meta(run, config, user_config, tokenizer, world_size, device_batch_size=args.device_batch_size,
-                      max_seq_len=args.max_seq_len, dataloader_state_dict=train_batches.state_dict())
-
-
-def evaluate(step, last_step):
-    if not (last_step or (args.eval_every > 0 and step % args.eval_every == 0)):
-        return
+def val_bpb():
     loader = MidPacker(val_ds, tokenizer, args.device_batch_size, args.max_seq_len, device=device)
     with evaluating(orig_model):
-        run.record_val(evaluate_bpb(model, loader, eval_steps, token_bytes))  # the compiled model when compiling
+        bpb = evaluate_bpb(model, loader, eval_steps, token_bytes)  # the compiled model when compiling
     loader.close()
-    print0(f"step {step:05d} | val bpb {run.val:.6f}")
-    wandb_run.log({"step": step, "val/bpb": run.val})
-    peak.reprobe(f"step {step}")
+    return bpb
+
+
+def meta():
+    return stage_meta(run, config, user_config, tokenizer, world_size, device_batch_size=args.device_batch_size,
+                      max_seq_len=args.max_seq_len, dataloader_state_dict=train_batches.state_dict())
 
 
 def finished(next_step):
     return next_step >= args.num_iterations if args.num_iterations > 0 else train_batches.progress >= 1.0
 
 
-# every rank agrees on the last step: whichever finishes its share first stops everybody. After the
-# first check the flag rides on each step's one all-reduce.
+# The loop: the evaluation due at this step, the save when due, the stop, then the step. Every rank agrees on
+# the last step: whichever finishes its share first stops everybody. After the first check the flag rides on
+# each step's one all-reduce.
 stop_now = any_rank(finished(run.step), device)
 with stop_on_nonfinite():
-    while not checkpoints.evaluate_and_save(run.step, stop_now, evaluate, make_meta, train_batches):
-        step = run.step
+    while True:
+        step, last_step = run.step, stop_now
+        if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
+            run.record_val(val_bpb())
+            print0(f"step {step:05d} | val bpb {run.val:.6f}")
+            wandb_run.log({"step": step, "val/bpb": run.val})
+            peak.reprobe(f"step {step}")
+        if last_step or checkpoints.due(step):
+            checkpoints.save(step, meta(), train_batches.state_dict())
+        if last_step:
+            break
+
         run.timer.start()
-        lrm = 1.0 if run.progress < 0.8 else max(0.0, 1 - (run.progress - 0.8) / 0.2)
+        lrm = warmup_multiplier(step, args.warmup_steps) * \
+            (1.0 if run.progress < 0.8 else max(0.0, 1 - (run.progress - 0.8) / 0.2))
         set_schedule(optimizer, lrm, momentum=muon_momentum_mid(step))
         loss_sum = accumulate_gradients(model, train_batches, grad_accum)
         approx = step / args.num_iterations if args.num_iterations > 0 else train_batches.progress
@@ -143,7 +158,8 @@ with stop_on_nonfinite():
         total_est = args.num_iterations if args.num_iterations > 0 else \
             max(step + 1, round((step + 1) / max(run.progress, 1e-9)))
         print0(format_step(run, total_est, smooth, lrm, dt, speed,
-                           extra=f"progress {100 * run.progress:.1f}% | epoch {train_batches.epoch}"))
+                           extra=f"progress {100 * run.progress:.1f}% | epoch {train_batches.epoch} | "
+                                 f"raw loss {loss:.17g}"))
         if step % 10 == 0:
             wandb_run.log({"step": step, "train/loss": smooth, "train/lrm": lrm, "train/mfu": speed.mfu(dt)})
         run.step += 1
@@ -157,7 +173,8 @@ print0(f"peak memory: {get_max_memory(device) / 2**20:.0f} MiB | training time: 
 if not args.dry_run:
     get_report().log("Midtraining", [user_config, {
         "Number of iterations": run.step, "DDP world size": world_size, "Training conversations": len(train_ds),
-        "Minimum validation bpb": run.min_val, "Truncated conversations": truncated,
+        "Minimum validation bpb": run.min_val, "Final validation bpb": run.val_now(),
+        "Truncated conversations": truncated,
         "MFU": None if run_mfu is None else f"{run_mfu:.2f}%", "Peak FLOP/s used for MFU": peak.describe()}])
     get_report().log_curves("Midtraining", run.curves)
 wandb_run.finish()

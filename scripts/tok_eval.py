@@ -12,12 +12,14 @@ import time
 import argparse
 
 from nanochat.dataset import parquets_iter_batched
+from nanochat.files import install_error_handler
 from nanochat.report import get_report
 from nanochat.tokenizer import RustBPETokenizer, get_tokenizer
 
 parser = argparse.ArgumentParser(description="Evaluate tokenizer compression")
 parser.add_argument("--fetch-timeout", type=float, default=20.0, help="seconds to wait for each tiktoken download")
 args = parser.parse_args()
+install_error_handler()
 
 # -----------------------------------------------------------------------------
 # Texts: fixed genre samples (our own) plus the first row group of the train and val splits

@@ -15,6 +15,7 @@ import argparse
 import torch
 
 from nanochat.common import get_base_dir
+from nanochat.files import install_error_handler
 from nanochat.dataset import parquets_iter_batched
 from nanochat.tokenizer import RustBPETokenizer, compute_token_bytes
 
@@ -23,6 +24,7 @@ parser.add_argument("--max-chars", type=int, default=2_000_000_000, help="total 
 parser.add_argument("--doc-cap", type=int, default=10_000, help="crop each document to this many characters")
 parser.add_argument("--vocab-size", type=int, default=32768, help="final vocab size incl. the 9 special tokens")
 args = parser.parse_args()
+install_error_handler()
 print(f"max_chars: {args.max_chars:,} | doc_cap: {args.doc_cap:,} | vocab_size: {args.vocab_size:,}")
 
 # -----------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import random
 
 import numpy as np
 
-from nanochat.common import MissingFileError, get_data_dir, read_jsonl  # noqa: F401  (read_jsonl: tasks' row reader)
+from nanochat.common import get_data_dir
+from nanochat.files import MissingFileError, read_jsonl  # noqa: F401  (read_jsonl: tasks' row reader)
 from nanochat.tokenizer import validate_conversation
 
 

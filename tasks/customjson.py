@@ -5,7 +5,8 @@ Each line is a JSON list of messages, or an object {"messages": [...]}; blank li
 
 import os
 
-from nanochat.common import MissingFileError, get_base_dir, get_data_dir
+from nanochat.common import get_base_dir, get_data_dir
+from nanochat.files import MissingFileError
 from tasks.common import Task, read_jsonl, parse_chat_row
 
 IDENTITY_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl"

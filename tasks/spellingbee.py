@@ -8,7 +8,8 @@ import os
 import functools
 import random
 
-from nanochat.common import InputFileError, get_base_dir, get_data_dir, download_file_with_lock, open_regular
+from nanochat.common import get_base_dir, get_data_dir, download_file_with_lock
+from nanochat.files import InputFileError, open_regular
 from tasks.common import Task
 from tasks.gsm8k import GSM8K
 

@@ -125,16 +125,17 @@ def train_tiny_tokenizer(base_dir, data_dir, vocab_size=384):
     return tok
 
 
-def tiny_gpt(seed=0, device="cpu", **config):
-    """A freshly initialised GPT with these GPTConfig fields: built on the meta device, then materialised
-    and initialised under torch.manual_seed(seed) (the training scripts' order, so weights are reproducible)."""
+def tiny_gpt(seed=0, device="cpu", dtype=None, **config):
+    """A freshly initialised GPT with these GPTConfig fields, computing in `dtype` (default fp32): built on the meta
+    device, then materialised and initialised under torch.manual_seed(seed) (the training scripts' order, so
+    weights are reproducible)."""
     import torch
     from nanochat.gpt import GPT, GPTConfig
     torch.manual_seed(seed)
     with torch.device("meta"):
         model = GPT(GPTConfig(**config))
     model.to_empty(device=device)
-    model.init_weights()
+    model.init_weights(dtype)
     return model
 
 
@@ -242,12 +243,59 @@ def fresh_model_base_dir(tmp_path, tiny_base_checkpoint_dir):
     return copy_workspace(tiny_base_checkpoint_dir, tmp_path / "base")
 
 
-def pytest_collection_modifyitems(config, items):
-    """`@pytest.mark.gpu` tests need CUDA: skipped (not failed) on machines without it."""
+# -----------------------------------------------------------------------------
+# `gpu` tests: device-parametrized, so a CPU runs their bodies on every commit
+
+# The kernels only a CUDA GPU has. A `gpu` test may skip as a whole on a CPU only when it needs one of them
+# (pytest_runtest_makereport turns any other such skip into a failure); below that, skip just the statements.
+CUDA_ONLY_KERNELS = ("FA3", "_scaled_mm", "Triton")
+
+
+def cuda_available():
     import torch
-    if torch.cuda.is_available():
+    return torch.cuda.is_available()
+
+
+def pytest_generate_tests(metafunc):
+    if "device" in metafunc.fixturenames:
+        metafunc.parametrize("device", ["cuda" if cuda_available() else "cpu"], indirect=True)
+
+
+@pytest.fixture
+def device(request):
+    """A `gpu` test's device: "cuda" where there is one, else "cpu" running the CUDA code path: the stock ops a GPU
+    runs (cpu_kernels(False) turns off the CPU-only fused autograd paths), the same functions; the test builds its
+    model in bf16, the GPU's compute dtype."""
+    from nanochat.cpu_ops import cpu_kernels
+    with cpu_kernels(False):
+        yield request.param
+
+
+def skip_cuda_only(kernel, detail=""):
+    """Skip a whole `gpu` test instance on a CPU because it needs `kernel` (one of CUDA_ONLY_KERNELS)."""
+    assert kernel in CUDA_ONLY_KERNELS, kernel
+    pytest.skip(f"needs the CUDA-only kernel {kernel}{': ' + detail if detail else ''}")
+
+
+def gpu_skip_reason_ok(reason):
+    return any(kernel in reason for kernel in CUDA_ONLY_KERNELS)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A `gpu` test must take the `device` fixture, and on a machine without CUDA one skipped as a whole without
+    naming the CUDA-only kernel it needs fails: either would let its body go unrun on every commit."""
+    outcome = yield
+    report = outcome.get_result()
+    if item.get_closest_marker("gpu") is None:
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    if call.when == "setup" and "device" not in getattr(item, "fixturenames", ()):
+        report.outcome = "failed"
+        report.longrepr = f"{item.nodeid}: a gpu test must be device-parametrized (take the `device` fixture)"
+    elif report.skipped and not cuda_available():
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if not gpu_skip_reason_ok(reason):
+            report.outcome = "failed"
+            report.longrepr = (f"{item.nodeid}: a gpu test skipped on a CPU without naming the CUDA-only kernel it "
+                               f"needs (one of {', '.join(CUDA_ONLY_KERNELS)}); run its body through the CUDA code "
+                               f"path on the CPU instead (the `device` fixture). Skip reason: {reason}")

@@ -1,4 +1,7 @@
-"""SDPA attention paths vs a slow explicit-softmax reference; KV cache bookkeeping."""
+"""SDPA attention paths vs a slow explicit-softmax reference; KV cache bookkeeping; the CUDA backends
+(`gpu` tests: on a CPU their CUDA code path, FA3 aside)."""
+
+import warnings
 
 import pytest
 import torch
@@ -254,41 +257,92 @@ def test_naming_a_backend_that_cannot_run_is_an_error():
     assert "CUDA" in attn.backend_reason()
 
 
+def backends_here(device, wanted):
+    """(backend, why-not) for each wanted backend: on CUDA the ones that run here; on a CPU (the `device` fixture's
+    CUDA code path) flex stands in as itself (its functions run on a CPU, forward only) and FA3 is skipped."""
+    for backend in wanted:
+        if device == "cuda":
+            try:
+                attn.set_backend(backend)
+            except RuntimeError as e:
+                warnings.warn(f"backend {backend} not checked on this GPU: {e}")
+                continue
+        elif backend == "fa3":
+            continue  # the FA3 kernel exists only on CUDA (Hopper): its statements are what a CPU skips
+        else:
+            attn.set_backend("sdpa")
+            attn._backend = backend  # flex: the same functions; a CPU would never pick it
+        yield backend
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["flex", "fa3", "sdpa"])
-@pytest.mark.parametrize("left", [-1, 128, 511])
-def test_cuda_backends_forward_backward_match_reference(backend, left):
-    try:
-        attn.set_backend(backend)
-    except RuntimeError as e:
-        pytest.skip(str(e))
-    T = 1024
-    q, k, v = (t.cuda().bfloat16() for t in rand_qkv(B=2, T=T, H=4, Hkv=2, D=128, seed=7))
-    fast = _grads(lambda q, k, v: flash_attn_func(q, k, v, causal=True, window_size=(left, 0)), q, k, v)
-    ref = _grads(lambda q, k, v: reference_attention(q, k, v, torch.arange(T, device="cuda"), window_left=left),
+@pytest.mark.parametrize("left", [-1, 128, 300])
+def test_cuda_backends_forward_backward_match_reference(device, left):
+    T = 1024 if device == "cuda" else 512  # a CPU: the same windows over fewer positions, in seconds
+    q, k, v = (t.to(device).bfloat16() for t in rand_qkv(B=2, T=T, H=4, Hkv=2, D=128, seed=7))
+    ref = _grads(lambda q, k, v: reference_attention(q, k, v, torch.arange(T, device=device), window_left=left),
                  q, k, v)
-    for a, b in zip(fast, ref):  # bf16 inputs, fp32 reference: bf16 rounding of outputs and grads
-        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+    checked = []
+    for backend in backends_here(device, ["sdpa", "flex", "fa3"]):
+        fast = flash_attn_func
+        if device == "cpu" and backend == "flex" and 0 <= left < T - 1:
+            # what flash_attn_func runs on CUDA, compiled FlexAttention; its backward is a Triton kernel (CUDA-only)
+            with torch.no_grad():
+                y = attn._flex_window(q, k, v, left)
+            torch.testing.assert_close(y.float(), ref[0].float(), atol=2e-2, rtol=2e-2)
+            checked.append(backend)
+            continue
+        out = _grads(lambda q, k, v: fast(q, k, v, causal=True, window_size=(left, 0)), q, k, v)
+        for a, b in zip(out, ref):  # bf16 inputs, fp32 reference: bf16 rounding of outputs and grads
+            torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+        checked.append(backend)
+    assert "sdpa" in checked and "flex" in checked
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["fa3", "sdpa"])
-def test_cuda_kvcache_decode_matches_reference(backend):
-    try:
-        attn.set_backend(backend)
-    except RuntimeError as e:
-        pytest.skip(str(e))
+def test_cuda_kvcache_decode_matches_reference(device):
     B, T, H, Hkv, D, left = 2, 40, 4, 2, 128, 7
-    q, k, v = (t.cuda().bfloat16() for t in rand_qkv(B=B, T=T, H=H, Hkv=Hkv, D=D, seed=9))
-    ref = reference_attention(q, k, v, torch.arange(T, device="cuda"), window_left=left)
-    k_cache = torch.zeros(B, T, Hkv, D, device="cuda", dtype=torch.bfloat16)
-    v_cache = torch.zeros_like(k_cache)
-    seqlens = torch.zeros(B, dtype=torch.int32, device="cuda")
-    outs, t = [], 0
-    for n in [17, 1, 1, 21]:
-        sl = slice(t, t + n)
-        outs.append(flash_attn_with_kvcache(q[:, sl], k_cache, v_cache, k=k[:, sl], v=v[:, sl],
-                                            cache_seqlens=seqlens, causal=True, window_size=(left, 0)))
-        seqlens += n
-        t += n
-    torch.testing.assert_close(torch.cat(outs, 1).float(), ref.float(), atol=2e-2, rtol=2e-2)
+    q, k, v = (t.to(device).bfloat16() for t in rand_qkv(B=B, T=T, H=H, Hkv=Hkv, D=D, seed=9))
+    ref = reference_attention(q, k, v, torch.arange(T, device=device), window_left=left)
+    checked = []
+    for backend in backends_here(device, ["sdpa", "fa3"]):
+        k_cache = torch.zeros(B, T, Hkv, D, device=device, dtype=torch.bfloat16)
+        v_cache = torch.zeros_like(k_cache)
+        seqlens = torch.zeros(B, dtype=torch.int32, device=device)
+        outs, t = [], 0
+        for n in [17, 1, 1, 21]:
+            sl = slice(t, t + n)
+            outs.append(flash_attn_with_kvcache(q[:, sl], k_cache, v_cache, k=k[:, sl], v=v[:, sl],
+                                                cache_seqlens=seqlens, causal=True, window_size=(left, 0)))
+            seqlens += n
+            t += n
+        torch.testing.assert_close(torch.cat(outs, 1).float(), ref.float(), atol=2e-2, rtol=2e-2)
+        checked.append(backend)
+    assert "sdpa" in checked
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("left", [-1, 5])
+def test_compiled_decode_step_matches_reference(device, left):
+    # the compilable decode attention (fullgraph: the compiled Engine step), every backend: under FA3 too it must
+    # trace, so it takes the masked path rather than FA3's in-place cache op. A CPU compiles with aot_eager
+    # (Dynamo + AOT autograd: the tracing, not Inductor's Triton code generation).
+    B, Tmax, H, Hkv, D = 3, 16, 4, 2, 64
+    lens = [5, 0, 9]
+    q, k, v = (t.to(device).bfloat16() for t in rand_qkv(B=B, T=12, H=H, Hkv=Hkv, D=D, seed=4))
+    pick = lambda x: torch.stack([x[b, n:n + 1] for b, n in enumerate(lens)])  # noqa: E731
+    pos = torch.tensor(lens, dtype=torch.int32, device=device)
+    for backend in backends_here(device, ["sdpa", "fa3"]):
+        k_cache = torch.zeros(B, Tmax, Hkv, D, device=device, dtype=torch.bfloat16)
+        v_cache = torch.zeros_like(k_cache)
+        for b, n in enumerate(lens):
+            k_cache[b, :n], v_cache[b, :n] = k[b, :n], v[b, :n]
+        torch._dynamo.reset()
+        step = torch.compile(lambda *a: flash_attn_decode(*a, window_size=(left, 0)), fullgraph=True,
+                             backend="inductor" if device == "cuda" else "aot_eager")
+        y = step(pick(q), k_cache, v_cache, pick(k), pick(v), pos)
+        for b, n in enumerate(lens):
+            ref = reference_attention(q[b:b + 1, :n + 1], k[b:b + 1, :n + 1], v[b:b + 1, :n + 1],
+                                      torch.arange(n + 1, device=device), window_left=left)[:, n:]
+            torch.testing.assert_close(y[b:b + 1].float(), ref.float(), atol=2e-2, rtol=2e-2)
+    torch._dynamo.reset()

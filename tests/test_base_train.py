@@ -171,8 +171,7 @@ def test_train_lowers_loss_and_writes_checkpoint(straight):
                                     "short_window": meta["model_config"]["short_window"]}
     assert meta["user_config"]["num_iterations"] == N and meta["user_config"]["window_pattern"] == "SL"
     loop = meta["loop_state"]
-    # the final checkpoint is written before the final evaluation (so a slow/killed eval loses nothing),
-    # then its meta is rewritten with that evaluation: the val bpb of step N, not of step 6
+    # the final checkpoint is written after the final evaluation: its meta holds the val bpb of step N, not of step 6
     assert meta["val_bpb"] == pytest.approx(bpbs[-1], abs=1e-6)
     assert math.isclose(loop["min_val_bpb"], min(bpbs), rel_tol=1e-5)
     assert loop["curves"]["val_step"] == [0, 6, N]
@@ -180,7 +179,8 @@ def test_train_lowers_loss_and_writes_checkpoint(straight):
     assert meta["tokenizer"]["vocab_size"] == 384 and len(meta["tokenizer"]["fingerprint"]) == 64
     assert meta["dataloader_state_dict"]["cursor"][0] >= 1
     # the saved model loads for inference and reproduces the weights
-    from nanochat.checkpoint_manager import build_model, find_last_step
+    from nanochat.checkpoint_manager import find_last_step
+    from nanochat.model_loader import build_model
     from nanochat.tokenizer import RustBPETokenizer
     assert find_last_step(d) == N
     tok = RustBPETokenizer.from_directory(os.path.join(base, "tokenizer"))
@@ -368,7 +368,7 @@ def test_base_loss_and_eval(straight, small_data_dir, monkeypatch):
     report = glob.glob(os.path.join(base, "report", "*"))
     assert report, "base_loss should write its report section"
     # the same bpb recomputed here from the checkpoint's logits: 256 tokens = 2 batches of 2 x 64 per split
-    from nanochat.checkpoint_manager import load_model
+    from nanochat.model_loader import load_model
     monkeypatch.setenv("NANOCHAT_BASE_DIR", base)
     monkeypatch.setenv("NANOCHAT_DATA_DIR", small_data_dir)
     model, tokenizer, _ = load_model("base", "cpu", phase="eval")

@@ -249,3 +249,78 @@ def test_sftbatcher_strides_truncates_and_resumes(tok):
     for x_ref, y_ref in ref_batches[2:]:
         x, y = next(resumed)
         assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+
+
+def test_sftbatcher_pads_to_multiples_without_changing_rows(tok):
+    convs = make_conversations(12, seed=3, max_words=40)
+    plain = SFTBatcher(convs, tok, 3, max_tokens=100)
+    padded = SFTBatcher(convs, tok, 3, max_tokens=100, pad_multiple=32)
+    for _ in range(4):
+        (x, y), (px, py) = next(plain), next(padded)
+        T = x.size(1)
+        assert px.size(1) == min(-(-T // 32) * 32, 100) and px.size(1) % 32 in (0, 100 % 32)
+        assert torch.equal(px[:, :T], x) and torch.equal(py[:, :T], y)  # the same rows, then padding
+        assert (py[:, T:] == -1).all() and (px[:, T:] == tok.encode_special("<|assistant_end|>")).all()
+
+
+def test_padded_batch_loss_equals_the_unpadded_loss(tok):
+    # the unpadded loss: every conversation alone (no padding at all), summed over its supervised tokens
+    from conftest import tiny_gpt
+    convs = make_conversations(6, seed=4, max_words=30)
+    model = tiny_gpt(sequence_len=128, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=1, n_embd=32,
+                     window_pattern="SL", short_window=8).eval()
+    nll, count = 0.0, 0
+    for conv in convs:
+        ids, mask = tok.render_conversation(conv)
+        x = torch.tensor([ids[:-1]])
+        y = torch.tensor([[t if m else -1 for t, m in zip(ids[1:], mask[1:])]])
+        with torch.no_grad():
+            nll += model(x, y, loss_reduction="sum").item()
+        count += int((y >= 0).sum())
+    x, y = next(SFTBatcher(convs, tok, len(convs), max_tokens=128, pad_multiple=64))
+    assert x.size(1) in (64, 128) and (y == -1).any()
+    with torch.no_grad():
+        loss = model(x, y).item()
+    assert loss == pytest.approx(nll / count, rel=1e-5)
+
+
+def test_padded_sft_batches_compile_flex_attention_once_per_length(tok):
+    # 20 batches of varied conversations through the compiled FlexAttention of the flex backend (what SFT runs on a
+    # GPU without FA3): padded to multiples, one compile per length and never the unfused fallback; the same
+    # batches unpadded would bring more lengths than torch's recompile limit
+    import warnings
+    from torch._dynamo.testing import CompileCounterWithBackend
+    import nanochat.attention as attn
+    from nanochat.chat_loader import MAX_PAD_LENGTHS, pad_multiple_for
+    convs = make_conversations(60, seed=11, max_words=90)
+    max_tokens, B = 256, 3
+    pad_multiple = pad_multiple_for(max_tokens, multiple=64)
+    assert pad_multiple == 64
+    unpadded = {next(SFTBatcher(convs, tok, B, max_tokens=max_tokens, state={"cursor": i * B}))[0].shape[1]
+                for i in range(20)}
+    assert len(unpadded) > MAX_PAD_LENGTHS  # the situation that recompiles past the limit
+    batches = SFTBatcher(convs, tok, B, max_tokens=max_tokens, pad_multiple=pad_multiple)
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    saved = attn._flex_fn, attn.FLEX_COMPILE_BACKEND
+    attn._flex_fn, attn.FLEX_COMPILE_BACKEND = None, counter
+    lengths = set()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(20):
+                x, _ = next(batches)
+                T = x.size(1)
+                lengths.add(T)
+                g = torch.Generator().manual_seed(T)
+                q, k, v = (torch.randn(B, T, h, 16, generator=g) for h in (2, 1, 1))
+                with torch.no_grad():  # FlexAttention's backward is a Triton kernel: the forward compiles the same
+                    y = attn._flex_window(q, k, v, 32)
+                torch.testing.assert_close(y, attn.reference_attention(q, k, v, torch.arange(T), window_left=32),
+                                           atol=1e-5, rtol=1e-5)
+    finally:
+        attn._flex_fn, attn.FLEX_COMPILE_BACKEND = saved
+        torch._dynamo.reset()
+    assert len(lengths) <= max_tokens // pad_multiple
+    assert counter.frame_count == len(lengths), (counter.frame_count, sorted(lengths))
+    assert not [w for w in caught if "materializes" in str(w.message)]

@@ -1,11 +1,13 @@
 """
 scripts/chat_rl.py: the batch and the REINFORCE loss against hand computations (a stub model whose
 logits are a free table per position, and a real tiny GPT against log_softmax of its plain logits),
-then a smoke run of the script and (slow) a 2-rank torchrun run that must save without deadlocking.
+then runs of the script: a smoke run, a resumed run that reproduces the uninterrupted one exactly, a
+non-finite stop with status 2, and (slow) a 2-rank torchrun run that must save without deadlocking.
 """
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -121,13 +123,18 @@ def test_real_gpt_matches_log_softmax_reference():
         assert torch.allclose(g, r, atol=1e-6, rtol=1e-4)
 
 
-def check_rl_outputs(base_dir, out):
+def check_rl_outputs(base_dir, out, world_size=1):
     for step in (0, 1):
         assert f"step {step:05d}/00002 | reward " in out and f"step {step:05d} | pass@1 " in out, out
+    assert "step 00002 | pass@1 " in out  # the final evaluation, after the last update
     ckpt = os.path.join(base_dir, "chatrl_checkpoints", "d2")
-    assert sorted(os.listdir(ckpt)) == ["meta_000001.json", "model_000001.pt"]  # step 0 is not saved
-    meta = json.load(open(os.path.join(ckpt, "meta_000001.json")))
-    assert meta["step"] == 1 and meta["model_config"]["n_layer"] == 2
+    # step S holds the weights after S updates, as in the other stages; step 0 (nothing trained) is not saved
+    assert sorted(os.listdir(ckpt)) == sorted([f"{kind}_{s:06d}{ext}" for s in (1, 2) for kind, ext in
+                                               (("meta", ".json"), ("model", ".pt"))] +
+                                              [f"optim_{s:06d}_rank{r}.pt" for s in (1, 2) for r in range(world_size)])
+    meta = json.load(open(os.path.join(ckpt, "meta_000002.json")))
+    assert meta["step"] == 2 and meta["model_config"]["n_layer"] == 2 and meta["world_size"] == world_size
+    assert 0.0 <= meta["val_pass_at_1"] <= meta["pass@2"] <= 1.0  # pass@k grows with k
     assert os.path.exists(os.path.join(base_dir, "report", "chat-rl.md"))
 
 
@@ -135,9 +142,47 @@ def test_smoke_run_saves_loadable_checkpoint(chat_base_dir, tiny_data_dir, monke
     out = run_module("scripts.chat_rl", RL_ARGS, chat_base_dir, tiny_data_dir).stdout
     check_rl_outputs(chat_base_dir, out)
     monkeypatch.setenv("NANOCHAT_BASE_DIR", chat_base_dir)
-    from nanochat.checkpoint_manager import load_model
+    from nanochat.model_loader import load_model
     model, tok, meta = load_model("rl", "cpu", phase="eval")
-    assert meta["step"] == 1 and model.config.vocab_size == tok.get_vocab_size()
+    assert meta["step"] == 2 and model.config.vocab_size == tok.get_vocab_size()
+
+
+def step_lines(out):
+    """{step: its line without the timing fields} of every RL step logged."""
+    return {int(m.group(1)): [f for f in m.group(0).split(" | ") if not f.startswith(("dt ", "eta "))]
+            for m in re.finditer(r"^step (\d+)/\d+ \|.*$", out, re.M)}
+
+
+def test_resume_reproduces_the_uninterrupted_run(chat_base_dir, tiny_data_dir):
+    args = [a for a in RL_ARGS if not a.startswith("--num-steps")] + ["--num-steps=3"]
+    full = run_module("scripts.chat_rl", args, chat_base_dir, tiny_data_dir).stdout
+    steps = step_lines(full)
+    assert sorted(steps) == [0, 1, 2], full[-2000:]
+    ckpt = os.path.join(chat_base_dir, "chatrl_checkpoints", "d2")
+    final = torch.load(os.path.join(ckpt, "model_000003.pt"), weights_only=True)
+    resumed = run_module("scripts.chat_rl", args + ["--resume-from-step=1"], chat_base_dir, tiny_data_dir).stdout
+    assert "resumed from step 1" in resumed
+    rsteps = step_lines(resumed)
+    assert sorted(rsteps) == [1, 2] and all(rsteps[s] == steps[s] for s in rsteps), (rsteps, steps)
+    passk = re.compile(r"^step (\d+) \| (pass@1 .*)$", re.M)
+    assert passk.findall(resumed) == [p for p in passk.findall(full) if int(p[0]) >= 1]
+    after = torch.load(os.path.join(ckpt, "model_000003.pt"), weights_only=True)
+    assert all(torch.equal(after[k], final[k]) for k in final)
+
+
+def test_nonfinite_update_stops_with_status_2(chat_base_dir, tiny_data_dir):
+    args = [a for a in RL_ARGS if not a.startswith(("--num-steps", "--save-every"))]
+    proc = run_module("scripts.chat_rl", args + ["--num-steps=1", "--unembedding-lr=inf"], chat_base_dir,
+                      tiny_data_dir, check=False)
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert "ERROR: non-finite weights at step 1" in proc.stdout and "Traceback" not in proc.stdout
+    assert not os.path.exists(os.path.join(chat_base_dir, "chatrl_checkpoints", "d2", "model_000001.pt"))
+    # no save due at step 1: the NaN weights reach the next step's loss, whose guard stops the run
+    proc = run_module("scripts.chat_rl", args + ["--num-steps=2", "--unembedding-lr=inf"], chat_base_dir,
+                      tiny_data_dir, check=False)
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert re.search(r"ERROR: non-finite loss or gradient at step 1\b", proc.stdout), proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout and not os.path.exists(os.path.join(chat_base_dir, "chatrl_checkpoints"))
 
 
 def test_bad_flags(chat_base_dir, tiny_data_dir):
@@ -153,4 +198,4 @@ def test_two_ranks_save_without_deadlock(chat_base_dir, tiny_data_dir):
                           env=script_env(chat_base_dir, tiny_data_dir), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[:3000] + "\n...\n" + proc.stdout[-6000:]  # rank errors come first
-    check_rl_outputs(chat_base_dir, proc.stdout)
+    check_rl_outputs(chat_base_dir, proc.stdout, world_size=2)

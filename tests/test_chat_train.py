@@ -132,8 +132,10 @@ def test_chat_sft_lowers_loss_and_resumes_exactly(chat_base_dir, tiny_data_dir):
 def test_chat_sft_dft_runs_and_logs_p_correct(chat_base_dir, tiny_data_dir):
     out = run_module("scripts.chat_sft", SFT_ARGS + ["--num-iterations=3", "--eval-every=-1", "--loss=dft",
                                                      "--dft-alpha=0.7", "--mix", "smoltalk@40,identity",
-                                                     "--val-mix", "smoltalk@8"], chat_base_dir, tiny_data_dir).stdout
+                                                     "--val-mix", "smoltalk@8", "--pad-multiple=32"],
+                     chat_base_dir, tiny_data_dir).stdout
     assert "loss: dft (alpha 0.7)" in out
+    assert "batch rows padded to multiples of 32 tokens" in out
     steps = step_lines(out)
     assert sorted(steps) == [0, 1, 2]
     for fields in steps.values():
@@ -256,7 +258,7 @@ def test_two_rank_mid_run_ends_on_the_same_step(tmp_path, fresh_model_base_dir, 
 
 def test_categorical_eval_on_fixture_rows(monkeypatch, tiny_base_checkpoint_dir, tiny_data_dir):
     """run_categorical_eval (chat_sft's MMLU / ARC-Easy metrics) against per-problem argmax and constant answers."""
-    from nanochat.checkpoint_manager import load_model
+    from nanochat.model_loader import load_model
     from nanochat.task_eval import run_categorical_eval
     from tasks.arc import ARC
     from tasks.mmlu import MMLU

@@ -1,4 +1,5 @@
-"""Checkpoint save/load: round trip, atomic writes, weights_only, config/tokenizer checks, dtypes."""
+"""Checkpoint files (checkpoint_manager) and the models built from them (model_loader): round trip, atomic writes,
+weights_only, config/tokenizer checks, dtypes, damaged files as one line; restoring a resumed step (resume)."""
 
 import os
 import json
@@ -11,7 +12,9 @@ import pytest
 import torch
 
 from nanochat import checkpoint_manager as cm
-from nanochat.common import InputFileError
+from nanochat import model_loader
+from nanochat.files import InputFileError
+from nanochat.resume import restore_training_state
 from nanochat.gpt import GPTConfig
 from nanochat.tokenizer import RustBPETokenizer
 
@@ -65,7 +68,7 @@ def test_round_trip_identical_outputs(tmp_path, tokenizer):
     rng_state = {"torch": torch.get_rng_state(), "python": random.getstate(), "loader": {"pq_idx": 3, "rg_idx": 1}}
     save(tmp_path, 5, model, tokenizer, optim_state=rng_state)
     assert sorted(os.listdir(tmp_path)) == ["meta_000005.json", "model_000005.pt", "optim_000005_rank0.pt"]
-    loaded, tok, meta = cm.build_model(str(tmp_path), 5, "cpu", "eval", tokenizer=tokenizer)
+    loaded, tok, meta = model_loader.build_model(str(tmp_path), 5, "cpu", "eval", tokenizer=tokenizer)
     assert meta["step"] == 5 and not loaded.training and tok is tokenizer
     x = torch.randint(0, VOCAB, (2, 20))
     with torch.no_grad():
@@ -75,7 +78,7 @@ def test_round_trip_identical_outputs(tmp_path, tokenizer):
     assert torch.equal(optim["torch"], rng_state["torch"]) and optim["loader"] == {"pq_idx": 3, "rg_idx": 1}
     random.setstate(optim["python"])  # a plain tuple again
     # train phase
-    trained, _, _ = cm.build_model(str(tmp_path), 5, "cpu", "train", tokenizer=tokenizer)
+    trained, _, _ = model_loader.build_model(str(tmp_path), 5, "cpu", "train", tokenizer=tokenizer)
     assert trained.training
 
 
@@ -95,7 +98,7 @@ def test_killed_model_write_keeps_previous_step(tmp_path, tokenizer, monkeypatch
     monkeypatch.setattr(torch, "save", real_save)
     assert not os.path.exists(tmp_path / "model_000002.pt")  # only a temp file was left behind
     assert cm.find_last_step(str(tmp_path)) == 1
-    loaded, _, _ = cm.build_model(str(tmp_path), 1, "cpu", "eval", tokenizer=tokenizer)
+    loaded, _, _ = model_loader.build_model(str(tmp_path), 1, "cpu", "eval", tokenizer=tokenizer)
     x = torch.randint(0, VOCAB, (1, 8))
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
@@ -154,14 +157,14 @@ def test_config_mismatch_names_keys(tmp_path, tokenizer):
     model = make_model(tiny_config())
     save(tmp_path, 1, model, tokenizer, config=tiny_config(n_embd=64))  # meta claims a wider model
     with pytest.raises(cm.CheckpointError) as e:
-        cm.build_model(str(tmp_path), 1, "cpu", "eval", tokenizer=tokenizer)
+        model_loader.build_model(str(tmp_path), 1, "cpu", "eval", tokenizer=tokenizer)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(str(tmp_path / "model_000001.pt")) and "meta_000001.json" in msg
     assert "shapes differ" in msg and "transformer.wte.weight" in msg and "(320, 32)" in msg and "(320, 64)" in msg
     # a deeper config: the checkpoint lacks the extra layer
     save(tmp_path, 2, model, tokenizer, config=tiny_config(n_layer=3))
     with pytest.raises(cm.CheckpointError, match=r"missing .*transformer\.h\.2\."):
-        cm.build_model(str(tmp_path), 2, "cpu", "eval", tokenizer=tokenizer)
+        model_loader.build_model(str(tmp_path), 2, "cpu", "eval", tokenizer=tokenizer)
 
 
 def test_tokenizer_mismatch(tmp_path, tokenizer):
@@ -170,10 +173,10 @@ def test_tokenizer_mismatch(tmp_path, tokenizer):
     other = make_tokenizer(1)  # same vocab size, different merges
     assert other.get_vocab_size() == VOCAB
     with pytest.raises(ValueError, match="tokenizer mismatch.*fingerprint"):
-        cm.build_model(str(tmp_path), 1, "cpu", "eval", tokenizer=other)
+        model_loader.build_model(str(tmp_path), 1, "cpu", "eval", tokenizer=other)
     small = RustBPETokenizer.train_from_iterator(iter(["abc abd abe " * 50]), 266)
     with pytest.raises(ValueError, match="vocab_size=300.*has 266"):
-        cm.build_model(str(tmp_path), 1, "cpu", "eval", tokenizer=small)
+        model_loader.build_model(str(tmp_path), 1, "cpu", "eval", tokenizer=small)
 
 
 def test_bf16_compiled_old_checkpoint_loads_on_cpu_fp32(tmp_path, tokenizer):
@@ -188,7 +191,7 @@ def test_bf16_compiled_old_checkpoint_loads_on_cpu_fp32(tmp_path, tokenizer):
     meta = meta_for(config, tokenizer, 4)
     del meta["model_config"]["window_pattern"]
     cm.save_checkpoint(str(tmp_path), 4, state, None, meta)
-    loaded, _, _ = cm.build_model(str(tmp_path), 4, "cpu", "eval", tokenizer=tokenizer)
+    loaded, _, _ = model_loader.build_model(str(tmp_path), 4, "cpu", "eval", tokenizer=tokenizer)
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
     assert loaded.config.window_pattern == "L"
     assert loaded.smear_lambda.item() == 0 and loaded.backout_lambda.item() == 0
@@ -215,14 +218,14 @@ def test_load_model_picks_largest_tag_and_last_step(tmp_path, tokenizer, monkeyp
     save(root / "d2", 7, big, tokenizer)
     (root / "d2" / "model_000009.pt").write_bytes(b"partial")  # an unfinished save is ignored
     assert cm.find_largest_model(str(root)) == "d2"
-    model, tok, meta = cm.load_model("mid", "cpu", "eval")
+    model, tok, meta = model_loader.load_model("mid", "cpu", "eval")
     assert meta["step"] == 7 and model.config.n_layer == 2 and tok.get_vocab_size() == VOCAB
-    model, _, meta = cm.load_model("mid", "cpu", "eval", model_tag="d1")
+    model, _, meta = model_loader.load_model("mid", "cpu", "eval", model_tag="d1")
     assert meta["step"] == 3 and model.config.n_layer == 1
     with pytest.raises(FileNotFoundError):
-        cm.load_model("sft", "cpu", "eval")
+        model_loader.load_model("sft", "cpu", "eval")
     with pytest.raises(ValueError, match="source"):
-        cm.load_model("pretrain", "cpu", "eval")
+        model_loader.load_model("pretrain", "cpu", "eval")
 
 
 def test_largest_model_falls_back_to_newest_dir(tmp_path):
@@ -313,12 +316,12 @@ def saved(tmp_path, saved_template):
 
 
 def load_for_eval(ckpt_dir, tokenizer):
-    cm.build_model(str(ckpt_dir), 1, "cpu", "eval", tokenizer=tokenizer)
+    model_loader.build_model(str(ckpt_dir), 1, "cpu", "eval", tokenizer=tokenizer)
 
 
 def resume(ckpt_dir, model):
     model_state, optim_state, _ = cm.load_checkpoint(str(ckpt_dir), 1, "cpu", load_optimizer=True)
-    cm.restore_training_state(model, model.setup_optimizers(), model_state, optim_state, str(ckpt_dir), 1)
+    restore_training_state(model, model.setup_optimizers(), model_state, optim_state, str(ckpt_dir), 1)
 
 
 @pytest.mark.parametrize("name,damage,expect", [

@@ -195,7 +195,7 @@ def test_bundle_location(tmp_path, monkeypatch):
      "mc.jsonl:1: malformed row: a multiple_choice row is an object with string fields query"),
 ])
 def test_damaged_bundle_file_is_one_line_naming_it(tmp_path, name, damage, expect):
-    from nanochat.common import InputFileError
+    from nanochat.files import InputFileError
     write_bundle(tmp_path, [("mc", "mc.jsonl", "multiple_choice", 0)], {"mc": 25.0}, {"mc.jsonl": MC_ROWS})
     damage(tmp_path / name)
     with pytest.raises(InputFileError, match=expect) as e:

@@ -193,7 +193,7 @@ def corrupt_middle(path):
     (corrupt_middle, "cannot be read"),
 ])
 def test_damaged_shard_is_one_line_naming_it(tmp_path, monkeypatch, damage, expect):
-    from nanochat.common import InputFileError
+    from nanochat.files import InputFileError
     monkeypatch.setenv("NANOCHAT_DATA_DIR", str(tmp_path))
     for i in range(2):
         write_parquet(str(tmp_path / "pretrain" / f"shard_{i:05d}.parquet"), [f"text {k} " * 50 for k in range(40)],

@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_module
-from nanochat.checkpoint_manager import SOURCE_DIRS, config_to_dict, load_model, save_checkpoint, tokenizer_info, \
-    tokenizer_fingerprint
+from nanochat.checkpoint_manager import SOURCE_DIRS, config_to_dict, save_checkpoint, tokenizer_info, tokenizer_fingerprint
+from nanochat.model_loader import load_model
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.hf_export import bpe_merges, bytes_to_unicode, model_card, report_summary
@@ -395,7 +395,7 @@ def nan_everywhere(state):
 def test_damaged_export_is_one_line_naming_the_file(exported, tmp_path, name, damage, expect):
     import shutil
     import time
-    from nanochat.common import InputFileError  # CheckpointError's base: the one-line kind
+    from nanochat.files import InputFileError  # CheckpointError's base: the one-line kind
     out = tmp_path / "export"
     shutil.copytree(exported[3], out)
     damage(out / name)

@@ -13,21 +13,20 @@ from nanochat.gpt import GPT, GPTConfig, config_from_depth
 
 
 @pytest.fixture(autouse=True)
-def cpu_fp32(monkeypatch):
-    monkeypatch.delenv("NANOCHAT_DTYPE", raising=False)
+def sdpa_backend():
     attn.set_backend("sdpa")
     yield
     attn._backend = None
 
 
-def build(**kw):
+def build(dtype=None, **kw):
     cfg = dict(sequence_len=32, vocab_size=100, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, short_window=4)
     cfg.update(kw)
     with torch.device("meta"):
         model = GPT(GPTConfig(**cfg))
     model.to_empty(device="cpu")
     torch.manual_seed(0)
-    model.init_weights()
+    model.init_weights(dtype)
     return model
 
 
@@ -154,18 +153,36 @@ def test_fused_cpu_loss_matches_plain_path(monkeypatch, reduction):
         torch.testing.assert_close(a, b, atol=1e-4 * (1 + b.abs().max().item()), rtol=1e-4)
 
 
-def test_bf16_compute_dtype_casts(monkeypatch):
-    monkeypatch.setenv("NANOCHAT_DTYPE", "bfloat16")
-    m = build(n_layer=2)
-    assert m.transformer.wte.weight.dtype == torch.bfloat16
-    assert all(v.weight.dtype == torch.bfloat16 for v in m.value_embeds.values())
-    assert m.lm_head.weight.dtype == torch.float32  # fp32 masters for matmul weights
+def test_bf16_compute_dtype_casts():
+    m = randomize(build(torch.bfloat16, n_layer=2))
+    assert m.compute_dtype == torch.bfloat16
+    # every parameter is an fp32 master, embeddings included: bf16 is only the compute copy
+    assert all(p.dtype == torch.float32 for p in m.parameters())
     x = tokens(1, 8)
     logits = m(x)
     assert logits.dtype == torch.float32
     loss = m(x, x)
     loss.backward()
-    assert torch.isfinite(loss) and m.transformer.h[0].attn.c_q.weight.grad.dtype == torch.float32
+    assert torch.isfinite(loss) and all(p.grad.dtype == torch.float32 for p in m.parameters() if p.grad is not None)
+    # the forward runs in bf16: its logits are those of the bf16-rounded weights, not the fp32 model's
+    m32 = build(n_layer=2)  # fp32
+    m32.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        diff = (m(x) - m32(x)).abs().max().item()
+    assert 1e-4 < diff < 0.5, diff
+
+
+def test_bf16_embedding_updates_are_not_lost():
+    # an AdamW step far below bf16's resolution at the weight's magnitude still moves the fp32 master
+    m = build(torch.bfloat16, n_layer=2)
+    opt = m.setup_optimizers(embedding_lr=1e-4)  # a step of ~1e-4 * 1.7 vs bf16's ulp of ~4e-3 near 0.8
+    before = m.transformer.wte.weight.detach().clone()
+    x = tokens(2, 16)
+    m(x, x).backward()
+    had_grad = m.transformer.wte.weight.grad != 0
+    opt.step()
+    moved = m.transformer.wte.weight != before
+    assert had_grad.sum() > 100 and moved[had_grad].all()  # every weight with a gradient took its step
 
 # -----------------------------------------------------------------------------
 # init and accounting

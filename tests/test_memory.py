@@ -15,11 +15,10 @@ def sdpa_backend():
     attn._backend = None
 
 
-def bf16_model(monkeypatch, cfg):
-    monkeypatch.setenv("NANOCHAT_DTYPE", "bfloat16")  # the GPU dtype policy, on a CPU
+def bf16_model(cfg):
     torch.manual_seed(0)
     model = GPT(cfg)
-    model.init_weights()
+    model.init_weights(torch.bfloat16)  # the GPU's compute dtype, on a CPU
     return model
 
 
@@ -44,11 +43,11 @@ def saved_bytes(model, idx):
     # every block linear large enough for fp8 (CPU torch runs _scaled_mm too)
     (GPTConfig(sequence_len=64, vocab_size=512, n_layer=4, n_head=2, n_kv_head=2, n_embd=128, window_pattern="L"), 4, True),
 ])
-def test_estimate_matches_saved_tensors(monkeypatch, cfg, B, fp8):
-    model = bf16_model(monkeypatch, cfg)
+def test_estimate_matches_saved_tensors(cfg, B, fp8):
+    model = bf16_model(cfg)
     if fp8:
         from nanochat.fp8 import convert_to_fp8
-        assert convert_to_fp8(model) == 6 * cfg.n_layer + 1  # q, k, v, proj, fc, mlp proj per layer; the head
+        assert convert_to_fp8(model) == 6 * cfg.n_layer  # q, k, v, proj, fc, mlp proj per layer (never the head)
     idx = torch.randint(0, cfg.vocab_size, (B, cfg.sequence_len))
     with cpu_kernels(False):  # the CUDA code path: stock rms_norm, relu().square(), unfused head
         measured = saved_bytes(model, idx)
@@ -58,9 +57,9 @@ def test_estimate_matches_saved_tensors(monkeypatch, cfg, B, fp8):
     assert abs(predicted - measured) / measured < 0.15, (predicted, measured)
 
 
-def test_weights_and_optimizer_state_match_a_real_step(monkeypatch):
+def test_weights_and_optimizer_state_match_a_real_step():
     cfg = GPTConfig(sequence_len=32, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
-    model = bf16_model(monkeypatch, cfg)
+    model = bf16_model(cfg)
     opt = model.setup_optimizers()
     idx = torch.randint(0, 256, (2, 32))
     model(idx, idx).backward()

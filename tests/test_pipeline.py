@@ -154,7 +154,7 @@ def check_reply(out):
     """chat_cli's printed reply == the engine's greedy tokens up to <|assistant_end|> (or the token limit),
     decoded, with tool tokens shown as text: so the reply is decoded text that ended its turn."""
     import torch
-    from nanochat.checkpoint_manager import load_model
+    from nanochat.model_loader import load_model
     from nanochat.engine import Engine
     model, tok, _ = load_model("sft", torch.device("cpu"), phase="eval")
     prompt = [tok.get_bos_token_id(), tok.encode_special("<|user_start|>"), *tok.encode(PROMPT),

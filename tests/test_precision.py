@@ -18,19 +18,22 @@ from nanochat.gpt import GPT, GPTConfig
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
-    # resolve_precision exports $NANOCHAT_DTYPE itself: restore the variable whatever the test did to it
-    before = os.environ.pop("NANOCHAT_DTYPE", None)
-    monkeypatch.setattr(common, "_EXPORTED_DTYPE", None)
+    monkeypatch.delenv("NANOCHAT_DTYPE", raising=False)  # the user's override: each test sets it where it means to
     attn.set_backend("sdpa")
     yield
-    os.environ.pop("NANOCHAT_DTYPE", None)
-    if before is not None:
-        os.environ["NANOCHAT_DTYPE"] = before
     attn.set_backend(None)
 
 
 def with_probe(monkeypatch, ratio):
-    monkeypatch.setattr(common, "_BF16_PROBE", ratio)
+    """A CPU without AMX / AVX512-BF16 flags whose probe measures `ratio` (None: the real probe runs)."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    if ratio is not None:
+        monkeypatch.setattr(common, "probe_cpu_bf16_speedup", lambda: ratio)
+
+
+def no_probe(monkeypatch):
+    monkeypatch.setattr(common, "probe_cpu_bf16_speedup", lambda: pytest.fail("the CPU probe ran"))
 
 # -----------------------------------------------------------------------------
 # policy
@@ -56,25 +59,29 @@ def test_flags_override_the_probe(monkeypatch):
 
 
 def test_explicit_dtype_needs_no_probe(monkeypatch):
-    monkeypatch.setattr(common, "_BF16_PROBE", None)
+    no_probe(monkeypatch)
     assert resolve_precision("cpu", "float32", verbose=False)[:2] == (torch.float32, False)
-    assert common._BF16_PROBE is None
 
 
-def test_env_dtype_is_a_user_choice_but_our_own_export_is_not(monkeypatch):
+def test_env_dtype_is_the_users_choice_and_is_never_written(monkeypatch):
     with_probe(monkeypatch, 4.5)
     monkeypatch.setenv("NANOCHAT_DTYPE", "float32")
-    assert resolve_precision("cpu", verbose=False)[0] == torch.float32
+    dtype, compiled, reason = resolve_precision("cpu", verbose=False)
+    assert (dtype, compiled) == (torch.float32, False) and "$NANOCHAT_DTYPE" in reason
+    assert resolve_precision("cpu", "bfloat16", verbose=False)[0] == torch.bfloat16  # --dtype wins over it
+    assert os.environ["NANOCHAT_DTYPE"] == "float32"
     monkeypatch.delenv("NANOCHAT_DTYPE")
-    resolve_precision("cpu", "float32", verbose=False)  # exports float32 for the model...
-    assert resolve_precision("cpu", verbose=False)[0] == torch.bfloat16  # ...which binds no later call
-    import os
-    assert os.environ["NANOCHAT_DTYPE"] == "bfloat16"  # what GPT.init_weights will read
+    resolve_precision("cpu", "float32", verbose=False)  # an explicit choice binds no later call
+    assert "NANOCHAT_DTYPE" not in os.environ
+    assert resolve_precision("cpu", verbose=False)[0] == torch.bfloat16
 
 
-def test_bad_dtype_names_the_flag():
+def test_bad_dtype_names_the_flag(monkeypatch):
     with pytest.raises(ValueError, match="--dtype"):
         resolve_precision("cpu", "fp8", verbose=False)
+    monkeypatch.setenv("NANOCHAT_DTYPE", "fp16")
+    with pytest.raises(ValueError, match="NANOCHAT_DTYPE"):
+        resolve_precision("cpu", verbose=False)
 
 
 @pytest.mark.parametrize("cap, want", [((9, 0), (torch.bfloat16, True)), ((8, 0), (torch.bfloat16, True)),
@@ -82,20 +89,64 @@ def test_bad_dtype_names_the_flag():
 def test_cuda_defaults(monkeypatch, cap, want):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: cap)
     assert resolve_precision("cuda", verbose=False)[:2] == want
+    assert resolve_precision("cuda", training=False, verbose=False)[:2] == (want[0], False)  # inference: eager
 
 
 def test_mps_default_is_fp32_eager(monkeypatch):
-    monkeypatch.setattr(common, "_BF16_PROBE", None)
+    no_probe(monkeypatch)  # no CPU probe for another device
     assert resolve_precision("mps", verbose=False)[:2] == (torch.float32, False)
-    assert common._BF16_PROBE is None  # no CPU probe was run for another device
+
+
+def test_cpu_inference_is_fp32_eager_whatever_the_cpu(monkeypatch):
+    with_probe(monkeypatch, 4.5)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    no_probe(monkeypatch)
+    assert resolve_precision("cpu", training=False, verbose=False)[:2] == (torch.float32, False)
+    assert resolve_precision("cpu", "bfloat16", training=False, verbose=False)[:2] == (torch.bfloat16, False)
+
+
+@pytest.mark.parametrize("flag", ["_is_amx_tile_supported", "_is_avx512_bf16_supported"])
+def test_native_bf16_flags_decide_without_timing(monkeypatch, flag):
+    with_probe(monkeypatch, None)
+    monkeypatch.setattr(torch.cpu, flag, lambda: True, raising=False)
+    no_probe(monkeypatch)
+    dtype, compiled, reason = resolve_precision("cpu", verbose=False)
+    assert (dtype, compiled) == (torch.bfloat16, True)
+    assert ("AMX" if "amx" in flag else "AVX512-BF16") in reason
+
+
+def test_policy_draws_no_random_numbers(monkeypatch):
+    # the scripts seed, resolve the precision, then initialise the model: a probe drawing from the global RNG
+    # made a policy run initialise another model than an explicit --dtype run of the same choice
+    with_probe(monkeypatch, None)
+    common.probe_cpu_bf16_speedup.cache_clear()  # the timing probe really runs
+    torch.manual_seed(42)
+    resolve_precision("cpu", verbose=False)
+    after_policy = torch.rand(4)
+    torch.manual_seed(42)
+    assert torch.equal(torch.rand(4), after_policy)
 
 
 def test_probe_is_measured_once(monkeypatch):
-    monkeypatch.setattr(common, "_BF16_PROBE", None)
+    common.probe_cpu_bf16_speedup.cache_clear()
     r = common.probe_cpu_bf16_speedup()
     assert math.isfinite(r) and r > 0
     monkeypatch.setattr(torch, "randn", None)  # a second measurement would crash
     assert common.probe_cpu_bf16_speedup() == r
+
+
+def test_the_model_computes_in_the_dtype_it_is_given(monkeypatch):
+    monkeypatch.setenv("NANOCHAT_DTYPE", "bfloat16")  # the policy's input, never the model's
+    assert build(None).compute_dtype == torch.float32
+    model = build(torch.bfloat16)
+    # bf16 compute, fp32 master weights: every parameter stays fp32 so small updates are kept
+    assert model.compute_dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    seen = []
+    model.transformer.h[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    with torch.no_grad():
+        model(torch.randint(0, 96, (1, 8)))
+    assert seen == [torch.bfloat16]  # the blocks really run in bf16
 
 # -----------------------------------------------------------------------------
 # CPU-only kernels against stock ops
@@ -192,3 +243,28 @@ def test_compiled_loss_matches_eager(dtype):
     assert abs(lc - l32) <= 2 * abs(le - l32) + 1e-3 * l32
     for n in ge:
         assert err(gc[n], g32[n]) <= 2 * err(ge[n], g32[n]) + 1e-2, (n, err(gc[n], g32[n]), err(ge[n], g32[n]))
+
+
+def test_tf32_through_the_fp32_precision_api(monkeypatch):
+    from nanochat.common import enable_tf32
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip(f"torch {torch.__version__} predates the fp32_precision settings")
+    before = matmul.fp32_precision, conv.fp32_precision
+    names = []
+    real_setattr = type(matmul).__setattr__
+
+    def spy(self, name, value):
+        names.append(name)
+        return real_setattr(self, name, value)
+    monkeypatch.setattr(type(matmul), "__setattr__", spy)
+    monkeypatch.setattr(type(torch.backends.cudnn), "allow_tf32", property(
+        lambda self: True, lambda self, v: pytest.fail("the deprecated cudnn.allow_tf32 flag was set")))
+    try:
+        matmul.fp32_precision, conv.fp32_precision = "ieee", "ieee"
+        enable_tf32()
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+        assert "allow_tf32" not in names  # the deprecated flag is never touched
+    finally:
+        monkeypatch.undo()
+        matmul.fp32_precision, conv.fp32_precision = before

@@ -34,11 +34,12 @@ def test_report_end_to_end(tmp_path, monkeypatch):
         assert needle in header
 
     rep.log("Base model training", [{"depth": 4, "tokens": 1234567, "lr": 0.02, "flag": True}, "", None,
-                                    "free text line"])
+                                    "free text line", {"Minimum validation bpb": 1.95, "Final validation bpb": 1.9611}])
+    rep.log("Midtraining", [{"Minimum validation bpb": 1.9, "Final validation bpb": 1.91381}])
     rep.log_curves("Base model training", {"step": [0, 1, 2, 3], "loss": [5.0, 4.0, 3.5, 3.2],
                                            "val_step": [0, 2], "val_bpb": [2.5, 2.1]})
     rep.log_curve("Chat SFT", "loss", [0, 1], [2.0, 1.5])
-    rep.log("Chat SFT", [{"steps": 2}])
+    rep.log("Chat SFT", [{"steps": 2, "Training loss": 5.1, "Validation loss": 5.47712}])
     rep.log("Base model evaluation", [{"Model": "base_model (step 100)", "CORE metric": 0.22191,
                                        "Missing tasks (excluded from CORE)": "squad, coqa"},
                                       {"hellaswag": 0.25, "arc_easy": 0.5}])
@@ -51,6 +52,9 @@ def test_report_end_to_end(tmp_path, monkeypatch):
     section = (report_dir / "base-model-training.md").read_text()
     assert section.startswith("## Base model training\ntimestamp: ")
     assert "- depth: 4\n- tokens: 1,234,567\n- lr: 0.0200\n- flag: True\n\nfree text line\n" in section
+    # the quality line reads the stages logged so far: RL and its eval have not run yet here
+    assert rep.quality() == ("quality: base val bpb 1.9611 | mid val bpb 1.9138 | SFT val loss 5.4771 | "
+                             "ChatCORE 0.0884")
 
     # fix the clock: run started 10:00, last non-RL section at 13:25 (RL later, not counted)
     _set_time(report_dir / "header.md", "Run started:", "2025-01-01 10:00:00")
@@ -71,8 +75,12 @@ def test_report_end_to_end(tmp_path, monkeypatch):
     assert rows["GSM8K"] == ["-", "0.0250", "-", "0.0758"]
     assert rows["SpellingBee"] == ["-", "0.9000", "-", "-"]
     assert rows["ChatCORE"] == ["-", "0.0730", "0.0884", "-"]
+    # the final validation figure of each training stage (not the minimum), a quality guard
+    assert rows["Val bpb"] == ["1.9611", "1.9138", "-", "-"]
+    assert rows["Val loss"] == ["-", "-", "5.4771", "-"]
     order = list(rows)
-    assert order[0] == "CORE" and order[-1] == "ChatCORE" and order[1:-1] == sorted(order[1:-1])
+    assert order[:3] == ["Val bpb", "Val loss", "CORE"] and order[-1] == "ChatCORE"
+    assert order[3:-1] == sorted(order[3:-1])
     assert "Total wall clock time: 3h25m" in md
     assert "Estimated cost: $82.00" in md  # 24 $/h * 3.4167 h
     # plots exist, are PNGs and are linked

@@ -1,5 +1,5 @@
 """
-The SFT objective (nanochat.training.supervised_loss):
+The SFT objective (nanochat.loss_eval.supervised_loss):
 the loss of a step is the mean over all its supervised tokens across micro-batches (and ranks),
 a micro-batch without supervised tokens adds 0 (never NaN), and DFT weights each token's CE by
 its own stop-gradient probability (alpha 0 = plain CE). Checked against F.cross_entropy on the
@@ -15,14 +15,13 @@ import torch.nn.functional as F
 
 import nanochat.attention as attn
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.training import supervised_loss
+from nanochat.loss_eval import supervised_loss
 
 V, T = 50, 12
 
 
 @pytest.fixture(autouse=True)
-def cpu_fp32(monkeypatch):
-    monkeypatch.delenv("NANOCHAT_DTYPE", raising=False)
+def sdpa_backend():
     attn.set_backend("sdpa")
     yield
     attn.set_backend(None)  # back to the automatic choice
@@ -211,3 +210,33 @@ def test_dft_alpha_one_on_the_model_matches_sg_p_log_p():
     assert dft == pytest.approx(ref.item(), rel=1e-5)
     for a, b in zip(got, grads(model)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+class StubModel:
+    """Returns fixed per-token NLLs (0 where the target is -1), like GPT(..., loss_reduction='none')."""
+
+    def __init__(self, nll):
+        self.nll = nll
+
+    def __call__(self, x, y, loss_reduction="mean"):
+        assert loss_reduction == "none"
+        return self.nll
+
+
+def test_supervised_loss_plain_and_dft():
+    y = torch.tensor([[1, 2, -1, 3]])
+    nll = torch.tensor([[1.0, 2.0, 0.0, 0.5]], requires_grad=True)
+    loss, psum = supervised_loss(StubModel(nll), None, y, num_tokens_step=3, world_size=1)
+    assert loss.item() == pytest.approx(3.5 / 3)
+    assert psum.item() == pytest.approx(math.exp(-1) + math.exp(-2) + math.exp(-0.5))
+    loss.backward()
+    assert torch.allclose(nll.grad, torch.tensor([[1 / 3, 1 / 3, 0.0, 1 / 3]]))
+
+    # DFT alpha=1: weights are the (stop-gradient) target probabilities
+    nll.grad = None
+    # the step's token count as a device tensor (how chat_sft passes it, without a host sync)
+    loss, _ = supervised_loss(StubModel(nll), None, y, num_tokens_step=torch.tensor(3), world_size=2, dft_alpha=1.0)
+    p = [math.exp(-1), math.exp(-2), math.exp(-0.5)]
+    assert loss.item() == pytest.approx(2 * (p[0] * 1 + p[1] * 2 + p[2] * 0.5) / 3)
+    loss.backward()
+    assert torch.allclose(nll.grad, torch.tensor([[2 * p[0] / 3, 2 * p[1] / 3, 0.0, 2 * p[2] / 3]]))

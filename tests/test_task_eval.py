@@ -4,12 +4,14 @@ with a scripted engine, the rank split, and ChatCORE against hand-computed and p
 """
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import nanochat.task_eval as task_eval
-from nanochat.task_eval import run_categorical_eval, run_generative_eval, chatcore, CHAT_BASELINES
+from nanochat.task_eval import (run_categorical_eval, run_generative_eval, pass_at_k, chatcore, CHAT_BASELINES,
+                                FittingProblems)
 from nanochat.tokenizer import RustBPETokenizer
 from tasks.common import mc_conversation, evaluate_letter
 
@@ -164,10 +166,16 @@ class ScriptedEngine:
 SAMPLES = [["wrong", "right 0"], ["wrong", "also wrong"], ["right 2", "wrong"], ["right 3", "right 3"]]
 
 
-def word_task(tok):
+def word_task(tok, graded=None):
+    """The four problems of SAMPLES; `graded` (a list) collects every answer graded, in order."""
     convs = [{"messages": [{"role": "user", "content": f"say right {i}"},
                            {"role": "assistant", "content": f"right {i}"}]} for i in range(4)]
-    task = ListTask(convs, "generative", lambda conv, text: int(text == conv["messages"][-1]["content"]))
+
+    def grade(conv, text):
+        if graded is not None:
+            graded.append(text)
+        return int(text == conv["messages"][-1]["content"])
+    task = ListTask(convs, "generative", grade)
     script = {tuple(tok.render_for_completion(c)): SAMPLES[i] for i, c in enumerate(convs)}
     return task, ScriptedEngine(tok, script)
 
@@ -183,6 +191,14 @@ def test_generative_pass_at_n(tok):
 
     task, engine = word_task(tok)
     assert run_generative_eval(task, tok, engine, num_samples=1, device="cpu") == pytest.approx(2 / 4)
+
+
+def test_pass_at_k_curve_and_lazy_grading(tok):
+    graded = []
+    task, engine = word_task(tok, graded)
+    # first passing sample per problem: 1, none, 0, 0 -> pass@1 = 2/4, pass@2 = 3/4
+    assert pass_at_k(task, tok, engine, num_samples=2, device="cpu") == pytest.approx([2 / 4, 3 / 4])
+    assert graded == ["wrong", "right 0", "wrong", "also wrong", "right 2", "right 3"]  # none after a pass
 
 
 def test_generative_max_problems(tok):
@@ -236,3 +252,27 @@ def test_chatcore_matches_published_report_card():
     sft = {"ARC-Challenge": 0.2807, "ARC-Easy": 0.3876, "GSM8K": 0.0455, "HumanEval": 0.0854, "MMLU": 0.3151}
     assert round(chatcore(mid, five), 4) == 0.0730
     assert round(chatcore(sft, five), 4) == 0.0884
+
+
+class LengthTask:
+    """Problem i has a prompt of lengths[i] tokens."""
+
+    def __init__(self, lengths):
+        self.lengths = lengths
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def __getitem__(self, i):
+        return {"n": self.lengths[i], "i": i}
+
+    def evaluate(self, conv, answer):
+        return answer == conv["i"]
+
+
+def test_fitting_problems_skip_and_count_overlong_prompts():
+    tok = SimpleNamespace(render_for_completion=lambda conv: [0] * conv["n"])
+    problems = FittingProblems(LengthTask([5, 11, 10, 30, 2, 99]), tok, max_len=10, max_problems=5)
+    assert problems.skipped == 2  # 11 and 30; the sixth problem is beyond max_problems
+    assert len(problems) == 3 and [problems[i]["i"] for i in range(3)] == [0, 2, 4]
+    assert problems.evaluate(problems[1], 2) and not problems.evaluate(problems[1], 1)

@@ -12,7 +12,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from nanochat.common import InputFileError
+from nanochat.files import InputFileError
 from tasks.common import Task, TaskMixture, TaskSequence, render_mc
 from tasks.arc import ARC
 from tasks.mmlu import MMLU

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import TOOL_CALL_REPLY
-from nanochat.checkpoint_manager import CheckpointError
-from nanochat.common import InputFileError
+from nanochat.files import CheckpointError
+from nanochat.files import InputFileError
 from nanochat.tokenizer import (SPECIAL_TOKENS, RustBPETokenizer, compute_token_bytes, get_token_bytes,
                                 get_tokenizer, validate_conversation)
 
