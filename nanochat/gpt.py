@@ -27,7 +27,7 @@ QK_SCALE = 1.2        # applied to q and k after QK-norm ("sharper attention")
 VE_GATE_CHANNELS = 12  # input channels of the value-embedding gate
 VE_GATE_SCALE = 3.0
 SMEAR_CHANNELS = 24
-MATVEC_MAX_ROWS = 1
+MATVEC_MAX_ROWS = 1  # a compiled CPU decode step of more rows uses BLAS: the fused loops measured far slower there
 
 @dataclass
 class GPTConfig:
@@ -364,9 +364,9 @@ class GPT(nn.Module):
 
     def _decode_step(self, w, idx, k_cache, v_cache, pos, prev):
         """One token per row at its own position pos (B,) int32 over the caches' filled prefix (L, B, n, Hkv, hd),
-        n > max(pos): no host syncs, so torch.compile traces it once per batch size (n is a dynamic dim). Returns
-        fp32 logits (B, 1, V), the new prev embedding and the new k, v (L, B, Hkv, hd) to store (a write inside
-        the graph would copy the cache)."""
+        n > max(pos): no host syncs, so torch.compile traces it once for one row and once for several (n and the
+        number of rows are dynamic dims). Returns fp32 logits (B, 1, V), the new prev embedding and the new k, v
+        (L, B, Hkv, hd) to store (a write inside the graph would copy the cache)."""
         cos, sin = self.cos[0][pos.long()[:, None]], self.sin[0][pos.long()[:, None]]  # (B, 1, 1, hd/2)
         new_k, new_v = [], []
 
@@ -390,8 +390,8 @@ class GPT(nn.Module):
         """idx (B, T) continues each row of kv_cache at its own position -> fp32 logits (B, T, V), or (B, 1, V)
         with last_only or last_positions (B,) long (right-padded prompts: logits and prev_embedding at each row's
         index). Writes and advances the cache. Same math as forward(). A decode step (one token, started cache)
-        runs without host syncs, with compile=True through torch.compile (once per batch size); prefills and
-        chunks run eagerly."""
+        runs without host syncs, with compile=True through torch.compile (traced once for one row, once for
+        several); prefills and chunks run eagerly."""
         self._ensure_compute_dtype()
         B, T = idx.shape
         if kv_cache.seq_len > self.rotary_len:
@@ -405,15 +405,23 @@ class GPT(nn.Module):
                 raise ValueError(f"KV cache overflow: {top} + 1 new token > capacity {kv_cache.seq_len}; "
                                  "make the cache longer (seq_len) or stop generating earlier")
             # only the filled prefix takes part (slot `top` is where the new token goes): a long, mostly empty
-            # cache costs nothing, and with its length a dynamic dim one compiled graph serves every position
+            # cache costs nothing
             k_cache, v_cache = kv_cache.k_cache[:, :, :top + 1], kv_cache.v_cache[:, :, :top + 1]
+            args = (w, idx, k_cache, v_cache, kv_cache.cache_seqlens, prev)
             if compile:
                 step = self._compiled_decode_step()
-                torch._dynamo.maybe_mark_dynamic(k_cache, 2)
-                torch._dynamo.maybe_mark_dynamic(v_cache, 2)
+                # the filled length is a dynamic dim, so one graph serves every position; so is the number of
+                # rows (one graph for every batch size), except where the fused matvec loops are specialized to it
+                rows = not (idx.device.type == "cpu" and B <= MATVEC_MAX_ROWS)
+                for t in (k_cache, v_cache):
+                    torch._dynamo.maybe_mark_dynamic(t, 2)
+                    if rows:
+                        torch._dynamo.maybe_mark_dynamic(t, 1)
+                for t in (idx, kv_cache.cache_seqlens, prev) if rows else ():
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
             else:
                 step = self._decode_step
-            logits, new_prev, k, v = step(w, idx, k_cache, v_cache, kv_cache.cache_seqlens, prev)
+            logits, new_prev, k, v = step(*args)
             kv_cache.store_step(k, v)
             kv_cache.prev_embedding.copy_(new_prev)
         else:
