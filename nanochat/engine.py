@@ -2,23 +2,18 @@
 Fast inference with a KV cache, and the calculator tool wired into the token stream.
 
 Engine: one request, `num_samples` rows sharing its prompt (one batch-1 prefill replicated to the rows).
-BatchEngine: continuous batching; requests join and leave a running decode loop (a background thread),
-each in its own row of one cache at its own position.
+(Continuous batching, many requests in one decode loop: nanochat/batch_engine.py.)
 Tool use: tokens between <|python_start|> and <|python_end|> go to `use_calculator`; its result is forced
 back into that row as <|output_start|> result <|output_end|> (mask 0), one token per step.
 
     for token_column, mask_column in Engine(model, tokenizer).generate(prompt_ids, num_samples=4, max_tokens=64):
         ...
-    for token in BatchEngine(model, tokenizer, max_rows=8).start().submit(prompt_ids, max_tokens=64, seed=1):
-        ...
 """
 
 import collections
+import logging
 import math
-import queue
-import random
-import threading
-import time
+import os
 
 import torch
 
@@ -131,12 +126,6 @@ class _Row:
         return tok, mask
 
 
-def cache_len_bucket(n):
-    """Cache capacity for n positions, rounded up to a power of two (>= 64): a compiled decode step is
-    traced once per cache length, so lengths come from a handful of sizes."""
-    return max(64, 1 << (n - 1).bit_length())
-
-
 def new_kv_cache(model, batch_size, seq_len):
     """An empty KV cache for `model` in the dtype its attention layers produce k/v in."""
     cfg = model.config
@@ -162,14 +151,61 @@ def check_request(model, tokens, max_tokens, temperature, top_k, top_p):
         raise ValueError(f"max_tokens must be a non-negative int, got {max_tokens!r}")
     return max_tokens
 
+# Compiled or eager decode ----------------------------------------------------
+
+# Where the compiled decode step measured faster than the eager one, by device type: the largest batch size
+# measured (scripts/bench_infer --compile=0 vs 1). CPU (d4, fp32, 2 threads): 0.5-0.8x eager's step time at batch
+# 1, 2, 8, 32 and 64. CUDA and MPS are not measured yet, so they decode eagerly.
+COMPILED_DECODE_FASTER = {"cpu": 64}
+# A first compilation costs ~5-15 s on a CPU, as long as ~4k eager decode steps: so with compile=None an Engine
+# decodes eagerly until this process has decoded that many tokens, then compiles (a short chat never pays for it,
+# an eval or RL run soon does). A BatchEngine, a long-lived server loop, compiles when it starts.
+AUTO_COMPILE_AFTER_TOKENS = 4096
+_eager_tokens = collections.Counter()  # device type -> tokens decoded eagerly under compile=None, this process
+_compile_failed = set()  # device types where compiling the decode step failed: compile=None decodes eagerly there
+logger = logging.getLogger("nanochat")
+
+
+def compiled_decode_faster(device_type, batch_size):
+    """Whether the compiled decode step is the faster one for this device type and batch size: the env
+    NANOCHAT_DECODE_COMPILE=0|1 if set (0: never compile, e.g. tests), else COMPILED_DECODE_FASTER."""
+    env = os.environ.get("NANOCHAT_DECODE_COMPILE", "")
+    if env:
+        if env not in ("0", "1"):
+            raise ValueError(f"NANOCHAT_DECODE_COMPILE must be 0 or 1 (unset = decide), got {env!r}")
+        return env == "1"
+    return batch_size <= COMPILED_DECODE_FASTER.get(device_type, 0)
+
+
+def use_compiled_decode(compile, device_type, batch_size, amortize=True):
+    """The decode path for one step: compile True/False as given; None = compiled_decode_faster(), once (with
+    amortize) this process has decoded AUTO_COMPILE_AFTER_TOKENS tokens eagerly. A dict lookup, no benchmark."""
+    if compile is not None:
+        return bool(compile)
+    if device_type in _compile_failed or not compiled_decode_faster(device_type, batch_size):
+        return False
+    if amortize and _eager_tokens[device_type] < AUTO_COMPILE_AFTER_TOKENS:
+        _eager_tokens[device_type] += batch_size
+        return False
+    return True
+
+
+def compile_failed(device_type, error):
+    """Compiling the decode step failed (no C++ compiler, an unsupported op): compile=None decodes eagerly on this
+    device type from now on."""
+    _compile_failed.add(device_type)
+    logger.warning(f"compiling the decode step failed on {device_type} ({type(error).__name__}: {str(error)[:300]}); "
+                   "decoding eagerly")
+
 # Engine: one request, num_samples rows sharing its prompt --------------------
 
 
 class Engine:
 
-    def __init__(self, model, tokenizer, compile=False):
-        """compile=True runs the decode step through torch.compile (first use of each batch size and
-        cache length pays the compilation; output equals the eager path's in fp32)."""
+    def __init__(self, model, tokenizer, compile=None):
+        """compile=True runs the decode step through torch.compile (the first use of one row, and of several,
+        pays the compilation; output equals the eager path's in fp32), False eagerly, None decides (see
+        use_compiled_decode)."""
         self.model, self.tokenizer, self.tools, self.compile = model, tokenizer, _Tools(tokenizer), compile
 
     @torch.inference_mode()
@@ -189,8 +225,7 @@ class Engine:
         prefill_cache = new_kv_cache(model, 1, T)
         ids = torch.tensor([tokens], dtype=torch.long, device=device)  # (1, T)
         logits = model.forward_cached(ids, prefill_cache, last_only=True)[:, -1, :]  # (1, V)
-        cache_len = max(T + max_tokens, min(cache_len_bucket(T + max_tokens), getattr(model, "rotary_len", 1 << 62)))
-        cache = new_kv_cache(model, B, cache_len)
+        cache = new_kv_cache(model, B, T + max_tokens)  # (a compiled step takes any length: no rounding)
         cache.prefill(prefill_cache)
         del prefill_cache
         logits = logits.expand(B, -1)  # (B, V); each row still samples independently
@@ -206,7 +241,14 @@ class Engine:
             # 2) one decode step for the whole column; reuse the sampled tensor unless a row was forced
             forced = token_column != sampled_list
             ids = torch.tensor(token_column, dtype=torch.long, device=device).view(B, 1) if forced else sampled
-            logits = model.forward_cached(ids, cache, compile=self.compile)[:, -1, :]  # (B, V)
+            compile = use_compiled_decode(self.compile, device.type, B)
+            try:
+                logits = model.forward_cached(ids, cache, compile=compile)[:, -1, :]  # (B, V)
+            except Exception as e:  # a failed compilation leaves the cache as it was: decode this step eagerly
+                if not compile or self.compile is not None:
+                    raise
+                compile_failed(device.type, e)
+                logits = model.forward_cached(ids, cache)[:, -1, :]
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):
         """(results, masks): per sample, prompt + generated tokens without the terminal <|assistant_end|>/<|bos|>;
@@ -223,257 +265,3 @@ class Engine:
             if all(done):
                 break
         return results, masks
-
-# Continuous batching: one decode loop per model replica, requests joining and leaving it ---
-
-
-class QueueFull(Exception):
-    """BatchEngine.submit(): the wait queue is full; retry later."""
-
-
-class Stream:
-    """The tokens of one BatchEngine request: iterate (blocking) or get(). finish_reason: "stop" (end token),
-    "length" (max_tokens), "cancelled" (cancel() or engine stop) or "error" (then `error` says what)."""
-
-    def __init__(self):
-        self._queue, self._ended = queue.Queue(), False
-        self.finish_reason, self.error, self.cancelled = None, None, False
-
-    def __iter__(self):
-        while (tok := self.get()) is not None:
-            yield tok
-
-    def get(self, timeout=None):
-        """The next token id, or None once the stream has finished; raises queue.Empty on timeout."""
-        if self._ended:
-            return None
-        tok = self._queue.get(timeout=timeout)
-        self._ended = tok is None
-        return tok
-
-    def cancel(self):
-        """Stop generating; the row is freed at the decode loop's next step."""
-        self.cancelled = True
-
-    def _finish(self, reason, error=None):
-        if self.finish_reason is None:
-            self.finish_reason, self.error = reason, error
-            self._queue.put(None)
-
-
-class _Request:
-    __slots__ = ("tokens", "max_tokens", "temperature", "top_k", "top_p", "rng", "stream", "row", "generated")
-
-    def __init__(self, tokens, max_tokens, temperature, top_k, top_p, rng):
-        self.tokens, self.max_tokens, self.rng = tokens, max_tokens, rng
-        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-        self.stream, self.row, self.generated = Stream(), _Row(), 0
-
-
-class BatchEngine:
-    """Continuous batching (Orca, Yu et al. 2022): one thread decodes up to max_rows requests at once. A request
-    waits in a bounded queue, is prefilled (with the others waiting, see _admit) into a free row of one shared
-    KV cache, and leaves at its stop token or max_tokens. Each request has its own sampling parameters and
-    generator, so its tokens (greedy, or seeded) equal its solo Engine.generate run."""
-
-    def __init__(self, model, tokenizer, max_rows=8, max_queue=64, compile=False, prefill_tokens=2048):
-        if max_rows < 1 or max_queue < 0 or prefill_tokens < 1:
-            raise ValueError(f"max_rows and prefill_tokens must be >= 1 and max_queue >= 0, "
-                             f"got {max_rows}, {prefill_tokens}, {max_queue}")
-        self.model, self.tools, self.compile = model, _Tools(tokenizer), compile
-        self.max_rows, self.max_queue, self.prefill_tokens = max_rows, max_queue, prefill_tokens
-        self.device = next(model.parameters()).device
-        self.capacity = model.config.sequence_len  # positions per row
-        self._cache = None  # built by the loop thread
-        self._rows = [None] * max_rows  # _Request per slot
-        self._waiting = collections.deque()
-        self._admitting = 0  # taken from _waiting by _admit, not in a row yet
-        self._cond = threading.Condition()
-        self._thread, self._stopping = None, False
-        self._recent = collections.deque()  # (time, tokens) of recent steps, for tok_per_s
-        self.total_tokens = 0
-
-    def start(self):
-        if self._thread is None:
-            self._stopping = False
-            self._thread = threading.Thread(target=self._loop, name="BatchEngine", daemon=True)
-            self._thread.start()
-        return self
-
-    def stop(self):
-        """End the loop thread; every pending and running stream ends "cancelled"."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        with self._cond:
-            pending = list(self._waiting) + [r for r in self._rows if r is not None]
-            self._waiting.clear()
-            self._rows = [None] * self.max_rows
-        for req in pending:
-            req.stream._finish("cancelled")
-
-    def submit(self, tokens, max_tokens, temperature=1.0, top_k=None, top_p=None, seed=None):
-        """Queue one request; returns its Stream. Raises ValueError on bad arguments, QueueFull when max_rows +
-        max_queue requests are already running or waiting (a row the decode loop has not filled yet is free)."""
-        max_tokens = check_request(self.model, tokens, max_tokens, temperature, top_k, top_p)
-        if len(tokens) >= self.capacity:
-            raise ValueError(f"prompt of {len(tokens)} tokens leaves no room in the model's context "
-                             f"({self.capacity}); shorten the conversation")
-        rng = torch.Generator(device=self.device).manual_seed(seed if seed is not None else random.getrandbits(63))
-        req = _Request(list(tokens), min(max_tokens, self.capacity - len(tokens)), temperature, top_k, top_p, rng)
-        with self._cond:
-            busy = len(self._waiting) + self._admitting + sum(r is not None for r in self._rows)
-            if busy >= self.max_rows + self.max_queue:
-                raise QueueFull(f"{busy} requests are already running or waiting (max_rows={self.max_rows}, "
-                                f"max_queue={self.max_queue})")
-            if max_tokens == 0:
-                req.stream._finish("length")
-            else:
-                self._waiting.append(req)
-                self._cond.notify_all()
-        return req.stream
-
-    def stats(self):
-        """queue_depth, active_rows, max_rows, tok_per_s (tokens streamed over the last ~10 s) and
-        total_tokens (streamed since start; terminal tokens not counted)."""
-        with self._cond:
-            now = time.monotonic()
-            while self._recent and now - self._recent[0][0] > 10.0:
-                self._recent.popleft()
-            span = now - self._recent[0][0] if self._recent else 0.0
-            recent = sum(n for _, n in self._recent)
-            return dict(queue_depth=len(self._waiting), active_rows=sum(r is not None for r in self._rows),
-                        max_rows=self.max_rows, tok_per_s=recent / span if span > 0 else 0.0,
-                        total_tokens=self.total_tokens)
-
-    # the loop thread -----------------------------------------------------------
-
-    def _loop(self):
-        with torch.inference_mode():
-            self._cache = new_kv_cache(self.model, self.max_rows, self.capacity)
-            cfg = self.model.config
-            self._cache.prev_embedding = torch.zeros(self.max_rows, 1, cfg.n_embd, dtype=self._cache.k_cache.dtype,
-                                                     device=self.device)
-            self._logits = torch.zeros(self.max_rows, cfg.vocab_size, device=self.device)
-            self._column = [None] * self.max_rows  # per slot: the token its next decode step feeds in
-            while True:
-                with self._cond:
-                    while not self._stopping and not self._waiting and all(r is None for r in self._rows):
-                        self._cond.wait()
-                    if self._stopping:
-                        return
-                try:
-                    # requests that arrive over a few ms (HTTP) join before the next decode step rather than
-                    # one group per step; the running rows wait for at most ~prefill_tokens of prefill
-                    spent = 0
-                    while spent < self.prefill_tokens and (n := self._admit()):
-                        spent += n
-                    self._step()
-                except Exception as e:  # a failing step ends every running request, not the server
-                    self._end_all("error", f"{type(e).__name__}: {e}")
-
-    def _admit(self):
-        """Prefill the oldest waiting requests that fit in free rows (lowest first) in one forward, right-padded
-        (causal attention hides the padding; logits and smear state are taken at each row's last real token),
-        at most prefill_tokens padded tokens (a longer prompt goes alone), and emit their first tokens.
-        Returns the padded tokens prefilled (0: nothing admitted)."""
-        with self._cond:
-            free = [slot for slot, r in enumerate(self._rows) if r is None]
-            group, longest = [], 0
-            while self._waiting and len(group) < len(free):
-                req = self._waiting[0]
-                if req.stream.cancelled:
-                    self._waiting.popleft().stream._finish("cancelled")
-                    continue
-                if group and max(longest, len(req.tokens)) * (len(group) + 1) > self.prefill_tokens:
-                    break
-                group.append(self._waiting.popleft())
-                longest = max(longest, len(req.tokens))
-            self._admitting = len(group)
-        if not group:
-            return 0
-        slots = free[:len(group)]
-        try:
-            lengths = [len(req.tokens) for req in group]
-            ids = torch.zeros(len(group), longest, dtype=torch.long)  # pad id 0: never attended to, never kept
-            for i, req in enumerate(group):
-                ids[i, :lengths[i]] = torch.tensor(req.tokens)
-            last = torch.tensor(lengths, device=self.device) - 1
-            pc = new_kv_cache(self.model, len(group), longest)
-            logits = self.model.forward_cached(ids.to(self.device), pc, last_positions=last)[:, 0]  # (n, V)
-            for i, slot in enumerate(slots):
-                self._cache.insert_row(slot, pc, src=i, length=lengths[i])
-                self._logits[slot] = logits[i]
-        except Exception as e:
-            with self._cond:
-                self._admitting = 0
-            for req in group:
-                req.stream._finish("error", f"{type(e).__name__}: {e}")
-        else:
-            with self._cond:
-                for slot, req in zip(slots, group):
-                    self._rows[slot] = req
-                self._admitting = 0
-            self._emit(slots)  # first tokens out now, not after the next decode step
-        return len(group) * longest
-
-    def _free(self, slot, reason, error=None):
-        req = self._rows[slot]
-        with self._cond:
-            self._rows[slot] = None
-        req.stream._finish(reason, error)
-
-    def _end_all(self, reason, error=None):
-        for slot, req in enumerate(self._rows):
-            if req is not None:
-                self._free(slot, reason, error)
-
-    def _emit(self, slots):
-        """Sample the next token of the rows in `slots` (from their own logits and generator) into their
-        streams; a row that goes on keeps it in _column for the next decode step."""
-        greedy = self._logits[slots].argmax(dim=-1).tolist()
-        n_out = 0
-        for slot, best in zip(slots, greedy):
-            req = self._rows[slot]
-            if req is None:
-                continue
-            if req.stream.cancelled:
-                self._free(slot, "cancelled")
-                continue
-            sampled = best if req.temperature < GREEDY_TEMPERATURE else \
-                int(sample_next_token(self._logits[slot:slot + 1], req.rng, req.temperature, req.top_k, req.top_p))
-            tok, _ = req.row.step(sampled, self.tools)
-            req.generated += 1
-            if req.row.completed:
-                self._free(slot, "stop")
-                continue
-            req.stream._queue.put(tok)
-            n_out += 1
-            if req.generated >= req.max_tokens:
-                self._free(slot, "length")
-                continue
-            self._column[slot] = tok
-        with self._cond:
-            self.total_tokens += n_out
-            self._recent.append((time.monotonic(), n_out))
-
-    def _step(self):
-        """Emit a token for every active row not served yet, then one decode step for those that go on."""
-        self._emit([slot for slot, req in enumerate(self._rows) if req is not None and self._column[slot] is None])
-        active = [slot for slot, req in enumerate(self._rows) if req is not None]
-        if not active:
-            return
-        # rows [0, n) take part, n rounded up to a power of two so a compiled step sees few batch sizes;
-        # free rows among them decode a dummy token at position 0 (their cache is rewritten when reused)
-        n = min(self.max_rows, 1 << max(active).bit_length())
-        view = self._cache.rows(n)
-        for slot in range(n):
-            if self._rows[slot] is None:
-                view.cache_seqlens[slot] = 0
-        column = [0 if self._rows[slot] is None else self._column[slot] for slot in range(n)]
-        self._column = [None] * self.max_rows
-        ids = torch.tensor(column, dtype=torch.long, device=self.device).view(n, 1)
-        self._logits[:n] = self.model.forward_cached(ids, view, compile=self.compile)[:, -1]

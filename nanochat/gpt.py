@@ -29,6 +29,7 @@ QK_SCALE = 1.2        # applied to q and k after QK-norm ("sharper attention")
 VE_GATE_CHANNELS = 12  # input channels of the value-embedding gate
 VE_GATE_SCALE = 3.0
 SMEAR_CHANNELS = 24
+MATVEC_MAX_ROWS = 1  # a compiled CPU decode step of more rows uses BLAS: the fused loops measured far slower there
 
 @dataclass
 class GPTConfig:
@@ -288,14 +289,19 @@ class GPT(nn.Module):
             self.compute_dtype = torch.float32
             self._init_rotary(self.get_device())
 
-    def _inference_weights(self):
+    def _inference_weights(self, recheck=True):
         """Every weight in the compute dtype (q/k/v as one matrix per layer), an argument of the cached steps.
         Cast once and kept (a per-step bf16 cast would read the fp32 weights anyway); rebuilt whenever a
-        parameter is modified in place (optimizer step, load_state_dict) or replaced."""
-        dtype, params = self.compute_dtype, list(self.parameters())
-        key = (dtype,) + tuple((p.data_ptr(), p._version) for p in params)
-        if getattr(self, "_inference_cache", (None,))[0] == key:
-            return self._inference_cache[1]
+        parameter is modified in place (optimizer step, load_state_dict) or replaced. The scalars are 0-d views
+        of their parameters, not Python floats: a compiled step would bake a float in and recompile when it
+        changes (every RL step). recheck=False (decode steps): listing the parameters costs more than a small
+        model's whole step, so only the ones listed at the last prefill are checked for in-place changes."""
+        cached = getattr(self, "_inference_cache", None)
+        params = cached[2] if cached is not None and not recheck else list(self.parameters())
+        key = (self.compute_dtype,) + tuple((p.data_ptr(), p._version) for p in params)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        dtype = self.compute_dtype
 
         def cast(t):
             return t.detach() if t.dtype == dtype else t.detach().to(dtype)
@@ -308,11 +314,11 @@ class GPT(nn.Module):
                 proj=cast(a.c_proj.weight), fc=cast(m.c_fc.weight), mlp_proj=cast(m.c_proj.weight),
                 ve=cast(self.value_embeds[str(i)].weight) if a.ve_gate is not None else None,
                 ve_gate=cast(a.ve_gate.weight) if a.ve_gate is not None else None,
-                resid=float(self.resid_lambdas[i]), x0=float(self.x0_lambdas[i])))
+                resid=self.resid_lambdas.detach()[i], x0=self.x0_lambdas.detach()[i]))
         w = dict(wte=cast(self.transformer.wte.weight), smear_gate=cast(self.smear_gate.weight),
-                 smear_lambda=float(self.smear_lambda), backout=float(self.backout_lambda),
+                 smear_lambda=self.smear_lambda.detach()[0], backout=self.backout_lambda.detach()[0],
                  head=cast(self.lm_head.weight[:self.config.vocab_size]), layers=layers)
-        self._inference_cache = (key, w)
+        self._inference_cache = (key, w, params)
         return w
 
     def _cached_layers(self, w, idx, prev, cos, sin, attend, last_only=False, last_positions=None):
@@ -324,7 +330,7 @@ class GPT(nn.Module):
         B, T = idx.shape
         H, Hkv, hd = self.config.n_head, self.config.n_kv_head, self.head_dim
         # fused loops beat BLAS calls for a few rows on a CPU; a GPU keeps its matmul kernels
-        small_cpu = idx.device.type == "cpu" and B * T <= 8
+        small_cpu = idx.device.type == "cpu" and B * T <= MATVEC_MAX_ROWS
         linear = matvec if torch.compiler.is_compiling() and small_cpu else F.linear
         x = norm(F.embedding(idx, w["wte"]))  # (B, T, d)
         rows = None if last_positions is None else torch.arange(B, device=idx.device)
@@ -339,7 +345,7 @@ class GPT(nn.Module):
             x = torch.cat([x[:, :1], torch.addcmul(x[:, 1:], gate, x[:, :-1])], dim=1)
         x0, x_backout = x, None
         for i, lw in enumerate(w["layers"]):
-            x = torch.add(x * lw["resid"], x0, alpha=lw["x0"])
+            x = torch.addcmul(x * lw["resid"], x0, lw["x0"])
             xn = norm(x)
             qkv = linear(xn, lw["qkv"])  # (B, T, (H + 2 Hkv) hd)
             qk = qkv[..., :(H + Hkv) * hd].view(B, T, H + Hkv, hd)
@@ -362,9 +368,10 @@ class GPT(nn.Module):
         return SOFTCAP * torch.tanh(logits / SOFTCAP), new_prev
 
     def _decode_step(self, w, idx, k_cache, v_cache, pos, prev):
-        """One token per row at its own position pos (B,) int32, shapes fixed by the cache (L, B, Tmax, Hkv, hd):
-        no host syncs, so torch.compile traces it once per (B, Tmax). Returns fp32 logits (B, 1, V), the new
-        prev embedding and the new k, v (L, B, Hkv, hd) to store (a write inside the graph copies the cache)."""
+        """One token per row at its own position pos (B,) int32 over the caches' filled prefix (L, B, n, Hkv, hd),
+        n > max(pos): no host syncs, so torch.compile traces it once for one row and once for several (n and the
+        number of rows are dynamic dims). Returns fp32 logits (B, 1, V), the new prev embedding and the new k, v
+        (L, B, Hkv, hd) to store (a write inside the graph would copy the cache)."""
         cos, sin = self.cos[0][pos.long()[:, None]], self.sin[0][pos.long()[:, None]]  # (B, 1, 1, hd/2)
         new_k, new_v = [], []
 
@@ -388,21 +395,38 @@ class GPT(nn.Module):
         """idx (B, T) continues each row of kv_cache at its own position -> fp32 logits (B, T, V), or (B, 1, V)
         with last_only or last_positions (B,) long (right-padded prompts: logits and prev_embedding at each row's
         index). Writes and advances the cache. Same math as forward(). A decode step (one token, started cache)
-        runs at fixed shapes, with compile=True through torch.compile (once per batch size and cache length:
-        round cache lengths to a few sizes); prefills and chunks run eagerly."""
+        runs without host syncs, with compile=True through torch.compile (traced once for one row, once for
+        several); prefills and chunks run eagerly."""
         self._ensure_compute_dtype()
         B, T = idx.shape
         if kv_cache.seq_len > self.rotary_len:
             raise ValueError(f"KV cache of {kv_cache.seq_len} positions exceeds the rotary table ({self.rotary_len})")
-        w = self._inference_weights()
         prev = kv_cache.prev_embedding
-        if T == 1 and prev is not None:
+        decode = T == 1 and prev is not None
+        w = self._inference_weights(recheck=not decode)
+        if decode:
             top = int(kv_cache.cache_seqlens.max())  # one host sync (free on CPU)
             if top + 1 > kv_cache.seq_len:
                 raise ValueError(f"KV cache overflow: {top} + 1 new token > capacity {kv_cache.seq_len}; "
                                  "make the cache longer (seq_len) or stop generating earlier")
-            step = self._compiled_decode_step() if compile else self._decode_step
-            logits, new_prev, k, v = step(w, idx, kv_cache.k_cache, kv_cache.v_cache, kv_cache.cache_seqlens, prev)
+            # only the filled prefix takes part (slot `top` is where the new token goes): a long, mostly empty
+            # cache costs nothing
+            k_cache, v_cache = kv_cache.k_cache[:, :, :top + 1], kv_cache.v_cache[:, :, :top + 1]
+            args = (w, idx, k_cache, v_cache, kv_cache.cache_seqlens, prev)
+            if compile:
+                step = self._compiled_decode_step()
+                # the filled length is a dynamic dim, so one graph serves every position; so is the number of
+                # rows (one graph for every batch size), except where the fused matvec loops are specialized to it
+                rows = not (idx.device.type == "cpu" and B <= MATVEC_MAX_ROWS)
+                for t in (k_cache, v_cache):
+                    torch._dynamo.maybe_mark_dynamic(t, 2)
+                    if rows:
+                        torch._dynamo.maybe_mark_dynamic(t, 1)
+                for t in (idx, kv_cache.cache_seqlens, prev) if rows else ():
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+            else:
+                step = self._decode_step
+            logits, new_prev, k, v = step(*args)
             kv_cache.store_step(k, v)
             kv_cache.prev_embedding.copy_(new_prev)
         else:

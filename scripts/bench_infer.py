@@ -8,7 +8,8 @@ decodes exactly --gen-tokens steps.
 
 CPU (depth 4, head dim 64, seq 512, vocab 8192; greedy, 64-token prompt, 127 decode steps per row):
     OMP_NUM_THREADS=2 python -m scripts.bench_infer --prompt-len=64 --gen-tokens=128 --temperature=0 --naive-tokens=0
-    add --dtype=bfloat16 for bf16 weights and activations, --compile=0 for the eager decode step
+    add --dtype=bfloat16 for bf16 weights and activations; --compile=0 / 1 for the eager / compiled decode step
+    (default: whichever measured faster for the device and batch size)
 On a shared, oversubscribed CPU add OMP_WAIT_POLICY=PASSIVE (or use OMP_NUM_THREADS=1): spinning OpenMP
 threads that lose their core to other processes made decode ~10x slower in our runs.
 One GPU:
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 from nanochat.common import autodetect_device_type, resolve_precision, get_max_memory, synchronize, print0
 from nanochat.common import init_script
-from nanochat.engine import Engine, new_kv_cache
+from nanochat.engine import Engine, compiled_decode_faster, new_kv_cache
 from nanochat.gpt import GPT, config_from_depth, matvec
 
 parser = argparse.ArgumentParser(description="benchmark KV-cache inference against naive generation")
@@ -48,7 +49,9 @@ parser.add_argument("--temperature", type=float, default=1.0, help="sampling tem
 parser.add_argument("--top-k", type=int, default=50, help="top-k for sampling (0 = off)")
 parser.add_argument("--seed", type=int, default=42, help="seed for weights, prompt and sampling")
 parser.add_argument("--dtype", type=str, default="", help="float32|bfloat16 compute dtype (empty = device default)")
-parser.add_argument("--compile", type=int, default=1, help="1 = torch.compile the decode step (0 = eager)")
+parser.add_argument("--compile", type=int, default=-1,
+                    help="1 = torch.compile the decode step, 0 = eager, -1 = whichever measured faster for the device "
+                         "and batch size (nanochat.engine.COMPILED_DECODE_FASTER)")
 args = parser.parse_args()
 init_script()
 
@@ -75,9 +78,16 @@ V = cfg.vocab_size
 if args.prompt_len + max(args.gen_tokens, args.naive_tokens) > 10 * cfg.sequence_len:
     raise SystemExit(f"--prompt-len + --gen-tokens must fit the rotary table ({10 * cfg.sequence_len} positions)")
 n_params = sum(p.numel() for p in model.parameters())
+
+
+def decode_compiled(batch):
+    return compiled_decode_faster(device_type, batch) if args.compile == -1 else bool(args.compile)
+
+
 print0(f"model: depth {cfg.n_layer}, d {cfg.n_embd}, heads {cfg.n_head}/{cfg.n_kv_head}, seq {cfg.sequence_len}, "
        f"vocab {V}, window {cfg.window_pattern}, {n_params / 1e6:.1f}M params, {str(dtype).replace('torch.', '')}, "
-       f"device {device}, torch threads {torch.get_num_threads()}, decode {'compiled' if args.compile else 'eager'}")
+       f"device {device}, torch threads {torch.get_num_threads()}, decode at batch 1 / {args.batch}: "
+       + " / ".join("compiled" if decode_compiled(b) else "eager" for b in (1, args.batch)))
 
 
 class NoStopTokenizer:
@@ -90,7 +100,7 @@ class NoStopTokenizer:
         return -1
 
 
-engine = Engine(model, NoStopTokenizer(), compile=bool(args.compile))
+engine = Engine(model, NoStopTokenizer())
 g = torch.Generator().manual_seed(args.seed)
 prompt = torch.randint(0, V, (args.prompt_len,), generator=g).tolist()
 sampling = dict(temperature=args.temperature, top_k=args.top_k or None, seed=args.seed)
@@ -120,6 +130,7 @@ t_prefill = timed(run_prefill)
 
 # decode through the Engine: time from the first column (prefill + first sample) to the last
 def run_decode(batch):
+    engine.compile = decode_compiled(batch)
     stream = engine.generate(prompt, num_samples=batch, max_tokens=args.gen_tokens, **sampling)
     next(stream)
     synchronize(device)
@@ -173,6 +184,7 @@ if args.naive_tokens > 0:
     # doing the same job (same prompt, same number of tokens, batch 1), end to end
     t_naive = timed(lambda: sum(1 for _ in model.generate(prompt, max_tokens=args.naive_tokens, **sampling)))
     naive_rate = args.naive_tokens / t_naive
+    engine.compile = decode_compiled(1)
     t_engine_same = timed(lambda: sum(1 for _ in engine.generate(prompt, max_tokens=args.naive_tokens, **sampling)))
 kv_bytes = 2 * cfg.n_layer * args.batch * (args.prompt_len + args.gen_tokens) * cfg.n_kv_head * \
     (cfg.n_embd // cfg.n_head) * torch.tensor([], dtype=dtype).element_size()

@@ -33,11 +33,10 @@ import sys
 import json
 import time
 import uuid
+import queue
 import asyncio
 import argparse
-import itertools
 import threading
-import collections
 from dataclasses import dataclass
 from contextlib import asynccontextmanager
 from urllib.parse import unquote, urlsplit
@@ -83,7 +82,7 @@ class Replica:
 
 
 def make_replica(gpu_id, device, model, tokenizer, max_rows=8, max_queue=64):
-    from nanochat.engine import BatchEngine
+    from nanochat.batch_engine import BatchEngine
     model.eval()
     return Replica(gpu_id, str(device), BatchEngine(model, tokenizer, max_rows=max_rows, max_queue=max_queue),
                    tokenizer, model.config.sequence_len)
@@ -108,14 +107,14 @@ def log(text):
         pass
 
 # -----------------------------------------------------------------------------
-# Generation: the replica's decode loop produces tokens; a pump thread hands them to the event loop
+# Generation: the replica's decode loop produces tokens and wakes the reply's coroutine on its event loop
 
 
 class Reply:
     """One request on the least busy replica: its prompt, its engine stream, its text and outcome."""
 
     def __init__(self, replicas, request):
-        from nanochat.engine import QueueFull
+        from nanochat.batch_engine import QueueFull
         self.replica = min(replicas, key=lambda r: (lambda s: s["active_rows"] + s["queue_depth"])(r.engine.stats()))
         try:  # the tokenizer's chat renderer checks the conversation rules and builds the prompt
             self.prompt = self.replica.tokenizer.render_for_completion(
@@ -150,20 +149,24 @@ class Reply:
         """Text pieces as tokens arrive, never splitting a UTF-8 character; under load one piece carries every
         token that arrived since the last. Stops early when the client has gone; the stream is cancelled on exit
         either way, which frees its row at the next decode step."""
-        loop, arrived, ready = asyncio.get_running_loop(), collections.deque(), asyncio.Event()
+        loop, ready, scheduled = asyncio.get_running_loop(), asyncio.Event(), threading.Event()
 
-        def pump():  # the event loop is woken once per batch of tokens, not once per token
-            for token in itertools.chain(self.stream, [None]):
-                arrived.append(token)
-                if not ready.is_set():
-                    try:
-                        loop.call_soon_threadsafe(ready.set)
-                    except RuntimeError:  # the event loop is gone (server shutting down)
-                        return
+        def wake():
+            scheduled.clear()
+            ready.set()
+
+        def on_put():  # in the decode thread: wake this coroutine at most once per batch of tokens, no thread of ours
+            if not scheduled.is_set():
+                scheduled.set()
+                try:
+                    loop.call_soon_threadsafe(wake)
+                except RuntimeError:  # the event loop is gone (server shutting down)
+                    pass
 
         tok, pending, texts, finished = self.replica.tokenizer, [], [], False
         next_check = loop.time() + DISCONNECT_CHECK_S
-        threading.Thread(target=pump, daemon=True, name="reply-pump").start()
+        self.stream.on_put = on_put
+        ready.set()  # tokens that arrived before on_put was set are read at once
         try:
             while not finished:
                 try:
@@ -175,8 +178,11 @@ class Reply:
                     next_check = loop.time() + DISCONNECT_CHECK_S
                     if await http_request.is_disconnected():
                         return
-                while arrived and not finished:
-                    token = arrived.popleft()
+                while not finished:
+                    try:
+                        token = self.stream.get_nowait()
+                    except queue.Empty:
+                        break
                     finished = token is None
                     if not finished:
                         pending.append(token)

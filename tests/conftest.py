@@ -17,6 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Tests build many tiny models: compiling each one's decode step (seconds) would dominate the suite, so engines
+# decode eagerly unless a test asks for compile=True (tests/test_engine.py compares the two paths)
+os.environ.setdefault("NANOCHAT_DECODE_COMPILE", "0")
 
 SUBJECTS = ["the cat", "a dog", "my friend", "the teacher", "our team", "the bird", "a farmer", "the king"]
 VERBS = ["sees", "likes", "finds", "builds", "paints", "follows", "reads", "visits"]

@@ -18,7 +18,8 @@ import websocket
 
 from conftest import make_tiny_chat_model
 
-from nanochat.engine import BatchEngine, Engine
+from nanochat.batch_engine import BatchEngine, Stream
+from nanochat.engine import Engine
 from scripts.chat_web import Replica, ServeConfig, create_app
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
@@ -74,17 +75,23 @@ class SlowEngine:
         return getattr(self.engine, name)
 
 
-class SlowStream:
+class SlowStream(Stream):
+    """A real engine Stream relaying another's tokens, each `delay` seconds later."""
+
     def __init__(self, stream, delay):
-        self.stream, self.delay = stream, delay
+        super().__init__()
+        self.inner = stream
 
-    def __iter__(self):
-        for token in self.stream:
-            time.sleep(self.delay)
-            yield token
+        def relay():
+            for token in stream:
+                time.sleep(delay)
+                self._put(token)
+            self._finish(stream.finish_reason, stream.error)
+        threading.Thread(target=relay, daemon=True).start()
 
-    def __getattr__(self, name):  # finish_reason, error, cancel
-        return getattr(self.stream, name)
+    def cancel(self):
+        super().cancel()
+        self.inner.cancel()
 
 
 def wait_for(predicate, what, timeout=60, interval=0.02):

@@ -13,6 +13,7 @@ import pytest
 
 from conftest import make_tiny_chat_model
 
+from nanochat.batch_engine import Stream
 from nanochat.engine import Engine
 from scripts.chat_web import Replica, ServeConfig, create_app, make_replica, serve_in_thread
 
@@ -60,18 +61,18 @@ def sse_events(lines):
     return events
 
 
-class ScriptedStream:
+class ScriptedStream(Stream):
+    """A real engine Stream, fed by a thread: the tokens (one every `delay` seconds), then the end."""
+
     def __init__(self, tokens, finish_reason, error=None, delay=0.0):
-        self.tokens, self.final, self.error, self.delay, self.finish_reason = tokens, finish_reason, error, delay, None
+        super().__init__()
 
-    def __iter__(self):
-        for token in self.tokens:
-            time.sleep(self.delay)
-            yield token
-        self.finish_reason = self.final
-
-    def cancel(self):
-        pass
+        def feed():
+            for token in tokens:
+                time.sleep(delay)
+                self._put(token)
+            self._finish(finish_reason, error)
+        threading.Thread(target=feed, daemon=True).start()
 
 
 class ScriptedEngine:

@@ -330,6 +330,28 @@ def test_kv_cache_decode_matches_forward(chunks, n_kv_head, pattern):
     torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("pattern", ["SSL", "L"])
+def test_ragged_rows_prefilled_in_chunks_match_forward(pattern):
+    # rows at different positions (as in a server's cache) continue their prompts in chunks of 5 and 3 tokens, then
+    # decode: every logit equals the full forward's at that row's positions, across the 4-token windows
+    m = randomize(build(window_pattern=pattern))
+    x = tokens(3, 24)
+    full = m(x)
+    starts = [11, 2, 6]  # each row's first chunk, prefilled alone, then copied in
+    cache = new_cache(m, 3, 24)
+    cache.prev_embedding = torch.zeros(3, 1, m.config.n_embd)
+    for r, n in enumerate(starts):
+        one = new_cache(m, 1, n)
+        m.forward_cached(x[r:r + 1, :n], one)
+        cache.insert_row(r, one)
+    for n in (5, 3, 1, 1):
+        got = m.forward_cached(torch.stack([x[r, p:p + n] for r, p in enumerate(starts)]), cache)
+        for r, p in enumerate(starts):
+            torch.testing.assert_close(got[r], full[r, p:p + n], atol=1e-4, rtol=1e-4)
+        starts = [p + n for p in starts]
+    assert cache.cache_seqlens.tolist() == starts
+
+
 def test_kv_cache_decode_past_sequence_len():
     # windows keep applying past the training length (rotary table holds 10x)
     m = randomize(build(sequence_len=8, short_window=3))
