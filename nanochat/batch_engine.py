@@ -155,15 +155,16 @@ class BatchEngine:
         for req in pending:
             req.stream._finish("cancelled")
 
-    def submit(self, tokens, max_tokens, temperature=1.0, top_k=None, top_p=None, seed=None):
-        """Queue one request; returns its Stream. Raises ValueError on bad arguments, QueueFull when max_rows +
-        max_queue requests are already running or waiting."""
+    def submit(self, tokens, max_tokens, temperature=1.0, top_k=None, top_p=None, seed=None, on_put=None):
+        """Queue one request; returns its Stream (with on_put set before any token can arrive). Raises ValueError
+        on bad arguments, QueueFull when max_rows + max_queue requests are already running or waiting."""
         max_tokens = check_request(self.model, tokens, max_tokens, temperature, top_k, top_p)
         if len(tokens) >= self.capacity:
             raise ValueError(f"prompt of {len(tokens)} tokens leaves no room in the model's context "
                              f"({self.capacity}); shorten the conversation")
         rng = torch.Generator(device=self.device).manual_seed(seed if seed is not None else random.getrandbits(63))
         req = _Request(list(tokens), min(max_tokens, self.capacity - len(tokens)), temperature, top_k, top_p, rng)
+        req.stream.on_put = on_put
         with self._cond:
             busy = len(self._waiting) + sum(r is not None for r in self._rows)
             if busy >= self.max_rows + self.max_queue:

@@ -148,9 +148,10 @@ def test_batch_engine_admits_arrivals_at_the_next_iteration(tokenizer):
         for _ in range(3):  # a few steps with both rows decoding
             running[0].get(timeout=60)
         mark = len(shapes)
-        late = batch.submit([9, 8, 7, 6, 5], 3, temperature=0.0)
+        puts = []  # forwards done when each of its tokens was queued (in the engine's thread: no race)
+        late = batch.submit([9, 8, 7, 6, 5], 3, temperature=0.0, on_put=lambda: puts.append(len(shapes)))
         first = late.get(timeout=60)
-        after_first = len(shapes)
+        after_first = puts[0]
         rest = list(late)
         for s in running:
             s.cancel()
