@@ -91,6 +91,11 @@ def apply_rotary(x, cos, sin):
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
+def rotary_qk_norm(x, cos, sin):
+    """Queries or keys (B, T, heads, hd): rotary, then QK-norm and its scale."""
+    return norm(apply_rotary(x, cos, sin)) * QK_SCALE
+
+
 def matvec(x, w):
     """x @ w.T for a few rows of x as a broadcast product and sum: under torch.compile on a CPU one fused loop
     streaming the weight, at decode sizes ~2-5x faster than F.linear's BLAS call (per-call cost dominates)."""
@@ -108,6 +113,8 @@ class Linear(nn.Linear):
 
 
 class CausalSelfAttention(nn.Module):
+    """One layer's attention weights (the math: GPT._layer)."""
+
     def __init__(self, config, layer_idx):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.n_embd // config.n_head
@@ -118,39 +125,28 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = Linear(d, d)
         self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head) if has_value_embed(layer_idx, config.n_layer) else None
 
-    def forward(self, x, ve, cos, sin, window):
-        B, T, C = x.shape
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
-        if ve is not None:
-            gate = VE_GATE_SCALE * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, Hkv)
-            v = v + gate.unsqueeze(-1) * ve.view_as(v)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q, k = norm(q) * QK_SCALE, norm(k) * QK_SCALE
-        y = flash_attn_func(q, k, v, causal=True, window_size=window)
-        return self.c_proj(y.reshape(B, T, C))  # (B, T, H, hd) -> (B, T, d)
-
 
 class MLP(nn.Module):
+    """One layer's MLP weights (the math: GPT._layer)."""
+
     def __init__(self, config):
         super().__init__()
         self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
         self.c_proj = Linear(4 * config.n_embd, config.n_embd)
 
-    def forward(self, x):
-        return self.c_proj(relu_square(self.c_fc(x)))
-
 
 class Block(nn.Module):
+    """One transformer layer's weights; GPT._layer is its math, the one copy of it."""
+
     def __init__(self, config, layer_idx):
         super().__init__()
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, ve, cos, sin, window):
-        x = x + self.attn(norm(x), ve, cos, sin, window)
-        return x + self.mlp(norm(x))
+
+def module_linear(x, module):
+    """The `linear` of training's forward: the layer's own module (autograd; an fp8-converted one runs fp8)."""
+    return module(x)
 
 
 class GPT(nn.Module):
@@ -241,7 +237,8 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, loss_reduction="mean", last_only=False):
         """idx (B, T) int64 -> fp32 logits (B, T, V), or the loss when targets (B, T) are given (-1 = ignore).
-        last_only: only the last position's logits, (B, 1, V). KV-cached inference is forward_cached()."""
+        last_only: only the last position's logits, (B, 1, V). KV-cached inference is forward_cached(); both run
+        the layers through _stack()."""
         B, T = idx.shape
         V = self.config.vocab_size
         self._ensure_compute_dtype()
@@ -250,20 +247,10 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {T} tokens exceeds the rotary table ({self.rotary_len})")
         cos, sin = self.cos[:, :T], self.sin[:, :T]
 
-        x = norm(self.transformer.wte(idx).to(dtype))  # (B, T, d)
-        # smear: mix each position's embedding with the previous one's (gate starts at 0; the first has none)
-        gate = self.smear_lambda.to(dtype) * torch.sigmoid(self.smear_gate(x[:, 1:, :SMEAR_CHANNELS]))
-        x = x0 = torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
+        def attend(i, q, k, v):  # causal self-attention within layer i's window
+            return flash_attn_func(q, k, v, causal=True, window_size=self.window_sizes[i])
 
-        x_backout = None
-        for i, block in enumerate(self.transformer.h):
-            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
-            ve = self.value_embeds[str(i)](idx).to(dtype) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, self.window_sizes[i])
-            if i == self.config.n_layer // 2:
-                x_backout = x
-        if x_backout is not None:
-            x = x - self.backout_lambda.to(dtype) * x_backout
+        x, _ = self._stack(self._module_weights(), idx, None, cos, sin, attend, module_linear)
         x = norm(x)
         if last_only and targets is None:
             x = x[:, -1:]
@@ -282,6 +269,63 @@ class GPT(nn.Module):
             return logits
         return F.cross_entropy(logits.view(-1, V), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction)
 
+    # the model's math, one copy: training's forward() and the KV-cached inference both run _stack() -----------
+
+    def _stack(self, w, idx, prev, cos, sin, attend, linear):
+        """Embedding, smear and every layer, up to (not including) the final norm. w: the weights, as
+        _module_weights() (training) or _inference_weights() (cached inference) gives them; linear(x, w) applies
+        one of its matrices. idx (B, T); prev (B, 1, d): the pre-smear embedding of the token before idx[:, 0],
+        None at a sequence start; cos/sin: the rotary angles at idx's positions; attend(i, q, k, v) -> (B, T, H,
+        hd): layer i's attention (training: within its window; inference: write to the KV cache and attend over
+        it). Returns the hidden states (B, T, d) and the pre-smear embeddings (B, T, d), the next chunk's prev."""
+        T = idx.size(1)
+        x = emb = norm(F.embedding(idx, w["wte"]).to(self.compute_dtype))  # (B, T, d)
+        # smear: add to each position its predecessor's embedding, gated (the gate starts at 0); a sequence's
+        # first position has none and stays as it is
+        start = prev is None
+        before = x[:, :-1] if start else prev if T == 1 else torch.cat([prev, x[:, :-1]], dim=1)
+        rest = x[:, 1:] if start else x
+        gate = torch.sigmoid(linear(rest[..., :SMEAR_CHANNELS], w["smear_gate"])) * w["smear_lambda"]
+        rest = torch.addcmul(rest, gate, before)
+        x = x0 = torch.cat([x[:, :1], rest], dim=1) if start else rest
+        x_backout = None
+        for i, lw in enumerate(w["layers"]):
+            x = self._layer(i, x, x0, idx, lw, cos, sin, attend, linear)
+            if i == self.config.n_layer // 2:
+                x_backout = x
+        return x - w["backout"] * x_backout, emb
+
+    def _layer(self, i, x, x0, idx, lw, cos, sin, attend, linear):
+        """Transformer layer i on x (B, T, d): x0 mixed back in, attention (see _stack's attend), MLP."""
+        B, T, _ = x.shape
+        H, Hkv, hd = self.config.n_head, self.config.n_kv_head, self.head_dim
+        x = torch.addcmul(x * lw["resid"], x0, lw["x0"])
+        xn = norm(x)
+        if len(lw["qkv"]) == 1:  # inference: q, k, v stacked in one matrix: one matmul, and one pass over q and k
+            qkv = linear(xn, lw["qkv"][0]).view(B, T, H + 2 * Hkv, hd)
+            qk, v = rotary_qk_norm(qkv[:, :, :H + Hkv], cos, sin), qkv[:, :, H + Hkv:]
+            q, k = qk[:, :, :H], qk[:, :, H:]
+        else:
+            q, k = (rotary_qk_norm(linear(xn, m).view(B, T, -1, hd), cos, sin) for m in lw["qkv"][:2])
+            v = linear(xn, lw["qkv"][2]).view(B, T, Hkv, hd)
+        if lw["ve"] is not None:  # value embeddings, mixed into v by a gate per kv head
+            gate = VE_GATE_SCALE * torch.sigmoid(linear(xn[..., :VE_GATE_CHANNELS], lw["ve_gate"]))  # (B, T, Hkv)
+            v = torch.addcmul(v, gate.unsqueeze(-1), F.embedding(idx, lw["ve"]).to(v.dtype).view_as(v))
+        y = attend(i, q, k, v)  # (B, T, H, hd)
+        x = x + linear(y.reshape(B, T, H * hd), lw["proj"])
+        return x + linear(relu_square(linear(norm(x), lw["fc"])), lw["mlp_proj"])
+
+    def _module_weights(self):
+        """The weights for _stack() in training: the modules and parameters themselves (see module_linear)."""
+        layers = []
+        for i, block in enumerate(self.transformer.h):
+            a, m = block.attn, block.mlp
+            layers.append(dict(qkv=(a.c_q, a.c_k, a.c_v), proj=a.c_proj, fc=m.c_fc, mlp_proj=m.c_proj,
+                               ve=self.value_embeds[str(i)].weight if a.ve_gate is not None else None,
+                               ve_gate=a.ve_gate, resid=self.resid_lambdas[i], x0=self.x0_lambdas[i]))
+        return dict(wte=self.transformer.wte.weight, smear_gate=self.smear_gate, smear_lambda=self.smear_lambda[0],
+                    backout=self.backout_lambda[0], layers=layers)
+
     # inference with a KV cache: the one cached path (the Engine's prefill and decode steps) ---
 
     def _ensure_compute_dtype(self):
@@ -290,12 +334,13 @@ class GPT(nn.Module):
             self._init_rotary(self.get_device())
 
     def _inference_weights(self, recheck=True):
-        """Every weight in the compute dtype (q/k/v as one matrix per layer), an argument of the cached steps.
-        Cast once and kept (a per-step bf16 cast would read the fp32 weights anyway); rebuilt whenever a
-        parameter is modified in place (optimizer step, load_state_dict) or replaced. The scalars are 0-d views
-        of their parameters, not Python floats: a compiled step would bake a float in and recompile when it
-        changes (every RL step). recheck=False (decode steps): listing the parameters costs more than a small
-        model's whole step, so only the ones listed at the last prefill are checked for in-place changes."""
+        """The weights for _stack() in cached inference: every matrix cast to the compute dtype, q/k/v stacked
+        into one, applied by F.linear (or matvec). Cast once and kept (a per-step bf16 cast would read the fp32
+        weights anyway); rebuilt whenever a parameter is modified in place (optimizer step, load_state_dict) or
+        replaced. The scalars are 0-d views of their parameters, not Python floats: a compiled step would bake a
+        float in and recompile when it changes (every RL step). recheck=False (decode steps): listing the
+        parameters costs more than a small model's whole step, so only the ones listed at the last prefill are
+        checked for in-place changes."""
         cached = getattr(self, "_inference_cache", None)
         params = cached[2] if cached is not None and not recheck else list(self.parameters())
         key = (self.compute_dtype,) + tuple((p.data_ptr(), p._version) for p in params)
@@ -310,7 +355,7 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             a, m = block.attn, block.mlp
             layers.append(dict(
-                qkv=torch.cat([cast(a.c_q.weight), cast(a.c_k.weight), cast(a.c_v.weight)], dim=0),
+                qkv=(torch.cat([cast(a.c_q.weight), cast(a.c_k.weight), cast(a.c_v.weight)], dim=0),),
                 proj=cast(a.c_proj.weight), fc=cast(m.c_fc.weight), mlp_proj=cast(m.c_proj.weight),
                 ve=cast(self.value_embeds[str(i)].weight) if a.ve_gate is not None else None,
                 ve_gate=cast(a.ve_gate.weight) if a.ve_gate is not None else None,
@@ -321,49 +366,19 @@ class GPT(nn.Module):
         self._inference_cache = (key, w, params)
         return w
 
-    def _cached_layers(self, w, idx, prev, cos, sin, attend, last_only=False, last_positions=None):
-        """forward()'s math for tokens continuing a cache. idx (B, T); prev (B, 1, d): the pre-smear embedding
-        before idx[:, 0] (None at a sequence start); attend(i, q, k, v) stores/attends layer i's k, v. Returns
-        fp32 logits (B, T or 1, V) and the last pre-smear embedding (B, 1, d). last_positions (B,) long: take
-        both at each row's own position instead (right-padded rows of different lengths). No module calls and
-        in-place elementwise work: a decode step is ~100 tiny ops, so their count, not the FLOPs, sets its speed."""
+    def _cached_forward(self, w, idx, prev, cos, sin, attend, last_only=False, last_positions=None):
+        """_stack() then the head, for tokens continuing a cache: fp32 logits (B, T or 1, V) and the last
+        pre-smear embedding (B, 1, d). last_positions (B,) long: take both at each row's own position instead
+        (right-padded rows of different lengths)."""
         B, T = idx.shape
-        H, Hkv, hd = self.config.n_head, self.config.n_kv_head, self.head_dim
-        # fused loops beat BLAS calls for a few rows on a CPU; a GPU keeps its matmul kernels
+        # a compiled CPU step of a few rows runs fused matrix-vector loops, faster there than BLAS calls
         small_cpu = idx.device.type == "cpu" and B * T <= MATVEC_MAX_ROWS
         linear = matvec if torch.compiler.is_compiling() and small_cpu else F.linear
-        x = norm(F.embedding(idx, w["wte"]))  # (B, T, d)
+        x, emb = self._stack(w, idx, prev, cos, sin, attend, linear)
         rows = None if last_positions is None else torch.arange(B, device=idx.device)
-        new_prev = x[:, -1:] if rows is None else x[rows, last_positions].unsqueeze(1)
-        # smear (see forward)
-        if prev is not None:
-            prev = prev if T == 1 else torch.cat([prev, x[:, :-1]], dim=1)
-            gate = torch.sigmoid(linear(x[..., :SMEAR_CHANNELS], w["smear_gate"])).mul_(w["smear_lambda"])
-            x = torch.addcmul(x, gate, prev)
-        else:
-            gate = torch.sigmoid(linear(x[:, 1:, :SMEAR_CHANNELS], w["smear_gate"])).mul_(w["smear_lambda"])
-            x = torch.cat([x[:, :1], torch.addcmul(x[:, 1:], gate, x[:, :-1])], dim=1)
-        x0, x_backout = x, None
-        for i, lw in enumerate(w["layers"]):
-            x = torch.addcmul(x * lw["resid"], x0, lw["x0"])
-            xn = norm(x)
-            qkv = linear(xn, lw["qkv"])  # (B, T, (H + 2 Hkv) hd)
-            qk = qkv[..., :(H + Hkv) * hd].view(B, T, H + Hkv, hd)
-            v = qkv[..., (H + Hkv) * hd:].view(B, T, Hkv, hd)
-            if lw["ve"] is not None:
-                ve = F.embedding(idx, lw["ve"]).view(B, T, Hkv, hd)
-                gate = torch.sigmoid(linear(xn[..., :VE_GATE_CHANNELS], lw["ve_gate"]))
-                v = torch.addcmul(v, gate.mul_(VE_GATE_SCALE).unsqueeze(-1), ve)
-            qk = norm(apply_rotary(qk, cos, sin)).mul_(QK_SCALE)  # rotary + QK-norm on q and k together
-            y = attend(i, qk[:, :, :H], qk[:, :, H:], v)  # (B, T, H, hd)
-            x = x.add_(linear(y.reshape(B, T, H * hd), lw["proj"]))  # x is this layer's own tensor
-            x = x.add_(linear(linear(norm(x), lw["fc"]).relu_().square_(), lw["mlp_proj"]))
-            if i == len(w["layers"]) // 2:
-                x_backout = x
-        if x_backout is not None:
-            x = x - w["backout"] * x_backout
         if last_only or rows is not None:
             x = x[:, -1:] if rows is None else x[rows, last_positions].unsqueeze(1)
+        new_prev = emb[:, -1:] if rows is None else emb[rows, last_positions].unsqueeze(1)
         logits = linear(norm(x), w["head"]).float()
         return SOFTCAP * torch.tanh(logits / SOFTCAP), new_prev
 
@@ -379,7 +394,7 @@ class GPT(nn.Module):
             new_k.append(k[:, 0]), new_v.append(v[:, 0])
             return flash_attn_decode(q, k_cache[i], v_cache[i], k, v, pos, self.window_sizes[i])
 
-        logits, new_prev = self._cached_layers(w, idx, prev, cos, sin, attend)
+        logits, new_prev = self._cached_forward(w, idx, prev, cos, sin, attend)
         return logits, new_prev, torch.stack(new_k), torch.stack(new_v)
 
     def _compiled_decode_step(self):  # built on first use
@@ -394,8 +409,8 @@ class GPT(nn.Module):
     def forward_cached(self, idx, kv_cache, last_only=False, compile=False, last_positions=None):
         """idx (B, T) continues each row of kv_cache at its own position -> fp32 logits (B, T, V), or (B, 1, V)
         with last_only or last_positions (B,) long (right-padded prompts: logits and prev_embedding at each row's
-        index). Writes and advances the cache. Same math as forward(). A decode step (one token, started cache)
-        runs without host syncs, with compile=True through torch.compile (traced once for one row, once for
+        index). Writes and advances the cache; the layers are forward()'s (_stack). A decode step (one token, started
+        cache) runs without host syncs, with compile=True through torch.compile (traced once for one row, once for
         several); prefills and chunks run eagerly."""
         self._ensure_compute_dtype()
         B, T = idx.shape
@@ -438,7 +453,7 @@ class GPT(nn.Module):
                 return flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=kv_cache.cache_seqlens,
                                                causal=True, window_size=self.window_sizes[i])
 
-            logits, new_prev = self._cached_layers(w, idx, prev, cos, sin, attend, last_only, last_positions)
+            logits, new_prev = self._cached_forward(w, idx, prev, cos, sin, attend, last_only, last_positions)
             kv_cache.prev_embedding = new_prev.clone() if prev is None else prev.copy_(new_prev)
         kv_cache.advance(T)  # after the last layer, so every layer saw the same positions
         return logits

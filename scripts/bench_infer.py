@@ -146,7 +146,7 @@ def run_decode(batch):
 def matvecs(linear, w, x, h):
     out = []  # returned, so that no compiler can drop the work
     for lw in w["layers"]:
-        out += [linear(x, lw["qkv"]), linear(x, lw["proj"]), linear(x, lw["fc"]), linear(h, lw["mlp_proj"])]
+        out += [linear(x, lw["qkv"][0]), linear(x, lw["proj"]), linear(x, lw["fc"]), linear(h, lw["mlp_proj"])]
     return out + [linear(x, w["head"])]
 
 

@@ -352,6 +352,23 @@ def test_ragged_rows_prefilled_in_chunks_match_forward(pattern):
     assert cache.cache_seqlens.tolist() == starts
 
 
+def test_one_layer_math_serves_training_and_cached_inference(monkeypatch):
+    # the architecture is written once (GPT._layer): a change made there alone (here each layer's output halved)
+    # reaches the training forward and the KV-cached prefill and decode alike, which still agree
+    m = randomize(build(window_pattern="SSL"))
+    x = tokens(2, 12)
+    with torch.no_grad():
+        before = m(x)
+    layer = GPT._layer
+    monkeypatch.setattr(GPT, "_layer", lambda self, *args: 0.5 * layer(self, *args))
+    with torch.no_grad():
+        full = m(x)
+    assert (full - before).abs().max() > 1e-2
+    cache = new_cache(m, 2, 12)
+    got = [m.forward_cached(x[:, :7], cache)] + [m.forward_cached(x[:, t:t + 1], cache) for t in range(7, 12)]
+    torch.testing.assert_close(torch.cat(got, dim=1), full, atol=1e-4, rtol=1e-4)
+
+
 def test_kv_cache_decode_past_sequence_len():
     # windows keep applying past the training length (rotary table holds 10x)
     m = randomize(build(sequence_len=8, short_window=3))

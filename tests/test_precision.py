@@ -143,10 +143,11 @@ def test_the_model_computes_in_the_dtype_it_is_given(monkeypatch):
     assert model.compute_dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in model.parameters())
     seen = []
-    model.transformer.h[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    for linear in (model.transformer.h[0].attn.c_q, model.transformer.h[-1].mlp.c_proj):  # first and last matmul
+        linear.register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, o.dtype)))
     with torch.no_grad():
         model(torch.randint(0, 96, (1, 8)))
-    assert seen == [torch.bfloat16]  # the blocks really run in bf16
+    assert seen == [(torch.bfloat16, torch.bfloat16)] * 2  # the layers really run in bf16
 
 # -----------------------------------------------------------------------------
 # CPU-only kernels against stock ops
