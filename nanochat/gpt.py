@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from nanochat.cpu_ops import (RMSNormCPU, ReluSquareCPU, HeadSoftcapCE, cpu_kernels, use_cpu_kernels,  # noqa: F401
                               use_compiled_cpu_loss, softcap_cross_entropy)
 from nanochat.attention import flash_attn_func, flash_attn_with_kvcache, flash_attn_decode, get_backend
+from nanochat.optim import MuonAdamW
 
 ROPE_BASE = 100_000
 SOFTCAP = 15.0
@@ -484,7 +485,6 @@ class GPT(nn.Module):
         """AdamW for embeddings/head/scalars (width-scaled LRs), Muon per matrix shape. compile: torch.compile
         the optimizer step (pass the precision policy's choice; None: on CUDA only). Muon orthogonalizes in
         bf16 where the model computes in bf16 (the precision policy found bf16 matmuls fast here)."""
-        from nanochat.optim import MuonAdamW
         s = (self.config.n_embd / 768) ** -0.5
 
         def adamw(params, lr, betas, wd):

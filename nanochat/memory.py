@@ -17,6 +17,8 @@ autograd actually saves, on a CPU.
 
 import torch
 
+from nanochat.gpt import GPT
+
 # compiled training keeps fewer activations: Inductor's min-cut partitioner recomputes cheap pointwise
 # results (norm upcasts, residual mixes, relu) in the backward. Measured with saved-tensor hooks around the
 # compiled model on a CPU (GPU code path, bf16): 0.83 of the eager bytes per layer, and one fp32 (N, V) head
@@ -26,7 +28,6 @@ MARGIN = 0.90  # use at most this fraction of the free memory (allocator fragmen
 
 
 def _param_counts(config):
-    from nanochat.gpt import GPT
     with torch.device("meta"):
         model = GPT(config)
     counts = model.num_scaling_params()

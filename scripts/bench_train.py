@@ -7,6 +7,8 @@ GPUs). Each configuration runs --warmup-steps untimed steps (compilation happens
 ones, the configurations alternating step by step so both see the same machine load. Reported: the mean
 tok/s over the timed steps (by default steps 4-15 of 16, the figure training logs compare) and the median
 step, which a busy moment on a shared machine moves less.
+Both configurations start from the same weights and see the same batch each step, so the loss gap printed
+at step 14 (the last-but-one) is what the compute dtype costs.
 
 CPU (the issue's target configuration: d4, 512-token rows, 16,384-token steps, vocab 8,192):
     python -m scripts.bench_train --depth=4 --head-dim=64 --max-seq-len=512 --device-batch-size=32 \
@@ -112,11 +114,11 @@ print0(f"model: depth {config.n_layer}, width {config.n_embd}, heads {config.n_h
        f"params {sum(p.numel() for p in model.parameters()):,}, FLOPs/token {flops_per_token:.3e} | "
        f"batch {B}x{T} = {B * T:,} tokens/step")
 
+losses = {label: [] for label in runs}  # per step: equal flags, so the precisions' gap is the dtype's alone
 for label, (_, step) in runs.items():
     t0 = time.perf_counter()
     for i in range(args.warmup_steps):
-        step()
-        synchronize(device)
+        losses[label].append(step().item())
         if i == 0:  # the first step compiles: its time is reported apart from the step times
             t_first = time.perf_counter() - t0
     print0(f"{label}: compile + first step {t_first:.1f} s, {args.warmup_steps - 1} more warm-up steps in "
@@ -128,9 +130,10 @@ times = {label: [] for label in runs}
 for _ in range(args.steps):  # interleaved: both configurations see the same machine load
     for label, (_, step) in runs.items():
         t0 = time.perf_counter()
-        step()
+        loss = step()
         synchronize(device)
         times[label].append(time.perf_counter() - t0)
+        losses[label].append(loss.item())
 peak_after = measure_matmul_peak(device, dtype)  # a second look: how much did the machine's load move?
 best_peak = max(peak, peak_after)
 
@@ -154,6 +157,9 @@ if len(tok_s) == 2:
     print0(f"speed-up of {name} over float32 eager: {mean_tok_s[name] / mean_tok_s['float32 eager']:.2f}x "
            f"(means over steps {first}-{last}), {tok_s[name] / tok_s['float32 eager']:.2f}x (medians), "
            f"{base / min(times[name]):.2f}x (best steps)")
+if len(tok_s) == 2:  # the same init, batch and optimizer: how far the compute dtype moves the loss
+    a, b = losses[name][last - 1], losses["float32 eager"][last - 1]
+    print0(f"loss at step {last - 1}: {a:.4f} ({name}) vs {b:.4f} (float32 eager), gap {a - b:+.4f}")
 print0(f"matmul peak before {peak / 1e12:.3f}, after {peak_after / 1e12:.3f} TFLOP/s (the higher one is used)")
 if datasheet != float("inf"):
     print0(f"MFU vs datasheet peak: {100 * flops_per_token * tok_s[name] / datasheet:.1f}%")
