@@ -39,24 +39,28 @@ def make_model(device="cpu", cfg=CFG):
     return tiny_gpt(device=device, dtype=torch.bfloat16, **dataclasses.asdict(cfg))  # the GPU's compute dtype
 
 
+def compiles_once_equal_to_eager(model, idx, tgt, eager_loss, loss_tol):
+    """Compile `model` (aot_eager), run forward + backward twice: one graph, loss and grads equal to eager's."""
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, dynamic=False)
+    for _ in range(2):  # the second call must reuse the graph
+        model.zero_grad(set_to_none=True)
+        loss = compiled(idx, tgt)
+        loss.backward()
+    assert counter.frame_count == 1, f"{counter.frame_count} graphs: a graph break or a recompile"
+    torch.testing.assert_close(loss, eager_loss, rtol=loss_tol, atol=loss_tol)
+    for p, g in zip(model.parameters(), eager_grads):
+        torch.testing.assert_close(p.grad.float(), g.float(), rtol=2e-2, atol=2e-3)
+
+
 def test_model_forward_backward_one_graph_equal_to_eager():
     model = make_model()
     idx = torch.randint(0, CFG.vocab_size, (2, CFG.sequence_len), generator=torch.Generator().manual_seed(0))
     with cpu_kernels(False):
         eager_loss = model(idx, idx)
         eager_loss.backward()
-        eager_grads = [p.grad.clone() for p in model.parameters()]
-        model.zero_grad(set_to_none=True)
-        counter = CompileCounterWithBackend("aot_eager")
-        compiled = torch.compile(model, backend=counter, dynamic=False)
-        for _ in range(2):  # the second call must reuse the graph
-            model.zero_grad(set_to_none=True)
-            loss = compiled(idx, idx)
-            loss.backward()
-    assert counter.frame_count == 1, f"{counter.frame_count} graphs: a graph break or a recompile"
-    torch.testing.assert_close(loss, eager_loss, rtol=1e-3, atol=1e-3)
-    for p, g in zip(model.parameters(), eager_grads):
-        torch.testing.assert_close(p.grad.float(), g.float(), rtol=2e-2, atol=2e-3)
+        compiles_once_equal_to_eager(model, idx, idx, eager_loss, 1e-3)
 
 
 def test_model_has_no_graph_breaks():
@@ -76,17 +80,7 @@ def test_cpu_model_compiles_in_one_graph_equal_to_eager():
     with cpu_kernels(False):  # eager reference: the stock ops
         eager_loss = model(idx, tgt)
         eager_loss.backward()
-    eager_grads = [p.grad.clone() for p in model.parameters()]
-    counter = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(model, backend=counter, dynamic=False)
-    for _ in range(2):
-        model.zero_grad(set_to_none=True)
-        loss = compiled(idx, tgt)
-        loss.backward()
-    assert counter.frame_count == 1, f"{counter.frame_count} graphs: a graph break or a recompile"
-    torch.testing.assert_close(loss, eager_loss, rtol=1e-4, atol=1e-4)
-    for p, g in zip(model.parameters(), eager_grads):
-        torch.testing.assert_close(p.grad.float(), g.float(), rtol=2e-2, atol=2e-3)
+    compiles_once_equal_to_eager(model, idx, tgt, eager_loss, 1e-4)
 
 
 def schedule(opt, step):
