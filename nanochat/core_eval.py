@@ -112,10 +112,9 @@ def _forward_and_score(model, items, bos, device):
         row_idx += [i] * (e - s)
         pos_idx += range(s - 1, e - 1)
     inputs = inputs.to(device)
-    logits = model(inputs)  # (N, T, V)
     rows_t = torch.tensor(row_idx, dtype=torch.long, device=device)
     pos_t = torch.tensor(pos_idx, dtype=torch.long, device=device)
-    picked = logits[rows_t, pos_t].float()  # (P, V)
+    picked = model(inputs, positions=(rows_t, pos_t)).float()  # (P, V): the head only where answers are scored
     targets = inputs[rows_t, pos_t + 1]  # (P,)
     n = len(all_rows)
     loss_sum = torch.zeros(n, device=device).index_add_(0, rows_t, F.cross_entropy(picked, targets, reduction="none"))

@@ -33,8 +33,43 @@ def use_cpu_kernels(x):
     return _CPU_KERNELS and x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-def use_compiled_cpu_loss(x):
+def use_compiled_cpu_loss(x):  # also the compiled CPU embedding (see embed)
     return _CPU_KERNELS and x.device.type == "cpu" and torch.compiler.is_compiling()
+
+
+@torch.library.custom_op("nanochat::embedding_grad", mutates_args=())
+def embedding_grad(grad: torch.Tensor, idx: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """An embedding's weight gradient by the eager kernel, opaque to inductor: inductor's own lowering sums the
+    rows of a repeated token with atomic adds across threads, in an order that changes from run to run, and so
+    do the last bits of the weights (compiled CPU training was not reproducible)."""
+    return torch.ops.aten.embedding_dense_backward(grad, idx, num_rows, -1, False)
+
+
+@embedding_grad.register_fake
+def _(grad, idx, num_rows):
+    return grad.new_empty((num_rows, grad.size(-1)))
+
+
+class EmbeddingCPU(torch.autograd.Function):
+    """F.embedding whose backward is embedding_grad (bit-reproducible under torch.compile on a CPU)."""
+
+    @staticmethod
+    def forward(ctx, idx, weight):
+        ctx.save_for_backward(idx)
+        ctx.num_rows = weight.size(0)
+        return torch.nn.functional.embedding(idx, weight)
+
+    @staticmethod
+    def backward(ctx, g):
+        idx, = ctx.saved_tensors
+        return None, embedding_grad(g.contiguous(), idx, ctx.num_rows)
+
+
+def embed(idx, weight):
+    """F.embedding; in compiled CPU training EmbeddingCPU (see embedding_grad)."""
+    if weight.requires_grad and use_compiled_cpu_loss(weight):
+        return EmbeddingCPU.apply(idx, weight)
+    return torch.nn.functional.embedding(idx, weight)
 
 
 class RMSNormCPU(torch.autograd.Function):

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.cpu_ops import (RMSNormCPU, ReluSquareCPU, HeadSoftcapCE, cpu_kernels, use_cpu_kernels,  # noqa: F401
+from nanochat.cpu_ops import (embed, RMSNormCPU, ReluSquareCPU, HeadSoftcapCE, cpu_kernels, use_cpu_kernels,  # noqa: F401
                               use_compiled_cpu_loss, softcap_cross_entropy)
 from nanochat.attention import flash_attn_func, flash_attn_with_kvcache, flash_attn_decode, get_backend
 from nanochat.optim import MuonAdamW
@@ -236,10 +236,11 @@ class GPT(nn.Module):
         self.cos = angle.cos().to(dtype)[None, :, None, :]
         self.sin = angle.sin().to(dtype)[None, :, None, :]
 
-    def forward(self, idx, targets=None, loss_reduction="mean", last_only=False):
+    def forward(self, idx, targets=None, loss_reduction="mean", last_only=False, positions=None):
         """idx (B, T) int64 -> fp32 logits (B, T, V), or the loss when targets (B, T) are given (-1 = ignore).
-        last_only: only the last position's logits, (B, 1, V). KV-cached inference is forward_cached(); both run
-        the layers through _stack()."""
+        last_only: only the last position's logits, (B, 1, V). positions: (rows, cols) index tensors, logits only
+        there, (P, V) (a scorer reading a few positions skips the head and soft-cap everywhere else).
+        KV-cached inference is forward_cached(); both run the layers through _stack()."""
         B, T = idx.shape
         V = self.config.vocab_size
         self._ensure_compute_dtype()
@@ -252,10 +253,12 @@ class GPT(nn.Module):
             return flash_attn_func(q, k, v, causal=True, window_size=self.window_sizes[i])
 
         x, _ = self._stack(self._module_weights(), idx, None, cos, sin, attend, module_linear)
-        x = norm(x)
+        x = norm(x).to(dtype)
         if last_only and targets is None:
             x = x[:, -1:]
             T = 1
+        if positions is not None and targets is None:
+            x = x[positions]  # (P, d)
 
         # only the first V rows of the padded head are real tokens: skip the padded ones entirely
         w_head = self.lm_head.weight[:V].to(dtype)
@@ -279,14 +282,19 @@ class GPT(nn.Module):
         None at a sequence start; cos/sin: the rotary angles at idx's positions; attend(i, q, k, v) -> (B, T, H,
         hd): layer i's attention (training: within its window; inference: write to the KV cache and attend over
         it). Returns the hidden states (B, T, d) and the pre-smear embeddings (B, T, d), the next chunk's prev."""
-        T = idx.size(1)
-        x = emb = norm(F.embedding(idx, w["wte"]).to(self.compute_dtype))  # (B, T, d)
+        T, cdt = idx.size(1), self.compute_dtype
+        # the residual stream is fp32 whatever the compute dtype; only the matmuls' inputs are cast (as autocast
+        # does). At init every scalar's gradient is zero exactly (the final norm undoes any rescaling of the
+        # stream): in a bf16 stream it is rounding noise of ~1e-7, which Adam turns into full-size steps of random
+        # sign; in fp32 it stays ~1e-11, under Adam's eps.
+        emb = norm(embed(idx, w["wte"]).to(cdt))  # (B, T, d)
+        x = emb.float()
         # smear: add to each position its predecessor's embedding, gated (the gate starts at 0); a sequence's
         # first position has none and stays as it is
         start = prev is None
         before = x[:, :-1] if start else prev if T == 1 else torch.cat([prev, x[:, :-1]], dim=1)
         rest = x[:, 1:] if start else x
-        gate = torch.sigmoid(linear(rest[..., :SMEAR_CHANNELS], w["smear_gate"])) * w["smear_lambda"]
+        gate = torch.sigmoid(linear(rest[..., :SMEAR_CHANNELS].to(cdt), w["smear_gate"])) * w["smear_lambda"]
         rest = torch.addcmul(rest, gate, before)
         x = x0 = torch.cat([x[:, :1], rest], dim=1) if start else rest
         x_backout = None
@@ -300,8 +308,9 @@ class GPT(nn.Module):
         """Transformer layer i on x (B, T, d): x0 mixed back in, attention (see _stack's attend), MLP."""
         B, T, _ = x.shape
         H, Hkv, hd = self.config.n_head, self.config.n_kv_head, self.head_dim
+        cdt = self.compute_dtype
         x = torch.addcmul(x * lw["resid"], x0, lw["x0"])
-        xn = norm(x)
+        xn = norm(x).to(cdt)
         if len(lw["qkv"]) == 1:  # inference: q, k, v stacked in one matrix: one matmul, and one pass over q and k
             qkv = linear(xn, lw["qkv"][0]).view(B, T, H + 2 * Hkv, hd)
             qk, v = rotary_qk_norm(qkv[:, :, :H + Hkv], cos, sin), qkv[:, :, H + Hkv:]
@@ -311,10 +320,10 @@ class GPT(nn.Module):
             v = linear(xn, lw["qkv"][2]).view(B, T, Hkv, hd)
         if lw["ve"] is not None:  # value embeddings, mixed into v by a gate per kv head
             gate = VE_GATE_SCALE * torch.sigmoid(linear(xn[..., :VE_GATE_CHANNELS], lw["ve_gate"]))  # (B, T, Hkv)
-            v = torch.addcmul(v, gate.unsqueeze(-1), F.embedding(idx, lw["ve"]).to(v.dtype).view_as(v))
+            v = torch.addcmul(v, gate.unsqueeze(-1), embed(idx, lw["ve"]).to(v.dtype).view_as(v))
         y = attend(i, q, k, v)  # (B, T, H, hd)
         x = x + linear(y.reshape(B, T, H * hd), lw["proj"])
-        return x + linear(relu_square(linear(norm(x), lw["fc"])), lw["mlp_proj"])
+        return x + linear(relu_square(linear(norm(x).to(cdt), lw["fc"])), lw["mlp_proj"])
 
     def _module_weights(self):
         """The weights for _stack() in training: the modules and parameters themselves (see module_linear)."""
@@ -380,7 +389,7 @@ class GPT(nn.Module):
         if last_only or rows is not None:
             x = x[:, -1:] if rows is None else x[rows, last_positions].unsqueeze(1)
         new_prev = emb[:, -1:] if rows is None else emb[rows, last_positions].unsqueeze(1)
-        logits = linear(norm(x), w["head"]).float()
+        logits = linear(norm(x).to(self.compute_dtype), w["head"]).float()
         return SOFTCAP * torch.tanh(logits / SOFTCAP), new_prev
 
     def _decode_step(self, w, idx, k_cache, v_cache, pos, prev):

@@ -51,7 +51,7 @@ def _layer_activation_bytes(config, N, dtype, fp8, backend, layer_idx, window_le
     # RMS norm keeps its input upcast to fp32 plus fp32 1/rms per row (stock rms_norm decomposition)
     def rms(n_el, rows):
         return n_el * 4 + rows * 4
-    b = N * d * e                            # block input (the residual-scalar multiply keeps it)
+    b = N * d * 4                            # block input, the fp32 residual stream (the scalar multiply keeps it)
     b += rms(N * d, N) + N * d * lin         # norm, normalized input of q/k/v
     b += rms(N * d, N * H) + rms(N * kv, N * Hkv)  # QK-norm of q and k (rotary needs nothing saved)
     # attention (flash / FA3 / FlexAttention): q, k, v, the output (which is also c_proj's input), lse

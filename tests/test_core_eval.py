@@ -37,8 +37,9 @@ class Bigram(nn.Module):
         for prev, nxt in favoured:
             self.table[ord(prev), ord(nxt)] = 5.0
 
-    def forward(self, idx):
-        return self.table[idx]  # (B, T, V)
+    def forward(self, idx, positions=None):  # positions: GPT.forward's (rows, cols), logits only there
+        logits = self.table[idx]  # (B, T, V)
+        return logits if positions is None else logits[positions]
 
 
 def write_bundle(root, tasks, baselines, data):
@@ -134,9 +135,10 @@ def test_evaluate_core_centering_mean_and_missing(tmp_path, capsys):
                                               "c/lm.jsonl": LM_ROWS})
 
     class Both(nn.Module):  # MC rows start with "q": use the MC model there, the bigram elsewhere
-        def forward(self, idx):
+        def forward(self, idx, positions=None):
             is_mc = (idx[:, 1] == ord("q")) & (idx[:, 2] != ord(" "))
-            return torch.where(is_mc[:, None, None], MC_MODEL(idx), BIGRAM(idx))
+            logits = torch.where(is_mc[:, None, None], MC_MODEL(idx), BIGRAM(idx))
+            return logits if positions is None else logits[positions]
 
     out = evaluate_core(Both(), CharTokenizer(), "cpu", bundle_dir=str(tmp_path))
     assert out["missing"] == ["gone_task"]

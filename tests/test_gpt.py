@@ -117,6 +117,15 @@ def test_causality():
         assert not torch.allclose(m(y)[:, t], base[:, t])  # and the change is seen where it may be
 
 
+def test_logits_at_positions_are_the_full_logits_there():
+    m = randomize(build())
+    x = tokens(3, 20)
+    rows, cols = torch.tensor([0, 0, 2, 1]), torch.tensor([19, 3, 0, 7])
+    full = m(x)
+    torch.testing.assert_close(m(x, positions=(rows, cols)), torch.stack([full[r, c] for r, c in zip(rows, cols)]),
+                               atol=1e-6, rtol=1e-6)
+
+
 def test_loss_ignores_minus_one():
     m = randomize(build())
     x, y = tokens(2, 32), tokens(2, 32, seed=1)

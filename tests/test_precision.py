@@ -149,6 +149,25 @@ def test_the_model_computes_in_the_dtype_it_is_given(monkeypatch):
         model(torch.randint(0, 96, (1, 8)))
     assert seen == [(torch.bfloat16, torch.bfloat16)] * 2  # the layers really run in bf16
 
+
+def test_bf16_compute_keeps_the_residual_scalars_gradients_at_zero_at_init():
+    # At init every block's output projection is zero, so the residual scalars only rescale the stream, which
+    # the final norm undoes: their gradient is exactly 0. From a bf16 residual stream it came out as rounding
+    # noise (~1e-7) that Adam (eps 1e-8) turned into full-size steps of random sign, and the bf16 run drifted
+    # from the fp32 one. The stream is fp32 (only the matmuls' inputs are bf16): noise at fp32's level.
+    cfg = GPTConfig(sequence_len=64, vocab_size=96, n_layer=3, n_head=2, n_kv_head=1, n_embd=64)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.init_weights(dtype=torch.bfloat16)  # the real init (build() randomises the zeroed projections)
+    idx = torch.randint(0, 96, (8, 64), generator=torch.Generator().manual_seed(0))
+    model(idx, idx).backward()
+    for name in ("resid_lambdas", "x0_lambdas", "backout_lambda"):
+        grad = getattr(model, name).grad
+        assert grad.abs().max().item() < 1e-9, (name, grad)
+    assert model.smear_lambda.grad.abs().item() > 1e-6  # a scalar that does matter at init still learns
+
 # -----------------------------------------------------------------------------
 # CPU-only kernels against stock ops
 
