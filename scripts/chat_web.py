@@ -163,16 +163,21 @@ class Reply:
                 except RuntimeError:  # the event loop is gone (server shutting down)
                     pass
 
+        def tick():  # wakes the loop below every DISCONNECT_CHECK_S, to look for a client that has gone
+            nonlocal ticker
+            ready.set()
+            ticker = loop.call_later(DISCONNECT_CHECK_S, tick)
+
         tok, pending, texts, finished = self.replica.tokenizer, [], [], False
         next_check = loop.time() + DISCONNECT_CHECK_S
         self.stream.on_put = on_put
         ready.set()  # tokens that arrived before on_put was set are read at once
+        # one timer per reply, not asyncio.wait_for per token (a task and a timer each: ~15 us of the event loop's
+        # time per token, which the decode thread waits on for the GIL)
+        ticker = loop.call_later(DISCONNECT_CHECK_S, tick)
         try:
             while not finished:
-                try:
-                    await asyncio.wait_for(ready.wait(), DISCONNECT_CHECK_S)
-                except asyncio.TimeoutError:
-                    pass
+                await ready.wait()
                 ready.clear()
                 if loop.time() >= next_check:
                     next_check = loop.time() + DISCONNECT_CHECK_S
@@ -195,6 +200,7 @@ class Reply:
             if self.stream.finish_reason == "error":
                 raise RuntimeError(self.stream.error)
         finally:
+            ticker.cancel()
             self.text = "".join(texts)
             self.stream.cancel()
 

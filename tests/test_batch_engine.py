@@ -165,6 +165,25 @@ def test_batch_engine_admits_arrivals_at_the_next_iteration(tokenizer):
     assert [first] + rest == engine.generate_batch([9, 8, 7, 6, 5], max_tokens=3, temperature=0.0)[0][0][5:]
 
 
+def test_batch_engine_freezes_the_heap_it_starts_with(tokenizer):
+    # a full garbage collection over what the process held at start (torch, the model, compiled graphs) stalled
+    # every request for ~180 ms: once serving, those objects are out of the collector's generations
+    import gc
+    V = tokenizer.get_vocab_size()
+    model = make_model(V, n_layer=1, zero_specials_from=first_special(tokenizer))
+    gc.unfreeze()
+    sentinel = [object()]  # a container, so the collector tracks it
+    assert any(o is sentinel for o in gc.get_objects())
+    batch = BatchEngine(model, tokenizer, max_rows=2).start()
+    try:
+        assert len(list(batch.submit([3, 4, 5], 2, temperature=0.0))) == 2
+        assert gc.get_freeze_count() > 0
+        assert not any(o is sentinel for o in gc.get_objects())
+    finally:
+        batch.stop()
+        gc.unfreeze()
+
+
 def test_batch_engine_cancel_frees_the_row(tokenizer):
     V = tokenizer.get_vocab_size()
     model = make_model(V, n_layer=1, zero_specials_from=first_special(tokenizer))
