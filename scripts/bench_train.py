@@ -1,14 +1,14 @@
 """
 Training-step throughput benchmark: tok/s, achieved FLOP/s and MFU of forward + backward + MuonAdamW
-step on random tokens, for the precision policy's configuration (or --dtype/--compile) and, interleaved
+step on tokens of a random Markov chain, for the precision policy's configuration (or --dtype/--compile) and, interleaved
 step by step in the same run, for fp32 eager (the baseline every speed-up is quoted against). MFU is
 against the matmul peak measured in the same run in the compute dtype (and the datasheet peak on known
 GPUs). Each configuration runs --warmup-steps untimed steps (compilation happens there), then --steps timed
 ones, the configurations alternating step by step so both see the same machine load. Reported: the mean
 tok/s over the timed steps (by default steps 4-15 of 16, the figure training logs compare) and the median
 step, which a busy moment on a shared machine moves less.
-Both configurations start from the same weights and see the same batch each step, so the loss gap printed
-at step 14 (the last-but-one) is what the compute dtype costs.
+Both configurations start from the same weights and see the same batches (a fresh one each step, from a fixed
+random Markov chain), so the loss gap printed at step 14 (the last-but-one) is what the compute dtype costs.
 
 CPU (the issue's target configuration: d4, 512-token rows, 16,384-token steps, vocab 8,192):
     python -m scripts.bench_train --depth=4 --head-dim=64 --max-seq-len=512 --device-batch-size=32 \
@@ -78,9 +78,27 @@ config = config_from_depth(args.depth, aspect_ratio=args.aspect_ratio, head_dim=
 B = args.device_batch_size = resolve_device_batch_size(args.device_batch_size, config, device, dtype, fp8=args.fp8,
                                                        compile=use_compile, log=print0)
 T = args.max_seq_len
-gen = torch.Generator(device="cpu").manual_seed(0)
-x = torch.randint(0, args.vocab_size, (B, T), generator=gen).to(device)
-y = torch.randint(0, args.vocab_size, (B, T), generator=gen).to(device)
+
+
+def make_batches(n, seed=0, branching=4):
+    """n (x, y) batches of a fixed random Markov chain, each token followed by one of `branching` successors:
+    learnable (the loss falls towards ln(branching)) and fresh every step, so the loss gap between two
+    configurations measures the compute dtype, not how chaotically each memorises one repeated batch."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    successors = torch.randint(0, args.vocab_size, (args.vocab_size, branching), generator=gen)
+    batches = []
+    for _ in range(n):
+        tok = torch.randint(0, args.vocab_size, (B,), generator=gen)
+        choice = torch.randint(0, branching, (B, T), generator=gen)
+        seq = [tok]
+        for t in range(T):
+            seq.append(successors[seq[-1], choice[:, t]])
+        seq = torch.stack(seq, dim=1)  # (B, T + 1)
+        batches.append((seq[:, :-1].to(device), seq[:, 1:].to(device)))
+    return batches
+
+
+batches = make_batches(args.warmup_steps + args.steps)
 
 
 def build(dt, compiled):
@@ -95,7 +113,8 @@ def build(dt, compiled):
     optimizer = model.setup_optimizers(compile=compiled)
     fwd = torch.compile(model, dynamic=False) if compiled else model
 
-    def train_step():
+    def train_step(i):
+        x, y = batches[i % len(batches)]
         loss = fwd(x, y)
         loss.backward()
         optimizer.step()
@@ -118,7 +137,7 @@ losses = {label: [] for label in runs}  # per step: equal flags, so the precisio
 for label, (_, step) in runs.items():
     t0 = time.perf_counter()
     for i in range(args.warmup_steps):
-        losses[label].append(step().item())
+        losses[label].append(step(i).item())
         if i == 0:  # the first step compiles: its time is reported apart from the step times
             t_first = time.perf_counter() - t0
     print0(f"{label}: compile + first step {t_first:.1f} s, {args.warmup_steps - 1} more warm-up steps in "
@@ -127,10 +146,10 @@ if device_type == "cuda":
     torch.cuda.reset_peak_memory_stats()
 
 times = {label: [] for label in runs}
-for _ in range(args.steps):  # interleaved: both configurations see the same machine load
+for i in range(args.warmup_steps, args.warmup_steps + args.steps):  # interleaved: the same machine load
     for label, (_, step) in runs.items():
         t0 = time.perf_counter()
-        loss = step()
+        loss = step(i)
         synchronize(device)
         times[label].append(time.perf_counter() - t0)
         losses[label].append(loss.item())
@@ -173,8 +192,8 @@ if args.profile:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
     step = runs[name][1]
     with profile(activities=activities) as prof:
-        for _ in range(2):
-            step()
+        for i in range(2):
+            step(i)
         synchronize(device)
     sort_key = "cuda_time_total" if device_type == "cuda" else "self_cpu_time_total"
     print0(prof.key_averages().table(sort_by=sort_key, row_limit=25))
