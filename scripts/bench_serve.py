@@ -31,6 +31,7 @@ size matches, else one trained here in seconds on the pretraining shards (NANOCH
 import os
 import sys
 import json
+import queue
 import time
 import random
 import argparse
@@ -311,13 +312,17 @@ def server_process(args, mode, urls, done):
     from nanochat.common import resolve_precision
     device = torch.device(args.device_type)
     dtype, _, _ = resolve_precision(device.type, training=False, verbose=False)
-    if args.source:
-        from nanochat.model_loader import load_model
-        model, tok, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, dtype=dtype)
-    else:
-        tok = tokenizer_of_size(args.vocab_size)
-        never = [tok.encode_special(name) for name in tok.get_special_tokens()]
-        model = random_model(args.depth, args.vocab_size, args.max_seq_len, device, dtype, never)
+    try:
+        if args.source:
+            from nanochat.model_loader import load_model
+            model, tok, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, dtype=dtype)
+        else:
+            tok = tokenizer_of_size(args.vocab_size)
+            never = [tok.encode_special(name) for name in tok.get_special_tokens()]
+            model = random_model(args.depth, args.vocab_size, args.max_seq_len, device, dtype, never)
+    except (FileNotFoundError, ValueError) as e:  # missing data or checkpoint: one line, and the parent stops
+        print(f"bench_serve: the {mode} server cannot start: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     cfg = model.config
     print(f"{mode} server: depth {cfg.n_layer}, width {cfg.n_embd}, vocab {cfg.vocab_size}, context "
           f"{cfg.sequence_len}, {'checkpoint ' + args.source if args.source else 'random weights'}, torch threads "
@@ -331,6 +336,20 @@ def server_process(args, mode, urls, done):
     urls.put((mode, url, long_text))
     done.wait()
     stop()
+
+
+def wait_for_server(proc, urls, limit_s=600):
+    """The (mode, url, long prompt) a server process reports once it serves; stops at once if it died first."""
+    t0 = time.time()
+    while time.time() - t0 < limit_s:
+        try:
+            return urls.get(timeout=0.5)
+        except queue.Empty:
+            pass
+        if not proc.is_alive():
+            raise SystemExit(f"bench_serve: the server process exited (code {proc.exitcode}) before serving; "
+                             "its error is above")
+    raise SystemExit(f"bench_serve: no server ready after {limit_s} s")
 
 
 def report(mode, clients, r):
@@ -353,7 +372,7 @@ def main():
     try:
         for p in procs:  # one at a time: loading and tokenizer training do not overlap
             p.start()
-            mode, url, text = urls.get(timeout=600)
+            mode, url, text = wait_for_server(p, urls)
             servers[mode], long_text = url, long_text or text
         if args.soak:
             raise SystemExit(0 if soak(args, servers["batch"], procs[0].pid) else 1)
@@ -377,7 +396,8 @@ def main():
         if pool is not None:
             pool.close()
         for p in procs:
-            p.join(30)
+            if p.pid is not None:  # started
+                p.join(30)
     rows = {key: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for key, rs in runs.items()}
     if args.repeats > 1:
         print(f"medians of {args.repeats} runs:")

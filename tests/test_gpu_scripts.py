@@ -95,6 +95,20 @@ def test_bench_train_reports_compile_time_apart(tmp_path):
     assert re.search(r"float32 eager: compile \+ first step [\d.]+ s, 1 more warm-up steps in [\d.]+ s", out.stdout)
 
 
+def test_bench_serve_stops_at_once_when_its_server_cannot_start(tmp_path):
+    # no tokenizer and no pretraining text for the random model: the server process exits, and the benchmark
+    # says why and stops instead of waiting for a server that will never report
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-m", "scripts.bench_serve", "--repeats=1", "--clients=1"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path), NANOCHAT_DATA_DIR=str(tmp_path)))
+    assert out.returncode != 0
+    assert "the batch server cannot start" in out.stderr and "NANOCHAT_DATA_DIR" in out.stderr
+    assert "exited (code 2) before serving" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert time.time() - t0 < 60
+
+
 def fake_python(tmp_path, torch_version=None, cuda=None, venv_works=True):
     """A `python3` for set-up: the base interpreter of this one (a system python, not a venv), optionally seeing a
     stand-in torch of this version (a CUDA build when `cuda` is set), optionally without a working venv module
