@@ -365,6 +365,9 @@ def main():
     init_script()
     modes = ["batch"] if args.soak else args.modes.split(",")
     counts = [int(c) for c in args.clients.split(",")]
+    # the servers run as `python -m scripts.chat_web` does (which sets this before torch loads OpenMP); the
+    # spawned processes inherit it
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     ctx = multiprocessing.get_context("spawn")
     urls, done = ctx.Queue(), ctx.Event()
     procs = [ctx.Process(target=server_process, args=(args, mode, urls, done), daemon=True) for mode in modes]

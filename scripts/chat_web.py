@@ -29,6 +29,10 @@ special tokens.
 """
 
 import os
+if __name__ == "__main__":  # run as the server: before torch loads OpenMP (it reads this once, at load)
+    # idle OpenMP threads that spin take the 2 cores from the event loop and the engine thread: with them passive,
+    # 8 clients' TTFT p50 measured 23 vs 36 ms and tok/s +30% (bench_serve on 2 cores)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import sys
 import json
 import time
