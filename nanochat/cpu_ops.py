@@ -3,7 +3,7 @@ Hand-written autograd paths for CPU training. In eager fp32 the stock ops' backw
 passes over the activations (the head's soft-cap + cross-entropy chain ~15 over the (N, V) logits); these
 keep what the backward needs and do it in fewer passes. Under torch.compile, SoftcapCE gives inductor the
 soft-capped cross-entropy as one row-wise pass each way. Same math as the stock ops (tests compare them).
-nanochat.gpt picks them through use_cpu_kernels(x) and use_compiled_cpu_loss(x).
+nanochat.gpt picks them through use_cpu_kernels(x) and use_compiled_cpu_ops(x).
 """
 
 import contextlib
@@ -33,7 +33,7 @@ def use_cpu_kernels(x):
     return _CPU_KERNELS and x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-def use_compiled_cpu_loss(x):  # also the compiled CPU embedding (see embed)
+def use_compiled_cpu_ops(x):  # the compiled loss (SoftcapCE) and embedding (EmbeddingCPU)
     return _CPU_KERNELS and x.device.type == "cpu" and torch.compiler.is_compiling()
 
 
@@ -67,7 +67,7 @@ class EmbeddingCPU(torch.autograd.Function):
 
 def embed(idx, weight):
     """F.embedding; in compiled CPU training EmbeddingCPU (see embedding_grad)."""
-    if weight.requires_grad and use_compiled_cpu_loss(weight):
+    if weight.requires_grad and use_compiled_cpu_ops(weight):
         return EmbeddingCPU.apply(idx, weight)
     return torch.nn.functional.embedding(idx, weight)
 

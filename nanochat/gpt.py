@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.cpu_ops import (embed, RMSNormCPU, ReluSquareCPU, HeadSoftcapCE, cpu_kernels, use_cpu_kernels,  # noqa: F401
-                              use_compiled_cpu_loss, softcap_cross_entropy)
+                              use_compiled_cpu_ops, softcap_cross_entropy)
 from nanochat.attention import flash_attn_func, flash_attn_with_kvcache, flash_attn_decode, get_backend
 from nanochat.optim import MuonAdamW
 
@@ -264,7 +264,7 @@ class GPT(nn.Module):
         w_head = self.lm_head.weight[:V].to(dtype)
         if targets is not None and self.fused_loss and dtype == torch.float32 and use_cpu_kernels(x):
             return HeadSoftcapCE.apply(x.view(B * T, -1), w_head, targets.reshape(-1), SOFTCAP, loss_reduction)
-        if targets is not None and use_compiled_cpu_loss(x):
+        if targets is not None and use_compiled_cpu_ops(x):
             return softcap_cross_entropy(F.linear(x, w_head).view(B * T, V), targets.reshape(-1), SOFTCAP,
                                          loss_reduction)
         logits = F.linear(x, w_head).float()  # (B, T, V) fp32

@@ -1,7 +1,7 @@
 """
 Training-step throughput benchmark: tok/s, achieved FLOP/s and MFU of forward + backward + MuonAdamW
-step on tokens of a random Markov chain, for the precision policy's configuration (or --dtype/--compile) and, interleaved
-step by step in the same run, for fp32 eager (the baseline every speed-up is quoted against). MFU is
+step on tokens of a random Markov chain, for the precision policy's configuration (or --dtype/--compile)
+and, interleaved step by step in the same run, for fp32 eager (the baseline every speed-up is quoted against). MFU is
 against the matmul peak measured in the same run in the compute dtype (and the datasheet peak on known
 GPUs). Each configuration runs --warmup-steps untimed steps (compilation happens there), then --steps timed
 ones, the configurations alternating step by step so both see the same machine load. Reported: the mean
