@@ -463,7 +463,8 @@ class KVCache:
         self.v_cache[:, :, :pos] = other.v_cache[:, :, :pos]
         self.cache_seqlens.fill_(pos)
         if other.prev_embedding is not None:
-            self.prev_embedding = other.prev_embedding.expand(self.batch_size, *other.prev_embedding.shape[1:]).clone()
+            self.prev_embedding = other.prev_embedding.expand(self.batch_size, *other.prev_embedding.shape[1:]).clone(
+                memory_format=torch.contiguous_format)
 
     def rows(self, n):
         """A cache over rows [0, n) that shares this one's storage (writes and advances land here)."""

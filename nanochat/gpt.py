@@ -464,7 +464,9 @@ class GPT(nn.Module):
                                                causal=True, window_size=self.window_sizes[i])
 
             logits, new_prev = self._cached_forward(w, idx, prev, cos, sin, attend, last_only, last_positions)
-            kv_cache.prev_embedding = new_prev.clone() if prev is None else prev.copy_(new_prev)
+            # canonical strides: a view's (T*d, d, 1) would make the compiled decode step recompile per prompt length
+            kv_cache.prev_embedding = (new_prev.clone(memory_format=torch.contiguous_format) if prev is None
+                                       else prev.copy_(new_prev))
         kv_cache.advance(T)  # after the last layer, so every layer saw the same positions
         return logits
 

@@ -99,20 +99,26 @@ def run_generative_eval(task, tokenizer, engine, num_samples=1, max_new_tokens=5
 def pass_at_k(task, tokenizer, engine, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50,
               max_problems=None, device=None, verbose=False):
     """[pass@1, ..., pass@num_samples] over the first max_problems problems: pass@k is the fraction of problems
-    with a passing answer among their first k samples (one generate_batch call per problem, seeded by its index)."""
+    with a passing answer among their first k samples, seeded by the problem's index. One sample per problem:
+    all of them through engine.generate_many (continuous batching, graded as they finish); several: one
+    generate_batch call per problem, its samples sharing the prompt's prefill."""
     # the all-reduce needs a tensor on the backend's device (NCCL: the GPU the model sits on)
     device = torch.device(device) if device is not None else next(engine.model.parameters()).device
     _, rank, _, world_size = get_dist_info()
     n = len(task) if max_problems is None else min(len(task), max_problems)
+    indices = range(rank, n, world_size)
+    convs = [task[i] for i in indices]
+    prompts = [tokenizer.render_for_completion(conv) for conv in convs]
+    sampling = dict(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
+    if num_samples == 1:
+        samples = ([c] for c in engine.generate_many(prompts, seeds=list(indices), **sampling))
+    else:
+        samples = ([r[len(p):] for r in engine.generate_batch(p, num_samples=num_samples, seed=i, **sampling)[0]]
+                   for i, p in zip(indices, prompts))
     passed, total = [0] * num_samples, 0  # passed[k - 1]: problems passed within their first k samples
-    for i in range(rank, n, world_size):
-        conv = task[i]
-        prompt = tokenizer.render_for_completion(conv)
-        results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
-                                           temperature=temperature, top_k=top_k, seed=i)
+    for conv, completions in zip(convs, samples):
         # the first passing sample; the later ones need no grading (HumanEval's grading runs code)
-        first = next((j for j, r in enumerate(results) if task.evaluate(conv, tokenizer.decode(r[len(prompt):]))),
-                     num_samples)
+        first = next((j for j, c in enumerate(completions) if task.evaluate(conv, tokenizer.decode(c))), num_samples)
         passed = [p + (k >= first) for k, p in enumerate(passed)]
         total += 1
         if verbose:

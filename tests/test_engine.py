@@ -116,6 +116,13 @@ def test_compiled_decode_matches_eager(tokenizer):
         compiled = Engine(model, tokenizer, compile=True).generate_batch(prompt, num_samples=rows, max_tokens=20,
                                                                          temperature=0.0)
         assert compiled == eager
+    # prompts of other lengths and other max_tokens reuse the one-row graph: no recompilation per request (an eval
+    # of many prompts hit dynamo's recompile limit and paid ~8 compilations before falling back to eager)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    engine = Engine(model, tokenizer, compile=True)
+    for text, max_tokens in (("Hi", 5), ("A much longer prompt than the one before it", 9), ("Two words", 13)):
+        engine.generate_batch(tokenizer.encode(text, prepend="<|bos|>"), max_tokens=max_tokens, temperature=0.0)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "the decode step recompiled"
     cfg = model.config
     caches = [KVCache(2, cfg.n_kv_head, 64, cfg.n_embd // cfg.n_head, cfg.n_layer, "cpu") for _ in range(2)]
     ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -125,6 +132,24 @@ def test_compiled_decode_matches_eager(tokenizer):
     steps = [[model.forward_cached(ids[:, t:t + 1], c, compile=flag) for t in range(7, 12)]
              for c, flag in zip(caches, (False, True))]
     torch.testing.assert_close(torch.cat(steps[1], 1), torch.cat(steps[0], 1), atol=1e-4, rtol=1e-4)
+
+
+def test_generate_many_equals_one_request_at_a_time(tokenizer):
+    # the evals' batched path: each prompt's completion, greedy and seeded sampling, equals its own
+    # generate_batch run, in order, with more prompts than rows (rows are reused) and prompts of unequal length
+    V = tokenizer.get_vocab_size()
+    model = make_model(V, zero_specials_from=first_special(tokenizer))
+    engine = Engine(model, tokenizer)
+    texts = ["Hi", "The quick brown fox jumps", "one two three four five six seven", "x", "hello world"]
+    prompts = [tokenizer.encode(t, prepend="<|bos|>") for t in texts]
+    for kw in (dict(temperature=0.0), dict(temperature=1.0, top_k=20)):
+        solo = [engine.generate_batch(p, max_tokens=12, seed=10 + i, **kw)[0][0][len(p):] for i, p in enumerate(prompts)]
+        many = list(engine.generate_many(prompts, seeds=[10 + i for i in range(len(prompts))], max_tokens=12,
+                                         max_rows=2, **kw))
+        assert many == solo
+        assert all(len(c) > 0 for c in many)
+    with pytest.raises(ValueError, match="seeds"):
+        list(engine.generate_many(prompts, seeds=[1]))
 
 
 def test_seeded_reproducibility(tokenizer):

@@ -161,6 +161,11 @@ class ScriptedEngine:
         masks = [[0] * len(tokens) + [1] * (len(r) - len(tokens)) for r in results]
         return results, masks
 
+    def generate_many(self, prompts, seeds, max_tokens=None, temperature=1.0, top_k=None):
+        for tokens, seed in zip(prompts, seeds):
+            results, _ = self.generate_batch(tokens, 1, max_tokens, temperature, top_k, seed)
+            yield results[0][len(tokens):]
+
 
 # samples per problem: pass@2 passes 0, 2, 3; pass@1 only 2, 3
 SAMPLES = [["wrong", "right 0"], ["wrong", "also wrong"], ["right 2", "wrong"], ["right 3", "right 3"]]
