@@ -12,6 +12,7 @@ import torch
 from nanochat.common import compute_init, compute_cleanup, print0, resolve_precision
 from nanochat.common import init_script
 from nanochat.model_loader import load_model
+from nanochat.engine import Engine
 from nanochat.dataloader import PretrainLoader
 from nanochat.tokenizer import get_token_bytes
 from nanochat.loss_eval import evaluate_bpb
@@ -53,15 +54,16 @@ if rank == 0:
     prompts = ["The capital of France is", "The chemical symbol of gold is",
                "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
                "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
-    for prompt in prompts:
-        tokens = tokenizer.encode(prompt, prepend=bos)
-        with torch.no_grad():
-            out = list(model.generate(tokens, max_tokens=16, temperature=0))
+    engine = Engine(model, tokenizer)
+    # greedy continuations, then unconditional samples (each ends at the model's next <|bos|>, a new document)
+    prompt_ids = [tokenizer.encode(prompt, prepend=bos) for prompt in prompts]
+    for tokens, out in zip(prompt_ids, engine.generate_many(prompt_ids, seeds=[0] * len(prompts), max_tokens=16,
+                                                             temperature=0.0)):
         samples.append(tokenizer.decode(tokens[1:] + out))
         print0(repr(samples[-1]))
-    for i in range(args.num_samples):
-        with torch.no_grad():
-            out = [t for t in model.generate([bos], max_tokens=128, temperature=1.0, seed=i) if t != bos]
+    unconditional = engine.generate_many([[bos]] * args.num_samples, seeds=list(range(args.num_samples)),
+                                         max_tokens=128, temperature=1.0)
+    for i, out in enumerate(unconditional):
         samples.append(tokenizer.decode(out))
         print0(f"unconditional {i}: {samples[-1]!r}")
 

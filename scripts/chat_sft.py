@@ -22,7 +22,7 @@ import dataclasses
 import torch
 
 from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, resolve_precision,
-                             get_max_memory, all_reduce_sum)
+                             get_max_memory, all_reduce_sum, parse_bool)
 from nanochat.common import init_script
 from nanochat.model_loader import load_model
 from nanochat.attention import set_backend_from_flag as set_attn_backend
@@ -45,6 +45,7 @@ parser = argparse.ArgumentParser(description="Supervised fine-tuning on a curate
 parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
 parser.add_argument("--dtype", type=str, default="", help="compute dtype override: bfloat16|float16|float32")
+parser.add_argument("--compile", type=parse_bool, default=None, help="torch.compile the training forward with dynamic shapes, one graph for every row length (default: the precision policy on a CPU; off on CUDA, not measured there)")
 parser.add_argument("--source", type=str, default="mid", choices=["mid", "base"], help="which checkpoint to start from")
 parser.add_argument("--model-tag", type=str, default=None, help="source checkpoint tag")
 parser.add_argument("--model-step", type=int, default=None, help="source checkpoint step")
@@ -81,8 +82,11 @@ alpha = args.dft_alpha if args.loss == "dft" else 0.0
 
 is_dist, rank, local_rank, world_size, device = compute_init(args.device_type)
 set_attn_backend(args.attn)
-dtype, _, _ = resolve_precision(device.type, args.dtype or None, compile=False)  # variable-length batches: eager
-user_config, wandb_run = start_run(args, "nanochat-sft", device, dtype, rank=rank)
+# rows vary in length: compiled, the training forward is traced once with a dynamic length (on a CPU ~2x an eager
+# step for one ~12 s compilation); CUDA stays eager by default until that is measured there
+compile_flag = args.compile if args.compile is not None or device.type == "cpu" else False
+dtype, use_compile, _ = resolve_precision(device.type, args.dtype or None, compile_flag)
+user_config, wandb_run = start_run(args, "nanochat-sft", device, dtype, use_compile, rank)
 
 train_ds, val_ds = mixtures_from_args(args)
 
@@ -90,7 +94,7 @@ model, tokenizer, src_meta = load_model(args.source, device, phase="train", mode
                                         step=args.model_step, dtype=dtype)
 config = model.config
 args.device_batch_size = resolve_device_batch_size(  # rows padded up to --max-seq-len at worst
-    args.device_batch_size, dataclasses.replace(config, sequence_len=args.max_seq_len), device, dtype, compile=False,
+    args.device_batch_size, dataclasses.replace(config, sequence_len=args.max_seq_len), device, dtype, compile=use_compile,
     world_size=world_size, total_batch_size=args.target_examples_per_step * args.max_seq_len, log=print0)
 
 examples_per_step = args.device_batch_size * world_size
@@ -116,7 +120,8 @@ peak = PeakFlops.for_device(device, dtype)
 speed = Speed(0, model.estimate_flops(), world_size, peak)  # rows vary in length: tokens set per step
 checkpoints = Checkpoints(os.path.join(get_base_dir(), "chatsft_checkpoints", args.output_tag or f"d{config.n_layer}"),
                           model, optimizer, rank, device, save_every=args.save_every)
-run = RunState("val_loss", timer=StepTimer(skip=0))
+train_model = torch.compile(model, dynamic=True) if use_compile else model  # evals run `model`, eagerly
+run = RunState("val_loss", timer=StepTimer(skip=10 if use_compile else 0))
 loader_state = checkpoints.resume(args.resume_from_step, run) if args.resume_from_step >= 0 else None
 
 train_batches = Prefetcher(SFTBatcher(train_ds, tokenizer, args.device_batch_size, device=device,
@@ -191,7 +196,7 @@ with stop_on_nonfinite():
         num_tokens = all_reduce_sum(sum((y >= 0).sum() for _, y in batches))
         loss_sum, p_sum = 0.0, 0.0
         for x, y in batches:
-            loss, p_correct_sum = supervised_loss(model, x, y, num_tokens, world_size, alpha)
+            loss, p_correct_sum = supervised_loss(train_model, x, y, num_tokens, world_size, alpha)
             loss.backward()
             loss_sum, p_sum = loss_sum + loss.detach(), p_sum + p_correct_sum
         train_batches.prefetch()

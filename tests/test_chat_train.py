@@ -153,6 +153,21 @@ def test_chat_sft_dft_runs_and_logs_p_correct(chat_base_dir, tiny_data_dir):
     assert meta["val_loss"] == pytest.approx(val_values(out, "val loss")[3], abs=1e-6)  # the end-of-run val loss
 
 
+def test_chat_sft_compiled_traces_once_for_every_row_length(chat_base_dir, tiny_data_dir):
+    # --compile=1: batches of different lengths go through one dynamic-shape graph (no recompilation), and the
+    # steps' losses equal the eager run's (fp32 both: only the kernels differ)
+    args = SFT_ARGS + ["--num-iterations=4", "--eval-every=-1", "--mix", "smoltalk@40", "--val-mix", "smoltalk@8",
+                       "--output-tag=compiled"]
+    logs = {flag: run_module("scripts.chat_sft", args + [f"--compile={flag}"], chat_base_dir, tiny_data_dir,
+                             TORCH_LOGS="recompiles").stdout for flag in (0, 1)}
+    assert "compile=1" in logs[1] and "compile=0" in logs[0]
+    assert "Recompiling" not in logs[1], logs[1][-3000:]
+    losses = {flag: [float(next(f for f in fields if f.startswith("loss")).split()[-1])
+                     for _, fields in sorted(step_lines(out).items())] for flag, out in logs.items()}
+    assert len(losses[1]) == 4
+    assert losses[1] == pytest.approx(losses[0], abs=2e-4)
+
+
 def strict_json_load(path):
     with open(path) as f:
         return json.loads(f.read(), parse_constant=lambda c: pytest.fail(f"{path} is not strict JSON: {c}"))
