@@ -178,11 +178,15 @@ class SoftcapCE(torch.autograd.Function):
     def backward(ctx, grad):
         z, lse, tgt, valid = ctx.saved_tensors
         cap = ctx.cap
+        scale = grad * valid  # (N,)
         t = _tanh(z.float() / cap)
         p = torch.exp(cap * t - lse[:, None])  # softmax of the capped logits
-        is_tgt = torch.arange(z.size(1), device=z.device) == tgt[:, None]
-        dz = torch.where(is_tgt, p - 1, p) * (1 - t * t) * (grad * valid)[:, None]
-        return dz.to(z.dtype), None, None
+        dz = (p * (1 - t * t) * scale[:, None]).to(z.dtype)
+        # the target's entry, (p - 1) * (1 - t^2) * scale, written over it: a compare against the target per
+        # element made the pass above ~1.4x slower (it is memory-bound otherwise)
+        t_tgt = _tanh(z.gather(1, tgt[:, None])[:, 0].float() / cap)
+        at_tgt = (torch.exp(cap * t_tgt - lse) - 1) * (1 - t_tgt * t_tgt) * scale
+        return torch.index_put(dz, (torch.arange(z.size(0), device=z.device), tgt), at_tgt.to(z.dtype)), None, None
 
 
 def softcap_cross_entropy(z, targets, cap, reduction="mean"):
