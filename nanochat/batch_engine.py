@@ -15,7 +15,7 @@ every running row:
 - the loop sleeps only when it has nothing to do, and a submit wakes it: a request arriving while rows decode is
   prefilled in the next iteration, and running rows wait at most one chunk of someone's prompt per token.
 Each request has its own sampling parameters and generator, so its tokens (greedy, or seeded) equal its solo
-Engine.generate run.
+Engine.generate run. generate_many() runs a list of prompts through one (the generative evaluations).
 """
 
 import collections
@@ -378,3 +378,24 @@ class BatchEngine:
         self._column = [None] * self.max_rows
         ids = torch.tensor(column, dtype=torch.long, device=self.device).view(n, 1)
         self._logits[:n] = self.model.forward_cached(ids, view, compile=self._compiles(n))[:, -1]
+
+
+def generate_many(engine, prompts, seeds, max_tokens=None, temperature=1.0, top_k=None, top_p=None, max_rows=16):
+    """One completion per prompt (its generated tokens, without the terminal token), yielded in order, from
+    continuous batching over max_rows rows: each equals engine.generate_batch(prompt, seed=seed)'s sample, at a
+    fraction of the time (d4 on 2 CPU cores, 32 HumanEval prompts: 2.1 vs 8.7 s). Decodes eagerly unless the Engine
+    was made with compile=True (an eval's few hundred steps never repay 4+ compilations)."""
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    batch = BatchEngine(engine.model, engine.tokenizer, max_rows=max_rows, max_queue=len(prompts),
+                        compile=bool(engine.compile)).start()
+    try:
+        streams = [batch.submit(p, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=s)
+                   for p, s in zip(prompts, seeds)]
+        for stream in streams:
+            completion = list(stream)
+            if stream.finish_reason == "error":
+                raise RuntimeError(f"generation failed: {stream.error}")
+            yield completion
+    finally:
+        batch.stop()

@@ -268,24 +268,3 @@ class Engine:
             if all(done):
                 break
         return results, masks
-
-    def generate_many(self, prompts, seeds, max_tokens=None, temperature=1.0, top_k=None, top_p=None, max_rows=16):
-        """One completion per prompt (its generated tokens, without the terminal token), yielded in order, from
-        continuous batching over max_rows rows (a BatchEngine): each equals generate_batch(prompt, seed=seed)'s
-        sample, at a fraction of the time (d4 on 2 CPU cores, 32 HumanEval prompts: 2.1 vs 8.7 s). Decodes eagerly
-        unless this Engine was made with compile=True (an eval's few hundred steps never repay 4+ compilations)."""
-        from nanochat.batch_engine import BatchEngine  # imported here: batch_engine builds on this module
-        if len(seeds) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        engine = BatchEngine(self.model, self.tokenizer, max_rows=max_rows, max_queue=len(prompts),
-                             compile=bool(self.compile)).start()
-        try:
-            streams = [engine.submit(p, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=s)
-                       for p, s in zip(prompts, seeds)]
-            for stream in streams:
-                completion = list(stream)
-                if stream.finish_reason == "error":
-                    raise RuntimeError(f"generation failed: {stream.error}")
-                yield completion
-        finally:
-            engine.stop()

@@ -8,6 +8,7 @@ longer than a model's context. Problems are split across ranks and the counts al
 
 import torch
 
+from nanochat.batch_engine import generate_many
 from nanochat.common import get_dist_info, all_reduce_sum
 
 
@@ -100,7 +101,7 @@ def pass_at_k(task, tokenizer, engine, num_samples=1, max_new_tokens=512, temper
               max_problems=None, device=None, verbose=False):
     """[pass@1, ..., pass@num_samples] over the first max_problems problems: pass@k is the fraction of problems
     with a passing answer among their first k samples, seeded by the problem's index. One sample per problem:
-    all of them through engine.generate_many (continuous batching, graded as they finish); several: one
+    all of them through batch_engine.generate_many (continuous batching, graded as they finish); several: one
     generate_batch call per problem, its samples sharing the prompt's prefill."""
     # the all-reduce needs a tensor on the backend's device (NCCL: the GPU the model sits on)
     device = torch.device(device) if device is not None else next(engine.model.parameters()).device
@@ -111,7 +112,7 @@ def pass_at_k(task, tokenizer, engine, num_samples=1, max_new_tokens=512, temper
     prompts = [tokenizer.render_for_completion(conv) for conv in convs]
     sampling = dict(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
     if num_samples == 1:
-        samples = ([c] for c in engine.generate_many(prompts, seeds=list(indices), **sampling))
+        samples = ([c] for c in generate_many(engine, prompts, seeds=list(indices), **sampling))
     else:
         samples = ([r[len(p):] for r in engine.generate_batch(p, num_samples=num_samples, seed=i, **sampling)[0]]
                    for i, p in zip(indices, prompts))

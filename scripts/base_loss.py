@@ -13,6 +13,7 @@ from nanochat.common import compute_init, compute_cleanup, print0, resolve_preci
 from nanochat.common import init_script
 from nanochat.model_loader import load_model
 from nanochat.engine import Engine
+from nanochat.batch_engine import generate_many
 from nanochat.dataloader import PretrainLoader
 from nanochat.tokenizer import get_token_bytes
 from nanochat.loss_eval import evaluate_bpb
@@ -57,11 +58,11 @@ if rank == 0:
     engine = Engine(model, tokenizer)
     # greedy continuations, then unconditional samples (each ends at the model's next <|bos|>, a new document)
     prompt_ids = [tokenizer.encode(prompt, prepend=bos) for prompt in prompts]
-    for tokens, out in zip(prompt_ids, engine.generate_many(prompt_ids, seeds=[0] * len(prompts), max_tokens=16,
+    for tokens, out in zip(prompt_ids, generate_many(engine, prompt_ids, seeds=[0] * len(prompts), max_tokens=16,
                                                              temperature=0.0)):
         samples.append(tokenizer.decode(tokens[1:] + out))
         print0(repr(samples[-1]))
-    unconditional = engine.generate_many([[bos]] * args.num_samples, seeds=list(range(args.num_samples)),
+    unconditional = generate_many(engine, [[bos]] * args.num_samples, seeds=list(range(args.num_samples)),
                                          max_tokens=128, temperature=1.0)
     for i, out in enumerate(unconditional):
         samples.append(tokenizer.decode(out))

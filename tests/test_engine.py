@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from nanochat.attention import KVCache
-from nanochat.batch_engine import BatchEngine
+from nanochat.batch_engine import BatchEngine, generate_many
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import RustBPETokenizer
@@ -144,12 +144,12 @@ def test_generate_many_equals_one_request_at_a_time(tokenizer):
     prompts = [tokenizer.encode(t, prepend="<|bos|>") for t in texts]
     for kw in (dict(temperature=0.0), dict(temperature=1.0, top_k=20)):
         solo = [engine.generate_batch(p, max_tokens=12, seed=10 + i, **kw)[0][0][len(p):] for i, p in enumerate(prompts)]
-        many = list(engine.generate_many(prompts, seeds=[10 + i for i in range(len(prompts))], max_tokens=12,
+        many = list(generate_many(engine, prompts, seeds=[10 + i for i in range(len(prompts))], max_tokens=12,
                                          max_rows=2, **kw))
         assert many == solo
         assert all(len(c) > 0 for c in many)
     with pytest.raises(ValueError, match="seeds"):
-        list(engine.generate_many(prompts, seeds=[1]))
+        list(generate_many(engine, prompts, seeds=[1]))
 
 
 def test_seeded_reproducibility(tokenizer):

@@ -161,10 +161,16 @@ class ScriptedEngine:
         masks = [[0] * len(tokens) + [1] * (len(r) - len(tokens)) for r in results]
         return results, masks
 
-    def generate_many(self, prompts, seeds, max_tokens=None, temperature=1.0, top_k=None):
+
+@pytest.fixture(autouse=True)
+def scripted_generate_many(monkeypatch):
+    """One sample per problem goes through batch_engine.generate_many: here the scripted engine's, one prompt at
+    a time (tests/test_engine.py checks the real one against generate_batch)."""
+    def generate_many(engine, prompts, seeds, max_tokens=None, temperature=1.0, top_k=None):
         for tokens, seed in zip(prompts, seeds):
-            results, _ = self.generate_batch(tokens, 1, max_tokens, temperature, top_k, seed)
+            results, _ = engine.generate_batch(tokens, 1, max_tokens, temperature, top_k, seed)
             yield results[0][len(tokens):]
+    monkeypatch.setattr(task_eval, "generate_many", generate_many)
 
 
 # samples per problem: pass@2 passes 0, 2, 3; pass@1 only 2, 3
