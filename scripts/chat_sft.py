@@ -83,9 +83,11 @@ alpha = args.dft_alpha if args.loss == "dft" else 0.0
 is_dist, rank, local_rank, world_size, device = compute_init(args.device_type)
 set_attn_backend(args.attn)
 # rows vary in length: compiled, the training forward is traced once with a dynamic length (on a CPU ~2x an eager
-# step for one ~12 s compilation); CUDA stays eager by default until that is measured there
-compile_flag = args.compile if args.compile is not None or device.type == "cpu" else False
-dtype, use_compile, _ = resolve_precision(device.type, args.dtype or None, compile_flag)
+# step, for one compilation of ~30-50 s on 2 cores); CUDA stays eager by default until that is measured there
+dtype, use_compile, reason = resolve_precision(device.type, args.dtype or None, args.compile, verbose=False)
+if args.compile is None and device.type != "cpu" and use_compile:
+    use_compile, reason = False, reason + "; chat_sft compiles only on a CPU unless --compile=1"
+print0(f"precision: {str(dtype).removeprefix('torch.')}, compile={int(use_compile)} ({reason})")
 user_config, wandb_run = start_run(args, "nanochat-sft", device, dtype, use_compile, rank)
 
 train_ds, val_ds = mixtures_from_args(args)
