@@ -58,12 +58,12 @@ if rank == 0:
     engine = Engine(model, tokenizer)
     # greedy continuations, then unconditional samples (each ends at the model's next <|bos|>, a new document)
     prompt_ids = [tokenizer.encode(prompt, prepend=bos) for prompt in prompts]
-    for tokens, out in zip(prompt_ids, generate_many(engine, prompt_ids, seeds=[0] * len(prompts), max_tokens=16,
-                                                             temperature=0.0)):
+    greedy = generate_many(engine, prompt_ids, seeds=[0] * len(prompts), max_tokens=16, temperature=0.0)
+    for tokens, out in zip(prompt_ids, greedy):
         samples.append(tokenizer.decode(tokens[1:] + out))
         print0(repr(samples[-1]))
     unconditional = generate_many(engine, [[bos]] * args.num_samples, seeds=list(range(args.num_samples)),
-                                         max_tokens=128, temperature=1.0)
+                                  max_tokens=128, temperature=1.0)
     for i, out in enumerate(unconditional):
         samples.append(tokenizer.decode(out))
         print0(f"unconditional {i}: {samples[-1]!r}")

@@ -142,6 +142,8 @@ def test_generate_many_equals_one_request_at_a_time(tokenizer):
     engine = Engine(model, tokenizer)
     texts = ["Hi", "The quick brown fox jumps", "one two three four five six seven", "x", "hello world"]
     prompts = [tokenizer.encode(t, prepend="<|bos|>") for t in texts]
+    prompts.insert(2, (prompts[1] * 10)[:58])  # its reply runs past the 64-token context: decoded alone, as before
+    assert len(prompts[2]) < model.config.sequence_len < len(prompts[2]) + 12
     for kw in (dict(temperature=0.0), dict(temperature=1.0, top_k=20)):
         solo = [engine.generate_batch(p, max_tokens=12, seed=10 + i, **kw)[0][0][len(p):] for i, p in enumerate(prompts)]
         many = list(generate_many(engine, prompts, seeds=[10 + i for i in range(len(prompts))], max_tokens=12,
