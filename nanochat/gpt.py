@@ -13,6 +13,7 @@ Build: `with torch.device("meta"): model = GPT(cfg)`, then `model.to_empty(devic
 """
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -148,6 +149,14 @@ class Block(nn.Module):
 def module_linear(x, module):
     """The `linear` of training's forward: the layer's own module (autograd; an fp8-converted one runs fp8)."""
     return module(x)
+
+
+def decode_kernel_threads():
+    """Threads for the compiled CPU decode step's kernels. A decode step runs dozens of tiny kernels, each a
+    fork/join of the OpenMP threads: cheap while idle threads spin (the default), a wake-up per kernel where they
+    sleep (OMP_WAIT_POLICY=PASSIVE, as the server and runcpu.sh set it). d4, bench_infer, interleaved: spinning,
+    2 threads 0.92-1.13 vs 1 thread 1.26-1.36 ms/token at batch 1; passive, 1 thread 1.35-1.62 vs 1.51-1.79."""
+    return 1 if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" else torch.get_num_threads()
 
 
 class GPT(nn.Module):
@@ -409,9 +418,9 @@ class GPT(nn.Module):
 
     def _compiled_decode_step(self):  # built on first use
         if getattr(self, "_compiled_decode", None) is None:
-            # CPU: launch the graph from C++, not a Python wrapper allocating each buffer, and run its kernels
-            # on one thread: at decode sizes a fork/join per kernel cost more than it saved (d4: 1.0 vs 1.5 ms)
-            options = {"cpp_wrapper": True, "cpp.threads": 1} if self.get_device().type == "cpu" else {}
+            # CPU: launch the graph from C++, not a Python wrapper allocating each buffer
+            options = {"cpp_wrapper": True, "cpp.threads": decode_kernel_threads()} if self.get_device().type == "cpu" \
+                else {}
             self._compiled_decode = torch.compile(self._decode_step, dynamic=False, fullgraph=True, options=options)
         return self._compiled_decode
 

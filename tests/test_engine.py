@@ -105,6 +105,22 @@ def test_kv_cache_logits_match_full_forward(tokenizer):
     torch.testing.assert_close(got, full, atol=1e-4, rtol=1e-4)
 
 
+def test_decode_kernel_threads_follow_the_openmp_wait_policy(monkeypatch):
+    # sleeping OpenMP threads make every kernel's fork a wake-up: one thread then; spinning ones: all of torch's
+    from nanochat.gpt import decode_kernel_threads
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        for policy, want in (("PASSIVE", 1), ("passive", 1), ("ACTIVE", 3), (None, 3)):
+            if policy is None:
+                monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+            else:
+                monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+            assert decode_kernel_threads() == want, policy
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_compiled_decode_matches_eager(tokenizer):
     # the one compile test (it costs a compilation): greedy tokens and logits of the torch.compile'd
     # decode step equal the eager path's in fp32, with rows at different positions and a sliding window
