@@ -159,7 +159,7 @@ class BatchEngine:
     def submit(self, tokens, max_tokens, temperature=1.0, top_k=None, top_p=None, seed=None, on_put=None):
         """Queue one request; returns its Stream (with on_put set before any token can arrive). Raises ValueError
         on bad arguments, QueueFull when max_rows + max_queue requests are already running or waiting."""
-        max_tokens = check_request(self.model, tokens, max_tokens, temperature, top_k, top_p)
+        max_tokens = check_request(self.model.config, tokens, max_tokens, temperature, top_k, top_p)
         if len(tokens) >= self.capacity:
             raise ValueError(f"prompt of {len(tokens)} tokens leaves no room in the model's context "
                              f"({self.capacity}); shorten the conversation")
@@ -218,6 +218,11 @@ class BatchEngine:
                     self._step()
                 except Exception as e:  # a failing step ends every running request, not the server
                     self._end_all("error", f"{type(e).__name__}: {e}")
+                self._flush()
+
+    def _flush(self):
+        """Called in the loop thread once tokens or ends are in their streams (after each _emit, and after each
+        iteration for ends outside it): a subclass's hook (engine_process sends them to the server process)."""
 
     def _compiles(self, rows):
         return use_compiled_decode(self.compile, self.device.type, rows, amortize=False)
@@ -359,6 +364,7 @@ class BatchEngine:
         with self._cond:
             self.total_tokens += n_out
             self._recent.append((time.monotonic(), n_out))
+        self._flush()
 
     def _step(self):
         """Emit a token for every decoding row not served yet, then one decode step for those that go on."""

@@ -135,12 +135,13 @@ def new_kv_cache(model, batch_size, seq_len):
                    num_layers=cfg.n_layer, device=device, dtype=dtype)
 
 
-def check_request(model, tokens, max_tokens, temperature, top_k, top_p):
-    """Validate one generation request; returns max_tokens resolved (None = fill the model's context)."""
+def check_request(config, tokens, max_tokens, temperature, top_k, top_p):
+    """Validate one generation request for a model of `config`; returns max_tokens resolved (None = fill the
+    model's context)."""
     if not isinstance(tokens, (list, tuple)) or len(tokens) == 0 or \
             not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
         raise ValueError("tokens must be a non-empty list of ints (the prompt's token ids)")
-    cfg = model.config
+    cfg = config
     if min(tokens) < 0 or max(tokens) >= cfg.vocab_size:
         raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}) for this model, "
                          f"got min {min(tokens)} max {max(tokens)}")
@@ -212,7 +213,7 @@ class Engine:
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42):
         """Yield (token_column, mask_column) per step, lists of num_samples ints (mask 0 = forced by the tool).
         Completed rows keep receiving tokens callers ignore. max_tokens None = fill the model's sequence_len."""
-        max_tokens = check_request(self.model, tokens, max_tokens, temperature, top_k, top_p)
+        max_tokens = check_request(self.model.config, tokens, max_tokens, temperature, top_k, top_p)
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
         if max_tokens == 0:

@@ -252,7 +252,9 @@ def soak(args, url, pid):
     import httpx
     import psutil
     server = psutil.Process(pid)
-    rss = lambda: server.memory_info().rss / 2**20  # noqa: E731  MiB
+
+    def rss():  # MiB, the server's and its engine process's
+        return sum(p.memory_info().rss for p in [server] + server.children(recursive=True)) / 2**20
     tally, lock, stop = collections.Counter(), threading.Lock(), threading.Event()
     rss_start, t0 = rss(), time.time()
     warm_until, rss_warm = t0 + args.soak / 5, None
@@ -331,7 +333,8 @@ def server_process(args, mode, urls, done):
     if args.long_prompt and mode == "batch":
         long_text = long_prompt_text(tok, min(args.long_prompt, cfg.sequence_len - args.long_reply - 16))
     sys.stdout = open(os.devnull, "w")  # the server's per-request log is no part of the report
-    replica = make_replica(0, device, model, tok, max_rows=1 if mode == "worker" else args.max_rows, max_queue=4096)
+    replica = make_replica(0, device, model, tok, max_rows=1 if mode == "worker" else args.max_rows, max_queue=4096,
+                           process=True)  # as chat_web serves: the decode loop in a process of its own
     url, stop = serve_in_thread(create_app([replica], ServeConfig(model_name="bench", serve_mode=mode)))
     urls.put((mode, url, long_text))
     done.wait()
@@ -370,7 +373,8 @@ def main():
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     ctx = multiprocessing.get_context("spawn")
     urls, done = ctx.Queue(), ctx.Event()
-    procs = [ctx.Process(target=server_process, args=(args, mode, urls, done), daemon=True) for mode in modes]
+    # not daemonic: a server starts its engine's process (stopped below, with the server)
+    procs = [ctx.Process(target=server_process, args=(args, mode, urls, done)) for mode in modes]
     servers, runs, long_runs, long_text, pool = {}, {}, [], None, None
     try:
         for p in procs:  # one at a time: loading and tokenizer training do not overlap
@@ -401,6 +405,8 @@ def main():
         for p in procs:
             if p.pid is not None:  # started
                 p.join(30)
+                if p.is_alive():
+                    p.kill()
     rows = {key: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for key, rs in runs.items()}
     if args.repeats > 1:
         print(f"medians of {args.repeats} runs:")

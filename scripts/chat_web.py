@@ -7,9 +7,11 @@ Launch:
     python -m scripts.chat_web -i mid -p 8080 --host 127.0.0.1 --max-rows 16
     python -m scripts.chat_web --serve-mode worker   # one request at a time per replica (for comparison)
 
-Each replica batches up to --max-rows requests in one decode loop (nanochat.engine.BatchEngine): a request
+Each replica batches up to --max-rows requests in one decode loop (nanochat.batch_engine.BatchEngine): a request
 joins once its prompt is processed and leaves at its stop token or max_tokens; up to --max-queue more wait,
 beyond that the answer is 429 with Retry-After. A disconnected client frees its row at the next decode step.
+Each replica's decode loop runs in a process of its own (nanochat.engine_process), so that it never waits on the
+GIL for the server's event loop.
 
 Routes:
     GET  /, GET /logo.svg       the chat UI (nanochat/ui.html) and its logo
@@ -80,16 +82,20 @@ LOGO_PATH = os.path.join(os.path.dirname(UI_PATH), "logo.svg")
 class Replica:
     gpu_id: int
     device: str
-    engine: object      # nanochat.engine.BatchEngine (started and stopped by the app's lifespan)
+    engine: object      # BatchEngine or EngineProcess (started, if not yet, and stopped by the app's lifespan)
     tokenizer: object   # nanochat.tokenizer.RustBPETokenizer
     context_len: int    # prompt + reply may not exceed the positions the model was trained for
 
 
-def make_replica(gpu_id, device, model, tokenizer, max_rows=8, max_queue=64):
+def make_replica(gpu_id, device, model, tokenizer, max_rows=8, max_queue=64, process=False):
+    """process: run the decode loop in a child process (EngineProcess, what the server runs), with the model on
+    `device` there; else in a thread of this process (BatchEngine, the model where it is: tests)."""
     from nanochat.batch_engine import BatchEngine
+    from nanochat.engine_process import EngineProcess
     model.eval()
-    return Replica(gpu_id, str(device), BatchEngine(model, tokenizer, max_rows=max_rows, max_queue=max_queue),
-                   tokenizer, model.config.sequence_len)
+    engine = EngineProcess(model, tokenizer, max_rows=max_rows, max_queue=max_queue, device=device) if process \
+        else BatchEngine(model, tokenizer, max_rows=max_rows, max_queue=max_queue)
+    return Replica(gpu_id, str(device), engine, tokenizer, model.config.sequence_len)
 
 
 @dataclass
@@ -119,6 +125,7 @@ class Reply:
 
     def __init__(self, replicas, request):
         from nanochat.batch_engine import QueueFull
+        from nanochat.engine_process import EngineStopped
         self.replica = min(replicas, key=lambda r: (lambda s: s["active_rows"] + s["queue_depth"])(r.engine.stats()))
         try:  # the tokenizer's chat renderer checks the conversation rules and builds the prompt
             self.prompt = self.replica.tokenizer.render_for_completion(
@@ -138,6 +145,8 @@ class Reply:
                                                      temperature=request.temperature, top_k=top_k, top_p=top_p)
         except ValueError as e:  # a combination the engine refuses
             raise RequestError(str(e))
+        except EngineStopped as e:  # the replica's engine process died
+            raise RequestError(f"the model is not available: {e}", status=503)
         except QueueFull:
             stats = self.replica.engine.stats()
             wait = 1 + stats["queue_depth"] // max(1, stats["max_rows"])  # rough: a second per batch queued ahead
@@ -421,13 +430,20 @@ def load_replicas(args):
             raise SystemExit(f"--num-gpus={args.num_gpus} but only {torch.cuda.device_count()} GPU(s) are visible")
     dtype, _, _ = resolve_precision(device_type, args.dtype or None, training=False, verbose=False)
     max_rows = 1 if args.serve_mode == "worker" else args.max_rows
+    # loaded (and checked) here on the CPU, once; each replica's engine process puts it on its device
+    log(f"loading {args.source} model...")
+    model, tokenizer, _ = load_model(args.source, "cpu", phase="eval", model_tag=args.model_tag, step=args.step,
+                                     dtype=dtype)
     replicas = []
     for i in range(args.num_gpus):
         device = torch.device("cuda", i) if device_type == "cuda" else torch.device(device_type)
-        log(f"loading {args.source} model onto {device}...")
-        model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step,
-                                         dtype=dtype)
-        replicas.append(make_replica(i, device, model, tokenizer, max_rows, args.max_queue))
+        log(f"starting replica {i} on {device}...")
+        replica = make_replica(i, device, model, tokenizer, max_rows, args.max_queue, process=True)
+        try:
+            replica.engine.start()
+        except RuntimeError as e:
+            raise SystemExit(f"chat_web: replica {i} on {device} cannot start: {e}")
+        replicas.append(replica)
     return replicas
 
 

@@ -274,6 +274,24 @@ def test_generation_error_still_ends_the_stream(tiny):
         r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
 
+
+def test_dead_engine_process_answers_503(tiny):
+    # a replica whose engine process has died (EngineProcess.submit raises EngineStopped): 503 naming it, on
+    # both routes, and the server goes on answering
+    from nanochat.engine_process import EngineStopped
+    tok, _ = tiny
+    c, engine = scripted_client(tok, tok.encode("fox"))
+
+    def dead(*args, **kwargs):
+        raise EngineStopped("the engine process exited (exit code -9); restart the server")
+    engine.submit = dead
+    with c:
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 503 and "exit code -9" in r.json()["error"]["message"]
+        r = c.post("/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 503 and "restart the server" in r.json()["detail"]
+        assert c.get("/health").status_code == 200
+
 # -----------------------------------------------------------------------------
 # Route rules (the hostile-input probe and the parser's limits: tests/test_chat_web_input.py)
 
