@@ -195,30 +195,41 @@ class BatchEngine:
 
     def _loop(self):
         with torch.inference_mode():
-            self._cache = new_kv_cache(self.model, self.max_rows, self.capacity)
-            cfg = self.model.config
-            self._cache.prev_embedding = torch.zeros(self.max_rows, 1, cfg.n_embd, dtype=self._cache.k_cache.dtype,
-                                                     device=self.device)
-            self._logits = torch.zeros(self.max_rows, cfg.vocab_size, device=self.device)
-            self._column = [None] * self.max_rows  # per slot: the token its next decode step feeds in
-            self._warm_up()
-            # A full garbage collection walks every live Python object, and a server that has imported torch (and
-            # compiled its decode step) holds ~10^6 of them: one took ~180 ms, stalling every request on the
-            # machine. What exists now lives as long as the process; freezing it keeps the collections to what
-            # requests allocate.
-            gc.freeze()
+            self._setup()
             while True:
                 with self._cond:
-                    while not self._stopping and not self._waiting and all(r is None for r in self._rows):
+                    while not self._stopping and not self._busy():
                         self._cond.wait()
                     if self._stopping:
                         return
-                try:
-                    self._prefill()
-                    self._step()
-                except Exception as e:  # a failing step ends every running request, not the server
-                    self._end_all("error", f"{type(e).__name__}: {e}")
-                self._flush()
+                self._iterate()
+
+    def _setup(self):
+        """The loop's state (its KV cache of max_rows rows) and the compiled decode step, before serving."""
+        self._cache = new_kv_cache(self.model, self.max_rows, self.capacity)
+        cfg = self.model.config
+        self._cache.prev_embedding = torch.zeros(self.max_rows, 1, cfg.n_embd, dtype=self._cache.k_cache.dtype,
+                                                 device=self.device)
+        self._logits = torch.zeros(self.max_rows, cfg.vocab_size, device=self.device)
+        self._column = [None] * self.max_rows  # per slot: the token its next decode step feeds in
+        self._warm_up()
+        # A full garbage collection walks every live Python object, and a server that has imported torch (and
+        # compiled its decode step) holds ~10^6 of them: one took ~180 ms, stalling every request on the
+        # machine. What exists now lives as long as the process; freezing it keeps the collections to what
+        # requests allocate.
+        gc.freeze()
+
+    def _busy(self):
+        return bool(self._waiting) or any(r is not None for r in self._rows)
+
+    def _iterate(self):
+        """One iteration: prefill what fits the budget, then one decode step for the running rows."""
+        try:
+            self._prefill()
+            self._step()
+        except Exception as e:  # a failing step ends every running request, not the server
+            self._end_all("error", f"{type(e).__name__}: {e}")
+        self._flush()
 
     def _flush(self):
         """Called in the loop thread once tokens or ends are in their streams (after each _emit, and after each

@@ -2,19 +2,22 @@
 A BatchEngine in a process of its own, behind the same interface (start, submit -> Stream, stats, stop): what the
 chat server runs, one child process per replica.
 
-Why a process: the server's event loop and a decode loop in one process share one GIL, and PyTorch lets go of it
-around every op it runs (~70 times in a compiled d4 decode step, ~280 in an eager one). Whenever the event loop has
-work, such as the chunks of 8 streams after every step, each of those hand-offs lets it run while the step waits.
-With 8 clients on 2 CPU cores, a batch-8 step took 5.8 ms of wall time for 3.4 ms of the decode thread's CPU time.
-In a child, the decode loop never waits for the server's Python, and it runs beside it on the other core.
+Why a process: threads of one process share one GIL, and PyTorch lets go of it around every op it runs (~70 times
+in a compiled d4 decode step, ~280 in an eager one); at each hand-off a busy thread beside it (the event loop,
+another replica's decode loop) can take it for a whole switch interval. A pure-Python thread spinning beside a
+compiled batch-8 step made the step 9x slower (3.7 -> 34 ms). Measured on 2 CPU cores: two replicas decoding
+together gave 0.9-1.3x one replica's tok/s as threads of one process, 1.8-2.1x as two processes; a 60 s soak with
+16 clients served 995 requests against 712-751 with the decode loop in a thread. And a replica that dies (out of
+memory, a crash in a kernel) ends its streams with an error; the server goes on and answers 503.
 
     engine = EngineProcess(model, tokenizer, max_rows=8).start()   # the child rebuilds the model from its weights
     for token in engine.submit(prompt_ids, max_tokens=64, seed=1):
         ...
 
-The pipe carries requests one way ("submit", "cancel", "stop") and each loop iteration's tokens the other, one
-message per iteration. The server process only validates and counts requests; the child samples every token,
-so a request's tokens equal its BatchEngine (and solo Engine) run.
+The pipe carries requests one way ("submit", "cancel", "stop") and the tokens the other, one message per batch of
+tokens the loop emits. The child runs one thread: between iterations it takes every request that has arrived,
+and it blocks on the pipe only when idle. The server process only validates and counts requests; the child
+samples every token, so a request's tokens equal its BatchEngine (and solo Engine) run.
 """
 
 import atexit
@@ -192,45 +195,55 @@ class EngineProcess:
 
 
 class _ChildEngine(BatchEngine):
-    """The BatchEngine in the child: the tokens and ends of each _emit (and of each loop iteration) go to the
-    parent in one message."""
+    """The BatchEngine in the child, driven by the child's one thread (no loop thread: nothing in the child waits
+    on a GIL): the tokens and ends of each _emit and each iteration go to the parent in one message."""
 
     def __init__(self, conn, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.conn, self.streams, self.dirty = conn, {}, collections.deque()
-        self.flush_lock = threading.Lock()
+        self.conn, self.streams, self.dirty = conn, {}, []
 
-    def submit_remote(self, rid, *args):
-        with self.flush_lock:  # no flush between the submit and the stream's entry
-            try:
-                self.streams[rid] = self.submit(*args, on_put=functools.partial(self.dirty.append, rid))
-            except Exception as e:  # the parent checked the request; a refusal here still ends its stream
-                self.conn.send(("out", [(rid, None, "error", f"{type(e).__name__}: {e}")]))
-        self._flush()
+    def serve(self):
+        """Until "stop" or the parent has gone: take every request that has arrived, then one iteration; block on
+        the pipe only when there is nothing to do (a request wakes it, and is prefilled at once)."""
+        while True:
+            if not self.conn.poll(0 if self._busy() else None):
+                self._iterate()
+                continue
+            message = self.conn.recv()
+            if message[0] == "submit":
+                rid = message[1]
+                try:
+                    self.streams[rid] = self.submit(*message[2:], on_put=functools.partial(self.dirty.append, rid))
+                except Exception as e:  # the parent checked the request; a refusal here still ends its stream
+                    self.conn.send(("out", [(rid, None, "error", f"{type(e).__name__}: {e}")]))
+            elif message[0] == "cancel":
+                stream = self.streams.get(message[1])
+                if stream is not None:
+                    stream.cancel()
+            else:  # "stop"
+                return
 
     def _flush(self):
-        with self.flush_lock:
-            out = []
-            while self.dirty:
-                rid = self.dirty.popleft()
-                stream = self.streams.get(rid)
-                while stream is not None:  # None: already finished and sent
-                    try:
-                        tok = stream.get_nowait()
-                    except queue.Empty:
-                        break
-                    if tok is None:
-                        out.append((rid, None, stream.finish_reason, stream.error))
-                        del self.streams[rid]
-                        break
-                    out.append((rid, tok, None, None))
-            if out:
-                self.conn.send(("out", out))
+        out, dirty = [], self.dirty.copy()
+        self.dirty.clear()  # (emptied in place: each stream's on_put appends to this very list)
+        for rid in dirty:
+            stream = self.streams.get(rid)
+            while stream is not None:  # None: already finished and sent
+                try:
+                    tok = stream.get_nowait()
+                except queue.Empty:
+                    break
+                if tok is None:
+                    out.append((rid, None, stream.finish_reason, stream.error))
+                    del self.streams[rid]
+                    break
+                out.append((rid, tok, None, None))
+        if out:
+            self.conn.send(("out", out))
 
 
 def _child(conn, config, state, dtype, device, tokenizer, engine_kwargs):
-    """The child process: rebuild the model, run its BatchEngine, follow the parent's requests until "stop" or
-    until the parent has gone."""
+    """The child process: rebuild the model, set up its BatchEngine and serve the parent's requests."""
     from nanochat.gpt import GPT
     from nanochat.model_loader import materialize
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent stops us
@@ -239,22 +252,15 @@ def _child(conn, config, state, dtype, device, tokenizer, engine_kwargs):
             model = GPT(config)
         model = materialize(model, state, torch.device(device), "eval", dtype)
         del state
-        engine = _ChildEngine(conn, model, tokenizer, **engine_kwargs).start()
+        engine = _ChildEngine(conn, model, tokenizer, **engine_kwargs)
+        with torch.inference_mode():
+            engine._setup()
     except Exception as e:
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return
     conn.send(("ready", None))
     try:
-        while True:
-            message = conn.recv()
-            if message[0] == "submit":
-                engine.submit_remote(*message[1:])
-            elif message[0] == "cancel":
-                stream = engine.streams.get(message[1])
-                if stream is not None:
-                    stream.cancel()
-            else:  # "stop"
-                break
+        with torch.inference_mode():
+            engine.serve()
     except (EOFError, OSError):  # the parent has gone
         pass
-    engine.stop()

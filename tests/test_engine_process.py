@@ -16,6 +16,14 @@ from nanochat.engine_process import EngineProcess, EngineStopped
 from test_engine import first_special, make_model, tokenizer  # noqa: F401  (tokenizer: a fixture)
 
 
+def drain(stream, timeout=30):
+    """A stream's tokens up to its end; a token that never comes fails the test (queue.Empty), never hangs it."""
+    out = []
+    while (tok := stream.get(timeout=timeout)) is not None:
+        out.append(tok)
+    return out
+
+
 def test_engine_process_matches_solo_runs_and_frees_rows(tokenizer):
     V = tokenizer.get_vocab_size()
     model = make_model(V, zero_specials_from=first_special(tokenizer))
@@ -30,14 +38,14 @@ def test_engine_process_matches_solo_runs_and_frees_rows(tokenizer):
     try:
         streams = [engine.submit(p, n, **kw) for p, n, kw in reqs]
         with ThreadPoolExecutor(len(streams)) as ex:
-            outs = list(ex.map(list, streams))
+            outs = list(ex.map(drain, streams))
         stats = engine.stats()
         # the parent refuses what it can check itself, without asking the child
         with pytest.raises(ValueError, match="token ids must lie"):
             engine.submit([V + 5], 4)
         with pytest.raises(ValueError, match="no room"):
             engine.submit([1] * model.config.sequence_len, 4)
-        assert list(engine.submit([1, 2], 0)) == []  # nothing to generate: finished here
+        assert drain(engine.submit([1, 2], 0)) == []  # nothing to generate: finished here
         # max_rows + max_queue requests in flight: the next one is refused (they fill the context: still running)
         long = [engine.submit([1, 2, 3], None, temperature=0.0) for _ in range(10)]
         with pytest.raises(QueueFull):
@@ -46,7 +54,7 @@ def test_engine_process_matches_solo_runs_and_frees_rows(tokenizer):
         first = long[0].get(timeout=30)
         for s in long:
             s.cancel()
-        rest = [list(s) for s in long]
+        rest = [drain(s) for s in long]
         assert first is not None and all(s.finish_reason == "cancelled" for s in long)
         assert len(rest[0]) < model.config.sequence_len - 4
         after = engine.stats()
@@ -70,7 +78,7 @@ def test_engine_process_that_dies_ends_its_streams(tokenizer):
         assert stream.get(timeout=30) is not None
         engine._process.kill()  # as the kernel's OOM killer would
         t0 = time.time()
-        tokens = list(stream)  # ends, never hangs
+        tokens = drain(stream, timeout=10)  # ends, never hangs
         assert time.time() - t0 < 10 and len(tokens) < 64
         assert stream.finish_reason == "error" and "engine process exited" in stream.error
         with pytest.raises(EngineStopped, match="exited"):
