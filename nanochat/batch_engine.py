@@ -41,6 +41,16 @@ DEFAULT_PREFILL_TOKENS = 2048
 GIL_SWITCH_INTERVAL = 0.0005
 
 
+def recent_rate(recent, window_s=10.0):
+    """Tokens per second in `recent`, a deque of (time.monotonic(), tokens), over its last window_s seconds (older
+    entries are dropped from it)."""
+    now = time.monotonic()
+    while recent and now - recent[0][0] > window_s:
+        recent.popleft()
+    span = now - recent[0][0] if recent else 0.0
+    return sum(n for _, n in recent) / span if span > 0 else 0.0
+
+
 class QueueFull(Exception):
     """BatchEngine.submit(): the wait queue is full; retry later."""
 
@@ -182,14 +192,8 @@ class BatchEngine:
         """queue_depth, active_rows (prefilling or decoding), max_rows, tok_per_s (tokens streamed over the last
         ~10 s) and total_tokens (streamed since start; terminal tokens not counted)."""
         with self._cond:
-            now = time.monotonic()
-            while self._recent and now - self._recent[0][0] > 10.0:
-                self._recent.popleft()
-            span = now - self._recent[0][0] if self._recent else 0.0
-            recent = sum(n for _, n in self._recent)
             return dict(queue_depth=len(self._waiting), active_rows=sum(r is not None for r in self._rows),
-                        max_rows=self.max_rows, tok_per_s=recent / span if span > 0 else 0.0,
-                        total_tokens=self.total_tokens)
+                        max_rows=self.max_rows, tok_per_s=recent_rate(self._recent), total_tokens=self.total_tokens)
 
     # the loop thread -----------------------------------------------------------
 

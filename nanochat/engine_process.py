@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from nanochat.batch_engine import BatchEngine, QueueFull, Stream
+from nanochat.batch_engine import BatchEngine, QueueFull, Stream, recent_rate
 from nanochat.engine import check_request
 
 START_TIMEOUT_S = 600  # the child imports torch and rebuilds the model (a large one from disk-sized weights)
@@ -147,15 +147,9 @@ class EngineProcess:
     def stats(self):
         """As BatchEngine.stats(), counted here: requests not finished fill the rows first, the rest wait."""
         with self._lock:
-            now = time.monotonic()
-            while self._recent and now - self._recent[0][0] > 10.0:
-                self._recent.popleft()
-            span = now - self._recent[0][0] if self._recent else 0.0
-            recent = sum(n for _, n in self._recent)
             busy = len(self._streams)
             return dict(queue_depth=max(0, busy - self.max_rows), active_rows=min(busy, self.max_rows),
-                        max_rows=self.max_rows, tok_per_s=recent / span if span > 0 else 0.0,
-                        total_tokens=self.total_tokens)
+                        max_rows=self.max_rows, tok_per_s=recent_rate(self._recent), total_tokens=self.total_tokens)
 
     def _send(self, message):
         with self._send_lock:
