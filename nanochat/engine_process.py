@@ -83,7 +83,14 @@ class EngineProcess:
         ctx = multiprocessing.get_context("spawn")  # a fork would copy the parent's OpenMP and torch threads' state
         conn, child_conn = ctx.Pipe()
         self._process = ctx.Process(target=_child, args=(child_conn, *self._child_args), name="nanochat-engine")
-        self._process.start()
+        try:
+            self._process.start()
+        except (RuntimeError, OSError) as e:  # e.g. /dev/shm full: Docker's default is 64 MiB
+            self._process = None
+            conn.close(), child_conn.close()
+            raise RuntimeError(f"could not hand the model's weights to the engine process through shared memory "
+                               f"({e}); a container needs a /dev/shm larger than the model (docker run "
+                               f"--shm-size=...)") from None
         child_conn.close()
         try:
             if not conn.poll(START_TIMEOUT_S):

@@ -96,3 +96,16 @@ def test_engine_process_that_cannot_start_says_why(tokenizer):
     with pytest.raises(RuntimeError, match="failed to start: .*(CUDA|cuda|device)"):
         engine.start()
     assert engine._process is None
+
+
+def test_engine_process_without_shared_memory_says_what_to_do(tokenizer, monkeypatch):
+    # the weights travel through /dev/shm: when it is too small (a container's default 64 MiB), start() says so
+    import multiprocessing.context
+
+    def full(self):
+        raise RuntimeError("unable to write to file </torch_1_2_3>: No space left on device (28)")
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", full)
+    engine = EngineProcess(make_model(tokenizer.get_vocab_size(), n_layer=1), tokenizer)
+    with pytest.raises(RuntimeError, match="No space left.*shm-size"):
+        engine.start()
+    assert engine._process is None
