@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole nanochat pipeline at toy scale on a CPU (or an Apple-silicon Mac): tokenizer, a depth-4
-# base model, midtraining, SFT, chat evals, the report card and a chat reply. 11-14 minutes on
+# base model, midtraining, SFT, chat evals, the report card and a chat reply. 11-15 minutes on
 # 2 CPU cores. Offline with a data mirror:
 #   NANOCHAT_DATA_DIR=../shared/data bash runs/runcpu.sh
 # Online (downloads 2 pretraining shards, the eval bundle and the Hub datasets):
