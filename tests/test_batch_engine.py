@@ -18,17 +18,23 @@ from nanochat.gpt import GPTConfig
 from test_engine import first_special, make_model, tokenizer, tool_tokens  # noqa: F401  (tokenizer: a fixture)
 
 
-def test_batch_engine_matches_solo_runs(tokenizer):
-    # 16 concurrent mixed requests through 4 rows: each one's tokens equal its solo Engine run
-    V = tokenizer.get_vocab_size()
-    model = make_model(V, zero_specials_from=first_special(tokenizer))
-    g = torch.Generator().manual_seed(5)
+def mixed_requests(tokenizer, n, seed):
+    """n (prompt, max_tokens, sampling) of unequal lengths: greedy, and seeded sampling with top-k/top-p."""
+    g = torch.Generator().manual_seed(seed)
     reqs = []
-    for i in range(16):
+    for i in range(n):
         prompt = torch.randint(0, first_special(tokenizer), (1 + (7 * i) % 13,), generator=g).tolist()
         sampling = dict(temperature=0.0) if i % 3 else dict(temperature=0.9, top_k=20 if i % 2 else None,
                                                              top_p=0.9, seed=i)
         reqs.append((prompt, 3 + (5 * i) % 17, sampling))
+    return reqs
+
+
+def test_batch_engine_matches_solo_runs(tokenizer):
+    # 16 concurrent mixed requests through 4 rows: each one's tokens equal its solo Engine run
+    V = tokenizer.get_vocab_size()
+    model = make_model(V, zero_specials_from=first_special(tokenizer))
+    reqs = mixed_requests(tokenizer, 16, seed=5)
     batch = BatchEngine(model, tokenizer, max_rows=4, max_queue=16).start()
     try:
         streams = [batch.submit(p, n, **kw) for p, n, kw in reqs]

@@ -13,6 +13,7 @@ import torch
 from nanochat.batch_engine import QueueFull
 from nanochat.engine import Engine
 from nanochat.engine_process import EngineProcess, EngineStopped
+from test_batch_engine import mixed_requests
 from test_engine import first_special, make_model, tokenizer  # noqa: F401  (tokenizer: a fixture)
 
 
@@ -27,13 +28,7 @@ def drain(stream, timeout=30):
 def test_engine_process_matches_solo_runs_and_frees_rows(tokenizer):
     V = tokenizer.get_vocab_size()
     model = make_model(V, zero_specials_from=first_special(tokenizer))
-    g = torch.Generator().manual_seed(3)
-    reqs = []
-    for i in range(10):  # greedy and seeded sampling, prompts of several lengths, through 2 rows and a queue
-        prompt = torch.randint(0, first_special(tokenizer), (1 + (5 * i) % 11,), generator=g).tolist()
-        sampling = dict(temperature=0.0) if i % 3 else dict(temperature=0.9, top_k=20 if i % 2 else None,
-                                                             top_p=0.9, seed=i)
-        reqs.append((prompt, 2 + (7 * i) % 15, sampling))
+    reqs = mixed_requests(tokenizer, 10, seed=3)  # through 2 rows and a queue
     engine = EngineProcess(model, tokenizer, max_rows=2, max_queue=8).start()
     try:
         streams = [engine.submit(p, n, **kw) for p, n, kw in reqs]
