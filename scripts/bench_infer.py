@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from nanochat.common import autodetect_device_type, resolve_precision, get_max_memory, synchronize, print0
 from nanochat.common import init_script
 from nanochat.engine import Engine, compiled_decode_faster, new_kv_cache
-from nanochat.gpt import GPT, config_from_depth, matvec
+from nanochat.gpt import GPT, config_from_depth, matmul_t, matvec
 
 parser = argparse.ArgumentParser(description="benchmark KV-cache inference against naive generation")
 parser.add_argument("--depth", type=int, default=4, help="model depth (random init)")
@@ -142,7 +142,7 @@ def run_decode(batch):
 
 
 # the weight-read bound: the decode step's matrix-vector products alone, same weights and dtype, done two
-# ways (the BLAS call F.linear, and the fused loop a compiled step uses); the faster one is the bound
+# ways (the BLAS call the eager step makes, and the fused loop a compiled step uses); the faster one is the bound
 def matvecs(linear, w, x, h):
     out = []  # returned, so that no compiler can drop the work
     for lw in w["layers"]:
@@ -155,11 +155,12 @@ compiled_matvecs = torch.compile(matvecs, dynamic=False)
 
 @torch.inference_mode()
 def matvec_rate(iters=200):
-    w = model._inference_weights()
+    ws = model._inference_weights()
     x = torch.randn(1, cfg.n_embd, device=device, dtype=dtype)
     h = torch.randn(1, 4 * cfg.n_embd, device=device, dtype=dtype)
     rates = []
-    for fn, linear in ((matvecs, F.linear), (compiled_matvecs, matvec)):
+    blas = (ws["cols"], matmul_t) if ws["cols"] is not None else (ws["rows"], F.linear)  # as GPT._layout
+    for fn, (w, linear) in ((matvecs, blas), (compiled_matvecs, (ws["rows"], matvec))):
         def loop():
             for _ in range(iters):
                 fn(linear, w, x, h)
@@ -192,9 +193,9 @@ kv_bytes = 2 * cfg.n_layer * args.batch * (args.prompt_len + args.gen_tokens) * 
 print0(f"prompt {args.prompt_len} tokens, {args.gen_tokens} generated per row, best of {args.repeats}")
 print0(f"prefill (batch 1):          {args.prompt_len / t_prefill:10.0f} tok/s  ({t_prefill * 1e3:.1f} ms)")
 print0(f"weight-read bound (batch 1): {bound:9.0f} tok/s  (the matrix-vector products alone: {blas:.0f} as "
-       f"F.linear calls, {fused:.0f} as a compiled fused loop)")
+       f"BLAS calls, {fused:.0f} as a compiled fused loop)")
 print0(f"decode batch 1:             {dec1:10.0f} tok/s  ({1e3 / dec1:.2f} ms/token; {dec1 / bound:.0%} of the bound, "
-       f"{dec1 / blas:.0%} of the F.linear loop)")
+       f"{dec1 / blas:.0%} of the BLAS loop)")
 print0(f"decode batch {args.batch:<3d}:           {decB:10.0f} tok/s  ({1e3 * args.batch / decB:.2f} ms/step, "
        f"{decB / bound:.2f}x the batch-1 bound)")
 if args.naive_tokens > 0:

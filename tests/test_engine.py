@@ -347,3 +347,29 @@ def test_spelling_tool_call(tokenizer):
     j = out.index(sp("<|output_end|>"))
     assert tokenizer.decode(out[i + 1:j]) == "3"
     assert all(m == 0 for m in masks[0][i:j + 1])
+
+
+def test_cached_paths_follow_weights_changed_in_place(tokenizer):
+    # the cached paths keep their own (on a CPU, transposed) copies of the matrices: after an in-place change of
+    # a parameter, as an optimizer step or load_state_dict makes, prefill and decode logits must follow it and
+    # agree with the uncached forward, which reads the parameters themselves
+    V = tokenizer.get_vocab_size()
+    model = make_model(V)
+    cfg = model.config
+    ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(2))
+
+    def cached_logits():
+        cache = KVCache(2, cfg.n_kv_head, 12, cfg.n_embd // cfg.n_head, cfg.n_layer, "cpu", torch.float32)
+        pre = model.forward_cached(ids[:, :6], cache)
+        return torch.cat([pre] + [model.forward_cached(ids[:, t:t + 1], cache) for t in range(6, 12)], dim=1)
+
+    with torch.inference_mode():
+        before = cached_logits()
+        model.transformer.h[0].mlp.c_fc.weight.mul_(-1.5)
+        model.lm_head.weight[:V].add_(0.02)
+        after, full = cached_logits(), model(ids)
+    assert (after - before).abs().max() > 1e-2  # the change reached the cached paths
+    torch.testing.assert_close(after, full, atol=1e-4, rtol=1e-4)
+    # on a CPU the head is applied from its transposed copy (matmul_t), which must be the parameter's transpose
+    cols = model._inference_weights()["cols"]
+    torch.testing.assert_close(cols["head"], model.lm_head.weight[:V].t())
