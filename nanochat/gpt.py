@@ -362,13 +362,13 @@ class GPT(nn.Module):
     def _inference_weights(self, recheck=True):
         """The weights for _stack() in cached inference, by layout: "rows", every matrix (out, in) cast to the
         compute dtype, q/k/v stacked into one, applied by F.linear (or matvec); on a CPU also "cols", the same
-        matrices transposed for matmul_t (see _layout; in fp32 "rows" are the parameters themselves, so "cols"
-        is the one copy made). Cast once and kept (a per-step bf16 cast would read the fp32 weights anyway);
-        rebuilt whenever a parameter is modified in place (optimizer step, load_state_dict) or replaced. The
-        scalars are 0-d views of their parameters, not Python floats: a compiled step would bake a float in and
-        recompile when it changes (every RL step). recheck=False (decode steps): listing the parameters costs more
-        than a small model's whole step, so only the ones listed at the last prefill are checked for in-place
-        changes."""
+        matrices transposed for matmul_t (see _layout; in fp32 "rows" are the parameters themselves but for the
+        q/k/v stack, so "cols" is one more copy of the matrices). Cast once and kept (a per-step bf16 cast would
+        read the fp32 weights anyway); rebuilt whenever a parameter is modified in place (optimizer step,
+        load_state_dict) or replaced. The scalars are 0-d views of their parameters, not Python floats: a compiled
+        step would bake a float in and recompile when it changes (every RL step). recheck=False (decode steps):
+        listing the parameters costs more than a small model's whole step, so only the ones listed at the last
+        prefill are checked for in-place changes."""
         cached = getattr(self, "_inference_cache", None)
         params = cached[2] if cached is not None and not recheck else list(self.parameters())
         key = (self.compute_dtype,) + tuple((p.data_ptr(), p._version) for p in params)
