@@ -19,6 +19,7 @@ Engine.generate run. generate_many() runs a list of prompts through one (the gen
 """
 
 import collections
+import contextlib
 import gc
 import queue
 import random
@@ -39,6 +40,20 @@ DEFAULT_PREFILL_TOKENS = 2048
 # interval (default 5 ms), and a decode step gives it up around every op it runs: with a busy event loop a
 # 4 ms step took 19 ms. While an engine runs, the interval is this short.
 GIL_SWITCH_INTERVAL = 0.0005
+
+
+@contextlib.contextmanager
+def intra_op_threads(n):
+    """torch's intra-op threads (BLAS calls, eager CPU kernels) set to n inside the block (None: unchanged)."""
+    before = torch.get_num_threads()
+    n = n or before
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n != before:
+            torch.set_num_threads(before)
 
 
 def recent_rate(recent, window_s=10.0):
@@ -122,9 +137,11 @@ class _Request:
 class BatchEngine:
     """See the module docstring. compile: the decode step through torch.compile (True), eagerly (False), or
     whichever is faster here (None, see engine.use_compiled_decode); compiling happens when the loop starts,
-    before it serves anyone. prefill_tokens: prompt tokens per iteration (default: PREFILL_TOKENS by device)."""
+    before it serves anyone. prefill_tokens: prompt tokens per iteration (default: PREFILL_TOKENS by device).
+    decode_threads: torch's intra-op threads during decode steps (None: as set; prefills always use that)."""
 
-    def __init__(self, model, tokenizer, max_rows=8, max_queue=64, compile=None, prefill_tokens=None):
+    def __init__(self, model, tokenizer, max_rows=8, max_queue=64, compile=None, prefill_tokens=None,
+                 decode_threads=None):
         self.device = next(model.parameters()).device
         if prefill_tokens is None:
             prefill_tokens = PREFILL_TOKENS.get(self.device.type, DEFAULT_PREFILL_TOKENS)
@@ -133,6 +150,7 @@ class BatchEngine:
                              f"got {max_rows}, {prefill_tokens}, {max_queue}")
         self.model, self.tools, self.compile = model, _Tools(tokenizer), compile
         self.max_rows, self.max_queue, self.prefill_tokens = max_rows, max_queue, prefill_tokens
+        self.decode_threads = decode_threads
         self.capacity = model.config.sequence_len  # positions per row
         self._cache = None  # built by the loop thread
         self._rows = [None] * max_rows  # _Request per slot (prefilling or decoding)
@@ -248,11 +266,15 @@ class BatchEngine:
         sizes = [n for n in (1, 2) if n <= self.max_rows and self._compiles(n)]
         if not sizes:
             return
-        try:  # on views of the loop's own cache: the graphs are specialized to how its rows are laid out
+        # on views of the loop's own cache (the graphs are specialized to how its rows are laid out), and on the
+        # decode steps' threads (a compiled graph guards on the thread count: another one would recompile it)
+        try:
             for n in sizes:
                 view = self._cache.rows(n)
                 view.cache_seqlens.fill_(2)
-                self.model.forward_cached(torch.zeros(n, 1, dtype=torch.long, device=self.device), view, compile=True)
+                with intra_op_threads(self.decode_threads):
+                    self.model.forward_cached(torch.zeros(n, 1, dtype=torch.long, device=self.device), view,
+                                              compile=True)
             self._cache.cache_seqlens.zero_()
         except Exception as e:
             if self.compile:
@@ -398,7 +420,8 @@ class BatchEngine:
         column = [0 if self._column[slot] is None or slot not in active else self._column[slot] for slot in range(n)]
         self._column = [None] * self.max_rows
         ids = torch.tensor(column, dtype=torch.long, device=self.device).view(n, 1)
-        self._logits[:n] = self.model.forward_cached(ids, view, compile=self._compiles(n))[:, -1]
+        with intra_op_threads(self.decode_threads):
+            self._logits[:n] = self.model.forward_cached(ids, view, compile=self._compiles(n))[:, -1]
 
 
 def generate_many(engine, prompts, seeds, max_tokens=None, temperature=1.0, top_k=None, top_p=None, max_rows=16):

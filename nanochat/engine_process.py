@@ -60,7 +60,8 @@ class EngineProcess:
     (default: where `model` is). The model's weights go to the child through shared memory (on a CPU, the
     parent's own tensors, no copy) and the parent keeps only its config."""
 
-    def __init__(self, model, tokenizer, max_rows=8, max_queue=64, compile=None, prefill_tokens=None, device=None):
+    def __init__(self, model, tokenizer, max_rows=8, max_queue=64, compile=None, prefill_tokens=None, device=None,
+                 decode_threads=None):
         if max_rows < 1 or max_queue < 0:
             raise ValueError(f"max_rows must be >= 1 and max_queue >= 0, got {max_rows}, {max_queue}")
         self.config, self.max_rows, self.max_queue = model.config, max_rows, max_queue
@@ -69,7 +70,7 @@ class EngineProcess:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         self._child_args = (model.config, state, model.compute_dtype, device, tokenizer,
                             dict(max_rows=max_rows, max_queue=max_queue, compile=compile,
-                                 prefill_tokens=prefill_tokens))
+                                 prefill_tokens=prefill_tokens, decode_threads=decode_threads))
         self._process, self._conn, self._reader = None, None, None
         self._lock, self._send_lock = threading.Lock(), threading.Lock()
         self._streams, self._next_rid, self._stopping, self._dead = {}, 0, False, None

@@ -310,3 +310,59 @@ def test_batch_engine_burst_of_rows_plus_queue_is_all_accepted(tokenizer):
                 time.sleep(0.01)
     finally:
         batch.stop()
+
+
+def test_batch_engine_decode_threads_apply_to_decode_steps_only(tokenizer):
+    # decode_threads=1: every decode step runs on 1 intra-op thread, prefills on the loop's own setting, and the
+    # setting is back after each step; the tokens still equal the solo run's
+    V = tokenizer.get_vocab_size()
+    model = make_model(V, zero_specials_from=first_special(tokenizer))
+    seen, forward_cached = [], model.forward_cached
+
+    def recording(idx, kv_cache, **kw):
+        seen.append((idx.shape[1] == 1 and kv_cache.prev_embedding is not None, torch.get_num_threads()))
+        return forward_cached(idx, kv_cache, **kw)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model.forward_cached = recording
+        batch = BatchEngine(model, tokenizer, max_rows=2, compile=False, decode_threads=1).start()
+        try:
+            out = list(batch.submit([5, 6, 7], max_tokens=6, temperature=0.0))
+            after = batch.submit([8, 9], max_tokens=1, temperature=0.0)  # a prefill after decode steps
+            list(after)
+        finally:
+            batch.stop()
+        del model.forward_cached
+    finally:
+        torch.set_num_threads(threads)
+    decodes = [n for decode, n in seen if decode]
+    prefills = [n for decode, n in seen if not decode]
+    assert len(decodes) == 5 and set(decodes) == {1}
+    assert len(prefills) == 2 and set(prefills) == {2}
+    results, _ = Engine(model, tokenizer).generate_batch([5, 6, 7], max_tokens=6, temperature=0.0)
+    assert out == results[0][3:]
+
+
+def test_batch_engine_compiled_decode_on_its_own_threads_never_recompiles(tokenizer):
+    # a compiled graph guards on torch's thread count: the warm-up compiles the decode step (one row, several)
+    # on decode_threads, so serving rows under that setting adds no graph; the tokens equal the solo runs'
+    V = tokenizer.get_vocab_size()
+    model = make_model(V, n_layer=2, zero_specials_from=first_special(tokenizer))
+    reqs = mixed_requests(tokenizer, 3, seed=7)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        batch = BatchEngine(model, tokenizer, max_rows=4, compile=True, decode_threads=1).start()
+        try:
+            streams = [batch.submit(p, n, **kw) for p, n, kw in reqs]
+            outs = [list(s) for s in streams]
+        finally:
+            batch.stop()
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 2, "the decode step recompiled"
+    finally:
+        torch.set_num_threads(threads)
+    engine = Engine(model, tokenizer)
+    for (prompt, n, kw), out in zip(reqs, outs):
+        assert out == engine.generate_batch(prompt, max_tokens=n, **kw)[0][0][len(prompt):]
