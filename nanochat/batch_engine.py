@@ -36,6 +36,10 @@ from nanochat.engine import (GREEDY_TEMPERATURE, _Row, _Tools, check_request, co
 # CPU: ~256 tokens of a d4 model's prefill cost about 10 decode steps; a GPU does 2048 in about one.
 PREFILL_TOKENS = {"cpu": 256}
 DEFAULT_PREFILL_TOKENS = 2048
+# A prefill of at most this many tokens (rows x padded length) runs on decode_threads too: alone, 2 threads were
+# no faster at this size (d4, 2 cores: 1x17 tokens 2.9 vs 3.0 ms, 7x18 9.5 vs 9.2; 8x64 53 vs 33), and beside
+# busy clients a second thread is one more to wait for (bench_serve, 8 clients: TTFT p50 25-40 vs 31-46 ms)
+SMALL_PREFILL_TOKENS = 160
 # The loop thread shares the GIL with the server's event loop. Python hands the GIL over only every switch
 # interval (default 5 ms), and a decode step gives it up around every op it runs: with a busy event loop a
 # 4 ms step took 19 ms. While an engine runs, the interval is this short.
@@ -138,7 +142,7 @@ class BatchEngine:
     """See the module docstring. compile: the decode step through torch.compile (True), eagerly (False), or
     whichever is faster here (None, see engine.use_compiled_decode); compiling happens when the loop starts,
     before it serves anyone. prefill_tokens: prompt tokens per iteration (default: PREFILL_TOKENS by device).
-    decode_threads: torch's intra-op threads during decode steps (None: as set; prefills always use that)."""
+    decode_threads: torch's intra-op threads during decode steps and small prefills (None: as set)."""
 
     def __init__(self, model, tokenizer, max_rows=8, max_queue=64, compile=None, prefill_tokens=None,
                  decode_threads=None):
@@ -322,7 +326,9 @@ class BatchEngine:
                 ids[i, :lengths[i]] = torch.tensor(req.tokens)
             last = torch.tensor(lengths, device=self.device) - 1
             pc = new_kv_cache(self.model, len(group), longest)
-            logits = self.model.forward_cached(ids.to(self.device), pc, last_positions=last)[:, 0]  # (n, V)
+            small = ids.numel() <= SMALL_PREFILL_TOKENS
+            with intra_op_threads(self.decode_threads if small else None):
+                logits = self.model.forward_cached(ids.to(self.device), pc, last_positions=last)[:, 0]  # (n, V)
             for i, slot in enumerate(slots):
                 self._cache.insert_row(slot, pc, src=i, length=lengths[i])
                 self._logits[slot] = logits[i]

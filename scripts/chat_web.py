@@ -96,7 +96,7 @@ def make_replica(gpu_id, device, model, tokenizer, max_rows=8, max_queue=64, pro
     model.eval()
     # on a CPU the decode steps leave one core to the server's event loop: a BLAS call split over every core waits
     # for whichever thread the OS put off to run the loop. d4 on 2 cores, bench_serve at 8 clients, interleaved:
-    # 2,375-2,381 tok/s on 1 thread vs 1,938-2,118 on 2. Prefills keep every thread (their TTFT measured better)
+    # 2,375-2,381 tok/s on 1 thread vs 1,938-2,118 on 2. So do small prefills; large ones use every core
     decode_threads = max(1, torch.get_num_threads() - 1) if torch.device(device).type == "cpu" else None
     engine = EngineProcess(model, tokenizer, max_rows=max_rows, max_queue=max_queue, device=device,
                            decode_threads=decode_threads) if process \

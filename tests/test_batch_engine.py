@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from nanochat import batch_engine
 from nanochat.batch_engine import BatchEngine, QueueFull
 from nanochat.engine import Engine
 from nanochat.gpt import GPTConfig
@@ -312,9 +313,10 @@ def test_batch_engine_burst_of_rows_plus_queue_is_all_accepted(tokenizer):
         batch.stop()
 
 
-def test_batch_engine_decode_threads_apply_to_decode_steps_only(tokenizer):
-    # decode_threads=1: every decode step runs on 1 intra-op thread, prefills on the loop's own setting, and the
-    # setting is back after each step; the tokens still equal the solo run's
+def test_batch_engine_decode_threads_apply_to_decode_steps_and_small_prefills(tokenizer, monkeypatch):
+    # decode_threads=1: every decode step and a prefill of up to SMALL_PREFILL_TOKENS run on 1 intra-op thread,
+    # a larger prefill on the loop's own setting, which is back after each; the tokens equal the solo run's
+    monkeypatch.setattr(batch_engine, "SMALL_PREFILL_TOKENS", 2)
     V = tokenizer.get_vocab_size()
     model = make_model(V, zero_specials_from=first_special(tokenizer))
     seen, forward_cached = [], model.forward_cached
@@ -329,7 +331,7 @@ def test_batch_engine_decode_threads_apply_to_decode_steps_only(tokenizer):
         batch = BatchEngine(model, tokenizer, max_rows=2, compile=False, decode_threads=1).start()
         try:
             out = list(batch.submit([5, 6, 7], max_tokens=6, temperature=0.0))
-            after = batch.submit([8, 9], max_tokens=1, temperature=0.0)  # a prefill after decode steps
+            after = batch.submit([8, 9], max_tokens=1, temperature=0.0)  # a small prefill after decode steps
             list(after)
         finally:
             batch.stop()
@@ -339,7 +341,7 @@ def test_batch_engine_decode_threads_apply_to_decode_steps_only(tokenizer):
     decodes = [n for decode, n in seen if decode]
     prefills = [n for decode, n in seen if not decode]
     assert len(decodes) == 5 and set(decodes) == {1}
-    assert len(prefills) == 2 and set(prefills) == {2}
+    assert prefills == [2, 1]  # 3 tokens, then 2
     results, _ = Engine(model, tokenizer).generate_batch([5, 6, 7], max_tokens=6, temperature=0.0)
     assert out == results[0][3:]
 
