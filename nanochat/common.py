@@ -21,9 +21,10 @@ logger = logging.getLogger("nanochat")
 
 def init_script():
     """A script's entry point calls this first: the library's log lines (INFO, the bare message) go to stderr,
-    and a bad input file ends the script with its one-line error instead of a traceback. Importing nanochat
-    configures nothing."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    other libraries' only from WARNING up (httpx would log every request), and a bad input file ends the script
+    with its one-line error instead of a traceback. Importing nanochat configures nothing."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logger.setLevel(logging.INFO)
     install_error_handler()
 
 # -----------------------------------------------------------------------------

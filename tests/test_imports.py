@@ -90,3 +90,15 @@ def test_importing_the_library_changes_no_process_state():
             "assert not changed, f'os.environ changed at import: {changed}'\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_scripts_log_the_librarys_info_lines_and_only_warnings_of_other_libraries():
+    code = ("import logging\n"
+            "from nanochat.common import init_script\n"
+            "init_script()\n"
+            "logging.getLogger('nanochat').info('library info line')\n"
+            "logging.getLogger('httpx').info('HTTP Request: GET /stats')\n"
+            "logging.getLogger('httpx').warning('a warning of another library')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.splitlines() == ["library info line", "a warning of another library"]
