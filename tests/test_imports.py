@@ -75,6 +75,13 @@ def test_library_never_imports_scripts_or_tasks():
             assert not bad, f"nanochat/{f} imports {sorted(bad)}"
 
 
+def run_fresh(code):
+    """Run `code` in a fresh interpreter at the repository root; it must exit 0."""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def test_importing_the_library_changes_no_process_state():
     # hf_modeling is the standalone modeling file of an export, run by transformers (whose own import sets
     # $TORCHINDUCTOR_CACHE_DIR), never by the library
@@ -88,8 +95,7 @@ def test_importing_the_library_changes_no_process_state():
             "assert not logging.getLogger().handlers, 'logging configured at import'\n"
             "changed = sorted(k for k in set(env) | set(os.environ) if env.get(k) != os.environ.get(k))\n"
             "assert not changed, f'os.environ changed at import: {changed}'\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_fresh(code)
 
 
 def test_scripts_log_the_librarys_info_lines_and_only_warnings_of_other_libraries():
@@ -99,6 +105,5 @@ def test_scripts_log_the_librarys_info_lines_and_only_warnings_of_other_librarie
             "logging.getLogger('nanochat').info('library info line')\n"
             "logging.getLogger('httpx').info('HTTP Request: GET /stats')\n"
             "logging.getLogger('httpx').warning('a warning of another library')\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_fresh(code)
     assert proc.stderr.splitlines() == ["library info line", "a warning of another library"]
